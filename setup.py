@@ -1,0 +1,26 @@
+#!/usr/bin/env python
+"""Installs the ``grounding_dino`` package from ``projects/grounding_dino``.
+
+The layout follows detectron2's own ``setup.py``, which maps ``projects/`` to an importable
+package with ``package_dir``.
+"""
+from setuptools import find_packages, setup
+
+PROJECT_DIR = "projects/grounding_dino"
+
+
+def _packages():
+    subpackages = find_packages(PROJECT_DIR)
+    return ["grounding_dino"] + [f"grounding_dino.{name}" for name in subpackages]
+
+
+setup(
+    name="grounding_dino",
+    version="0.1.0",
+    description="Grounding DINO (open-set detection with grounded pre-training) for Detectron2",
+    python_requires=">=3.10",
+    packages=_packages(),
+    package_dir={"grounding_dino": PROJECT_DIR},
+    package_data={"grounding_dino": ["configs/*.py", "configs/*.yaml"]},
+    install_requires=[],  # the pinned stack lives in requirements.txt
+)
