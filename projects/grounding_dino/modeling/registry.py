@@ -4,6 +4,7 @@ Each component is looked up by name from the lazy config's ``name`` field or ins
 directly with ``L(Class)(...)``; the registries let user code plug in its own versions the
 way detectron2's ``BACKBONE_REGISTRY`` does.
 """
+
 from detectron2.utils.registry import Registry
 
 IMAGE_BACKBONE_REGISTRY = Registry("GROUNDING_DINO_IMAGE_BACKBONE")

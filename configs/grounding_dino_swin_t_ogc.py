@@ -1,0 +1,9 @@
+"""Grounding DINO Swin-T OGC (official ``GroundingDINO_SwinT_OGC.py``), for inference and
+evaluation with converted official weights (``groundingdino_swint_ogc.pth``)."""
+from .common.models.grounding_dino_swin_t import model
+
+train = dict(
+    device="cpu",
+    init_checkpoint="",
+    output_dir="./output/grounding_dino_swin_t_ogc",
+)

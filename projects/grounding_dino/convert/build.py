@@ -1,0 +1,203 @@
+"""Builds the matching lazy config for a source checkpoint and writes the converted files."""
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from detectron2.config import LazyCall as L
+from detectron2.config import LazyConfig, instantiate
+
+from .checkpoint import load_checkpoint_file
+from .keys import convert_hf_state_dict, convert_official_state_dict
+
+__all__ = ["convert_checkpoint", "default_config_path", "repo_configs_dir"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TOKENIZER = "bert-base-uncased"
+
+
+def repo_configs_dir() -> Path:
+    """The ``configs/`` folder of this project's checkout."""
+    return Path(__file__).resolve().parents[3] / "configs"
+
+
+def default_config_path(source: str, src: str) -> str:
+    """Picks the base lazy config from the checkpoint's name (Swin-B for "swinb"/"base")."""
+    name = os.path.basename(os.path.normpath(src)).lower()
+    is_base = "swinb" in name or "swin_b" in name or name.endswith("-base") or "base" in name
+    filename = "grounding_dino_swin_b_cogcoor.py" if is_base else "grounding_dino_swin_t_ogc.py"
+    path = repo_configs_dir() / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"Base config {path} not found; pass --config")
+    return str(path)
+
+
+def _bert_config_from_state(state: Dict[str, torch.Tensor], prefix: str,
+                            tokenizer: Optional[str]) -> dict:
+    """BertConfig fields read off the BERT weights (the official file stores no config)."""
+    words = state[f"{prefix}embeddings.word_embeddings.weight"]
+    layers = {int(m.group(1)) for k in state
+              if (m := re.match(rf"^{re.escape(prefix)}encoder\.layer\.(\d+)\.", k))}
+    hidden = words.shape[1]
+    config = {
+        "vocab_size": words.shape[0],
+        "hidden_size": hidden,
+        "num_hidden_layers": len(layers),
+        "intermediate_size": state[f"{prefix}encoder.layer.0.intermediate.dense.weight"].shape[0],
+        "max_position_embeddings": state[f"{prefix}embeddings.position_embeddings.weight"].shape[0],
+        "type_vocab_size": state[f"{prefix}embeddings.token_type_embeddings.weight"].shape[0],
+        "num_attention_heads": max(1, hidden // 64),
+    }
+    local_config = os.path.join(tokenizer or "", "config.json")
+    if tokenizer and os.path.isfile(local_config):
+        with open(local_config) as f:
+            found = json.load(f)
+        if found.get("hidden_size") == hidden:
+            config["num_attention_heads"] = found["num_attention_heads"]
+    return config
+
+
+def _official_config(state, config_path: str, tokenizer: Optional[str]):
+    cfg = LazyConfig.load(config_path)
+    text = cfg.model.text_encoder
+    text.pretrained = False
+    text.tokenizer_name_or_path = tokenizer or DEFAULT_TOKENIZER
+    text.bert_config = _bert_config_from_state(state, "bert.", tokenizer)
+    return cfg
+
+
+def _hf_config(folder: str, config_path: Optional[str], tokenizer: Optional[str]):
+    config_file = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{config_file} not found (expected a transformers folder)")
+    with open(config_file) as f:
+        hf = json.load(f)
+    checks = {
+        "two_stage": True,
+        "embedding_init_target": True,
+        "decoder_bbox_embed_share": True,
+        "use_timm_backbone": False,
+        "position_embedding_type": "sine",
+    }
+    for field, wanted in checks.items():
+        if field in hf and hf[field] != wanted:
+            raise ValueError(f"{config_file}: {field}={hf[field]!r} is not supported "
+                             f"(expected {wanted!r})")
+    from grounding_dino.modeling.backbone import SwinTransformer
+
+    cfg = LazyConfig.load(config_path or default_config_path("hf", folder))
+    model = cfg.model
+    d_model = hf["d_model"]
+    enc_heads, enc_ffn = hf["encoder_attention_heads"], hf["encoder_ffn_dim"]
+    model.hidden_dim = d_model
+    model.num_feature_levels = hf["num_feature_levels"]
+    model.max_text_len = hf["max_text_len"]
+    backbone = hf["backbone_config"]
+    out_indices = [i - 1 for i in backbone.get("out_indices", [2, 3, 4])]
+    model.backbone.swin = L(SwinTransformer)(
+        embed_dim=backbone["embed_dim"],
+        depths=list(backbone["depths"]),
+        num_heads=list(backbone["num_heads"]),
+        window_size=backbone["window_size"],
+        mlp_ratio=backbone.get("mlp_ratio", 4.0),
+        drop_path_rate=backbone.get("drop_path_rate", 0.2),
+        out_indices=out_indices,
+    )
+    model.backbone.out_indices = out_indices
+    model.backbone.pos_temperature = hf.get("positional_embedding_temperature", 20)
+    model.enhancer.update(
+        num_layers=hf["encoder_layers"], ffn_dim=enc_ffn, num_heads=enc_heads,
+        num_points=hf["encoder_n_points"], text_heads=enc_heads // 2,
+        text_ffn_dim=enc_ffn // 2, fusion_dim=enc_ffn // 2, fusion_heads=enc_heads // 2,
+        fusion_drop_path=hf.get("fusion_droppath", 0.1),
+    )
+    model.query_selector.num_queries = hf["num_queries"]
+    model.decoder.update(
+        num_layers=hf["decoder_layers"], num_heads=hf["decoder_attention_heads"],
+        ffn_dim=hf["decoder_ffn_dim"], num_points=hf["decoder_n_points"],
+    )
+    text_config = dict(hf["text_config"])
+    bert_fields = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                   "intermediate_size", "hidden_act", "max_position_embeddings",
+                   "type_vocab_size", "layer_norm_eps", "pad_token_id")
+    model.text_encoder.update(
+        pretrained=False,
+        tokenizer_name_or_path=tokenizer or DEFAULT_TOKENIZER,
+        bert_config={k: text_config[k] for k in bert_fields if k in text_config},
+    )
+    return cfg
+
+
+def _load_hf_weights(folder: str) -> Dict[str, torch.Tensor]:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return load_checkpoint_file(path)
+    raise FileNotFoundError(f"No model.safetensors or pytorch_model.bin in {folder}")
+
+
+def _check_duplicates(source: Dict[str, torch.Tensor], ignored: List[str], converted: Dict,
+                      shared_prefixes: Dict[str, str]) -> None:
+    """Dropped copies of the shared box head must equal the kept tensor."""
+    for key in ignored:
+        for pattern, target in shared_prefixes.items():
+            match = re.match(pattern, key)
+            if match:
+                kept = converted.get(target + key[match.end():])
+                if kept is not None and not torch.equal(kept, source[key]):
+                    raise ValueError(f"{key} differs from the shared box head; this checkpoint "
+                                     f"does not share decoder box heads")
+
+
+def convert_checkpoint(source: str, src: str, out_dir: str, tokenizer: Optional[str] = None,
+                       config: Optional[str] = None, device: str = "cpu") -> Dict[str, List[str]]:
+    """
+    Converts ``src`` and writes ``out_dir/model.pth`` and ``out_dir/config.yaml``.
+
+    Returns:
+        {"missing": [...], "unexpected": [...], "ignored": [...]} keys of the conversion.
+    """
+    if source == "official":
+        raw = load_checkpoint_file(src)
+        state = raw.get("model", raw)
+        state = {k[len("module."):] if k.startswith("module.") else k: v
+                 for k, v in state.items()}
+        cfg = _official_config(state, config or default_config_path(source, src), tokenizer)
+        converted, ignored = convert_official_state_dict(state)
+        shared = {r"^bbox_embed\.\d+\.": "decoder.bbox_embed.",
+                  r"^transformer\.decoder\.bbox_embed\.\d+\.": "decoder.bbox_embed."}
+    elif source == "hf":
+        if not os.path.isdir(src):
+            raise FileNotFoundError(f"{src} is not a folder (expected a transformers model)")
+        state = _load_hf_weights(src)
+        cfg = _hf_config(src, config, tokenizer)
+        converted, ignored = convert_hf_state_dict(state)
+        shared = {r"^bbox_embed\.\d+\.": "decoder.bbox_embed.",
+                  r"^model\.decoder\.bbox_embed\.\d+\.": "decoder.bbox_embed."}
+    else:
+        raise ValueError(f"Unknown source {source!r}; expected 'official' or 'hf'")
+    _check_duplicates(state, ignored, converted, shared)
+
+    model = instantiate(cfg.model)
+    expected = model.state_dict()
+    missing = sorted(k for k in expected if k not in converted)
+    unexpected = sorted(k for k in converted if k not in expected)
+    for key in sorted(set(expected) & set(converted)):
+        if expected[key].shape != converted[key].shape:
+            raise ValueError(f"{src}: {key} has shape {tuple(converted[key].shape)}, the model "
+                             f"expects {tuple(expected[key].shape)}")
+    os.makedirs(out_dir, exist_ok=True)
+    weights_path = os.path.abspath(os.path.join(out_dir, "model.pth"))
+    torch.save({"model": {k: v.contiguous() for k, v in converted.items()}}, weights_path)
+    cfg.train = dict(cfg.get("train", {}))
+    cfg.train["device"] = device
+    cfg.train["init_checkpoint"] = weights_path
+    LazyConfig.save(cfg, os.path.join(out_dir, "config.yaml"))
+    for kind, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            logger.warning("%d %s keys, e.g. %s", len(keys), kind, keys[:5])
+    return {"missing": missing, "unexpected": unexpected, "ignored": ignored}

@@ -1,0 +1,153 @@
+"""Key renaming from the official and the Hugging Face state dicts to this project's model.
+
+Both functions return ``(state_dict, ignored)``: the renamed tensors, and the source keys that
+were dropped on purpose because they duplicate a kept tensor (shared box heads). Anything
+else that does not map stays under its own name, so that loading reports it as unexpected.
+"""
+import re
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+__all__ = ["convert_official_state_dict", "convert_hf_state_dict"]
+
+Rules = List[Tuple[str, str]]
+
+# Official names -> ours (applied after the backbone and input projections are handled).
+_OFFICIAL_RULES: Rules = [
+    (r"^bert\.", "text_encoder.bert."),
+    (r"^feat_map\.", "text_encoder.feat_map."),
+    (r"^transformer\.level_embed$", "enhancer.level_embed"),
+    (r"^transformer\.encoder\.fusion_layers\.(\d+)\.", r"enhancer.layers.\1.fusion."),
+    (r"^transformer\.encoder\.text_layers\.(\d+)\.", r"enhancer.layers.\1.text_layer."),
+    (r"^transformer\.encoder\.layers\.(\d+)\.", r"enhancer.layers.\1.image_layer."),
+    (r"^transformer\.enc_output\.", "query_selector.enc_output."),
+    (r"^transformer\.enc_output_norm\.", "query_selector.enc_output_norm."),
+    (r"^transformer\.tgt_embed\.", "query_selector.tgt_embed."),
+    (r"^transformer\.enc_out_bbox_embed\.", "query_selector.bbox_embed."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.", r"decoder.layers.\1."),
+    (r"^transformer\.decoder\.norm\.", "decoder.norm."),
+    (r"^transformer\.decoder\.ref_point_head\.", "decoder.ref_point_head."),
+    (r"^bbox_embed\.0\.", "decoder.bbox_embed."),
+]
+# Copies of the shared decoder box head.
+_OFFICIAL_DUPLICATES = [r"^bbox_embed\.[1-9]\d*\.", r"^transformer\.decoder\.bbox_embed\."]
+
+_HF_RULES: Rules = [
+    (r"^model\.text_backbone\.", "text_encoder.bert."),
+    (r"^model\.text_projection\.", "text_encoder.feat_map."),
+    (r"^model\.level_embed$", "enhancer.level_embed"),
+    (r"^model\.encoder\.layers\.(\d+)\.fusion_layer\.layer_norm_vision\.",
+     r"enhancer.layers.\1.fusion.layer_norm_v."),
+    (r"^model\.encoder\.layers\.(\d+)\.fusion_layer\.layer_norm_text\.",
+     r"enhancer.layers.\1.fusion.layer_norm_l."),
+    (r"^model\.encoder\.layers\.(\d+)\.fusion_layer\.vision_param$",
+     r"enhancer.layers.\1.fusion.gamma_v"),
+    (r"^model\.encoder\.layers\.(\d+)\.fusion_layer\.text_param$",
+     r"enhancer.layers.\1.fusion.gamma_l"),
+    (r"^model\.encoder\.layers\.(\d+)\.fusion_layer\.attn\.(values_|out_)?vision_proj\.",
+     r"enhancer.layers.\1.fusion.attn.\2v_proj."),
+    (r"^model\.encoder\.layers\.(\d+)\.fusion_layer\.attn\.(values_|out_)?text_proj\.",
+     r"enhancer.layers.\1.fusion.attn.\2l_proj."),
+    (r"^model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.self_attn\.",
+     r"enhancer.layers.\1.text_layer.self_attn."),
+    (r"^model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.fc(\d)\.",
+     r"enhancer.layers.\1.text_layer.linear\2."),
+    (r"^model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.layer_norm_before\.",
+     r"enhancer.layers.\1.text_layer.norm1."),
+    (r"^model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.layer_norm_after\.",
+     r"enhancer.layers.\1.text_layer.norm2."),
+    (r"^model\.encoder\.layers\.(\d+)\.deformable_layer\.self_attn\.",
+     r"enhancer.layers.\1.image_layer.self_attn."),
+    (r"^model\.encoder\.layers\.(\d+)\.deformable_layer\.self_attn_layer_norm\.",
+     r"enhancer.layers.\1.image_layer.norm1."),
+    (r"^model\.encoder\.layers\.(\d+)\.deformable_layer\.fc(\d)\.",
+     r"enhancer.layers.\1.image_layer.linear\2."),
+    (r"^model\.encoder\.layers\.(\d+)\.deformable_layer\.final_layer_norm\.",
+     r"enhancer.layers.\1.image_layer.norm2."),
+    (r"^model\.enc_output\.", "query_selector.enc_output."),
+    (r"^model\.enc_output_norm\.", "query_selector.enc_output_norm."),
+    (r"^model\.query_position_embeddings\.", "query_selector.tgt_embed."),
+    (r"^model\.encoder_output_bbox_embed\.", "query_selector.bbox_embed."),
+    (r"^model\.decoder\.layers\.(\d+)\.self_attn\.", r"decoder.layers.\1.self_attn."),
+    (r"^model\.decoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"decoder.layers.\1.norm2."),
+    (r"^model\.decoder\.layers\.(\d+)\.encoder_attn_text\.", r"decoder.layers.\1.ca_text."),
+    (r"^model\.decoder\.layers\.(\d+)\.encoder_attn_text_layer_norm\.",
+     r"decoder.layers.\1.catext_norm."),
+    (r"^model\.decoder\.layers\.(\d+)\.encoder_attn\.", r"decoder.layers.\1.cross_attn."),
+    (r"^model\.decoder\.layers\.(\d+)\.encoder_attn_layer_norm\.", r"decoder.layers.\1.norm1."),
+    (r"^model\.decoder\.layers\.(\d+)\.fc(\d)\.", r"decoder.layers.\1.linear\2."),
+    (r"^model\.decoder\.layers\.(\d+)\.final_layer_norm\.", r"decoder.layers.\1.norm3."),
+    (r"^model\.decoder\.layer_norm\.", "decoder.norm."),
+    (r"^model\.decoder\.reference_points_head\.", "decoder.ref_point_head."),
+    (r"^bbox_embed\.0\.", "decoder.bbox_embed."),
+]
+_HF_DUPLICATES = [r"^bbox_embed\.[1-9]\d*\.", r"^model\.decoder\.bbox_embed\."]
+# HF splits packed attention projections into query/key/value.
+_HF_PACKED_ATTENTION = re.compile(
+    r"^(enhancer\.layers\.\d+\.text_layer\.self_attn|decoder\.layers\.\d+\.(?:self_attn|ca_text))"
+    r"\.(query|key|value)\.(weight|bias)$"
+)
+
+
+def _rename(key: str, rules: Rules) -> str:
+    for pattern, replacement in rules:
+        new_key, count = re.subn(pattern, replacement, key)
+        if count:
+            return new_key
+    return key
+
+
+def _split_off(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    """Removes and returns the entries under ``prefix``, with the prefix stripped."""
+    part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    for key in list(state):
+        if key.startswith(prefix):
+            del state[key]
+    return part
+
+
+def _convert(state, rules, duplicates, backbone_prefix, backbone_converter: Callable,
+             proj_prefix, proj_converter: Callable) -> Tuple[Dict, List[str]]:
+    state = dict(state)
+    converted: Dict[str, torch.Tensor] = {}
+    for key, value in backbone_converter(_split_off(state, backbone_prefix)).items():
+        converted[f"backbone.swin.{key}"] = value
+    for key, value in proj_converter(_split_off(state, proj_prefix)).items():
+        converted[f"backbone.input_proj.{key}"] = value
+    ignored = [k for k in state if any(re.match(p, k) for p in duplicates)]
+    for key in ignored:
+        del state[key]
+    packed: Dict[str, Dict[str, Dict[str, torch.Tensor]]] = {}
+    for key, value in state.items():
+        new_key = _rename(key, rules)
+        match = _HF_PACKED_ATTENTION.match(new_key)
+        if match:
+            module, part, kind = match.groups()
+            packed.setdefault(f"{module}.in_proj_{kind}", {})[part] = value
+            continue
+        converted[new_key] = value
+    for key, parts in packed.items():
+        if set(parts) != {"query", "key", "value"}:
+            raise ValueError(f"Incomplete attention projections for {key}: {sorted(parts)}")
+        converted[key] = torch.cat([parts["query"], parts["key"], parts["value"]])
+    return converted, ignored
+
+
+def convert_official_state_dict(state: Dict[str, torch.Tensor]) -> Tuple[Dict, List[str]]:
+    """Official ``ckpt["model"]`` (optionally ``module.``-prefixed) -> this model's keys."""
+    from ..modeling.backbone import convert_official_input_proj_state_dict as projections
+    from ..modeling.backbone import convert_official_swin_state_dict as backbone
+
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    return _convert(state, _OFFICIAL_RULES, _OFFICIAL_DUPLICATES, "backbone.0.", backbone,
+                    "input_proj.", projections)
+
+
+def convert_hf_state_dict(state: Dict[str, torch.Tensor]) -> Tuple[Dict, List[str]]:
+    """transformers' ``GroundingDinoForObjectDetection`` state dict -> this model's keys."""
+    from ..modeling.backbone import convert_hf_input_proj_state_dict as projections
+    from ..modeling.backbone import convert_hf_swin_state_dict as backbone
+
+    return _convert(state, _HF_RULES, _HF_DUPLICATES, "model.backbone.conv_encoder.model.",
+                    backbone, "model.input_proj_vision.", projections)

@@ -1,0 +1,292 @@
+"""The dataset mapper: detectron2 dataset dicts (detection, grounding, REC) -> model inputs."""
+import copy
+import logging
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.structures import BoxMode, Boxes, Instances
+
+from ..text import (
+    caption_from_categories,
+    check_spans,
+    load_tokenizer,
+    normalize_caption,
+    normalize_caption_with_spans,
+    positive_map_from_spans,
+    swap_left_right,
+    tokenize,
+)
+from .transforms import count_hflips
+
+__all__ = ["GroundingDatasetMapper", "record_kind"]
+
+logger = logging.getLogger(__name__)
+
+
+def _record_name(dataset_dict: Dict) -> str:
+    return f"image_id={dataset_dict.get('image_id')!r} ({dataset_dict.get('file_name')})"
+
+
+def record_kind(dataset_dict: Dict) -> str:
+    """"rec" (``task == "rec"``), "grounding" (has a caption) or "detection"."""
+    if dataset_dict.get("task") == "rec":
+        return "rec"
+    return "grounding" if "caption" in dataset_dict else "detection"
+
+
+class GroundingDatasetMapper:
+    """
+    Maps detectron2 dataset dicts to Grounding DINO inputs (see docs/interfaces.md), in the
+    way of detectron2's ``DatasetMapper``: read the image, apply the augmentations, and in
+    training build the caption, the instances and their positive maps after the geometric
+    transforms.
+
+    Three kinds of dicts are accepted:
+
+    * detection (``annotations[*]["category_id"]`` indexes ``thing_classes``): the caption
+      names all categories present after the transforms plus randomly sampled negative
+      categories while the caption fits ``max_text_len`` tokens;
+    * grounding (``caption`` and ``annotations[*]["tokens_positive"]``);
+    * REC (grounding with ``"task": "rec"`` and one annotation).
+
+    When the image is flipped horizontally an odd number of times, "left" and "right" swap in
+    the caption and the spans follow. In inference (``is_train=False``) annotations are
+    dropped; detection dicts get ``"category_names"`` (all classes), the others a normalised
+    ``"caption"``.
+    """
+
+    def __init__(
+        self,
+        is_train: bool,
+        *,
+        augmentations: Sequence[Union[T.Augmentation, T.Transform]],
+        tokenizer,
+        thing_classes: Optional[Sequence[str]] = None,
+        image_format: str = "RGB",
+        max_text_len: int = 256,
+        shuffle_categories: bool = True,
+        max_categories: Optional[int] = None,
+        swap_left_right_on_flip: bool = True,
+    ):
+        """
+        Args:
+            is_train: training (annotations, captions, positive maps) or inference.
+            augmentations: e.g. ``build_train_augmentations()`` / ``build_test_augmentations()``.
+            tokenizer: the model's (fast) tokenizer, or its hub name / local folder.
+            thing_classes: category names of detection datasets (metadata ``thing_classes``).
+            image_format: format for ``read_image``; the model takes "RGB".
+            max_text_len: token limit of captions (256).
+            shuffle_categories: shuffle category order in detection captions (training).
+            max_categories: at most this many categories per detection caption (Open-
+                GroundingDino's ``max_labels`` = 80); None: as many as fit.
+            swap_left_right_on_flip: swap "left"/"right" in captions of flipped images.
+        """
+        self.is_train = is_train
+        self.augmentations = T.AugmentationList(list(augmentations))
+        self.image_format = image_format
+        self._tokenizer = tokenizer
+        self.thing_classes = None if thing_classes is None else [str(c) for c in thing_classes]
+        self.max_text_len = max_text_len
+        self.shuffle_categories = shuffle_categories
+        self.max_categories = max_categories
+        self.swap_left_right_on_flip = swap_left_right_on_flip
+        self._class_costs: Optional[List[int]] = None
+        if self.thing_classes is not None:
+            caption_from_categories(self.thing_classes)  # validates the names
+        mode = "training" if is_train else "inference"
+        logger.info(f"[GroundingDatasetMapper] Augmentations used in {mode}: {augmentations}")
+
+    @property
+    def tokenizer(self):
+        if isinstance(self._tokenizer, str):
+            self._tokenizer = load_tokenizer(self._tokenizer)
+        return self._tokenizer
+
+    def __call__(self, dataset_dict: Dict) -> Dict:
+        """
+        Args:
+            dataset_dict: one record in detectron2 format (see docs/interfaces.md).
+
+        Returns:
+            The model input dict: "image" uint8 [3, H, W], "height", "width", the prompt
+            ("caption" or "category_names"), and in training "instances" (gt_boxes,
+            gt_classes, gt_positive_map [N, max_text_len]) and "tokens_positive".
+        """
+        dataset_dict = copy.deepcopy(dataset_dict)
+        kind = record_kind(dataset_dict)
+        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
+        utils.check_image_size(dataset_dict, image)
+
+        annotations = None
+        boxes = None
+        if self.is_train:
+            annotations = [a for a in dataset_dict.pop("annotations", []) if not a.get("iscrowd")]
+            boxes = np.zeros((len(annotations), 4), dtype=np.float32)
+            for i, anno in enumerate(annotations):
+                boxes[i] = BoxMode.convert(anno["bbox"], anno["bbox_mode"], BoxMode.XYXY_ABS)
+        aug_input = T.AugInput(image, boxes=boxes)
+        transforms = self.augmentations(aug_input)
+        image = aug_input.image
+        image_shape = image.shape[:2]
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+        if not self.is_train:
+            dataset_dict.pop("annotations", None)
+            if kind == "detection":
+                dataset_dict["category_names"] = list(self._require_classes(dataset_dict))
+            else:
+                dataset_dict["caption"] = self._caption_of(dataset_dict)
+            return dataset_dict
+
+        keep = self._valid_boxes(aug_input.boxes, image_shape, dataset_dict)
+        flipped = self.swap_left_right_on_flip and count_hflips(transforms) % 2 == 1
+        if kind == "detection":
+            caption, spans, classes, keep = self._detection_prompt(annotations, keep, dataset_dict)
+        else:
+            caption, spans, classes = self._grounding_prompt(annotations, kind, dataset_dict)
+        if flipped:
+            caption, spans = swap_left_right(caption, spans)
+        boxes = aug_input.boxes[keep]
+        spans = [spans[i] for i in np.flatnonzero(keep)]
+        classes = [classes[i] for i in np.flatnonzero(keep)]
+
+        tokenized = tokenize(self.tokenizer, [caption], self.max_text_len)
+        positive_map = positive_map_from_spans(
+            tokenized, spans, self.max_text_len, caption=caption
+        )
+        grounded = (positive_map > 0).any(dim=1)
+        if not bool(grounded.all()):
+            logger.debug(
+                f"{_record_name(dataset_dict)}: dropped {int((~grounded).sum())} objects whose "
+                f"phrase lies beyond {self.max_text_len} tokens"
+            )
+        grounded_list = grounded.tolist()
+        instances = Instances(image_shape)
+        instances.gt_boxes = Boxes(torch.as_tensor(boxes[grounded.numpy()], dtype=torch.float32))
+        instances.gt_classes = torch.as_tensor(
+            [c for c, g in zip(classes, grounded_list) if g], dtype=torch.long
+        )
+        instances.gt_positive_map = positive_map[grounded]
+        dataset_dict["caption"] = caption
+        dataset_dict["instances"] = instances
+        dataset_dict["tokens_positive"] = [
+            [[int(b), int(e)] for b, e in s] for s, g in zip(spans, grounded_list) if g
+        ]
+        return dataset_dict
+
+    # ---------------------------------------------------------------------------------------
+    def _require_classes(self, dataset_dict: Dict) -> List[str]:
+        if self.thing_classes is None:
+            raise ValueError(
+                f"{_record_name(dataset_dict)} is a detection record (no caption) but the "
+                "mapper was built without thing_classes"
+            )
+        return self.thing_classes
+
+    def _caption_of(self, dataset_dict: Dict) -> str:
+        caption = dataset_dict.get("caption")
+        if not isinstance(caption, str) or not caption.strip():
+            raise ValueError(f"{_record_name(dataset_dict)} has an empty caption: {caption!r}")
+        return normalize_caption(caption)
+
+    def _valid_boxes(self, boxes: np.ndarray, image_shape, dataset_dict: Dict) -> np.ndarray:
+        """Clips boxes to the image; returns the mask of boxes with positive area."""
+        height, width = image_shape
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        if not keep.all():
+            logger.debug(
+                f"{_record_name(dataset_dict)}: dropped {int((~keep).sum())} of {len(keep)} "
+                "boxes with zero area or outside the image after the transforms"
+            )
+        return keep
+
+    def _costs(self) -> List[int]:
+        """Tokens each category adds to a detection caption (its words and " .")."""
+        if self._class_costs is None:
+            words = [" ".join(name.lower().split()) for name in self.thing_classes]
+            encoded = self.tokenizer(words, add_special_tokens=False)["input_ids"]
+            self._class_costs = [len(ids) + 1 for ids in encoded]
+        return self._class_costs
+
+    def _detection_prompt(
+        self, annotations: List[Dict], keep: np.ndarray, dataset_dict: Dict
+    ) -> Tuple[str, List, List[int], np.ndarray]:
+        names = self._require_classes(dataset_dict)
+        for i, anno in enumerate(annotations):
+            category = anno.get("category_id")
+            if not isinstance(category, (int, np.integer)) or not 0 <= category < len(names):
+                raise ValueError(
+                    f"{_record_name(dataset_dict)}: annotation {i} has category_id "
+                    f"{category!r}, not in [0, {len(names)})"
+                )
+        costs = self._costs()
+        budget = self.max_text_len - 2
+        limit = self.max_categories or len(names)
+        positives = sorted({int(a["category_id"]) for a, k in zip(annotations, keep) if k})
+        chosen, used = [], 0
+        for c in np.random.permutation(positives).tolist() if positives else []:
+            if used + costs[c] <= budget and len(chosen) < limit:
+                chosen.append(c)
+                used += costs[c]
+        if len(chosen) < len(positives):
+            logger.debug(
+                f"{_record_name(dataset_dict)}: {len(positives) - len(chosen)} categories "
+                f"present do not fit in {self.max_text_len} tokens; their boxes are dropped"
+            )
+        positive_set = set(chosen)
+        for c in np.random.permutation(len(names)).tolist():
+            if len(chosen) >= limit:
+                break
+            if c not in positive_set and used + costs[c] <= budget:
+                chosen.append(c)
+                used += costs[c]
+        if self.shuffle_categories:
+            np.random.shuffle(chosen)
+        else:
+            chosen.sort()
+        caption, category_spans = caption_from_categories([names[c] for c in chosen])
+        index_of = {c: i for i, c in enumerate(chosen)}
+        keep = keep & np.array(
+            [int(a["category_id"]) in index_of for a in annotations], dtype=bool
+        ).reshape(-1)
+        spans = [category_spans[index_of.get(int(a["category_id"]), 0)] for a in annotations]
+        classes = [index_of.get(int(a["category_id"]), -1) for a in annotations]
+        return caption, spans, classes, keep
+
+    def _grounding_prompt(
+        self, annotations: List[Dict], kind: str, dataset_dict: Dict
+    ) -> Tuple[str, List, List[int]]:
+        raw_caption = dataset_dict.get("caption")
+        if not isinstance(raw_caption, str) or not raw_caption.strip():
+            raise ValueError(f"{_record_name(dataset_dict)} has an empty caption: {raw_caption!r}")
+        if kind == "rec" and len(annotations) != 1:
+            raise ValueError(
+                f"{_record_name(dataset_dict)} is a REC record with {len(annotations)} "
+                "annotations; REC records have exactly one"
+            )
+        spans = []
+        for i, anno in enumerate(annotations):
+            tokens_positive = anno.get("tokens_positive")
+            if not tokens_positive:
+                raise ValueError(
+                    f"{_record_name(dataset_dict)}: annotation {i} has no tokens_positive"
+                )
+            spans.append([tuple(s) for s in tokens_positive])
+        check_spans(raw_caption, spans, what=_record_name(dataset_dict))
+        caption, spans = normalize_caption_with_spans(raw_caption, spans)
+        # One class per phrase (phrase_id, else identical spans), numbered in caption order.
+        keys = [
+            ("id", anno["phrase_id"]) if "phrase_id" in anno else ("spans", tuple(span))
+            for anno, span in zip(annotations, spans)
+        ]
+        first_char = {}
+        for key, span in zip(keys, spans):
+            first_char[key] = min(first_char.get(key, len(caption)), min(b for b, _ in span))
+        order = sorted(first_char, key=lambda k: (first_char[k], str(k)))
+        index_of = {key: i for i, key in enumerate(order)}
+        return caption, spans, [index_of[key] for key in keys]

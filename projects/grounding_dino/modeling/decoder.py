@@ -1,0 +1,149 @@
+"""The cross-modality decoder: queries attend to each other, to the text and to the image,
+and refine their boxes layer by layer."""
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import MultiheadAttention
+from .deformable_attention import MultiScaleDeformableAttention
+from .registry import DECODER_REGISTRY
+from .utils import MLP, box_sine_embedding, inverse_sigmoid
+
+__all__ = ["CrossModalityDecoderLayer", "CrossModalityDecoder"]
+
+
+class CrossModalityDecoderLayer(nn.Module):
+    """Self-attention -> text cross-attention -> deformable image cross-attention -> FFN,
+    each followed by a residual and LayerNorm."""
+
+    def __init__(
+        self, d_model=256, num_heads=8, ffn_dim=2048, num_levels=4, num_points=4, dropout=0.0
+    ):
+        super().__init__()
+        self.self_attn = MultiheadAttention(d_model, num_heads, dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.ca_text = MultiheadAttention(d_model, num_heads, dropout)
+        self.catext_norm = nn.LayerNorm(d_model)
+        self.cross_attn = MultiScaleDeformableAttention(d_model, num_heads, num_levels, num_points)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        queries,
+        query_pos,
+        reference_points,
+        memory,
+        memory_mask,
+        spatial_shapes,
+        level_start_index,
+        text,
+        text_mask,
+        self_attn_allowed=None,
+    ):
+        """
+        Args:
+            queries, query_pos: [B, Q, C].
+            reference_points: [B, Q, num_levels, 4] reference boxes scaled to valid ratios.
+            memory: [B, S, C]; memory_mask: [B, S] bool valid.
+            text: [B, L, C]; text_mask: [B, L] bool valid.
+            self_attn_allowed: optional [Q, Q] bool, True where query i may see query j.
+
+        Returns:
+            [B, Q, C]
+        """
+        q = queries + query_pos
+        allowed = None if self_attn_allowed is None else self_attn_allowed[None, None]
+        queries = self.norm2(queries + self.dropout(self.self_attn(q, q, queries, allowed)))
+        attended = self.ca_text(queries + query_pos, text, text, text_mask[:, None, None, :])
+        queries = self.catext_norm(queries + self.dropout(attended))
+        attended = self.cross_attn(
+            queries + query_pos,
+            reference_points,
+            memory,
+            spatial_shapes,
+            level_start_index,
+            memory_mask,
+        )
+        queries = self.norm1(queries + self.dropout(attended))
+        ffn = self.linear2(self.dropout(F.relu(self.linear1(queries))))
+        return self.norm3(queries + self.dropout(ffn))
+
+
+@DECODER_REGISTRY.register()
+class CrossModalityDecoder(nn.Module):
+    """
+    A stack of :class:`CrossModalityDecoderLayer` with iterative box refinement by one box
+    head shared across layers, and a query position embedding from the boxes' sine embedding.
+    """
+
+    def __init__(self, num_layers=6, d_model=256, **layer_kwargs):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            CrossModalityDecoderLayer(d_model=d_model, **layer_kwargs) for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(d_model)
+        self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
+        self.bbox_embed = MLP(d_model, d_model, 4, 3)
+        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
+        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+        self.d_model = d_model
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        reference: torch.Tensor,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        valid_ratios: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        self_attn_allowed: Optional[torch.Tensor] = None,
+    ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """
+        Args:
+            queries: [B, Q, C] content queries; reference: [B, Q, 4] unsigmoided anchors.
+            memory, memory_mask, spatial_shapes, level_start_index, valid_ratios: the image.
+            text: [B, L, C]; text_mask: [B, L].
+            self_attn_allowed: optional [Q, Q] bool mask (denoising groups).
+
+        Returns:
+            hidden: list over layers of [B, Q, C] (after the final LayerNorm).
+            boxes: list over layers of [B, Q, 4] sigmoid (cx, cy, w, h) predictions.
+        """
+        reference_points = reference.sigmoid()
+        ratios = torch.cat([valid_ratios, valid_ratios], -1)[:, None]
+        hidden, boxes = [], []
+        for layer in self.layers:
+            points_input = reference_points[:, :, None] * ratios
+            query_pos = self.ref_point_head(
+                box_sine_embedding(points_input[:, :, 0], num_feats=self.d_model // 2)
+            )
+            queries = layer(
+                queries,
+                query_pos,
+                points_input,
+                memory,
+                memory_mask,
+                spatial_shapes,
+                level_start_index,
+                text,
+                text_mask,
+                self_attn_allowed,
+            )
+            anchor = inverse_sigmoid(reference_points)
+            normed = self.norm(queries)
+            hidden.append(normed)
+            # As the references: predictions come from the normed queries, while the next
+            # layer's anchors come from the raw ones.
+            boxes.append((self.bbox_embed(normed) + anchor).sigmoid())
+            reference_points = (self.bbox_embed(queries) + anchor).sigmoid().detach()
+        return hidden, boxes

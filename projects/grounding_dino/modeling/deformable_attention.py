@@ -1,0 +1,310 @@
+"""Multi-scale deformable attention (Deformable DETR), in pure PyTorch.
+
+The module has the parameter names of the official and the Hugging Face implementations
+(``sampling_offsets``, ``attention_weights``, ``value_proj``, ``output_proj``), so their
+weights load one to one. Nothing here is compiled: the sampling runs on any device.
+
+The default kernel (:func:`ms_deform_attn_embedding_bag`) folds the bilinear corner weights
+and the attention weights into one weighted gather-and-sum,
+:func:`torch.nn.functional.embedding_bag` over the rows of ``value``. It reads the values in
+their natural ``[B, S, heads, head_dim]`` layout, so it needs no per-level transposes, no
+stack of per-level samples and no ``[B*heads, D, Q, points]`` intermediate. It is
+differentiable with respect to the values, the sampling locations and the attention
+weights. :func:`ms_deform_attn_grid_sample` is the classic per-level ``grid_sample``
+formulation (the reference), kept for comparison and for devices without ``embedding_bag``
+support of per-sample weights.
+
+Both follow ``grid_sample(mode="bilinear", padding_mode="zeros", align_corners=False)``:
+a location ``(x, y)`` in ``[0, 1]`` maps to the pixel coordinate ``x * W - 0.5``, and
+corners outside the map contribute zero.
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "MultiScaleDeformableAttention",
+    "ms_deform_attn_embedding_bag",
+    "ms_deform_attn_grid_sample",
+]
+
+
+def _check_sampling_inputs(value, spatial_shapes, sampling_locations, attention_weights):
+    if value.dim() != 4:
+        raise ValueError(f"value must be [B, S, heads, head_dim], got shape {tuple(value.shape)}")
+    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
+        raise ValueError(
+            "sampling_locations must be [B, Q, heads, levels, points, 2], got shape "
+            f"{tuple(sampling_locations.shape)}"
+        )
+    if attention_weights.shape != sampling_locations.shape[:-1]:
+        raise ValueError(
+            f"attention_weights shape {tuple(attention_weights.shape)} does not match "
+            f"sampling_locations shape {tuple(sampling_locations.shape)} without its last dim"
+        )
+    if spatial_shapes.dim() != 2 or spatial_shapes.shape != (sampling_locations.shape[3], 2):
+        raise ValueError(
+            f"spatial_shapes must be [levels={sampling_locations.shape[3]}, 2], "
+            f"got shape {tuple(spatial_shapes.shape)}"
+        )
+
+
+def ms_deform_attn_embedding_bag(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Deformable sampling as one weighted ``embedding_bag`` over the value rows.
+
+    Args:
+        value: [B, S, M, D] projected values of all levels (M heads, D channels per head).
+        spatial_shapes: [L, 2] long, (H_l, W_l) of each level.
+        level_start_index: [L] long, first row of each level in S.
+        sampling_locations: [B, Q, M, L, P, 2] normalised (x, y) in [0, 1].
+        attention_weights: [B, Q, M, L, P] weights (softmax over L*P per head).
+
+    Returns:
+        [B, Q, M*D] the attended values, heads concatenated.
+    """
+    _check_sampling_inputs(value, spatial_shapes, sampling_locations, attention_weights)
+    batch, _, num_heads, head_dim = value.shape
+    num_queries = sampling_locations.shape[1]
+    dtype = sampling_locations.dtype
+
+    # Zero-pad every level by one pixel on the top/left and two on the bottom/right, so
+    # that both corners of any coordinate clamped to [-1, W] lie inside the table, and
+    # corners outside the map read zeros as grid_sample's zero padding does.
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    starts = [int(s) for s in level_start_index.tolist()]
+    padded_levels, padded_starts, total = [], [], 0
+    for (h, w), start in zip(shapes, starts):
+        level = value[:, start : start + h * w].view(batch, h, w, num_heads * head_dim)
+        padded_levels.append(F.pad(level, (0, 0, 1, 2, 1, 2)).flatten(1, 2))
+        padded_starts.append(total)
+        total += (h + 3) * (w + 3)
+    table = torch.cat(padded_levels, dim=1)  # [B, S_pad, M*D]
+    num_rows = batch * total * num_heads
+    index_dtype = torch.int32 if num_rows < 2**31 else torch.int64
+    device = value.device
+
+    size = spatial_shapes.to(dtype)
+    height = size[:, 0:1]  # [L, 1] broadcasts against [B, Q, M, L, P]
+    width = size[:, 1:2]
+    # Pixel coordinates as grid_sample(align_corners=False) computes them, clamped to
+    # [-1, W] (and [-1, H]): beyond that all corners are outside and weigh nothing.
+    x = (sampling_locations[..., 0] * width - 0.5).clamp_(min=-1.0)
+    x = torch.minimum(x, width)
+    y = (sampling_locations[..., 1] * height - 0.5).clamp_(min=-1.0)
+    y = torch.minimum(y, height)
+    x0 = x.floor()
+    y0 = y.floor()
+    fx = x - x0
+    fy = y - y0
+
+    # Row of table.view(-1, D) of the top-left corner:
+    # ((b * S_pad + start_l + (y0 + 1) * (W_l + 3) + (x0 + 1)) * M + m).
+    padded_width = torch.tensor([w + 3 for _, w in shapes], dtype=index_dtype, device=device)
+    base = (
+        torch.arange(batch, dtype=index_dtype, device=device).view(batch, 1, 1, 1, 1) * total
+        + torch.tensor(padded_starts, dtype=index_dtype, device=device).view(1, 1, 1, -1, 1)
+        + (padded_width + 1).view(1, 1, 1, -1, 1)
+    ) * num_heads + torch.arange(num_heads, dtype=index_dtype, device=device).view(
+        1, 1, -1, 1, 1
+    )  # [B, 1, M, L, 1]
+    top_left = (
+        y0.to(index_dtype) * (padded_width.view(-1, 1) * num_heads)
+        + x0.to(index_dtype) * num_heads
+        + base
+    )
+    # Offsets of the four corners (tl, tr, bl, br) per level: [L, 1, 4].
+    row = padded_width.view(-1, 1, 1) * num_heads
+    corners = torch.cat([row * 0, row * 0 + num_heads, row, row + num_heads], dim=-1)
+    rows = top_left.unsqueeze(-1) + corners  # [B, Q, M, L, P, 4]
+
+    wy = torch.stack(((1 - fy) * attention_weights, fy * attention_weights), dim=-1)
+    wx = torch.stack((1 - fx, fx), dim=-1)
+    weights = wy.unsqueeze(-1) * wx.unsqueeze(-2)  # [B, Q, M, L, P, 2, 2]
+
+    out = F.embedding_bag(
+        rows.view(batch * num_queries * num_heads, -1),
+        table.view(num_rows, head_dim),
+        mode="sum",
+        per_sample_weights=weights.view(batch * num_queries * num_heads, -1).to(value.dtype),
+    )
+    return out.view(batch, num_queries, num_heads * head_dim)
+
+
+def ms_deform_attn_grid_sample(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Deformable sampling with one ``grid_sample`` per level (the reference formulation).
+
+    Args and returns as :func:`ms_deform_attn_embedding_bag`.
+    """
+    _check_sampling_inputs(value, spatial_shapes, sampling_locations, attention_weights)
+    batch, _, num_heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    grids = 2 * sampling_locations - 1
+    out = value.new_zeros(batch * num_heads, head_dim, num_queries)
+    for level, (h, w) in enumerate(shapes):
+        start = int(level_start_index[level])
+        # [B, h*w, M, D] -> [B*M, D, h, w]
+        value_l = value[:, start : start + h * w].permute(0, 2, 3, 1)
+        value_l = value_l.reshape(batch * num_heads, head_dim, h, w)
+        # [B, Q, M, P, 2] -> [B*M, Q, P, 2]
+        grid_l = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        sampled = F.grid_sample(
+            value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False
+        )  # [B*M, D, Q, P]
+        weights_l = attention_weights[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        out += (sampled * weights_l.unsqueeze(1)).sum(-1)
+    return out.view(batch, num_heads * head_dim, num_queries).transpose(1, 2)
+
+
+class MultiScaleDeformableAttention(nn.Module):
+    """Multi-scale deformable attention (Zhu et al., Deformable DETR).
+
+    Each query predicts ``num_points`` sampling offsets per head and level around its
+    reference point, samples the projected values bilinearly there and sums them with
+    softmax weights.
+
+    Args:
+        embed_dim: channels C of queries and values.
+        num_heads: attention heads M; C must be divisible by M.
+        num_levels: feature levels L.
+        num_points: sampling points P per head and level.
+        kernel: ``"embedding_bag"`` (default, fastest on CPU) or ``"grid_sample"``.
+    """
+
+    _KERNELS = {
+        "embedding_bag": ms_deform_attn_embedding_bag,
+        "grid_sample": ms_deform_attn_grid_sample,
+    }
+
+    def __init__(
+        self,
+        embed_dim: int = 256,
+        num_heads: int = 8,
+        num_levels: int = 4,
+        num_points: int = 4,
+        kernel: str = "embedding_bag",
+    ):
+        super().__init__()
+        if embed_dim % num_heads != 0:
+            raise ValueError(
+                f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})"
+            )
+        if kernel not in self._KERNELS:
+            raise ValueError(f"kernel must be one of {sorted(self._KERNELS)}, got {kernel!r}")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_levels = num_levels
+        self.num_points = num_points
+        self.kernel = kernel
+        self.sampling_offsets = nn.Linear(embed_dim, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(embed_dim, num_heads * num_levels * num_points)
+        self.value_proj = nn.Linear(embed_dim, embed_dim)
+        self.output_proj = nn.Linear(embed_dim, embed_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Deformable DETR's initialisation: offsets start on a ring of directions per head."""
+        nn.init.constant_(self.sampling_offsets.weight, 0.0)
+        thetas = torch.arange(self.num_heads, dtype=torch.float32) * (
+            2.0 * math.pi / self.num_heads
+        )
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = grid / grid.abs().max(-1, keepdim=True)[0]
+        grid = grid.view(self.num_heads, 1, 1, 2).repeat(1, self.num_levels, self.num_points, 1)
+        grid = grid * torch.arange(1, self.num_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.view(-1))
+        nn.init.constant_(self.attention_weights.weight, 0.0)
+        nn.init.constant_(self.attention_weights.bias, 0.0)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.constant_(self.value_proj.bias, 0.0)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.constant_(self.output_proj.bias, 0.0)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        value: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        value_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            query: [B, Q, C] queries (position embedding already added).
+            reference_points: [B, Q, L, 2] normalised (x, y) points, or [B, Q, L, 4]
+                normalised (cx, cy, w, h) boxes (offsets then scale with the box size).
+            value: [B, S, C] flattened features of all levels, S = sum_l H_l * W_l.
+            spatial_shapes: [L, 2] long, (H_l, W_l) of each level.
+            level_start_index: [L] long, offset of each level in S.
+            value_mask: optional [B, S] bool, True on valid positions; padded values are
+                zeroed before sampling.
+
+        Returns:
+            [B, Q, C] attended features.
+        """
+        batch, num_queries, _ = query.shape
+        num_values = value.shape[1]
+        num_levels, num_heads, num_points = self.num_levels, self.num_heads, self.num_points
+        if spatial_shapes.shape != (num_levels, 2):
+            raise ValueError(
+                f"spatial_shapes must be [{num_levels}, 2], got {tuple(spatial_shapes.shape)}"
+            )
+        if reference_points.shape[:3] != (batch, num_queries, num_levels):
+            raise ValueError(
+                f"reference_points must be [{batch}, {num_queries}, {num_levels}, 2 or 4], "
+                f"got {tuple(reference_points.shape)}"
+            )
+
+        value = self.value_proj(value)
+        if value_mask is not None:
+            value = value.masked_fill(~value_mask[..., None], 0.0)
+        value = value.view(batch, num_values, num_heads, self.embed_dim // num_heads)
+
+        offsets = self.sampling_offsets(query).view(
+            batch, num_queries, num_heads, num_levels, num_points, 2
+        )
+        weights = self.attention_weights(query).view(
+            batch, num_queries, num_heads, num_levels * num_points
+        )
+        weights = weights.softmax(-1).view(batch, num_queries, num_heads, num_levels, num_points)
+
+        if reference_points.shape[-1] == 2:
+            # Offsets are in pixels of each level: normalise by (W_l, H_l).
+            normalizer = spatial_shapes.flip(-1).to(offsets.dtype)  # [L, 2] as (W, H)
+            locations = (
+                reference_points[:, :, None, :, None, :]
+                + offsets / normalizer[None, None, None, :, None, :]
+            )
+        elif reference_points.shape[-1] == 4:
+            locations = (
+                reference_points[:, :, None, :, None, :2]
+                + offsets / num_points * reference_points[:, :, None, :, None, 2:] * 0.5
+            )
+        else:
+            raise ValueError(
+                "reference_points must end in 2 (points) or 4 (boxes), got "
+                f"{reference_points.shape[-1]}"
+            )
+
+        out = self._KERNELS[self.kernel](
+            value, spatial_shapes, level_start_index, locations, weights
+        )
+        return self.output_proj(out)

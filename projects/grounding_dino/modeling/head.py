@@ -1,0 +1,34 @@
+"""The contrastive classification head: query features scored against text tokens."""
+
+import torch
+from torch import nn
+
+__all__ = ["ContrastiveHead"]
+
+
+class ContrastiveHead(nn.Module):
+    """
+    ``logits = queries @ text^T`` with no parameters; ``-inf`` on padding tokens and on the
+    columns past the caption, padded to ``max_text_len`` columns.
+    """
+
+    def __init__(self, max_text_len: int = 256):
+        super().__init__()
+        self.max_text_len = max_text_len
+
+    def forward(self, queries: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor):
+        """
+        Args:
+            queries: [B, Q, C]; text: [B, L, C]; text_mask: [B, L] bool, True on valid tokens.
+
+        Returns:
+            [B, Q, max_text_len] logits.
+        """
+        logits = queries @ text.transpose(-1, -2)
+        logits = logits.masked_fill(~text_mask[:, None, :], float("-inf"))
+        padding = self.max_text_len - logits.shape[-1]
+        if padding < 0:
+            raise ValueError(
+                f"{logits.shape[-1]} text tokens exceed max_text_len " f"{self.max_text_len}"
+            )
+        return nn.functional.pad(logits, (0, padding), value=float("-inf"))

@@ -1,0 +1,110 @@
+"""Language-guided query selection: the encoder positions that best match the text become
+the decoder's anchor boxes."""
+
+from typing import Dict, Tuple
+
+import torch
+from torch import nn
+
+from .head import ContrastiveHead
+from .registry import QUERY_SELECTOR_REGISTRY
+from .utils import MLP
+
+__all__ = ["encoder_proposals", "LanguageGuidedQuerySelector"]
+
+
+def encoder_proposals(memory, image_mask, spatial_shapes) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    One proposal box per encoder token: its cell centre with size 0.05 * 2^level.
+
+    Args:
+        memory: [B, S, C]; image_mask: [B, S] bool, True on valid tokens;
+        spatial_shapes: [num_levels, 2].
+
+    Returns:
+        memory [B, S, C] zeroed at padding and at invalid proposals;
+        proposals [B, S, 4] unsigmoided (cx, cy, w, h), +inf where invalid.
+    """
+    batch = memory.shape[0]
+    proposals = []
+    start = 0
+    for level, (height, width) in enumerate(spatial_shapes.tolist()):
+        level_mask = image_mask[:, start : start + height * width].view(batch, height, width)
+        valid_h = level_mask[:, :, 0].sum(1)
+        valid_w = level_mask[:, 0, :].sum(1)
+        ys = torch.linspace(0, height - 1, height, device=memory.device)
+        xs = torch.linspace(0, width - 1, width, device=memory.device)
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        grid = torch.stack([grid_x, grid_y], -1)[None] + 0.5
+        scale = torch.stack([valid_w, valid_h], -1).view(batch, 1, 1, 2).to(grid.dtype)
+        centres = grid / scale
+        sizes = torch.full_like(centres, 0.05 * 2.0**level)
+        proposals.append(torch.cat([centres, sizes], -1).view(batch, -1, 4))
+        start += height * width
+    proposals = torch.cat(proposals, 1)
+    valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
+    proposals = torch.log(proposals / (1 - proposals))
+    invalid = ~image_mask[..., None] | ~valid
+    proposals = proposals.masked_fill(invalid, float("inf"))
+    memory = memory.masked_fill(invalid, 0.0)
+    return memory, proposals
+
+
+@QUERY_SELECTOR_REGISTRY.register()
+class LanguageGuidedQuerySelector(nn.Module):
+    """
+    Scores every encoder token against the text (max over tokens), keeps the top
+    ``num_queries``, and gives the decoder their refined proposal boxes as anchors and a learned
+    content embedding as queries (two-stage "standard" with ``embed_init_tgt``).
+    """
+
+    def __init__(self, d_model: int = 256, num_queries: int = 900, max_text_len: int = 256):
+        super().__init__()
+        self.num_queries = num_queries
+        self.enc_output = nn.Linear(d_model, d_model)
+        self.enc_output_norm = nn.LayerNorm(d_model)
+        self.bbox_embed = MLP(d_model, d_model, 4, 3)
+        self.tgt_embed = nn.Embedding(num_queries, d_model)
+        self.head = ContrastiveHead(max_text_len)
+        nn.init.normal_(self.tgt_embed.weight)
+        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
+        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+
+    def forward(self, memory, image_mask, spatial_shapes, text_features, text_mask):
+        """
+        Args:
+            memory: [B, S, C] enhanced image tokens; image_mask: [B, S] bool valid tokens.
+            spatial_shapes: [num_levels, 2].
+            text_features: [B, L, C]; text_mask: [B, L] bool valid tokens.
+
+        Returns:
+            queries: [B, Q, C] content queries.
+            reference: [B, Q, 4] unsigmoided anchor boxes (detached).
+            encoder_outputs: dict with ``pred_logits`` [B, Q, max_text_len] and
+                ``pred_boxes`` [B, Q, 4] (sigmoid) of the selected proposals.
+        """
+        num_valid = image_mask.sum(1)
+        if int(num_valid.min()) < self.num_queries:
+            raise ValueError(
+                f"An image gives {int(num_valid.min())} feature positions, fewer than "
+                f"num_queries={self.num_queries}; use a larger image or fewer queries."
+            )
+        output_memory, proposals = encoder_proposals(memory, image_mask, spatial_shapes)
+        output_memory = self.enc_output_norm(self.enc_output(output_memory))
+        logits = output_memory @ text_features.transpose(-1, -2)
+        scores = logits.masked_fill(~text_mask[:, None, :], float("-inf")).max(-1).values
+        # Padding tokens never compete (the references let them; batching must not matter).
+        scores = scores.masked_fill(~image_mask, float("-inf"))
+        topk = torch.topk(scores, self.num_queries, dim=1).indices
+        boxes_unsigmoid = self.bbox_embed(output_memory) + proposals
+        reference = torch.gather(boxes_unsigmoid, 1, topk[..., None].expand(-1, -1, 4))
+        selected = torch.gather(
+            output_memory, 1, topk[..., None].expand(-1, -1, output_memory.shape[-1])
+        )
+        batch = memory.shape[0]
+        queries = self.tgt_embed.weight[None].expand(batch, -1, -1)
+        encoder_outputs: Dict[str, torch.Tensor] = {
+            "pred_logits": self.head(selected, text_features, text_mask),
+            "pred_boxes": reference.sigmoid(),
+        }
+        return queries, reference.detach(), encoder_outputs

@@ -1,0 +1,81 @@
+"""Small building blocks shared by the transformer parts."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "MLP",
+    "inverse_sigmoid",
+    "sine_embedding",
+    "box_sine_embedding",
+    "attention_mask_to_additive",
+]
+
+
+class MLP(nn.Module):
+    """A stack of Linear layers with ReLU in between (DETR's box head)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        outs = [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, outs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for index, layer in enumerate(self.layers):
+            x = layer(x)
+            if index < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """The logit of ``x`` with ``x`` clamped to [0, 1] and both terms to >= ``eps``."""
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def _inverse_frequencies(num_feats: int, temperature: float, device) -> torch.Tensor:
+    dim_t = torch.arange(num_feats, dtype=torch.float32, device=device)
+    return temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
+
+
+def sine_embedding(values: torch.Tensor, num_feats: int = 128, temperature: float = 10000):
+    """
+    Sine/cosine embedding of scalars, interleaved as (sin, cos) pairs.
+
+    Args:
+        values: [...] any shape; each value is scaled by 2*pi first.
+
+    Returns:
+        [..., num_feats]
+    """
+    scaled = (
+        values[..., None]
+        * (2 * math.pi)
+        / _inverse_frequencies(num_feats, temperature, values.device)
+    )
+    return torch.stack((scaled[..., 0::2].sin(), scaled[..., 1::2].cos()), dim=-1).flatten(-2)
+
+
+def box_sine_embedding(boxes: torch.Tensor, num_feats: int = 128) -> torch.Tensor:
+    """
+    The decoder's query position embedding of 4-d reference boxes.
+
+    Args:
+        boxes: [..., 4] normalised (cx, cy, w, h).
+
+    Returns:
+        [..., 4 * num_feats] ordered (y, x, w, h) as in DAB/DINO.
+    """
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.cat([sine_embedding(v, num_feats) for v in (cy, cx, w, h)], dim=-1)
+
+
+def attention_mask_to_additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Turns a boolean "may attend" mask into an additive one (0 or -inf)."""
+    additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return additive.masked_fill(~allowed, float("-inf"))
