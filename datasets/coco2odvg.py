@@ -11,6 +11,7 @@ Example:
         datasets/coco/annotations/coco2017_train_odvg.jsonl \
         --label-map datasets/coco/annotations/coco2017_label_map.json
 """
+
 import argparse
 import json
 import os

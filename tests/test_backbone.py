@@ -1,5 +1,6 @@
 """Parity of the Swin backbone, position embedding and input projections with the official
 Grounding DINO code and with transformers, plus batch invariance of ``forward_images``."""
+
 import pytest
 import torch
 from torch import nn
@@ -216,8 +217,12 @@ def test_forward_images_is_batch_invariant():
                 assert m1[level].all()
                 assert masks[level][i].sum() == h * w
                 assert masks[level][i, :h, :w].all()
-                torch.testing.assert_close(feats[level][i, :, :h, :w], f1[level][0], atol=ATOL, rtol=0)
-                torch.testing.assert_close(pos[level][i, :, :h, :w], p1[level][0], atol=ATOL, rtol=0)
+                torch.testing.assert_close(
+                    feats[level][i, :, :h, :w], f1[level][0], atol=ATOL, rtol=0
+                )
+                torch.testing.assert_close(
+                    pos[level][i, :, :h, :w], p1[level][0], atol=ATOL, rtol=0
+                )
                 assert feats[level][i, :, h:].abs().sum() == 0
         # The padded batch of the reference way differs (this is why forward_images exists).
         padded = torch.zeros(2, 3, 130, 130)

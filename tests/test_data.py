@@ -1,5 +1,6 @@
 """Data side: the mapper (captions, positive maps, flips, negatives, the 256-token cap),
 augmentations, dataset registration, bad-data errors and the COCO -> ODVG converter."""
+
 import importlib.util
 import json
 import logging
@@ -130,9 +131,7 @@ def test_detection_negatives_sampled_and_shuffled(tokenizer, image_file):
 def test_detection_256_token_cap(tokenizer, image_file):
     many = [f"thermoregulation electroencephalography {i}" for i in range(300)]
     record = _det_record(image_file, [((2, 3, 30, 40), 5), ((9, 9, 60, 50), 299)])
-    mapper = GroundingDatasetMapper(
-        True, augmentations=[], tokenizer=tokenizer, thing_classes=many
-    )
+    mapper = GroundingDatasetMapper(True, augmentations=[], tokenizer=tokenizer, thing_classes=many)
     np.random.seed(1)
     for _ in range(5):
         out = mapper(record)
@@ -150,7 +149,12 @@ def test_empty_and_degenerate_boxes(tokenizer, image_file, caplog):
     assert out["instances"].gt_boxes.tensor.shape == (0, 4)
     assert out["tokens_positive"] == [] and out["caption"].endswith(" .")
 
-    boxes = [((2, 3, 30, 40), 0), ((90, 10, 120, 20), 2), ((10, 10, 10, 30), 3), ((-5, 2, 100, 70), 4)]
+    boxes = [
+        ((2, 3, 30, 40), 0),
+        ((90, 10, 120, 20), 2),
+        ((10, 10, 10, 30), 3),
+        ((-5, 2, 100, 70), 4),
+    ]
     with caplog.at_level(logging.DEBUG, logger="grounding_dino.data.mapper"):
         out = _mapper(tokenizer)(_det_record(image_file, boxes))
     assert "dropped 2 of 4 boxes" in caplog.text
@@ -163,11 +167,19 @@ def test_empty_and_degenerate_boxes(tokenizer, image_file, caplog):
 
 def test_flip_swaps_left_right_and_boxes(tokenizer, image_file):
     caption = "The dog on the LEFT of a cat"
-    regions = [((5, 5, 30, 40), [[0, 7]]), ((40, 5, 75, 50), [[15, 19]]), ((1, 1, 8, 8), [[25, 28]])]
+    regions = [
+        ((5, 5, 30, 40), [[0, 7]]),
+        ((40, 5, 75, 50), [[15, 19]]),
+        ((1, 1, 8, 8), [[25, 28]]),
+    ]
     record = _grounding_record(image_file, caption, regions)
     out = _mapper(tokenizer, augs=[T.HFlipTransform(80)])(record)
     assert out["caption"] == "the dog on the right of a cat ."
-    assert [out["caption"][b:e] for ((b, e),) in out["tokens_positive"]] == ["the dog", "right", "cat"]
+    assert [out["caption"][b:e] for ((b, e),) in out["tokens_positive"]] == [
+        "the dog",
+        "right",
+        "cat",
+    ]
     inst = out["instances"]
     assert inst.gt_boxes.tensor[0].tolist() == [50.0, 5.0, 75.0, 40.0]
     assert _positive_tokens(tokenizer, out["caption"], inst.gt_positive_map[1]) == ["right"]
@@ -176,16 +188,24 @@ def test_flip_swaps_left_right_and_boxes(tokenizer, image_file):
 
     unflipped = _mapper(tokenizer)(record)
     assert unflipped["caption"] == "the dog on the left of a cat ."
-    assert _positive_tokens(tokenizer, unflipped["caption"], unflipped["instances"].gt_positive_map[1]) == ["left"]
+    assert _positive_tokens(
+        tokenizer, unflipped["caption"], unflipped["instances"].gt_positive_map[1]
+    ) == ["left"]
     no_swap = _mapper(tokenizer, augs=[T.HFlipTransform(80)], swap_left_right_on_flip=False)(record)
     assert no_swap["caption"] == "the dog on the left of a cat ."
 
 
 def test_train_augmentations_keep_positive_maps_valid(tokenizer, tmp_path):
     big = _write_image(tmp_path / "big.png", width=400, height=300)
-    record = _grounding_record(big, "a left hand . the right foot", [((10, 10, 390, 290), [[2, 11]]), ((200, 100, 220, 120), [[14, 28]])])
+    record = _grounding_record(
+        big,
+        "a left hand . the right foot",
+        [((10, 10, 390, 290), [[2, 11]]), ((200, 100, 220, 120), [[14, 28]])],
+    )
     record["height"], record["width"] = 300, 400
-    mapper = GroundingDatasetMapper(True, augmentations=build_train_augmentations(), tokenizer=tokenizer)
+    mapper = GroundingDatasetMapper(
+        True, augmentations=build_train_augmentations(), tokenizer=tokenizer
+    )
     np.random.seed(0)
     sizes, n_flipped = set(), 0
     for _ in range(30):
@@ -215,6 +235,7 @@ def test_eval_mode(tokenizer, image_file):
     rec = _grounding_record(image_file, "  The Red Car", [((2, 3, 30, 40), [[6, 13]])], task="rec")
     out = _mapper(tokenizer, is_train=False)(rec)
     assert out["caption"] == "the red car ." and out["task"] == "rec"
+    assert out["gt_box"] == [2, 3, 30, 40]
     assert "annotations" not in out and "instances" not in out
     no_classes = GroundingDatasetMapper(False, augmentations=[], tokenizer=tokenizer)
     with pytest.raises(ValueError, match="without thing_classes"):
@@ -222,10 +243,14 @@ def test_eval_mode(tokenizer, image_file):
 
 
 def test_rec_and_bad_records(tokenizer, image_file):
-    rec = _grounding_record(image_file, "the man on the left", [((2, 3, 30, 40), [[0, 19]])], task="rec")
+    rec = _grounding_record(
+        image_file, "the man on the left", [((2, 3, 30, 40), [[0, 19]])], task="rec"
+    )
     out = _mapper(tokenizer)(rec)
     assert out["instances"].gt_classes.tolist() == [0] and len(out["tokens_positive"]) == 1
-    two = _grounding_record(image_file, "a man", [((2, 3, 30, 40), [[0, 5]]), ((5, 5, 9, 9), [[2, 5]])], task="rec")
+    two = _grounding_record(
+        image_file, "a man", [((2, 3, 30, 40), [[0, 5]]), ((5, 5, 9, 9), [[2, 5]])], task="rec"
+    )
     with pytest.raises(ValueError, match="image_id=11.*exactly one"):
         _mapper(tokenizer)(two)
     outside = _grounding_record(image_file, "a man", [((2, 3, 30, 40), [[2, 9]])])
@@ -249,12 +274,39 @@ def coco_folder(tmp_path):
     for i in range(3):
         _write_image(images / f"{i}.png")
     coco = {
-        "images": [{"id": i + 1, "file_name": f"{i}.png", "height": 60, "width": 80} for i in range(3)],
-        "categories": [{"id": 3, "name": "fish"}, {"id": 1, "name": "starfish"}, {"id": 9, "name": "jellyfish"}],
+        "images": [
+            {"id": i + 1, "file_name": f"{i}.png", "height": 60, "width": 80} for i in range(3)
+        ],
+        "categories": [
+            {"id": 3, "name": "fish"},
+            {"id": 1, "name": "starfish"},
+            {"id": 9, "name": "jellyfish"},
+        ],
         "annotations": [
-            {"id": 1, "image_id": 1, "category_id": 9, "bbox": [2, 3, 20, 30], "area": 600, "iscrowd": 0},
-            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [30, 3, 20, 30], "area": 600, "iscrowd": 0},
-            {"id": 3, "image_id": 2, "category_id": 3, "bbox": [5, 5, 10, 10], "area": 100, "iscrowd": 0},
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 9,
+                "bbox": [2, 3, 20, 30],
+                "area": 600,
+                "iscrowd": 0,
+            },
+            {
+                "id": 2,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [30, 3, 20, 30],
+                "area": 600,
+                "iscrowd": 0,
+            },
+            {
+                "id": 3,
+                "image_id": 2,
+                "category_id": 3,
+                "bbox": [5, 5, 10, 10],
+                "area": 100,
+                "iscrowd": 0,
+            },
         ],
     }
     json_file = tmp_path / "annotations.json"
@@ -270,10 +322,15 @@ def test_register_odinw(tokenizer, coco_folder, tmp_path):
     assert get_thing_classes(name) == ["starfish", "fish", "jellyfish"]
     dicts = DatasetCatalog.get(name)
     assert len(dicts) == 3
-    mapper = GroundingDatasetMapper(True, augmentations=[], tokenizer=tokenizer, thing_classes=get_thing_classes(name))
+    mapper = GroundingDatasetMapper(
+        True, augmentations=[], tokenizer=tokenizer, thing_classes=get_thing_classes(name)
+    )
     out = mapper(dicts[0])
     names = out["caption"][:-2].split(" . ")
-    assert sorted(names[c] for c in out["instances"].gt_classes.tolist()) == ["jellyfish", "starfish"]
+    assert sorted(names[c] for c in out["instances"].gt_classes.tolist()) == [
+        "jellyfish",
+        "starfish",
+    ]
 
     missing = _unique("odinw_missing")
     register_odinw(missing, str(tmp_path / "nope.json"), image_root)  # no error until loaded
@@ -294,53 +351,103 @@ def test_register_odvg(tokenizer, tmp_path, coco_folder):
     _, image_root = coco_folder
     label_map = tmp_path / "label_map.json"
     label_map.write_text(json.dumps({"0": "person", "1": "cat", "10": "dog", "2": "car"}))
-    od = _write_jsonl(tmp_path / "od.jsonl", [
-        {"filename": "0.png", "height": 60, "width": 80,
-         "detection": {"instances": [{"bbox": [1, 2, 30, 40], "label": 10, "category": "dog"}]}},
-        {"filename": "1.png", "height": 60, "width": 80, "detection": {"instances": []}},
-    ])
+    od = _write_jsonl(
+        tmp_path / "od.jsonl",
+        [
+            {
+                "filename": "0.png",
+                "height": 60,
+                "width": 80,
+                "detection": {
+                    "instances": [{"bbox": [1, 2, 30, 40], "label": 10, "category": "dog"}]
+                },
+            },
+            {"filename": "1.png", "height": 60, "width": 80, "detection": {"instances": []}},
+        ],
+    )
     name = _unique("odvg_od")
     register_odvg(name, od, image_root, label_map=str(label_map))
     dicts = DatasetCatalog.get(name)
     assert get_thing_classes(name) == ["person", "cat", "car", "dog"]
     assert dicts[0]["annotations"][0]["category_id"] == 3 and dicts[0]["image_id"] == 1
-    out = GroundingDatasetMapper(True, augmentations=[], tokenizer=tokenizer, thing_classes=get_thing_classes(name))(dicts[0])
+    out = GroundingDatasetMapper(
+        True, augmentations=[], tokenizer=tokenizer, thing_classes=get_thing_classes(name)
+    )(dicts[0])
     assert out["caption"][:-2].split(" . ")[out["instances"].gt_classes[0]] == "dog"
 
-    vg = _write_jsonl(tmp_path / "vg.jsonl", [
-        {"filename": "2.png", "height": 60, "width": 80,
-         "grounding": {"caption": "A dog chasing a ball", "regions": [
-             {"bbox": [1, 2, 30, 40], "phrase": "a dog", "tokens_positive": [[0, 5]]},
-             {"bbox": [40, 2, 50, 12], "phrase": "a ball"}]}},
-    ])
+    vg = _write_jsonl(
+        tmp_path / "vg.jsonl",
+        [
+            {
+                "filename": "2.png",
+                "height": 60,
+                "width": 80,
+                "grounding": {
+                    "caption": "A dog chasing a ball",
+                    "regions": [
+                        {"bbox": [1, 2, 30, 40], "phrase": "a dog", "tokens_positive": [[0, 5]]},
+                        {"bbox": [40, 2, 50, 12], "phrase": "a ball"},
+                    ],
+                },
+            },
+        ],
+    )
     name = _unique("odvg_vg")
     register_odvg(name, vg, image_root)
     (record,) = DatasetCatalog.get(name)
     assert record["annotations"][1]["tokens_positive"] == [[14, 20]]
     out = GroundingDatasetMapper(True, augmentations=[], tokenizer=tokenizer)(record)
     assert out["caption"] == "a dog chasing a ball ."
-    assert _positive_tokens(tokenizer, out["caption"], out["instances"].gt_positive_map[1]) == ["a", "ball"]
+    assert _positive_tokens(tokenizer, out["caption"], out["instances"].gt_positive_map[1]) == [
+        "a",
+        "ball",
+    ]
 
-    bad = _write_jsonl(tmp_path / "bad.jsonl", [
-        {"filename": "2.png", "height": 60, "width": 80, "grounding": {"caption": "a dog", "regions": []}},
-        {"filename": "2.png", "height": 60, "width": 80,
-         "grounding": {"caption": "a dog", "regions": [{"bbox": [1, 2, 3, 4], "tokens_positive": [[0, 50]]}]}},
-    ])
+    bad = _write_jsonl(
+        tmp_path / "bad.jsonl",
+        [
+            {
+                "filename": "2.png",
+                "height": 60,
+                "width": 80,
+                "grounding": {"caption": "a dog", "regions": []},
+            },
+            {
+                "filename": "2.png",
+                "height": 60,
+                "width": 80,
+                "grounding": {
+                    "caption": "a dog",
+                    "regions": [{"bbox": [1, 2, 3, 4], "tokens_positive": [[0, 50]]}],
+                },
+            },
+        ],
+    )
     name = _unique("odvg_bad")
     register_odvg(name, bad, image_root)
     with pytest.raises(ValueError, match=r"bad.jsonl: line 2.*\[0, 50\)"):
         DatasetCatalog.get(name)
-    no_caption = _write_jsonl(tmp_path / "nocap.jsonl", [
-        {"filename": "2.png", "height": 60, "width": 80, "grounding": {"regions": []}},
-    ])
+    no_caption = _write_jsonl(
+        tmp_path / "nocap.jsonl",
+        [
+            {"filename": "2.png", "height": 60, "width": 80, "grounding": {"regions": []}},
+        ],
+    )
     name = _unique("odvg_nocap")
     register_odvg(name, no_caption, image_root)
     with pytest.raises(ValueError, match="nocap.jsonl: line 1 has no caption"):
         DatasetCatalog.get(name)
-    unknown = _write_jsonl(tmp_path / "unknown.jsonl", [
-        {"filename": "0.png", "height": 60, "width": 80,
-         "detection": {"instances": [{"bbox": [1, 2, 30, 40], "label": 7}]}},
-    ])
+    unknown = _write_jsonl(
+        tmp_path / "unknown.jsonl",
+        [
+            {
+                "filename": "0.png",
+                "height": 60,
+                "width": 80,
+                "detection": {"instances": [{"bbox": [1, 2, 30, 40], "label": 7}]},
+            },
+        ],
+    )
     name = _unique("odvg_unknown")
     register_odvg(name, unknown, image_root, label_map={"0": "a"})
     assert MetadataCatalog.get(name).thing_classes == ["a"]  # a dict label map: set at once
@@ -350,50 +457,117 @@ def test_register_odvg(tokenizer, tmp_path, coco_folder):
 
 def _mdetr_json(tmp_path, images, annotations, name="final_refcoco_val.json"):
     path = tmp_path / name
-    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "object"}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "images": images,
+                "annotations": annotations,
+                "categories": [{"id": 1, "name": "object"}],
+            }
+        )
+    )
     return str(path)
 
 
 def test_mdetr_rec_and_flickr(tokenizer, tmp_path, coco_folder):
     _, image_root = coco_folder
     images = [
-        {"id": 5, "file_name": "0.png", "height": 60, "width": 80, "caption": "Left zebra",
-         "original_img_id": 123, "sentence_id": 0},
+        {
+            "id": 5,
+            "file_name": "0.png",
+            "height": 60,
+            "width": 80,
+            "caption": "Left zebra",
+            "original_img_id": 123,
+            "sentence_id": 0,
+        },
         {"id": 6, "file_name": "1.png", "height": 60, "width": 80, "caption": "man in red"},
     ]
     annotations = [
-        {"id": 1, "image_id": 5, "bbox": [2, 3, 20, 30], "tokens_positive": [[0, 10]], "category_id": 1, "iscrowd": 0},
-        {"id": 2, "image_id": 6, "bbox": [4, 4, 20, 20], "tokens_positive": [[0, 3]], "category_id": 1, "iscrowd": 0},
+        {
+            "id": 1,
+            "image_id": 5,
+            "bbox": [2, 3, 20, 30],
+            "tokens_positive": [[0, 10]],
+            "category_id": 1,
+            "iscrowd": 0,
+        },
+        {
+            "id": 2,
+            "image_id": 6,
+            "bbox": [4, 4, 20, 20],
+            "tokens_positive": [[0, 3]],
+            "category_id": 1,
+            "iscrowd": 0,
+        },
     ]
     name = _unique("refcoco")
     register_mdetr(name, _mdetr_json(tmp_path, images, annotations), image_root, task="rec")
     dicts = DatasetCatalog.get(name)
     assert [d["task"] for d in dicts] == ["rec", "rec"] and dicts[0]["original_img_id"] == 123
+    assert MetadataCatalog.get(name).evaluator_type == "rec"
+    eval_out = _mapper(tokenizer, is_train=False)(dicts[0])
+    assert eval_out["gt_box"] == [2, 3, 22, 33]  # xywh -> xyxy, original pixels
     assert dicts[0]["annotations"][0]["bbox_mode"] == BoxMode.XYWH_ABS
     out = _mapper(tokenizer, augs=[T.HFlipTransform(80)])(dicts[0])
     assert out["caption"] == "right zebra ."
     assert out["instances"].gt_boxes.tensor.tolist() == [[58.0, 3.0, 78.0, 33.0]]
-    assert _positive_tokens(tokenizer, out["caption"], out["instances"].gt_positive_map[0]) == ["right", "zebra"]
+    assert _positive_tokens(tokenizer, out["caption"], out["instances"].gt_positive_map[0]) == [
+        "right",
+        "zebra",
+    ]
 
     two_boxes = annotations + [dict(annotations[1], id=3)]
     with pytest.raises(ValueError, match="image id 6 is a REC record with 2 boxes"):
         load_mdetr_json(_mdetr_json(tmp_path, images, two_boxes, "two.json"), image_root, "rec")
     no_caption = [dict(images[0]), {k: v for k, v in images[1].items() if k != "caption"}]
     with pytest.raises(ValueError, match="image id 6 has no caption"):
-        load_mdetr_json(_mdetr_json(tmp_path, no_caption, annotations, "nocap.json"), image_root, "rec")
+        load_mdetr_json(
+            _mdetr_json(tmp_path, no_caption, annotations, "nocap.json"), image_root, "rec"
+        )
     outside = [annotations[0], dict(annotations[1], tokens_positive=[[5, 40]])]
     with pytest.raises(ValueError, match=r"image id 6.*\[5, 40\)"):
         load_mdetr_json(_mdetr_json(tmp_path, images, outside, "outside.json"), image_root, "rec")
     with pytest.raises(FileNotFoundError, match="flickr30k-images"):
-        load_mdetr_json(_mdetr_json(tmp_path, images, annotations), str(tmp_path / "flickr30k-images"))
+        load_mdetr_json(
+            _mdetr_json(tmp_path, images, annotations), str(tmp_path / "flickr30k-images")
+        )
 
-    flickr_images = [{"id": 9, "file_name": "2.png", "height": 60, "width": 80, "caption": "A man and a dog and a man"}]
-    flickr_annotations = [
-        {"id": 1, "image_id": 9, "bbox": [2, 3, 20, 30], "tokens_positive": [[0, 5]], "phrase_ids": 40},
-        {"id": 2, "image_id": 9, "bbox": [40, 3, 20, 30], "tokens_positive": [[10, 15]], "phrase_ids": 41},
-        {"id": 3, "image_id": 9, "bbox": [30, 30, 9, 9], "tokens_positive": [[0, 5]], "phrase_ids": 40},
+    flickr_images = [
+        {
+            "id": 9,
+            "file_name": "2.png",
+            "height": 60,
+            "width": 80,
+            "caption": "A man and a dog and a man",
+        }
     ]
-    flickr = load_mdetr_json(_mdetr_json(tmp_path, flickr_images, flickr_annotations, "flickr.json"), image_root)
+    flickr_annotations = [
+        {
+            "id": 1,
+            "image_id": 9,
+            "bbox": [2, 3, 20, 30],
+            "tokens_positive": [[0, 5]],
+            "phrase_ids": 40,
+        },
+        {
+            "id": 2,
+            "image_id": 9,
+            "bbox": [40, 3, 20, 30],
+            "tokens_positive": [[10, 15]],
+            "phrase_ids": 41,
+        },
+        {
+            "id": 3,
+            "image_id": 9,
+            "bbox": [30, 30, 9, 9],
+            "tokens_positive": [[0, 5]],
+            "phrase_ids": 40,
+        },
+    ]
+    flickr = load_mdetr_json(
+        _mdetr_json(tmp_path, flickr_images, flickr_annotations, "flickr.json"), image_root
+    )
     assert "task" not in flickr[0]
     out = _mapper(tokenizer)(flickr[0])
     assert out["instances"].gt_classes.tolist() == [0, 1, 0]  # phrase ids -> phrase index
@@ -403,8 +577,16 @@ def test_default_registration():
     from grounding_dino.data.datasets import MDETR_SPLITS
 
     names = set(DatasetCatalog.list())
-    for name in ["lvis_v1_minival", "refcoco_testA", "refcoco+_val", "refcocog_test",
-                 "flickr30k_val", "objects365_train_odvg", "coco_2017_val", "lvis_v1_val"]:
+    for name in [
+        "lvis_v1_minival",
+        "refcoco_testA",
+        "refcoco+_val",
+        "refcocog_test",
+        "flickr30k_val",
+        "objects365_train_odvg",
+        "coco_2017_val",
+        "lvis_v1_val",
+    ]:
         assert name in names
     assert len(MDETR_SPLITS) == 14
     root = os.getenv("DETECTRON2_DATASETS", "datasets")
@@ -419,7 +601,9 @@ def test_default_registration():
 
 def test_coco2odvg(tmp_path, coco_folder, tokenizer):
     json_file, image_root = coco_folder
-    spec = importlib.util.spec_from_file_location("coco2odvg", os.path.join(REPO, "datasets", "coco2odvg.py"))
+    spec = importlib.util.spec_from_file_location(
+        "coco2odvg", os.path.join(REPO, "datasets", "coco2odvg.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out_file = tmp_path / "out" / "train_odvg.jsonl"
@@ -428,19 +612,53 @@ def test_coco2odvg(tmp_path, coco_folder, tokenizer):
     assert label_map == {"0": "starfish", "1": "fish", "2": "jellyfish"}
     lines = [json.loads(line) for line in out_file.read_text().splitlines()]
     assert len(lines) == 3 and lines[2]["detection"]["instances"] == []
-    assert lines[0]["detection"]["instances"][0] == {"bbox": [2, 3, 22, 33], "label": 2, "category": "jellyfish"}
+    assert lines[0]["detection"]["instances"][0] == {
+        "bbox": [2, 3, 22, 33],
+        "label": 2,
+        "category": "jellyfish",
+    }
 
     name = _unique("converted")
-    register_odvg(name, str(out_file), image_root, label_map=str(tmp_path / "out" / "train_odvg_label_map.json"))
+    register_odvg(
+        name,
+        str(out_file),
+        image_root,
+        label_map=str(tmp_path / "out" / "train_odvg_label_map.json"),
+    )
     converted = DatasetCatalog.get(name)
     coco_name = _unique("coco")
     register_odinw(coco_name, json_file, image_root)
     original = DatasetCatalog.get(coco_name)
     assert get_thing_classes(name) == get_thing_classes(coco_name)
     for a, b in zip(converted, original):
-        boxes_a = [BoxMode.convert(x["bbox"], x["bbox_mode"], BoxMode.XYXY_ABS) for x in a["annotations"]]
-        boxes_b = [BoxMode.convert(x["bbox"], x["bbox_mode"], BoxMode.XYXY_ABS) for x in b["annotations"]]
+        boxes_a = [
+            BoxMode.convert(x["bbox"], x["bbox_mode"], BoxMode.XYXY_ABS) for x in a["annotations"]
+        ]
+        boxes_b = [
+            BoxMode.convert(x["bbox"], x["bbox_mode"], BoxMode.XYXY_ABS) for x in b["annotations"]
+        ]
         assert np.allclose(boxes_a, boxes_b)
-        assert [x["category_id"] for x in a["annotations"]] == [x["category_id"] for x in b["annotations"]]
+        assert [x["category_id"] for x in a["annotations"]] == [
+            x["category_id"] for x in b["annotations"]
+        ]
     with pytest.raises(SystemExit):
         module.main([str(tmp_path / "missing.json"), str(out_file)])
+
+
+def test_lazy_config_and_pickle(tokenizer, minilm_dir, image_file):
+    import pickle
+
+    from detectron2.config import LazyCall as L
+    from detectron2.config import instantiate
+
+    cfg = L(GroundingDatasetMapper)(
+        is_train=True,
+        augmentations=L(build_train_augmentations)(min_sizes=[64], max_size=100),
+        tokenizer=minilm_dir,
+        thing_classes=L(get_thing_classes)(name="coco_2017_train"),
+    )
+    mapper = pickle.loads(pickle.dumps(instantiate(cfg)))
+    assert len(mapper.thing_classes) == 80 and mapper.thing_classes[0] == "person"
+    out = mapper(_det_record(image_file, [((2, 3, 30, 40), 0)]))
+    assert min(out["image"].shape[1:]) <= 64 and max(out["image"].shape[1:]) <= 100
+    assert out["instances"].gt_positive_map.shape == (1, 256)

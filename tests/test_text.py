@@ -1,5 +1,6 @@
 """Text side: captions, tokenization, masks, positive maps, phrases and chunking, checked
 against the official code (groundingdino) and transformers on generated captions."""
+
 import random
 
 import pytest
@@ -23,10 +24,39 @@ from grounding_dino.text import (
 )
 
 WORDS = [
-    "cat", "dog", "traffic", "light", "the", "a", "Person", "left", "right", "café", "naïve",
-    "Zürich", "crème", "brûlée", "東京", "🐱", "thermoregulation", "unbelievably",
-    "electroencephalography", "skateboarding", "hot-dog", "o'clock", "x-ray", "ﬁsh", "İstanbul",
-    "ß", "über", "Ωmega", "  ", "TV", "remote", "12", "3.5",
+    "cat",
+    "dog",
+    "traffic",
+    "light",
+    "the",
+    "a",
+    "Person",
+    "left",
+    "right",
+    "café",
+    "naïve",
+    "Zürich",
+    "crème",
+    "brûlée",
+    "東京",
+    "🐱",
+    "thermoregulation",
+    "unbelievably",
+    "electroencephalography",
+    "skateboarding",
+    "hot-dog",
+    "o'clock",
+    "x-ray",
+    "ﬁsh",
+    "İstanbul",
+    "ß",
+    "über",
+    "Ωmega",
+    "  ",
+    "TV",
+    "remote",
+    "12",
+    "3.5",
 ]
 SEPARATORS = [" . ", ". ", " ? ", "? ", " .. ", "... ", " . . ", ".", " , ", " "]
 
@@ -103,7 +133,11 @@ def test_swap_left_right():
     new, new_spans = swap_left_right(caption, spans)
     assert new == "the right dog left of a rightmost bright cat on the right ."
     assert [new[b:e] for ((b, e),) in new_spans] == [
-        "right dog", "left", "rightmost", "bright", "right",
+        "right dog",
+        "left",
+        "rightmost",
+        "bright",
+        "right",
     ]
     back, back_spans = swap_left_right(new, new_spans)
     assert back == caption and back_spans == spans
@@ -167,9 +201,7 @@ def test_positive_maps_match_official(tokenizer, captions):
             assert torch.equal(ours, official), (caption, obj_spans)
             assert torch.equal(ours_batched, official)
             n_objects += len(obj_spans)
-            n_fallback += sum(
-                single.char_to_token(b) is None for obj in obj_spans for b, _ in obj
-            )
+            n_fallback += sum(single.char_to_token(b) is None for obj in obj_spans for b, _ in obj)
     assert n_objects > 400 and n_fallback > 20
 
 
@@ -181,6 +213,8 @@ def test_positive_map_rows_and_errors(tokenizer):
     assert [tokens[i] for i in pmap[1].nonzero().flatten()] == ["traffic", "light"]
     assert len(pmap[2].nonzero()) > 2  # several word pieces
     assert torch.allclose(pmap.sum(1), torch.ones(3), atol=1e-5)
+    unbatched = tokenizer(caption, return_offsets_mapping=True)  # no tensors, no batch
+    assert torch.equal(positive_map_from_spans(unbatched, spans, caption=caption), pmap)
     with pytest.raises(ValueError, match=r"\[3, 80\)"):
         positive_map_from_spans(encoded, [[(3, 80)]], caption=caption)
     with pytest.raises(ValueError, match=r"\[5, 5\)"):
@@ -206,8 +240,9 @@ def test_phrases_match_official_and_transformers(tokenizer, captions):
         keep = scores[:, :length] > 0.25
         is_special = torch.tensor([int(i) in special for i in ids])
         official = [
-            get_phrases_from_posmap(row & ~is_special, {"input_ids": ids.tolist()}, tokenizer)
-            .replace(".", "")
+            get_phrases_from_posmap(
+                row & ~is_special, {"input_ids": ids.tolist()}, tokenizer
+            ).replace(".", "")
             for row in keep
         ]
         hf = [tokenizer.decode(t).replace(".", "") for t in hf_phrases(keep, ids)]
@@ -222,8 +257,10 @@ def test_caption_from_categories_matches_official():
     names = ["Person", "traffic light", "hot dog", "café table", "teddy  bear", "x-ray"]
     caption, spans = caption_from_categories(names)
     official_caption, official_spans = build_captions_and_token_span(names, True)
-    assert caption == official_caption == "person . traffic light . hot dog . café table . " \
+    assert (
+        caption == official_caption == "person . traffic light . hot dog . café table . "
         "teddy bear . x-ray ."
+    )
     for name, obj in zip(names, spans):
         assert [list(s) for s in obj] == official_spans[name.lower()]
 
@@ -239,7 +276,9 @@ def test_caption_from_categories_matches_official():
 
 def test_chunk_categories(tokenizer):
     rng = random.Random(5)
-    names = [" ".join(rng.choice(WORDS[:20]) for _ in range(rng.randint(1, 3))) for _ in range(1203)]
+    names = [
+        " ".join(rng.choice(WORDS[:20]) for _ in range(rng.randint(1, 3))) for _ in range(1203)
+    ]
     names = [n if n.strip() else "cat" for n in names]
     groups = chunk_categories(names, tokenizer)
     assert [i for g in groups for i in g] == list(range(len(names)))
@@ -257,14 +296,16 @@ def test_chunk_categories(tokenizer):
 
 def test_chunk_caption(tokenizer):
     rng = random.Random(7)
-    phrases = [" ".join(rng.choice(WORDS[:20]) for _ in range(rng.randint(1, 6))) for _ in range(200)]
+    phrases = [
+        " ".join(rng.choice(WORDS[:20]) for _ in range(rng.randint(1, 6))) for _ in range(200)
+    ]
     caption = normalize_caption(" . ".join(phrases) + " ? what .. ok")
     chunks = chunk_caption(caption, tokenizer)
     assert len(chunks) > 1
     for text, offset in chunks:
         assert caption[offset : offset + len(text)] == text
         assert count_tokens(tokenizer, text) <= 256
-        assert text.endswith((".", "?"))
+        assert text.endswith(".") and normalize_caption(text) == text
     covered = "".join(text for text, _ in chunks).replace(" ", "")
     assert covered == caption.replace(" ", "")
     assert chunk_caption("a cat .", tokenizer) == [("a cat .", 0)]

@@ -1,15 +1,23 @@
 """``GroundingDINOPredictor``: the model for scripts, from a lazy config and a checkpoint."""
+import contextlib
 import logging
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from detectron2.config import LazyConfig, instantiate
+from detectron2.structures import Instances
 
 from .checkpoint import GroundingDINOCheckpointer
 from .resize import OfficialResize
 
-__all__ = ["GroundingDINOPredictor", "prompt_to_input", "check_image"]
+__all__ = [
+    "GroundingDINOPredictor",
+    "prompt_to_input",
+    "check_image",
+    "check_token_spans",
+    "official_resize_from_lazy_config",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +66,53 @@ def check_image(image, min_size: int = 32, name: str = "image") -> np.ndarray:
     return image
 
 
+def check_token_spans(caption: str, token_spans) -> List[List[List[int]]]:
+    """
+    Validates official-style token spans: one entry per phrase, each a list of ``[beg, end)``
+    character spans in ``caption``, e.g. ``[[[0, 3]], [[4, 8], [10, 12]]]``.
+
+    Returns:
+        the spans as lists of ``[int, int]``.
+
+    Raises:
+        ValueError: naming the phrase and span that is malformed or outside the caption.
+    """
+    if not isinstance(token_spans, (list, tuple)) or not token_spans:
+        raise ValueError(f"token spans must be a non-empty list of phrases, got {token_spans!r}")
+    result = []
+    for index, phrase in enumerate(token_spans):
+        if not isinstance(phrase, (list, tuple)) or not phrase:
+            raise ValueError(f"token spans: phrase {index} must be a non-empty list of "
+                             f"[beg, end] spans, got {phrase!r}")
+        spans = []
+        for span in phrase:
+            if (not isinstance(span, (list, tuple)) or len(span) != 2
+                    or not all(isinstance(v, (int, np.integer)) for v in span)):
+                raise ValueError(f"token spans: phrase {index}: {span!r} is not [beg, end]")
+            beg, end = int(span[0]), int(span[1])
+            if not 0 <= beg < end <= len(caption):
+                raise ValueError(f"token spans: phrase {index}: span [{beg}, {end}) is empty or "
+                                 f"outside the caption of {len(caption)} characters")
+            spans.append([beg, end])
+        result.append(spans)
+    return result
+
+
+def official_resize_from_lazy_config(cfg) -> OfficialResize:
+    """
+    The test-time resize of a lazy config: ``dataloader.test.mapper.augmentations`` (min_size,
+    max_size) when it is a ``build_test_augmentations`` call, else the official 800 / 1333.
+    """
+    size, max_size = 800, 1333
+    for prefix in ("dataloader.test.mapper.augmentations", "dataloader.test.mapper"):
+        found = _select(cfg, prefix + ".min_size")
+        if isinstance(found, int):
+            size = found
+            max_size = _select(cfg, prefix + ".max_size") or max_size
+            break
+    return OfficialResize(size, int(max_size))
+
+
 class GroundingDINOPredictor:
     """
     Runs a Grounding DINO on BGR images (as read by ``cv2.imread``) with a text prompt.
@@ -86,8 +141,7 @@ class GroundingDINOPredictor:
         if weights:
             GroundingDINOCheckpointer(self.model).load(weights)
         self.input_format = input_format
-        size = _select(cfg, "dataloader.test.mapper.min_size") or 800
-        self.resize = OfficialResize(800 if not isinstance(size, int) else size, 1333)
+        self.resize = official_resize_from_lazy_config(cfg)
 
     @classmethod
     def from_config_file(cls, path: str, weights: Optional[str] = None,
@@ -135,6 +189,85 @@ class GroundingDINOPredictor:
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         inputs = [self._input(im, p, i) for i, (im, p) in enumerate(zip(images, prompts))]
         return self.model(inputs)
+
+    @contextlib.contextmanager
+    def _knobs(self, **values):
+        """Temporarily sets inference attributes of the model (thresholds, detection count)."""
+        saved = {name: getattr(self.model, name) for name in values}
+        try:
+            for name, value in values.items():
+                setattr(self.model, name, value)
+            yield
+        finally:
+            for name, value in saved.items():
+                setattr(self.model, name, value)
+
+    @torch.no_grad()
+    def predict_rec(self, image: np.ndarray, expression: str) -> Dict:
+        """
+        Referring expression comprehension: the single best box for ``expression``, whatever
+        its score (the box the REC evaluator scores as top-1).
+
+        Returns:
+            ``{"instances": Instances with exactly one box, "phrases": [expression]}``.
+        """
+        if not isinstance(expression, str) or not expression.strip():
+            raise ValueError(f"The referring expression must be a non-empty string, "
+                             f"got {expression!r}")
+        with self._knobs(box_threshold=-1.0, max_detections=1):
+            output = self(image, expression)
+        output["phrases"] = [expression.strip()] * len(output["instances"])
+        return output
+
+    @torch.no_grad()
+    def predict_token_spans(self, image: np.ndarray, caption: str, token_spans) -> Dict:
+        """
+        Grounds selected phrases of a caption, like the official ``--token_spans``: each
+        phrase is a list of character spans; its score for a box is the box's token scores
+        averaged over the phrase's tokens (``positive_map @ probs``); boxes above the box
+        threshold are kept, one row per (box, phrase).
+
+        Args:
+            image: HxWx3 uint8 array in ``input_format``.
+            caption: the caption the spans index into.
+            token_spans: e.g. ``[[[0, 3]], [[4, 8]]]`` (phrase 0 = caption[0:3], ...).
+
+        Returns:
+            ``{"instances": Instances(pred_boxes, scores, pred_classes = phrase index,
+            token_scores), "phrases": [the phrase's text] * N}``, best score first.
+        """
+        from .text import normalize_caption_with_spans, positive_map_from_spans
+
+        if not isinstance(caption, str) or not caption.strip():
+            raise ValueError(f"The caption must be a non-empty string, got {caption!r}")
+        token_spans = check_token_spans(caption, token_spans)
+        normalized, spans = normalize_caption_with_spans(caption, token_spans)
+        tokenizer = self.model.tokenizer
+        tokenized = tokenizer(normalized, return_offsets_mapping=True)
+        limit = self.model.max_text_len
+        if len(tokenized["input_ids"]) > limit:
+            raise ValueError(f"token spans need the caption in one pass: it has "
+                             f"{len(tokenized['input_ids'])} tokens, more than {limit}")
+        positive_map = positive_map_from_spans(tokenized, spans, limit)  # [P, limit]
+        threshold, max_detections = self.model.box_threshold, self.model.max_detections
+        # Phrase scores never exceed the best token score, so the caption's boxes above the
+        # threshold include every (box, phrase) pair above it.
+        with self._knobs(max_detections=self.model.query_selector.num_queries):
+            output = self(image, normalized)
+        instances = output["instances"]
+        token_scores = instances.token_scores
+        phrase_scores = token_scores @ positive_map[:, : token_scores.shape[1]].to(token_scores).T
+        box_index, phrase_index = (phrase_scores > threshold).nonzero(as_tuple=True)
+        scores = phrase_scores[box_index, phrase_index]
+        order = scores.argsort(descending=True, stable=True)[:max_detections]
+        box_index, phrase_index = box_index[order], phrase_index[order]
+        result = Instances(instances.image_size)
+        result.pred_boxes = instances.pred_boxes[box_index]
+        result.scores = scores[order]
+        result.pred_classes = phrase_index
+        result.token_scores = token_scores[box_index]
+        texts = [" ".join(caption[beg:end] for beg, end in phrase) for phrase in token_spans]
+        return {"instances": result, "phrases": [texts[int(i)] for i in phrase_index]}
 
 
 def _select(cfg, dotted: str):

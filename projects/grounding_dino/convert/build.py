@@ -61,8 +61,34 @@ def _bert_config_from_state(state: Dict[str, torch.Tensor], prefix: str,
     return config
 
 
+def _count_layers(state, prefix: str) -> int:
+    pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.")
+    return len({int(m.group(1)) for k in state if (m := pattern.match(k))})
+
+
+def _swin_variant(state) -> str:
+    """The official Swin variant whose sizes match the checkpoint's backbone weights."""
+    from grounding_dino.modeling.backbone import SWIN_VARIANTS
+
+    embed_dim = state["backbone.0.patch_embed.proj.weight"].shape[0]
+    depths = tuple(_count_layers(state, f"backbone.0.layers.{i}.blocks.")
+                   for i in range(_count_layers(state, "backbone.0.layers.")))
+    bias_rows = state["backbone.0.layers.0.blocks.0.attn.relative_position_bias_table"].shape[0]
+    window = (round(bias_rows**0.5) + 1) // 2
+    for name, (dim, variant_depths, _, variant_window) in SWIN_VARIANTS.items():
+        if (dim, tuple(variant_depths), variant_window) == (embed_dim, depths, window):
+            return name
+    raise ValueError(f"No known Swin variant has embed_dim={embed_dim}, depths={depths} and "
+                     f"window {window}")
+
+
 def _official_config(state, config_path: str, tokenizer: Optional[str]):
     cfg = LazyConfig.load(config_path)
+    # Read the structure off the weights, so that any official-format file converts.
+    cfg.model.backbone.swin = _swin_variant(state)
+    cfg.model.enhancer.num_layers = _count_layers(state, "transformer.encoder.layers.")
+    cfg.model.decoder.num_layers = _count_layers(state, "transformer.decoder.layers.")
+    cfg.model.query_selector.num_queries = state["transformer.tgt_embed.weight"].shape[0]
     text = cfg.model.text_encoder
     text.pretrained = False
     text.tokenizer_name_or_path = tokenizer or DEFAULT_TOKENIZER

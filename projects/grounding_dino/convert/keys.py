@@ -1,7 +1,7 @@
 """Key renaming from the official and the Hugging Face state dicts to this project's model.
 
 Both functions return ``(state_dict, ignored)``: the renamed tensors, and the source keys that
-were dropped on purpose because they duplicate a kept tensor (shared box heads). Anything
+were dropped on purpose: copies of a kept tensor (shared box heads) and BERT's unused pooler. Anything
 else that does not map stays under its own name, so that loading reports it as unexpected.
 """
 import re
@@ -31,7 +31,12 @@ _OFFICIAL_RULES: Rules = [
     (r"^bbox_embed\.0\.", "decoder.bbox_embed."),
 ]
 # Copies of the shared decoder box head.
-_OFFICIAL_DUPLICATES = [r"^bbox_embed\.[1-9]\d*\.", r"^transformer\.decoder\.bbox_embed\."]
+# Copies of the shared decoder box head, and BERT's pooler (unused by the model).
+_OFFICIAL_DUPLICATES = [
+    r"^bbox_embed\.[1-9]\d*\.",
+    r"^transformer\.decoder\.bbox_embed\.",
+    r"^bert\.pooler\.",
+]
 
 _HF_RULES: Rules = [
     (r"^model\.text_backbone\.", "text_encoder.bert."),

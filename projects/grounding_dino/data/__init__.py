@@ -2,6 +2,7 @@
 
 Importing this package registers the standard datasets (see ``datasets.py``) lazily.
 """
+
 from .datasets import (
     get_thing_classes,
     load_mdetr_json,

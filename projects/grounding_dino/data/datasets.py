@@ -7,6 +7,7 @@ registered by detectron2 itself and reused. Everything is lazy: files are read w
 ``DatasetCatalog.get(name)`` is called, and a missing file or folder is reported then, by name.
 See ``datasets/README.md`` for the folder layout under ``$DETECTRON2_DATASETS``.
 """
+
 import functools
 import json
 import logging
@@ -166,16 +167,30 @@ def load_mdetr_json(
     return records
 
 
-def register_mdetr(name: str, json_file: str, image_root: str, task: str = "grounding") -> None:
-    """Registers an MDETR-style annotation file lazily (see :func:`load_mdetr_json`)."""
+def register_mdetr(
+    name: str,
+    json_file: str,
+    image_root: str,
+    task: str = "grounding",
+    evaluator_type: Optional[str] = None,
+) -> None:
+    """
+    Registers an MDETR-style annotation file lazily (see :func:`load_mdetr_json`).
+
+    Args:
+        name: dataset name.
+        json_file: MDETR annotation json.
+        image_root: image folder.
+        task: "rec" or "grounding".
+        evaluator_type: metadata ``evaluator_type``; "rec" for REC, else "flickr30k".
+    """
     DatasetCatalog.register(
         name, functools.partial(load_mdetr_json, json_file, image_root, task, name)
     )
+    if evaluator_type is None:
+        evaluator_type = "rec" if task == "rec" else "flickr30k"
     MetadataCatalog.get(name).set(
-        json_file=json_file,
-        image_root=image_root,
-        evaluator_type="rec" if task == "rec" else "grounding",
-        task=task,
+        json_file=json_file, image_root=image_root, evaluator_type=evaluator_type, task=task
     )
 
 
@@ -333,7 +348,7 @@ def register_odvg(
         name, functools.partial(load_odvg_jsonl, jsonl, image_root, label_map, name)
     )
     metadata = MetadataCatalog.get(name)
-    metadata.set(json_file=jsonl, image_root=image_root, evaluator_type="grounding")
+    metadata.set(json_file=jsonl, image_root=image_root)  # training data: no evaluator
     if isinstance(label_map, Mapping):
         names = _read_label_map(label_map)
         metadata.set(thing_classes=[names[label] for label in _sorted_labels(names)])
@@ -354,7 +369,9 @@ def register_odinw(name: str, json_file: str, image_root: str) -> None:
     evaluated with COCO AP; ``thing_classes`` are set when it is loaded (see
     :func:`get_thing_classes`).
     """
-    DatasetCatalog.register(name, functools.partial(_load_coco_checked, json_file, image_root, name))
+    DatasetCatalog.register(
+        name, functools.partial(_load_coco_checked, json_file, image_root, name)
+    )
     MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")
 
 
@@ -370,7 +387,9 @@ def register_lvis_minival(name: str, json_file: str, image_root: str) -> None:
     LVIS loader, image paths are ``image_root/<split folder of coco_url>/<file>``.
     """
     image_root = os.path.join(image_root, "")  # detectron2 appends the split folder to it
-    DatasetCatalog.register(name, functools.partial(_load_lvis_checked, json_file, image_root, name))
+    DatasetCatalog.register(
+        name, functools.partial(_load_lvis_checked, json_file, image_root, name)
+    )
     MetadataCatalog.get(name).set(
         json_file=json_file,
         image_root=image_root,

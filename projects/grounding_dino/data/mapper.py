@@ -1,4 +1,5 @@
 """The dataset mapper: detectron2 dataset dicts (detection, grounding, REC) -> model inputs."""
+
 import copy
 import logging
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -7,7 +8,7 @@ import numpy as np
 import torch
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
-from detectron2.structures import BoxMode, Boxes, Instances
+from detectron2.structures import Boxes, BoxMode, Instances
 
 from ..text import (
     caption_from_categories,
@@ -31,7 +32,7 @@ def _record_name(dataset_dict: Dict) -> str:
 
 
 def record_kind(dataset_dict: Dict) -> str:
-    """"rec" (``task == "rec"``), "grounding" (has a caption) or "detection"."""
+    """ "rec" (``task == "rec"``), "grounding" (has a caption) or "detection"."""
     if dataset_dict.get("task") == "rec":
         return "rec"
     return "grounding" if "caption" in dataset_dict else "detection"
@@ -55,7 +56,8 @@ class GroundingDatasetMapper:
     When the image is flipped horizontally an odd number of times, "left" and "right" swap in
     the caption and the spans follow. In inference (``is_train=False``) annotations are
     dropped; detection dicts get ``"category_names"`` (all classes), the others a normalised
-    ``"caption"``.
+    ``"caption"``, and REC dicts their box as ``"gt_box"`` (xyxy, original pixels) for the
+    REC evaluator.
     """
 
     def __init__(
@@ -134,7 +136,12 @@ class GroundingDatasetMapper:
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
         if not self.is_train:
-            dataset_dict.pop("annotations", None)
+            annotations = dataset_dict.pop("annotations", None)
+            if kind == "rec" and annotations:  # for the REC evaluator: original pixels, xyxy
+                box = annotations[0]
+                dataset_dict["gt_box"] = BoxMode.convert(
+                    list(box["bbox"]), box["bbox_mode"], BoxMode.XYXY_ABS
+                )
             if kind == "detection":
                 dataset_dict["category_names"] = list(self._require_classes(dataset_dict))
             else:
@@ -154,9 +161,7 @@ class GroundingDatasetMapper:
         classes = [classes[i] for i in np.flatnonzero(keep)]
 
         tokenized = tokenize(self.tokenizer, [caption], self.max_text_len)
-        positive_map = positive_map_from_spans(
-            tokenized, spans, self.max_text_len, caption=caption
-        )
+        positive_map = positive_map_from_spans(tokenized, spans, self.max_text_len, caption=caption)
         grounded = (positive_map > 0).any(dim=1)
         if not bool(grounded.all()):
             logger.debug(
@@ -245,6 +250,11 @@ class GroundingDatasetMapper:
             if c not in positive_set and used + costs[c] <= budget:
                 chosen.append(c)
                 used += costs[c]
+        if not chosen:
+            raise ValueError(
+                f"{_record_name(dataset_dict)}: no category name fits in {self.max_text_len} "
+                "tokens"
+            )
         if self.shuffle_categories:
             np.random.shuffle(chosen)
         else:

@@ -36,7 +36,10 @@ name                        dicts (see docs/interfaces.md)              evaluato
 
 Generation is deterministic in the seed (each image draws from its own generator seeded by
 (seed, split, index)). Images are written once as PNG under ``root/<split>-<hash>/`` where
-the hash covers every generation parameter; a complete folder is reused.
+the hash covers every generation parameter; a complete folder is reused. ``root`` is the
+argument, else ``$GROUNDING_DINO_SHAPES_DIR``, else "output/demo/shapes" under the working
+directory. At the defaults (2000 + 200 + 200 images of 256 px) generation takes about 40 s
+on 2 shared cores and writes about 150 MB.
 """
 
 import dataclasses
@@ -303,10 +306,11 @@ def _background(background: dict, height: int, width: int) -> np.ndarray:
         return np.broadcast_to(c0, (height, width, 3)).copy()
     c1 = np.asarray(background["colors"][1], np.float32)
     theta = np.deg2rad(background["angle"])
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    proj = (xs - width / 2) * np.cos(theta) + (ys - height / 2) * np.sin(theta)
-    t = (proj - proj.min()) / max(float(proj.max() - proj.min()), 1e-6)
-    return c0 * (1.0 - t[..., None]) + c1 * t[..., None]
+    xs = (np.arange(width, dtype=np.float32) - width / 2) * np.float32(np.cos(theta))
+    ys = (np.arange(height, dtype=np.float32) - height / 2) * np.float32(np.sin(theta))
+    proj = ys[:, None] + xs[None, :]
+    t = ((proj - proj.min()) / max(float(proj.max() - proj.min()), 1e-6))[..., None]
+    return (c0 + (c1 - c0) * t).astype(np.float32)
 
 
 def render_scene(scene: dict) -> Tuple[np.ndarray, List[np.ndarray]]:
@@ -325,12 +329,17 @@ def render_scene(scene: dict) -> Tuple[np.ndarray, List[np.ndarray]]:
     image = _background(scene["background"], height, width)
     alphas = [_object_alpha(obj, height, width) for obj in scene["objects"]]
     for obj, alpha in zip(scene["objects"], alphas):
-        a = alpha[..., None]
-        image = image * (1.0 - a) + np.asarray(obj["rgb"], np.float32) * a
+        box = _mask_box(alpha > 0)
+        if box is None:
+            continue
+        x0, y0, w, h = (int(v) for v in box)
+        crop = (slice(y0, y0 + h), slice(x0, x0 + w))  # composite only where the shape is
+        a = alpha[crop][..., None]
+        image[crop] += (np.asarray(obj["rgb"], np.float32) - image[crop]) * a
     sigma = scene["background"]["noise_sigma"]
     if sigma > 0:
         noise_rng = np.random.default_rng(scene["background"]["noise_seed"])
-        image = image + noise_rng.normal(0.0, sigma, image.shape).astype(np.float32)
+        image += sigma * noise_rng.standard_normal(image.shape, dtype=np.float32)
     image = np.clip(np.round(image), 0, 255).astype(np.uint8)
     masks = [cov >= 0.5 for cov in _visible_coverage(alphas)]
     return image, masks
@@ -746,7 +755,7 @@ def generate_shapes_split(config: ShapesConfig, split: str, root: Optional[str] 
         scene = _generate_image(config, split, index)
         image, _ = render_scene(scene)
         path = os.path.join(tmp_dir, "images", scene["file_name"])
-        if not cv2.imwrite(path, image[:, :, ::-1]):
+        if not cv2.imwrite(path, image[:, :, ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 1]):
             raise OSError(f"Could not write synthetic image {path}")
         scenes.append(scene)
         if (index + 1) % max(1, num // 10) == 0 or index + 1 == num:

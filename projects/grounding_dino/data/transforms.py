@@ -1,4 +1,5 @@
 """Augmentations of the official Grounding DINO training, built from detectron2's transforms."""
+
 from typing import List, Sequence, Tuple, Union
 
 from detectron2.data import transforms as T

@@ -124,8 +124,11 @@ class CrossModalityDecoder(nn.Module):
         hidden, boxes = [], []
         for layer in self.layers:
             points_input = reference_points[:, :, None] * ratios
+            # The references embed the box scaled by the level-0 valid ratio, which makes a
+            # padded image's queries depend on the batch; the box itself is the same for a
+            # lone image (ratio 1) and keeps batches equal to one-by-one calls.
             query_pos = self.ref_point_head(
-                box_sine_embedding(points_input[:, :, 0], num_feats=self.d_model // 2)
+                box_sine_embedding(reference_points, num_feats=self.d_model // 2)
             )
             queries = layer(
                 queries,

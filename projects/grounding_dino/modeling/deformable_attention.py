@@ -30,6 +30,7 @@ __all__ = [
     "MultiScaleDeformableAttention",
     "ms_deform_attn_embedding_bag",
     "ms_deform_attn_grid_sample",
+    "sample_pixels_embedding_bag",
 ]
 
 
@@ -53,6 +54,108 @@ def _check_sampling_inputs(value, spatial_shapes, sampling_locations, attention_
         )
 
 
+def _level_sizes(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, num_values: int):
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    starts = [int(s) for s in level_start_index.tolist()]
+    if sum(h * w for h, w in shapes) != num_values:
+        raise ValueError(
+            f"spatial_shapes {shapes} cover {sum(h * w for h, w in shapes)} positions but "
+            f"value has {num_values}"
+        )
+    return shapes, starts
+
+
+def sample_pixels_embedding_bag(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Weighted bilinear sampling at pixel coordinates, as one ``embedding_bag``.
+
+    Args:
+        value: [B, S, M, D] projected values of all levels (M heads, D channels per head).
+        spatial_shapes: [L, 2] long, (H_l, W_l) of each level.
+        level_start_index: [L] long, first row of each level in S.
+        x, y: [B, Q, M, L, P] pixel coordinates (pixel centres at integers, i.e.
+            ``location * size - 0.5``). They may be overwritten.
+        attention_weights: [B, Q, M, L, P].
+
+    Returns:
+        [B, Q, M*D] the weighted sums, heads concatenated.
+    """
+    batch, num_values, num_heads, head_dim = value.shape
+    num_queries = x.shape[1]
+    shapes, starts = _level_sizes(spatial_shapes, level_start_index, num_values)
+    device, dtype = value.device, x.dtype
+
+    # Copy every level into a zero border of 1 pixel on the top/left and 2 on the
+    # bottom/right: both corners of a coordinate clamped to [-1, W] then lie in the
+    # table, and corners outside the map read zeros, as grid_sample's zero padding.
+    padded_starts, total = [], 0
+    for h, w in shapes:
+        padded_starts.append(total)
+        total += (h + 3) * (w + 3)
+    table = value.new_zeros(batch, total, num_heads * head_dim)
+    for (h, w), start, pstart in zip(shapes, starts, padded_starts):
+        level = table[:, pstart : pstart + (h + 3) * (w + 3)].view(batch, h + 3, w + 3, -1)
+        level[:, 1 : h + 1, 1 : w + 1] = value[:, start : start + h * w].view(batch, h, w, -1)
+
+    size = torch.tensor(shapes, dtype=dtype, device=device)
+    height = size[:, 0:1]  # [L, 1] broadcasts against [B, Q, M, L, P]
+    width = size[:, 1:2]
+    # Beyond [-1, W] all corners are outside and weigh nothing, as at -1 or W exactly.
+    minus_one = size.new_tensor(-1.0)
+    x = torch.clamp(x, min=minus_one, max=width)
+    y = torch.clamp(y, min=minus_one, max=height)
+    x0 = x.floor()
+    y0 = y.floor()
+    fx = x - x0
+    fy = y - y0
+
+    # Row of table.view(-1, D) of the top-left corner, within one batch element:
+    # (start_l + (y0 + 1) * (W_l + 3) + (x0 + 1)) * M + m. Exact in float32 below 2**24.
+    rows_per_image = total * num_heads
+    index_dtype = torch.int32 if batch * rows_per_image < 2**31 else torch.int64
+    exact = torch.float32 if rows_per_image < 2**24 else torch.float64
+    padded_width = torch.tensor([w + 3 for _, w in shapes], dtype=exact, device=device)
+    offset = (
+        (torch.tensor(padded_starts, dtype=exact, device=device) + padded_width + 1) * num_heads
+    ).view(1, 1, 1, -1, 1) + torch.arange(num_heads, dtype=exact, device=device).view(
+        1, 1, -1, 1, 1
+    )  # [1, 1, M, L, 1]
+    top_left = y0.to(exact) * (padded_width * num_heads).view(-1, 1)
+    top_left.add_(x0.to(exact), alpha=num_heads).add_(offset)
+    # Corner offsets (tl, tr, bl, br) per level plus the batch offset: [B, 1, 1, L, 1, 4].
+    row = (padded_width * num_heads).to(index_dtype).view(-1, 1, 1)
+    corners = torch.cat([row * 0, row * 0 + num_heads, row, row + num_heads], dim=-1)
+    batch_offset = torch.arange(batch, dtype=index_dtype, device=device) * rows_per_image
+    corners = corners + batch_offset.view(batch, 1, 1, 1, 1, 1)
+    rows = top_left.to(index_dtype).unsqueeze(-1) + corners  # [B, Q, M, L, P, 4]
+
+    fy_a = fy * attention_weights
+    wy0 = attention_weights - fy_a
+    wx0 = 1 - fx
+    if any(t.requires_grad for t in (wy0, fy_a, wx0, fx)):
+        weights = torch.stack((wy0 * wx0, wy0 * fx, fy_a * wx0, fy_a * fx), dim=-1)
+    else:  # inference: write the four products in place, no temporaries
+        weights = wy0.new_empty(wy0.shape + (4,))
+        torch.mul(wy0, wx0, out=weights[..., 0])
+        torch.mul(wy0, fx, out=weights[..., 1])
+        torch.mul(fy_a, wx0, out=weights[..., 2])
+        torch.mul(fy_a, fx, out=weights[..., 3])
+
+    out = F.embedding_bag(
+        rows.view(batch * num_queries * num_heads, -1),
+        table.view(batch * rows_per_image, head_dim),
+        mode="sum",
+        per_sample_weights=weights.view(batch * num_queries * num_heads, -1).to(value.dtype),
+    )
+    return out.view(batch, num_queries, num_heads * head_dim)
+
+
 def ms_deform_attn_embedding_bag(
     value: torch.Tensor,
     spatial_shapes: torch.Tensor,
@@ -73,71 +176,12 @@ def ms_deform_attn_embedding_bag(
         [B, Q, M*D] the attended values, heads concatenated.
     """
     _check_sampling_inputs(value, spatial_shapes, sampling_locations, attention_weights)
-    batch, _, num_heads, head_dim = value.shape
-    num_queries = sampling_locations.shape[1]
-    dtype = sampling_locations.dtype
-
-    # Zero-pad every level by one pixel on the top/left and two on the bottom/right, so
-    # that both corners of any coordinate clamped to [-1, W] lie inside the table, and
-    # corners outside the map read zeros as grid_sample's zero padding does.
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-    starts = [int(s) for s in level_start_index.tolist()]
-    padded_levels, padded_starts, total = [], [], 0
-    for (h, w), start in zip(shapes, starts):
-        level = value[:, start : start + h * w].view(batch, h, w, num_heads * head_dim)
-        padded_levels.append(F.pad(level, (0, 0, 1, 2, 1, 2)).flatten(1, 2))
-        padded_starts.append(total)
-        total += (h + 3) * (w + 3)
-    table = torch.cat(padded_levels, dim=1)  # [B, S_pad, M*D]
-    num_rows = batch * total * num_heads
-    index_dtype = torch.int32 if num_rows < 2**31 else torch.int64
-    device = value.device
-
-    size = spatial_shapes.to(dtype)
-    height = size[:, 0:1]  # [L, 1] broadcasts against [B, Q, M, L, P]
-    width = size[:, 1:2]
-    # Pixel coordinates as grid_sample(align_corners=False) computes them, clamped to
-    # [-1, W] (and [-1, H]): beyond that all corners are outside and weigh nothing.
-    x = (sampling_locations[..., 0] * width - 0.5).clamp_(min=-1.0)
-    x = torch.minimum(x, width)
-    y = (sampling_locations[..., 1] * height - 0.5).clamp_(min=-1.0)
-    y = torch.minimum(y, height)
-    x0 = x.floor()
-    y0 = y.floor()
-    fx = x - x0
-    fy = y - y0
-
-    # Row of table.view(-1, D) of the top-left corner:
-    # ((b * S_pad + start_l + (y0 + 1) * (W_l + 3) + (x0 + 1)) * M + m).
-    padded_width = torch.tensor([w + 3 for _, w in shapes], dtype=index_dtype, device=device)
-    base = (
-        torch.arange(batch, dtype=index_dtype, device=device).view(batch, 1, 1, 1, 1) * total
-        + torch.tensor(padded_starts, dtype=index_dtype, device=device).view(1, 1, 1, -1, 1)
-        + (padded_width + 1).view(1, 1, 1, -1, 1)
-    ) * num_heads + torch.arange(num_heads, dtype=index_dtype, device=device).view(
-        1, 1, -1, 1, 1
-    )  # [B, 1, M, L, 1]
-    top_left = (
-        y0.to(index_dtype) * (padded_width.view(-1, 1) * num_heads)
-        + x0.to(index_dtype) * num_heads
-        + base
+    size = spatial_shapes.to(sampling_locations.dtype)
+    x = sampling_locations[..., 0] * size[:, 1:2] - 0.5
+    y = sampling_locations[..., 1] * size[:, 0:1] - 0.5
+    return sample_pixels_embedding_bag(
+        value, spatial_shapes, level_start_index, x, y, attention_weights
     )
-    # Offsets of the four corners (tl, tr, bl, br) per level: [L, 1, 4].
-    row = padded_width.view(-1, 1, 1) * num_heads
-    corners = torch.cat([row * 0, row * 0 + num_heads, row, row + num_heads], dim=-1)
-    rows = top_left.unsqueeze(-1) + corners  # [B, Q, M, L, P, 4]
-
-    wy = torch.stack(((1 - fy) * attention_weights, fy * attention_weights), dim=-1)
-    wx = torch.stack((1 - fx, fx), dim=-1)
-    weights = wy.unsqueeze(-1) * wx.unsqueeze(-2)  # [B, Q, M, L, P, 2, 2]
-
-    out = F.embedding_bag(
-        rows.view(batch * num_queries * num_heads, -1),
-        table.view(num_rows, head_dim),
-        mode="sum",
-        per_sample_weights=weights.view(batch * num_queries * num_heads, -1).to(value.dtype),
-    )
-    return out.view(batch, num_queries, num_heads * head_dim)
 
 
 def ms_deform_attn_grid_sample(
@@ -237,6 +281,47 @@ class MultiScaleDeformableAttention(nn.Module):
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.constant_(self.output_proj.bias, 0.0)
 
+    def _locations(self, query, reference_points, spatial_shapes) -> torch.Tensor:
+        """[B, Q, M, L, P, 2] normalised sampling locations, as the reference computes them."""
+        batch, num_queries, _ = query.shape
+        offsets = self.sampling_offsets(query).view(
+            batch, num_queries, self.num_heads, self.num_levels, self.num_points, 2
+        )
+        if reference_points.shape[-1] == 2:
+            # Offsets are in pixels of each level: normalise by (W_l, H_l).
+            normalizer = spatial_shapes.flip(-1).to(offsets.dtype)[None, None, None, :, None, :]
+            return reference_points[:, :, None, :, None, :] + offsets / normalizer
+        ref = reference_points[:, :, None, :, None, :]
+        return ref[..., :2] + offsets / self.num_points * ref[..., 2:] * 0.5
+
+    def _pixel_locations(self, query, reference_points, spatial_shapes):
+        """Sampling locations directly in pixels (``location * size - 0.5``).
+
+        The offset projection's rows are reordered so that x and y offsets come out as
+        separate [B, Q, M, L, P] blocks; the reference point terms are per (query, level).
+
+        Returns:
+            x, y: [B, Q, M, L, P] pixel coordinates.
+        """
+        batch, num_queries, channels = query.shape
+        m, n_lvl, p = self.num_heads, self.num_levels, self.num_points
+        weight = self.sampling_offsets.weight.view(m, n_lvl, p, 2, channels)
+        weight = weight.permute(3, 0, 1, 2, 4).reshape(-1, channels)
+        bias = self.sampling_offsets.bias.view(m, n_lvl, p, 2).permute(3, 0, 1, 2).reshape(-1)
+        off_x, off_y = (
+            F.linear(query, weight, bias).view(batch, num_queries, 2, m, n_lvl, p).unbind(2)
+        )
+        size = spatial_shapes.to(query.dtype)
+        height, width = size[:, 0], size[:, 1]  # [L]
+        ref = reference_points
+        base_x = (ref[..., 0] * width - 0.5)[:, :, None, :, None]  # [B, Q, 1, L, 1]
+        base_y = (ref[..., 1] * height - 0.5)[:, :, None, :, None]
+        if ref.shape[-1] == 2:
+            return off_x + base_x, off_y + base_y
+        scale_x = (ref[..., 2] * width * (0.5 / p))[:, :, None, :, None]
+        scale_y = (ref[..., 3] * height * (0.5 / p))[:, :, None, :, None]
+        return torch.addcmul(base_x, off_x, scale_x), torch.addcmul(base_y, off_y, scale_y)
+
     def forward(
         self,
         query: torch.Tensor,
@@ -272,39 +357,29 @@ class MultiScaleDeformableAttention(nn.Module):
                 f"reference_points must be [{batch}, {num_queries}, {num_levels}, 2 or 4], "
                 f"got {tuple(reference_points.shape)}"
             )
+        if reference_points.shape[-1] not in (2, 4):
+            raise ValueError(
+                "reference_points must end in 2 (points) or 4 (boxes), got "
+                f"{reference_points.shape[-1]}"
+            )
 
         value = self.value_proj(value)
         if value_mask is not None:
             value = value.masked_fill(~value_mask[..., None], 0.0)
         value = value.view(batch, num_values, num_heads, self.embed_dim // num_heads)
 
-        offsets = self.sampling_offsets(query).view(
-            batch, num_queries, num_heads, num_levels, num_points, 2
-        )
         weights = self.attention_weights(query).view(
             batch, num_queries, num_heads, num_levels * num_points
         )
         weights = weights.softmax(-1).view(batch, num_queries, num_heads, num_levels, num_points)
-
-        if reference_points.shape[-1] == 2:
-            # Offsets are in pixels of each level: normalise by (W_l, H_l).
-            normalizer = spatial_shapes.flip(-1).to(offsets.dtype)  # [L, 2] as (W, H)
-            locations = (
-                reference_points[:, :, None, :, None, :]
-                + offsets / normalizer[None, None, None, :, None, :]
-            )
-        elif reference_points.shape[-1] == 4:
-            locations = (
-                reference_points[:, :, None, :, None, :2]
-                + offsets / num_points * reference_points[:, :, None, :, None, 2:] * 0.5
+        if self.kernel == "embedding_bag":
+            x, y = self._pixel_locations(query, reference_points, spatial_shapes)
+            out = sample_pixels_embedding_bag(
+                value, spatial_shapes, level_start_index, x, y, weights
             )
         else:
-            raise ValueError(
-                "reference_points must end in 2 (points) or 4 (boxes), got "
-                f"{reference_points.shape[-1]}"
+            locations = self._locations(query, reference_points, spatial_shapes)
+            out = ms_deform_attn_grid_sample(
+                value, spatial_shapes, level_start_index, locations, weights
             )
-
-        out = self._KERNELS[self.kernel](
-            value, spatial_shapes, level_start_index, locations, weights
-        )
         return self.output_proj(out)

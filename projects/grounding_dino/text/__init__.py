@@ -1,5 +1,6 @@
 """Text side of Grounding DINO: captions, tokenization, sub-sentence masks, positive maps,
 phrases of detections and long-prompt chunking."""
+
 from .captions import (
     caption_from_categories,
     check_spans,

@@ -1,5 +1,6 @@
 """Captions: the official normalisation, detection captions from category names, and span
 bookkeeping when a caption is rewritten (normalisation, left/right swap under a flip)."""
+
 import random
 import re
 from typing import List, Optional, Sequence, Tuple

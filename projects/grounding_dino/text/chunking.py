@@ -1,4 +1,5 @@
 """Long prompts: split category lists and captions into pieces that fit the text length."""
+
 import re
 from typing import Callable, List, Sequence, Tuple
 
@@ -7,8 +8,8 @@ from .tokenizer import count_tokens
 
 __all__ = ["chunk_categories", "chunk_caption"]
 
-# A phrase: text up to and including a run of "." / "?", or the text after the last one.
-_PHRASE = re.compile(r"[^.?]*[.?]+|[^.?]+$", re.DOTALL)
+# A phrase: text up to and including a run of ".", or the text after the last one.
+_PHRASE = re.compile(r"[^.]*\.+|[^.]+$", re.DOTALL)
 
 
 def _piece_lengths(tokenizer, texts: Sequence[str]) -> List[int]:
@@ -38,9 +39,7 @@ def _greedy(
     return groups
 
 
-def chunk_categories(
-    names: Sequence[str], tokenizer, max_text_len: int = 256
-) -> List[List[int]]:
+def chunk_categories(names: Sequence[str], tokenizer, max_text_len: int = 256) -> List[List[int]]:
     """
     Splits a category list into groups whose prompt fits the text encoder.
 
@@ -84,8 +83,9 @@ def chunk_categories(
 
 def chunk_caption(caption: str, tokenizer, max_text_len: int = 256) -> List[Tuple[str, int]]:
     """
-    Splits a long caption at phrase boundaries (after a run of "." or "?") into
-    sub-captions that fit the text encoder.
+    Splits a long caption at phrase boundaries (after a run of ".") into sub-captions that
+    fit the text encoder. Chunks of a normalised caption end with "." and so are normalised
+    themselves.
 
     Args:
         caption: the caption (normalise it first).

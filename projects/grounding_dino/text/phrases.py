@@ -1,4 +1,5 @@
 """Phrases of detections: the tokens each box scores above the text threshold, decoded."""
+
 from typing import List
 
 import torch

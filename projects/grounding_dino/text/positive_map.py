@@ -1,4 +1,5 @@
 """Positive maps: which tokens each object's phrase covers (character spans -> token indices)."""
+
 from typing import List, Optional, Sequence
 
 import torch
@@ -97,8 +98,6 @@ def positive_maps_from_spans(
     if len(spans_per_caption) != batch_size:
         raise ValueError(f"Got spans for {len(spans_per_caption)} captions, tokenized {batch_size}")
     return [
-        _positive_map(
-            tokenized, b, spans, max_text_len, None if captions is None else captions[b]
-        )
+        _positive_map(tokenized, b, spans, max_text_len, None if captions is None else captions[b])
         for b, spans in enumerate(spans_per_caption)
     ]

@@ -1,4 +1,5 @@
 """Tokenizer loading (hub name or local folder) and the offline default BERT."""
+
 import functools
 import os
 from typing import List, Sequence

@@ -1,4 +1,5 @@
 """Image backbones: Swin Transformer, input projections and sine position embeddings."""
+
 from .image_backbone import (
     SwinImageBackbone,
     convert_hf_image_backbone_state_dict,

@@ -21,6 +21,7 @@ Parameter names: ``swin.*`` (see :mod:`.swin`) and ``input_proj.<l>.{weight,bias
 ``input_proj.<l>.norm.{weight,bias}`` (detectron2 ``Conv2d`` with a norm). Converters for
 the official and Hugging Face checkpoints are at the bottom of this file.
 """
+
 import re
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -108,9 +109,7 @@ class SwinImageBackbone(nn.Module):
 
     @staticmethod
     def _proj(in_channels: int, out_channels: int, **conv_kwargs) -> Conv2d:
-        conv = Conv2d(
-            in_channels, out_channels, norm=nn.GroupNorm(32, out_channels), **conv_kwargs
-        )
+        conv = Conv2d(in_channels, out_channels, norm=nn.GroupNorm(32, out_channels), **conv_kwargs)
         nn.init.xavier_uniform_(conv.weight, gain=1)
         nn.init.zeros_(conv.bias)
         return conv
@@ -209,9 +208,7 @@ def _rename_input_proj(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return out
 
 
-def convert_official_input_proj_state_dict(
-    sd: Dict[str, torch.Tensor]
-) -> Dict[str, torch.Tensor]:
+def convert_official_input_proj_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Official keys after ``input_proj.`` (``<l>.0.*`` conv, ``<l>.1.*`` GroupNorm) -> ours
     after ``input_proj.`` (``<l>.*`` conv, ``<l>.norm.*``)."""
     return _rename_input_proj(sd)
@@ -228,7 +225,7 @@ def _select(sd: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]
 
 
 def convert_official_image_backbone_state_dict(
-    model_sd: Dict[str, torch.Tensor]
+    model_sd: Dict[str, torch.Tensor],
 ) -> Dict[str, torch.Tensor]:
     """A whole official Grounding DINO state dict (``ckpt["model"]``) -> the state dict of
     :class:`SwinImageBackbone` (keys ``swin.*`` and ``input_proj.*``)."""
@@ -242,7 +239,7 @@ def convert_official_image_backbone_state_dict(
 
 
 def convert_hf_image_backbone_state_dict(
-    model_sd: Dict[str, torch.Tensor]
+    model_sd: Dict[str, torch.Tensor],
 ) -> Dict[str, torch.Tensor]:
     """A whole transformers ``GroundingDinoForObjectDetection`` state dict -> the state dict
     of :class:`SwinImageBackbone` (keys ``swin.*`` and ``input_proj.*``)."""

@@ -5,6 +5,7 @@ directions, ``normalize=True``, scale 2*pi, 128 features per direction) and tran
 ``GroundingDinoSinePositionEmbedding``. Positions are counted over valid pixels only, so the
 embedding of a valid position does not depend on how much padding follows it.
 """
+
 import math
 from typing import Optional
 

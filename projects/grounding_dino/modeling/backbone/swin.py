@@ -14,6 +14,7 @@ Parameter names follow the official model except for the output norms, which liv
 ``out_norms.<stage>`` instead of ``norm<stage>``. :func:`convert_official_swin_state_dict`
 and :func:`convert_hf_swin_state_dict` map the two published layouts to ours.
 """
+
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -127,7 +128,9 @@ class WindowAttention(nn.Module):
         )
         coords = torch.stack(
             torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing="ij")
-        ).flatten(1)  # [2, ws*ws]
+        ).flatten(
+            1
+        )  # [2, ws*ws]
         rel = (coords[:, :, None] - coords[:, None, :]) + (window_size - 1)  # [2, N, N]
         index = rel[0] * (2 * window_size - 1) + rel[1]
         self.register_buffer("relative_position_index", index, persistent=False)
@@ -294,7 +297,9 @@ class SwinStage(nn.Module):
         h, w = x.shape[1:3]
         mask = None
         if len(self.blocks) > 1:
-            mask = shift_window_mask(-(-h // ws) * ws, -(-w // ws) * ws, ws, self.shift_size, x.device)
+            mask = shift_window_mask(
+                -(-h // ws) * ws, -(-w // ws) * ws, ws, self.shift_size, x.device
+            )
             mask = mask.to(x.dtype)
         for block in self.blocks:
             if self.use_checkpoint and self.training:
@@ -475,7 +480,9 @@ def convert_hf_swin_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.T
         m = re.match(r"^hidden_states_norms\.stage(\d+)\.(.*)$", new)
         if m:
             new = f"out_norms.{int(m.group(1)) - 1}.{m.group(2)}"
-        m = re.match(r"^(layers\.\d+\.blocks\.\d+\.)attention\.self\.(query|key|value)\.(\w+)$", new)
+        m = re.match(
+            r"^(layers\.\d+\.blocks\.\d+\.)attention\.self\.(query|key|value)\.(\w+)$", new
+        )
         if m:
             qkv.setdefault(m.group(1) + "attn.qkv." + m.group(3), {})[m.group(2)] = value
             continue
@@ -486,6 +493,9 @@ def convert_hf_swin_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.T
         out[new] = value
     for key, parts in qkv.items():
         if set(parts) != {"query", "key", "value"}:
-            raise KeyError(f"HF Swin state dict lacks {sorted({'query', 'key', 'value'} - set(parts))} for {key}")
+            raise KeyError(
+                f"HF Swin state dict lacks {sorted({'query', 'key', 'value'} - set(parts))} "
+                f"for {key}"
+            )
         out[key] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
     return out

@@ -1,0 +1,271 @@
+"""The yacs bridge: detectron2's ``DefaultPredictor`` (and ``build_model(cfg)``) on a thin yacs
+config that names the lazy config holding the model structure.
+
+Example::
+
+    from detectron2.config import get_cfg
+    from detectron2.engine import DefaultPredictor
+    from grounding_dino import add_grounding_dino_config
+
+    cfg = get_cfg()
+    add_grounding_dino_config(cfg)
+    cfg.merge_from_file("configs/grounding_dino_swin_t_ogc.yaml")
+    cfg.MODEL.WEIGHTS = "model.pth"
+    cfg.MODEL.GROUNDING_DINO.PROMPT = "cat . remote control ."  # or ["cat", "remote control"]
+    outputs = DefaultPredictor(cfg)(image_bgr)
+
+How the results equal :class:`~grounding_dino.GroundingDINOPredictor`:
+
+* The structure comes from the lazy config only (``MODEL.GROUNDING_DINO.CONFIG_FILE`` with
+  ``MODEL.GROUNDING_DINO.OVERRIDES``); yacs keys such as ``MODEL.PIXEL_MEAN`` are not used.
+* ``INPUT.MIN_SIZE_TEST`` is 0, which turns ``DefaultPredictor``'s ``ResizeShortestEdge`` off
+  (it rounds sizes differently from the official rule). The model built here resizes each
+  image itself with :class:`~grounding_dino.resize.OfficialResize`, on the same uint8 pixels,
+  exactly as ``GroundingDINOPredictor`` does.
+* ``DefaultPredictor`` passes no prompt, so the model gets a ``default_prompt``:
+  ``MODEL.GROUNDING_DINO.PROMPT``, else the ``thing_classes`` of ``DATASETS.TEST[0]``.
+* ``DefaultPredictor`` loads ``MODEL.WEIGHTS`` with detectron2's checkpointer, which
+  unpickles without ``weights_only``. The model's ``from_config`` runs first and reads the
+  file with ``torch.load(weights_only=True)``, so a file holding code is refused (an error
+  naming it) before detectron2 ever opens it.
+"""
+import logging
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from detectron2.config import CfgNode as CN
+from detectron2.config import LazyConfig, instantiate
+from detectron2.data import MetadataCatalog
+
+from .convert.checkpoint import load_checkpoint_file
+from .predictor import official_resize_from_lazy_config, prompt_to_input
+
+__all__ = [
+    "add_grounding_dino_config",
+    "resolve_config_file",
+    "load_lazy_config_from_yacs",
+    "default_prompt_from_yacs",
+    "lazy_model_kwargs_from_yacs",
+    "build_lazy_model_from_yacs",
+    "apply_input_defaults",
+]
+
+logger = logging.getLogger(__name__)
+
+Prompt = Union[str, Sequence[str]]
+
+
+def add_grounding_dino_config(cfg: CN) -> None:
+    """
+    Adds ``MODEL.GROUNDING_DINO`` to a detectron2 yacs config, and sets the input defaults the
+    bridge needs (``INPUT.FORMAT = "RGB"``, ``INPUT.MIN_SIZE_TEST = 0``: see the module doc).
+
+    Keys:
+        CONFIG_FILE: the lazy config (``.py``, or the converter's ``config.yaml``). Relative
+            paths are looked up from the working directory, then from the repository root.
+        OVERRIDES: list of ``"key=value"`` overrides of the lazy config, e.g.
+            ``["model.query_selector.num_queries=300"]`` (as on ``train_net.py``'s command
+            line).
+        PROMPT: the default prompt: a caption (str) or class names (list). None: the
+            ``thing_classes`` of ``DATASETS.TEST[0]``.
+        BOX_THRESHOLD, TEXT_THRESHOLD, MAX_DETECTIONS: None keeps the lazy config's
+            ``model.box_threshold`` / ``text_threshold`` / ``max_detections``.
+    """
+    cfg.MODEL.GROUNDING_DINO = CN()
+    cfg.MODEL.GROUNDING_DINO.CONFIG_FILE = ""
+    cfg.MODEL.GROUNDING_DINO.OVERRIDES = []
+    cfg.MODEL.GROUNDING_DINO.PROMPT = None
+    cfg.MODEL.GROUNDING_DINO.BOX_THRESHOLD = None
+    cfg.MODEL.GROUNDING_DINO.TEXT_THRESHOLD = None
+    cfg.MODEL.GROUNDING_DINO.MAX_DETECTIONS = None
+    cfg.INPUT.FORMAT = "RGB"
+    cfg.INPUT.MIN_SIZE_TEST = 0
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def resolve_config_file(path: str) -> str:
+    """
+    Finds ``MODEL.GROUNDING_DINO.CONFIG_FILE``: as given (absolute or from the working
+    directory), else relative to the repository root (``configs/...``).
+
+    Raises:
+        ValueError: the key is empty. FileNotFoundError: no such file (names the places tried).
+    """
+    if not path:
+        raise ValueError("MODEL.GROUNDING_DINO.CONFIG_FILE is empty; name the lazy config, e.g. "
+                         "configs/grounding_dino_swin_t_ogc.py")
+    candidates = [Path(path)]
+    if not os.path.isabs(path):
+        candidates.append(_repo_root() / path)
+    for candidate in candidates:
+        if candidate.is_file():
+            return str(candidate)
+    tried = ", ".join(str(c) for c in candidates)
+    raise FileNotFoundError(f"MODEL.GROUNDING_DINO.CONFIG_FILE={path!r} not found (tried {tried})")
+
+
+def load_lazy_config_from_yacs(cfg: CN):
+    """
+    The lazy config named by ``cfg``, with ``OVERRIDES`` and the non-None thresholds applied.
+
+    Returns:
+        the lazy config (``omegaconf.DictConfig``) with a ``model`` entry.
+    """
+    gd = cfg.MODEL.GROUNDING_DINO
+    lazy = LazyConfig.load(resolve_config_file(gd.CONFIG_FILE))
+    overrides = list(gd.OVERRIDES)
+    for item in overrides:
+        if not isinstance(item, str) or "=" not in item:
+            raise ValueError(f"MODEL.GROUNDING_DINO.OVERRIDES: {item!r} is not 'key=value'")
+    lazy = LazyConfig.apply_overrides(lazy, overrides)
+    if "model" not in lazy:
+        raise ValueError(f"{gd.CONFIG_FILE} has no 'model' entry")
+    for key, field in (
+        ("BOX_THRESHOLD", "box_threshold"),
+        ("TEXT_THRESHOLD", "text_threshold"),
+        ("MAX_DETECTIONS", "max_detections"),
+    ):
+        value = gd[key]
+        if value is not None:
+            lazy.model[field] = value
+    return lazy
+
+
+def default_prompt_from_yacs(cfg: CN) -> Optional[Prompt]:
+    """
+    ``MODEL.GROUNDING_DINO.PROMPT``; when unset (None or empty), the ``thing_classes`` of
+    ``DATASETS.TEST[0]``'s metadata; None when neither is available.
+
+    Raises:
+        ValueError: an invalid prompt (blank caption, empty class name).
+    """
+    prompt = cfg.MODEL.GROUNDING_DINO.PROMPT
+    if prompt:
+        if not isinstance(prompt, str):
+            prompt = [str(name) for name in prompt]
+        prompt_to_input(prompt)  # validates
+        return prompt
+    if len(cfg.DATASETS.TEST):
+        name = cfg.DATASETS.TEST[0]
+        classes = MetadataCatalog.get(name).get("thing_classes", None)
+        if classes:
+            prompt_to_input(list(classes))
+            logger.info("No MODEL.GROUNDING_DINO.PROMPT: using the %d classes of %s",
+                        len(classes), name)
+            return [str(c) for c in classes]
+        logger.warning("No MODEL.GROUNDING_DINO.PROMPT and dataset %s has no thing_classes; "
+                       "inputs must carry their own 'caption' or 'category_names'", name)
+    return None
+
+
+def _capture_kwargs(**kwargs) -> Dict:
+    return kwargs
+
+
+def _check_weights(path: str) -> None:
+    """Reads ``MODEL.WEIGHTS`` safely so a file holding code fails before detectron2 opens it."""
+    if not path:
+        return
+    if path.endswith(".pkl"):
+        raise ValueError(f"MODEL.WEIGHTS={path}: pickled files are not supported; convert the "
+                         f"checkpoint with `python -m grounding_dino.convert`")
+    if path.endswith(".safetensors"):
+        raise ValueError(f"MODEL.WEIGHTS={path}: DefaultPredictor's checkpointer cannot read "
+                         f"safetensors; convert it with `python -m grounding_dino.convert`")
+    if os.path.isfile(path):  # remote paths are checked by detectron2's PathManager
+        load_checkpoint_file(path)
+
+
+def lazy_model_kwargs_from_yacs(cfg: CN) -> Dict:
+    """
+    Keyword arguments of ``GroundingDINO.__init__`` for a yacs config: the lazy config's
+    ``model`` entry instantiated, plus ``input_format`` (``INPUT.FORMAT``), ``default_prompt``
+    and ``test_resize``. This is ``GroundingDINO.from_config``.
+
+    Raises:
+        ValueError: the lazy model is not a GroundingDINO, the prompt is invalid, or
+            ``MODEL.WEIGHTS`` holds more than weights.
+    """
+    from .modeling.meta_arch import GroundingDINO
+
+    _check_weights(cfg.MODEL.WEIGHTS)
+    lazy = load_lazy_config_from_yacs(cfg)
+    target = lazy.model.get("_target_")
+    if isinstance(target, str):
+        from detectron2.utils.registry import locate
+
+        target = locate(target)
+    if not (isinstance(target, type) and issubclass(target, GroundingDINO)):
+        raise ValueError(f"{cfg.MODEL.GROUNDING_DINO.CONFIG_FILE}: model._target_ is {target!r}; "
+                         "the yacs bridge needs a GroundingDINO")
+    model_cfg = lazy.model
+    model_cfg._target_ = _capture_kwargs
+    kwargs = instantiate(model_cfg)
+    if cfg.INPUT.MIN_SIZE_TEST:
+        logger.warning(
+            "INPUT.MIN_SIZE_TEST=%s: DefaultPredictor resizes with detectron2's rounding before "
+            "the model's official resize; set it to 0 for results equal to "
+            "GroundingDINOPredictor", cfg.INPUT.MIN_SIZE_TEST)
+    kwargs.update(
+        input_format=cfg.INPUT.FORMAT,
+        default_prompt=default_prompt_from_yacs(cfg),
+        test_resize=official_resize_from_lazy_config(lazy),
+    )
+    return kwargs
+
+
+def build_lazy_model_from_yacs(cfg: CN):
+    """
+    The model a yacs config describes (what ``build_model(cfg)`` returns, without moving it
+    to ``MODEL.DEVICE`` and without loading weights).
+    """
+    from .modeling.meta_arch import GroundingDINO
+
+    return GroundingDINO(**lazy_model_kwargs_from_yacs(cfg))
+
+
+def _resize_image_tensor(image: torch.Tensor, augmentation) -> torch.Tensor:
+    """
+    Applies a detectron2 augmentation to a [3, H, W] image tensor with 0-255 values, on uint8
+    pixels (as the dataset mappers and ``GroundingDINOPredictor`` do). Returns [3, H', W'].
+    """
+    array = image.detach().to("cpu", torch.float32).round().clamp(0, 255).to(torch.uint8)
+    array = array.permute(1, 2, 0).numpy()
+    resized = augmentation.get_transform(array).apply_image(array)
+    return torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+
+
+def apply_input_defaults(
+    batched_inputs: List[Dict], default_prompt: Optional[Prompt] = None, test_resize=None
+) -> List[Dict]:
+    """
+    Fills what ``DefaultPredictor`` cannot pass: the prompt (for inputs with neither
+    ``"caption"`` nor ``"category_names"``) and the official test resize of ``"image"``.
+    Inputs are not modified; a no-op when both are None.
+
+    Args:
+        batched_inputs: the model's inputs (see docs/interfaces.md).
+        default_prompt: caption (str) or class names (list of str).
+        test_resize: a detectron2 ``Augmentation`` (e.g. ``OfficialResize``) for the images.
+    """
+    if default_prompt is None and test_resize is None:
+        return batched_inputs
+    results = []
+    for record in batched_inputs:
+        record = dict(record)
+        if default_prompt is not None and "caption" not in record and (
+            "category_names" not in record
+        ):
+            record.update(prompt_to_input(default_prompt))
+        if test_resize is not None and isinstance(record.get("image"), torch.Tensor):
+            image = record["image"]
+            if image.dim() == 3 and image.shape[0] == 3:
+                record["image"] = _resize_image_tensor(image, test_resize)
+        results.append(record)
+    return results

@@ -1,0 +1,90 @@
+"""Helpers of ``train_net.py``: trainer choice, DDP wrapping and the standard hooks."""
+import logging
+from typing import Callable, List, Mapping, Optional
+
+from detectron2.engine import SimpleTrainer, create_ddp_model, default_writers, hooks
+from detectron2.utils import comm
+from torch import nn
+
+from .hooks import LastGoodCheckpointer
+from .launch import is_cpu_device
+from .optimizer import plain_param_groups
+from .trainer import GroundingAMPTrainer, GroundingTrainer
+
+__all__ = ["use_amp", "build_trainer", "wrap_ddp", "build_hooks"]
+
+logger = logging.getLogger(__name__)
+
+
+def use_amp(train_cfg: Mapping) -> bool:
+    """AMP runs when ``train.amp.enabled`` and ``train.device`` is a CUDA device."""
+    enabled = bool((train_cfg.get("amp") or {}).get("enabled", False))
+    if enabled and is_cpu_device(train_cfg.get("device", "cuda")):
+        logger.info("train.amp.enabled is ignored on the CPU: training in float32")
+        return False
+    return enabled
+
+
+def wrap_ddp(model: nn.Module, device: str, **ddp_kwargs) -> nn.Module:
+    """
+    :func:`~detectron2.engine.create_ddp_model` that also takes CPU models (gloo): a CPU
+    module must not get ``device_ids``.
+
+    Args:
+        model: the model, already on ``device``.
+        device: ``train.device``.
+        ddp_kwargs: ``train.ddp`` (``broadcast_buffers``, ``find_unused_parameters``,
+            ``fp16_compression``).
+    """
+    if comm.get_world_size() > 1 and is_cpu_device(device):
+        ddp_kwargs = {**ddp_kwargs, "device_ids": None}
+        if ddp_kwargs.get("fp16_compression"):
+            logger.info("train.ddp.fp16_compression is ignored on the CPU")
+            ddp_kwargs["fp16_compression"] = False
+    return create_ddp_model(model, **ddp_kwargs)
+
+
+def build_trainer(train_cfg: Mapping, model: nn.Module, data_loader, optimizer) -> SimpleTrainer:
+    """
+    :class:`GroundingAMPTrainer` when :func:`use_amp`, else :class:`GroundingTrainer`, both
+    with ``train.clip_grad``. The optimizer's param groups are made plain Python (see
+    :func:`~grounding_dino.engine.optimizer.plain_param_groups`) so checkpoints load safely.
+    """
+    plain_param_groups(optimizer)
+    clip_grad = train_cfg.get("clip_grad")
+    if use_amp(train_cfg):
+        return GroundingAMPTrainer(model, data_loader, optimizer, clip_grad=clip_grad)
+    return GroundingTrainer(model, data_loader, optimizer, clip_grad=clip_grad)
+
+
+def build_hooks(
+    train_cfg: Mapping,
+    lr_scheduler,
+    checkpointer,
+    eval_function: Optional[Callable[[], Mapping]],
+) -> List[Optional[hooks.HookBase]]:
+    """
+    The hooks of detectron2's ``lazyconfig_train_net.py`` plus :class:`LastGoodCheckpointer`:
+    iteration timer (ETA), LR scheduler, periodic checkpoints, evaluation every
+    ``train.eval_period`` and the console / ``metrics.json`` / TensorBoard writers every
+    ``train.log_period``. Checkpoint and writer hooks run on the main process only.
+
+    Args:
+        train_cfg: the ``train`` config node.
+        lr_scheduler: a param scheduler (``lr_multiplier``) or an LR scheduler.
+        checkpointer: the trainer's checkpointer.
+        eval_function: returns the evaluation results; None: no evaluation hook.
+    """
+    main = comm.is_main_process()
+    result: List[Optional[hooks.HookBase]] = [
+        hooks.IterationTimer(),
+        hooks.LRScheduler(scheduler=lr_scheduler),
+        hooks.PeriodicCheckpointer(checkpointer, **train_cfg["checkpointer"]) if main else None,
+        LastGoodCheckpointer(checkpointer) if train_cfg.get("save_last_good", True) else None,
+    ]
+    if eval_function is not None:
+        result.append(hooks.EvalHook(train_cfg.get("eval_period", 0), eval_function))
+    if main:
+        writers = default_writers(train_cfg["output_dir"], train_cfg["max_iter"])
+        result.append(hooks.PeriodicWriter(writers, period=train_cfg.get("log_period", 20)))
+    return result

@@ -1,0 +1,108 @@
+"""
+Multi-process launch that also works on the CPU.
+
+detectron2's :func:`~detectron2.engine.launch` picks NCCL whenever CUDA is available and
+expects one GPU per process. With ``train.device=cpu`` we want gloo and no GPU at all (also on
+a machine that has GPUs), so CPU jobs are spawned here; GPU jobs go to detectron2's launch.
+"""
+import logging
+import os
+from datetime import timedelta
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from detectron2.engine import launch as d2_launch
+from detectron2.engine.launch import DEFAULT_TIMEOUT, _find_free_port
+from detectron2.utils import comm
+
+__all__ = ["launch", "is_cpu_device"]
+
+logger = logging.getLogger(__name__)
+
+
+def is_cpu_device(device) -> bool:
+    """True for "cpu" (or a ``torch.device`` of type cpu)."""
+    return torch.device(device).type == "cpu"
+
+
+def launch(
+    main_func: Callable,
+    num_processes_per_machine: int,
+    num_machines: int = 1,
+    machine_rank: int = 0,
+    dist_url: Optional[str] = None,
+    args: Sequence = (),
+    timeout: timedelta = DEFAULT_TIMEOUT,
+    device: str = "cuda",
+) -> None:
+    """
+    Runs ``main_func(*args)`` in ``num_processes_per_machine`` processes per machine.
+
+    Args:
+        main_func: the function each process runs.
+        num_processes_per_machine: processes on this machine (``--num-gpus``); on the CPU
+            they share the cores, each with ``cpu_count // processes`` torch threads.
+        num_machines, machine_rank, dist_url, timeout: as detectron2's launch
+            (``dist_url="auto"`` picks a free local port).
+        args: arguments of ``main_func``.
+        device: ``train.device``. "cpu" uses the gloo backend and no GPU; anything else
+            goes to detectron2's launch (NCCL when CUDA is available).
+    """
+    if not is_cpu_device(device):
+        d2_launch(
+            main_func,
+            num_processes_per_machine,
+            num_machines=num_machines,
+            machine_rank=machine_rank,
+            dist_url=dist_url,
+            args=tuple(args),
+            timeout=timeout,
+        )
+        return
+    world_size = num_machines * num_processes_per_machine
+    if world_size <= 1:
+        main_func(*args)
+        return
+    if dist_url is None or dist_url == "auto":
+        if num_machines != 1:
+            raise ValueError("dist_url=auto is not supported in multi-machine jobs")
+        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
+    mp.start_processes(
+        _cpu_worker,
+        nprocs=num_processes_per_machine,
+        args=(main_func, world_size, num_processes_per_machine, machine_rank, dist_url, args, timeout),
+        daemon=False,
+    )
+
+
+def _cpu_worker(
+    local_rank: int,
+    main_func: Callable,
+    world_size: int,
+    num_processes_per_machine: int,
+    machine_rank: int,
+    dist_url: str,
+    args: Sequence,
+    timeout: timedelta,
+) -> None:
+    global_rank = machine_rank * num_processes_per_machine + local_rank
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_processes_per_machine))
+    try:
+        dist.init_process_group(
+            backend="gloo",
+            init_method=dist_url,
+            world_size=world_size,
+            rank=global_rank,
+            timeout=timeout,
+        )
+    except Exception:
+        logger.error(f"Process group URL: {dist_url}")
+        raise
+    comm.create_local_process_group(num_processes_per_machine)
+    comm.synchronize()
+    try:
+        main_func(*args)
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,180 @@
+"""
+Training loops: detectron2's :class:`SimpleTrainer` / :class:`AMPTrainer` with full-model
+gradient clipping and a stop on non-finite losses before they reach the weights.
+"""
+import contextlib
+import logging
+import time
+from typing import Dict, Mapping, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from detectron2.engine import AMPTrainer, SimpleTrainer
+from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
+
+__all__ = ["GroundingTrainer", "GroundingAMPTrainer", "clip_gradients", "nonfinite_losses"]
+
+logger = logging.getLogger(__name__)
+
+
+def nonfinite_losses(loss_dict: Mapping[str, torch.Tensor]) -> Dict[str, float]:
+    """The losses of ``loss_dict`` that are NaN or infinite, as {name: value}."""
+    if not loss_dict:
+        return {}
+    values = torch.stack([v.detach().float().sum() for v in loss_dict.values()])
+    finite = torch.isfinite(values)
+    if bool(finite.all()):  # one device sync in the common case
+        return {}
+    return {
+        name: float(value) for name, value, ok in zip(loss_dict, values.tolist(), finite.tolist()) if not ok
+    }
+
+
+def clip_gradients(
+    parameters, max_norm: float, norm_type: float = 2.0
+) -> Optional[torch.Tensor]:
+    """
+    Clips the gradients of all ``parameters`` together (one norm over the whole model, as
+    DINO's ``clip_max_norm``).
+
+    Returns:
+        the total norm before clipping, or None when no parameter has a gradient.
+    """
+    grads = [p for p in parameters if p.grad is not None]
+    if not grads:
+        return None
+    return torch.nn.utils.clip_grad_norm_(grads, max_norm, norm_type=norm_type)
+
+
+class GroundingTrainer(SimpleTrainer):
+    """
+    :class:`~detectron2.engine.SimpleTrainer` with two additions:
+
+    * the loss dict is checked before the backward pass: a NaN or infinite loss on any
+      process raises :class:`FloatingPointError` naming the iteration and the losses, on every
+      process (so none waits in a collective), before the weights change; hooks with an
+      ``on_nonfinite_loss(iteration)`` method are called first (e.g.
+      :class:`~grounding_dino.engine.hooks.LastGoodCheckpointer`);
+    * gradients are clipped to ``clip_grad["max_norm"]`` over the whole model, and the norm
+      before clipping is logged as ``grad_norm``.
+    """
+
+    def __init__(
+        self,
+        model,
+        data_loader,
+        optimizer,
+        *,
+        clip_grad: Optional[Mapping] = None,
+        **kwargs,
+    ):
+        """
+        Args:
+            model, data_loader, optimizer: as :class:`SimpleTrainer`.
+            clip_grad: ``{"enabled": bool, "max_norm": float, "norm_type": float}``
+                (``train.clip_grad``); None or ``enabled=False`` disables clipping.
+            kwargs: passed to the parent trainer (``gather_metric_period``,
+                ``zero_grad_before_forward``; for AMP also ``grad_scaler``, ``precision``).
+        """
+        super().__init__(model, data_loader, optimizer, **kwargs)
+        clip_grad = dict(clip_grad or {})
+        enabled = bool(clip_grad) and bool(clip_grad.get("enabled", True))
+        self.clip_max_norm = float(clip_grad.get("max_norm", 0.1)) if enabled else None
+        self.clip_norm_type = float(clip_grad.get("norm_type", 2.0))
+        if self.clip_max_norm is not None and self.clip_max_norm <= 0:
+            raise ValueError(f"train.clip_grad.max_norm must be > 0, got {self.clip_max_norm}")
+
+    # --------------------------------------------------------------------- step parts
+    def _autocast(self):
+        return contextlib.nullcontext()
+
+    def _backward(self, losses: torch.Tensor) -> None:
+        losses.backward()
+
+    def _unscale(self) -> None:
+        """Makes the gradients true gradients before clipping (AMP unscales here)."""
+
+    def _optimizer_step(self) -> None:
+        self.optimizer.step()
+
+    def run_step(self):
+        assert self.model.training, "[GroundingTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+
+        if self.zero_grad_before_forward:
+            self.optimizer.zero_grad()
+        with self._autocast():
+            loss_dict, losses = _total(self.model(data))
+        self._check_finite(loss_dict)
+        if not self.zero_grad_before_forward:
+            self.optimizer.zero_grad()
+        self._backward(losses)
+        self.after_backward()
+        if self.clip_max_norm is not None:
+            self._unscale()
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            norm = clip_gradients(params, self.clip_max_norm, self.clip_norm_type)
+            if norm is not None:
+                get_event_storage().put_scalar("grad_norm", float(norm), smoothing_hint=True)
+        self._write_metrics(loss_dict, data_time)
+        self._optimizer_step()
+
+    def _check_finite(self, loss_dict: Mapping[str, torch.Tensor]) -> None:
+        bad = nonfinite_losses(loss_dict)
+        any_bad = bool(bad)
+        if comm.get_world_size() > 1:
+            device = next(iter(loss_dict.values())).device if loss_dict else torch.device("cpu")
+            flag = torch.tensor([float(any_bad)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            any_bad = bool(flag.item() > 0)
+        if not any_bad:
+            return
+        for hook in self._hooks:
+            callback = getattr(hook, "on_nonfinite_loss", None)
+            if callback is not None:
+                callback(self.iter)
+        where = (
+            f"non-finite losses {bad}"
+            if bad
+            else f"a non-finite loss on another process (rank {comm.get_rank()} is finite)"
+        )
+        finite = {k: round(float(v.detach()), 6) for k, v in loss_dict.items() if k not in bad}
+        raise FloatingPointError(
+            f"Loss became infinite or NaN at iteration {self.iter}: {where}. The weights were "
+            f"not updated with it; the checkpoints written so far are kept. Finite losses: "
+            f"{finite}"
+        )
+
+
+class GroundingAMPTrainer(GroundingTrainer, AMPTrainer):
+    """:class:`GroundingTrainer` with CUDA automatic mixed precision (as :class:`AMPTrainer`)."""
+
+    def _autocast(self):
+        assert torch.cuda.is_available(), "[GroundingAMPTrainer] CUDA is required for AMP!"
+        return torch.autocast("cuda", dtype=self.precision)
+
+    def _backward(self, losses: torch.Tensor) -> None:
+        self.grad_scaler.scale(losses).backward()
+        if self.log_grad_scaler:
+            get_event_storage().put_scalar("[metric]grad_scaler", self.grad_scaler.get_scale())
+
+    def _unscale(self) -> None:
+        self.grad_scaler.unscale_(self.optimizer)
+
+    def _optimizer_step(self) -> None:
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
+
+
+def _total(output) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return {"total_loss": output}, output
+    if not isinstance(output, Mapping) or not output:
+        raise TypeError(
+            f"The model returned {type(output).__name__} in training; expected a non-empty "
+            "dict of scalar losses"
+        )
+    return dict(output), sum(output.values())

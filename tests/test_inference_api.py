@@ -1,0 +1,378 @@
+"""Inference for users: DefaultPredictor through the yacs bridge, GroundingDINOPredictor
+(batches, REC, token spans, input checks) and the demo CLI, on a tiny converted model."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from detectron2.config import LazyConfig, get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.data.transforms import ResizeShortestEdge
+from detectron2.engine import DefaultPredictor
+
+from grounding_dino.config import (
+    add_grounding_dino_config,
+    build_lazy_model_from_yacs,
+    resolve_config_file,
+)
+from grounding_dino.predictor import GroundingDINOPredictor, check_token_spans
+from grounding_dino.resize import official_output_size
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_SIZE, TEST_MAX_SIZE = 96, 128  # the official rule at a small scale, for speed
+CAPTION = "cat . remote control ."
+CLASSES = ["cat", "remote control"]
+
+
+def _tiny_hf_model(folder: Path) -> None:
+    """A random transformers Grounding DINO, small enough for the CPU, saved to ``folder``."""
+    from transformers import (
+        BertConfig,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        SwinConfig,
+    )
+
+    backbone = SwinConfig(embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8],
+                          window_size=7, out_indices=[2, 3, 4],
+                          out_features=["stage2", "stage3", "stage4"])
+    text = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, intermediate_size=128, max_position_embeddings=512)
+    config = GroundingDinoConfig(
+        backbone_config=backbone, text_config=text, d_model=64, encoder_layers=2,
+        decoder_layers=2, encoder_ffn_dim=128, decoder_ffn_dim=128, encoder_attention_heads=4,
+        decoder_attention_heads=4, num_queries=30, fusion_dropout=0.0, fusion_droppath=0.0,
+    )
+    torch.manual_seed(0)
+    model = GroundingDinoForObjectDetection(config)
+    with torch.no_grad():  # small decoder outputs: scores spread over ~0.5-0.7, not all 1.0
+        model.model.decoder.layer_norm.weight.mul_(0.03)
+        model.model.decoder.layer_norm.bias.zero_()
+    model.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, minilm_dir):
+    """``{"lazy": lazy config yaml (small test resize), "weights": model.pth}``, made once."""
+    from grounding_dino.convert.__main__ import main as convert_main
+
+    root = tmp_path_factory.mktemp("tiny_gdino")
+    _tiny_hf_model(root / "hf")
+    code = convert_main(["hf", str(root / "hf"), str(root / "out"), "--tokenizer", minilm_dir])
+    assert code == 0
+    lazy = LazyConfig.load(str(root / "out" / "config.yaml"))
+    lazy.dataloader = {
+        "test": {"mapper": {"augmentations": {"min_size": TEST_SIZE, "max_size": TEST_MAX_SIZE}}}
+    }
+    path = root / "small.yaml"
+    LazyConfig.save(lazy, str(path))
+    return {"lazy": str(path), "weights": str(root / "out" / "model.pth"), "root": root}
+
+
+@pytest.fixture(scope="module")
+def predictor(converted):
+    return GroundingDINOPredictor.from_config_file(converted["lazy"], converted["weights"])
+
+
+def _image(seed: int, height: int, width: int) -> np.ndarray:
+    """A random BGR picture with a few flat rectangles."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    for _ in range(3):
+        y, x = rng.integers(0, height // 2), rng.integers(0, width // 2)
+        image[y : y + height // 3, x : x + width // 3] = rng.integers(0, 255, 3)
+    return image
+
+
+def _yacs_cfg(converted, **fields):
+    cfg = get_cfg()
+    add_grounding_dino_config(cfg)
+    cfg.merge_from_file(str(REPO / "configs" / "grounding_dino_swin_t_ogc.yaml"))
+    cfg.MODEL.GROUNDING_DINO.CONFIG_FILE = converted["lazy"]
+    cfg.MODEL.WEIGHTS = converted["weights"]
+    cfg.MODEL.DEVICE = "cpu"
+    for key, value in fields.items():
+        cfg.MODEL.GROUNDING_DINO[key] = value
+    return cfg
+
+
+def _assert_same(a, b, exact=True):
+    ia, ib = a["instances"], b["instances"]
+    assert len(ia) == len(ib) > 0
+    if exact:
+        assert torch.equal(ia.pred_boxes.tensor, ib.pred_boxes.tensor)
+        assert torch.equal(ia.scores, ib.scores)
+    else:
+        torch.testing.assert_close(ia.pred_boxes.tensor, ib.pred_boxes.tensor, atol=1e-3,
+                                   rtol=1e-4)
+        torch.testing.assert_close(ia.scores, ib.scores, atol=1e-5, rtol=1e-5)
+    assert torch.equal(ia.pred_classes, ib.pred_classes)
+    assert a["phrases"] == b["phrases"]
+
+
+# ---------------------------------------------------------------- yacs bridge
+def test_yaml_names_the_lazy_configs():
+    for name in ("grounding_dino_swin_t_ogc", "grounding_dino_swin_b_cogcoor"):
+        cfg = get_cfg()
+        add_grounding_dino_config(cfg)
+        cfg.merge_from_file(str(REPO / "configs" / f"{name}.yaml"))
+        assert cfg.MODEL.META_ARCHITECTURE == "GroundingDINO"
+        assert cfg.INPUT.FORMAT == "RGB" and cfg.INPUT.MIN_SIZE_TEST == 0
+        assert Path(resolve_config_file(cfg.MODEL.GROUNDING_DINO.CONFIG_FILE)).name == f"{name}.py"
+
+
+def test_default_predictor_equals_predictor(converted, predictor):
+    cfg = _yacs_cfg(converted, PROMPT=CAPTION)
+    default = DefaultPredictor(cfg)
+    # (97, 203): detectron2's ResizeShortestEdge rounds to 61x128, the official rule to 61x127.
+    for seed, (height, width) in enumerate([(120, 160), (97, 203), (300, 77)]):
+        image = _image(seed, height, width)
+        _assert_same(default(image), predictor(image, CAPTION))
+    assert ResizeShortestEdge.get_output_shape(97, 203, TEST_SIZE, TEST_MAX_SIZE) != (
+        official_output_size(97, 203, TEST_SIZE, TEST_MAX_SIZE)
+    )
+    cfg.MODEL.GROUNDING_DINO.PROMPT = CLASSES
+    image = _image(5, 90, 140)
+    _assert_same(DefaultPredictor(cfg)(image), predictor(image, CLASSES))
+
+
+def test_default_predictor_uses_metadata_classes(converted, predictor):
+    name = "gdino_test_inference_api_classes"
+    if name not in MetadataCatalog.list():
+        MetadataCatalog.get(name).set(thing_classes=CLASSES)
+    cfg = _yacs_cfg(converted)
+    cfg.DATASETS.TEST = (name,)
+    out = DefaultPredictor(cfg)(_image(1, 100, 130))
+    _assert_same(out, predictor(_image(1, 100, 130), CLASSES))
+    assert set(out["phrases"]) <= set(CLASSES)
+
+
+def test_yacs_thresholds_and_overrides(converted):
+    cfg = _yacs_cfg(converted, PROMPT=CAPTION, BOX_THRESHOLD=0.6,
+                    OVERRIDES=["model.max_detections=4"])
+    model = build_lazy_model_from_yacs(cfg).eval()
+    assert model.box_threshold == 0.6 and model.max_detections == 4
+    assert model.default_prompt == CAPTION
+    out = DefaultPredictor(cfg)(_image(2, 110, 150))
+    assert 0 < len(out["instances"]) <= 4
+    assert bool((out["instances"].scores > 0.6).all())
+
+
+def test_yacs_errors_name_the_problem(converted, tmp_path):
+    cfg = _yacs_cfg(converted)
+    cfg.MODEL.GROUNDING_DINO.CONFIG_FILE = "configs/no_such_config.py"
+    with pytest.raises(FileNotFoundError, match="no_such_config.py"):
+        DefaultPredictor(cfg)
+    cfg = _yacs_cfg(converted, PROMPT=["cat", " "])
+    with pytest.raises(ValueError, match="Class name 1"):
+        DefaultPredictor(cfg)
+    cfg = _yacs_cfg(converted)  # no prompt and no dataset: the input lacks a prompt
+    with pytest.raises(ValueError, match="prompt"):
+        DefaultPredictor(cfg)(_image(0, 64, 64))
+
+
+class _RunsCode:
+    """Unpickling this would create a folder (stands in for arbitrary code)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.makedirs, (self.path,))
+
+
+def test_default_predictor_refuses_code_in_weights(converted, tmp_path):
+    marker = tmp_path / "code_ran"
+    weights = tmp_path / "evil.pth"
+    torch.save({"model": {}, "payload": _RunsCode(str(marker))}, str(weights))
+    cfg = _yacs_cfg(converted, PROMPT=CAPTION)
+    cfg.MODEL.WEIGHTS = str(weights)
+    with pytest.raises(ValueError, match="evil.pth"):
+        DefaultPredictor(cfg)
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------- predictor
+def test_predict_batch_equals_one_by_one(predictor):
+    images = [_image(10, 120, 160), _image(11, 200, 90), _image(12, 96, 96)]
+    prompts = [CAPTION, CLASSES, "a remote . the cat on the left"]
+    batched = predictor.predict_batch(images, prompts)
+    assert len(batched) == 3
+    for image, prompt, out in zip(images, prompts, batched):
+        _assert_same(out, predictor(image, prompt), exact=False)
+    assert set(batched[1]["phrases"]) <= set(CLASSES)
+
+
+def test_rec_returns_exactly_one_box(predictor):
+    image = _image(3, 110, 140)
+    saved = predictor.model.box_threshold
+    predictor.model.box_threshold = 0.99  # REC ignores the threshold
+    try:
+        out = predictor.predict_rec(image, "the cat on the left")
+    finally:
+        predictor.model.box_threshold = saved
+    assert predictor.model.box_threshold == saved
+    assert len(out["instances"]) == 1 and out["phrases"] == ["the cat on the left"]
+    predictor.model.box_threshold = -1.0
+    try:
+        everything = predictor(image, "the cat on the left")
+    finally:
+        predictor.model.box_threshold = saved
+    assert float(out["instances"].scores[0]) == float(everything["instances"].scores.max())
+    with pytest.raises(ValueError, match="expression"):
+        predictor.predict_rec(image, "  ")
+
+
+def test_token_spans_ground_selected_phrases(predictor):
+    image = _image(4, 100, 150)
+    caption = "a cat and a remote"
+    spans = [[[2, 5]], [[12, 18]]]  # "cat", "remote"
+    saved = predictor.model.box_threshold
+    predictor.model.box_threshold = 0.55
+    try:
+        out = predictor.predict_token_spans(image, caption, spans)
+    finally:
+        predictor.model.box_threshold = saved
+    instances = out["instances"]
+    assert len(instances) > 0 and set(out["phrases"]) <= {"cat", "remote"}
+    assert bool((instances.scores > 0.55).all())
+    assert torch.equal(instances.scores, instances.scores.sort(descending=True).values)
+    # One token per phrase: the phrase score is that token's score ([CLS] a cat and a remote).
+    tokenizer = predictor.model.tokenizer
+    tokens = tokenizer("a cat and a remote .")["input_ids"]
+    columns = {w: tokens.index(tokenizer.convert_tokens_to_ids(w)) for w in ("cat", "remote")}
+    for k, phrase in enumerate(out["phrases"]):
+        expected = instances.token_scores[k, columns[phrase]] / (1 + 1e-6)
+        assert abs(float(instances.scores[k]) - float(expected)) < 1e-5
+        assert int(instances.pred_classes[k]) == ["cat", "remote"].index(phrase)
+    # Complete: every (box, phrase) pair above the threshold is there.
+    predictor.model.box_threshold = -1.0
+    try:
+        allq = predictor(image, caption)["instances"].token_scores
+    finally:
+        predictor.model.box_threshold = saved
+    wanted = int((allq[:, [columns["cat"], columns["remote"]]] / (1 + 1e-6) > 0.55).sum())
+    assert len(instances) == wanted
+
+
+@pytest.mark.parametrize(
+    "spans, message",
+    [([], "non-empty"), ([[[0, 3]], []], "phrase 1"), ([[[5, 99]]], "outside"),
+     ([[[3, 3]]], "empty"), ([[[0, "a"]]], "not \\[beg, end\\]")],
+)
+def test_bad_token_spans(spans, message):
+    with pytest.raises(ValueError, match=message):
+        check_token_spans("a cat and a remote", spans)
+
+
+def test_bad_inputs_raise_clear_errors(predictor):
+    good = _image(0, 64, 64)
+    cases = [
+        (None, CAPTION, "image 0 is None"),
+        (good[:, :, 0], CAPTION, "grayscale"),
+        (np.zeros((64, 64, 4), np.uint8), CAPTION, "RGBA"),
+        (good.astype(np.float32), CAPTION, "dtype float32"),
+        (good[:8, :8], CAPTION, "smaller than"),
+        (good, "   ", "blank"),
+        (good, [], "class list is empty"),
+        (good, ["cat", ""], "Class name 1"),
+        (good, None, "prompt is None"),
+    ]
+    for image, prompt, message in cases:
+        with pytest.raises(ValueError, match=message):
+            predictor(image, prompt)
+    with pytest.raises(ValueError, match="2 images but 1 prompts"):
+        predictor.predict_batch([good, good], [CAPTION])
+    with pytest.raises(ValueError, match="image 1"):
+        predictor.predict_batch([good, None], CAPTION)
+
+
+# ---------------------------------------------------------------- demo CLI
+@pytest.fixture(scope="module")
+def demo_module():
+    spec = importlib.util.spec_from_file_location("gdino_demo", REPO / "demo" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.jpg"), _image(20, 100, 140))
+    cv2.imwrite(str(folder / "b.png"), _image(21, 130, 90))
+    (folder / "broken.jpg").write_bytes(b"not a picture")
+    (folder / "notes.txt").write_text("ignored")
+    return folder
+
+
+def test_demo_cli_folder_with_a_corrupt_file(converted, image_folder, tmp_path):
+    out_dir, results = tmp_path / "drawn", tmp_path / "results.json"
+    command = [
+        sys.executable, str(REPO / "demo" / "demo.py"), "--config-file", converted["lazy"],
+        "--weights", converted["weights"], "--input", str(image_folder), "--prompt",
+        "cat, remote control", "--output", str(out_dir), "--json", str(results),
+        "--box-threshold", "0.6",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr  # one input failed, the others were processed
+    assert "broken.jpg" in done.stderr and "cannot read" in done.stderr
+    assert "3/3" in done.stderr  # the progress bar went over every file
+    assert sorted(p.name for p in out_dir.iterdir()) == ["a.jpg", "b.png"]
+    drawn = cv2.imread(str(out_dir / "b.png"))  # lossless: differs only where boxes are drawn
+    assert drawn.shape == (130, 90, 3)
+    assert (np.abs(drawn.astype(int) - _image(21, 130, 90).astype(int)).max(-1) > 0).mean() > 0.02
+    records = json.loads(results.read_text())
+    assert records and {r["file_name"] for r in records} == {
+        str(image_folder / "a.jpg"), str(image_folder / "b.png")
+    }
+    for record in records:
+        assert record["phrase"] in CLASSES and record["category_id"] in (0, 1)
+        assert record["score"] > 0.6 and len(record["bbox"]) == 4 and record["bbox"][2] >= 0
+
+
+def test_demo_rec_and_token_spans(converted, demo_module, image_folder, tmp_path, capsys):
+    base = ["--config-file", converted["lazy"], "--weights", converted["weights"], "--input",
+            str(image_folder / "a.jpg"), str(image_folder / "b.png")]
+    rec_json = tmp_path / "rec.json"
+    code = demo_module.main(base + ["--prompt", "the cat on the left", "--rec",
+                                    "--json", str(rec_json)])
+    assert code == 0
+    records = json.loads(rec_json.read_text())
+    assert [r["image_id"] for r in records] == [0, 1]  # exactly one box per image
+    assert all(r["phrase"] == "the cat on the left" for r in records)
+
+    spans_json = tmp_path / "spans.json"
+    code = demo_module.main(base + ["--prompt", "a cat and a remote", "--token-spans",
+                                    "[[[2,5]],[[12,18]]]", "--json", str(spans_json)])
+    assert code == 0
+    assert {r["phrase"] for r in json.loads(spans_json.read_text())} <= {"cat", "remote"}
+
+    with pytest.raises(SystemExit) as stop:
+        demo_module.main(base + ["--prompt", "a cat", "--token-spans", "[[[2,50]]]"])
+    assert stop.value.code == 2 and "outside" in capsys.readouterr().err
+
+
+def test_demo_yacs_config_and_missing_inputs(converted, demo_module, image_folder, tmp_path,
+                                            capsys):
+    yacs_file = tmp_path / "thin.yaml"
+    yacs_file.write_text(
+        "MODEL:\n  META_ARCHITECTURE: GroundingDINO\n  DEVICE: cpu\n"
+        f"  WEIGHTS: {converted['weights']}\n"
+        f"  GROUNDING_DINO:\n    CONFIG_FILE: {converted['lazy']}\n    PROMPT: {CAPTION}\n"
+    )
+    out_file = tmp_path / "one.jpg"
+    code = demo_module.main(["--config-file", str(yacs_file), "--input",
+                             str(image_folder / "a.jpg"), str(tmp_path / "missing*.jpg"),
+                             "--output", str(out_file), "--opts",
+                             "MODEL.GROUNDING_DINO.BOX_THRESHOLD=0.6"])
+    err = capsys.readouterr().err
+    assert code == 1 and "missing*.jpg" in err
+    assert out_file.is_file()
