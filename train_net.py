@@ -25,7 +25,9 @@ with a :class:`FloatingPointError` naming the iteration and the losses; the weig
 updated with it, the periodic checkpoints are kept and the last good state is saved as
 ``model_last_good.pth``.
 """
+
 import logging
+import os
 
 import torch
 from detectron2.config import LazyConfig, instantiate
@@ -72,7 +74,7 @@ def do_train(args, cfg):
         build_hooks(cfg.train, instantiate(cfg.lr_multiplier), checkpointer, eval_function)
     )
 
-    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    load_weights(checkpointer, cfg.train.init_checkpoint, args.resume)
     if args.resume and checkpointer.has_checkpoint():
         # The checkpoint holds the iteration it was saved after; continue with the next one.
         start_iter = trainer.iter + 1
@@ -85,10 +87,26 @@ def do_eval_only(args, cfg):
     model = instantiate(cfg.model)
     model.to(cfg.train.device)
     model = wrap_ddp(model, cfg.train.device, **cfg.train.get("ddp", {}))
-    GroundingDINOCheckpointer(model, cfg.train.output_dir).resume_or_load(
-        cfg.train.init_checkpoint, resume=args.resume
-    )
+    checkpointer = GroundingDINOCheckpointer(model, cfg.train.output_dir)
+    load_weights(checkpointer, cfg.train.init_checkpoint, args.resume)
     return do_test(cfg, model)
+
+
+def load_weights(checkpointer, init_checkpoint: str, resume: bool) -> None:
+    """
+    With ``--resume`` and a checkpoint in ``train.output_dir``: loads it (with the optimizer,
+    scheduler and iteration when the checkpointer has a trainer). Otherwise loads the weights
+    of ``train.init_checkpoint`` (nothing when empty); a missing file is an error.
+    """
+    if not (resume and checkpointer.has_checkpoint()):
+        if init_checkpoint and "://" not in init_checkpoint:
+            if not os.path.isfile(init_checkpoint):
+                raise FileNotFoundError(
+                    f"train.init_checkpoint={init_checkpoint} does not exist; convert an "
+                    "official checkpoint first (python -m grounding_dino.convert) or set "
+                    'train.init_checkpoint="" to start from the model\'s own initialisation'
+                )
+    checkpointer.resume_or_load(init_checkpoint, resume=resume)
 
 
 def load_config(args):

@@ -14,8 +14,9 @@ then train (8 GPUs, 2 images each; AMP; 12 epochs = 90k iterations, LR drop at 1
 Any field can be overridden after the flags, e.g. ``train.init_checkpoint=...``,
 ``model.freeze_text_encoder=True``, ``dataloader.train.total_batch_size=8``.
 """
+
 from .common.data.coco_detection import dataloader
-from .common.models.grounding_dino_swin_t import model
+from .common.models.grounding_dino_swin_t import model  # noqa: F401
 from .common.optim import AdamW as optimizer
 from .common.schedule import lr_multiplier
 from .common.train import train

@@ -5,8 +5,9 @@ schedule and a frozen BERT.
 
     python train_net.py --config-file configs/finetune_refcoco_swin_t.py --num-gpus 8
 """
-from .common.data.refcoco import dataloader
-from .finetune_coco_swin_t import lr_multiplier, model, optimizer, train
+
+from .common.data.refcoco import dataloader  # noqa: F401
+from .finetune_coco_swin_t import lr_multiplier, model, optimizer, train  # noqa: F401
 
 train.output_dir = "./output/finetune_refcoco_swin_t"
 train.max_iter = 30000  # about 12 epochs of the 120k RefCOCO train expressions at batch 16

@@ -10,8 +10,9 @@ val2017 is evaluated every ``train.eval_period``.
 The model starts from ImageNet Swin-T and pretrained BERT (``train.init_checkpoint`` may name
 converted Swin weights); nothing comes from an official Grounding DINO checkpoint.
 """
+
 from .common.data.o365_goldg import dataloader
-from .common.models.grounding_dino_swin_t import model
+from .common.models.grounding_dino_swin_t import model  # noqa: F401
 from .common.optim import AdamW as optimizer
 from .common.schedule import lr_multiplier
 from .common.train import train

@@ -24,6 +24,7 @@ kind (lazy keys like ``model.box_threshold=0.3``, or yacs keys like ``MODEL.DEVI
 A file that cannot be read or processed gets an error naming it; the run goes on with the
 rest and exits with status 1 at the end.
 """
+
 import argparse
 import ast
 import glob
@@ -58,31 +59,67 @@ def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config-file", required=True, metavar="FILE",
-                        help="lazy config (.py / converter's config.yaml) or thin yacs .yaml")
-    parser.add_argument("--weights", default=None,
-                        help="checkpoint (default: the config's init_checkpoint / MODEL.WEIGHTS)")
-    parser.add_argument("--input", nargs="+", required=True,
-                        help="image files, globs (quote them), folders or videos")
-    parser.add_argument("--prompt", default=None,
-                        help='a caption ("cat . remote control .") or comma-separated class '
-                             'names ("cat, remote control"); with --rec, the expression')
-    parser.add_argument("--output", default=None,
-                        help="folder for the drawn pictures (a file name for a single image)")
-    parser.add_argument("--json", default=None, metavar="FILE",
-                        help="write all detections as COCO results (bbox xywh) to FILE")
-    parser.add_argument("--box-threshold", type=float, default=None,
-                        help="keep boxes whose score exceeds this (default: the config's)")
-    parser.add_argument("--text-threshold", type=float, default=None,
-                        help="tokens above this score form a box's phrase (default: config's)")
-    parser.add_argument("--rec", action="store_true",
-                        help="referring expression mode: exactly one box, the best one")
-    parser.add_argument("--token-spans", default=None,
-                        help='phrases to ground as character spans of --prompt, e.g. '
-                             '"[[[0,3]],[[4,8]]]" (one list of [beg, end] spans per phrase)')
+    parser.add_argument(
+        "--config-file",
+        required=True,
+        metavar="FILE",
+        help="lazy config (.py / converter's config.yaml) or thin yacs .yaml",
+    )
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="checkpoint (default: the config's init_checkpoint / MODEL.WEIGHTS)",
+    )
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help="image files, globs (quote them), folders or videos",
+    )
+    parser.add_argument(
+        "--prompt",
+        default=None,
+        help='a caption ("cat . remote control .") or comma-separated class '
+        'names ("cat, remote control"); with --rec, the expression',
+    )
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="folder for the drawn pictures (a file name for a single image)",
+    )
+    parser.add_argument(
+        "--json",
+        default=None,
+        metavar="FILE",
+        help="write all detections as COCO results (bbox xywh) to FILE",
+    )
+    parser.add_argument(
+        "--box-threshold",
+        type=float,
+        default=None,
+        help="keep boxes whose score exceeds this (default: the config's)",
+    )
+    parser.add_argument(
+        "--text-threshold",
+        type=float,
+        default=None,
+        help="tokens above this score form a box's phrase (default: config's)",
+    )
+    parser.add_argument(
+        "--rec",
+        action="store_true",
+        help="referring expression mode: exactly one box, the best one",
+    )
+    parser.add_argument(
+        "--token-spans",
+        default=None,
+        help="phrases to ground as character spans of --prompt, e.g. "
+        '"[[[0,3]],[[4,8]]]" (one list of [beg, end] spans per phrase)',
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the config's)")
-    parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="config overrides")
+    parser.add_argument(
+        "--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides"
+    )
     return parser
 
 
@@ -260,8 +297,10 @@ def coco_results(output: Dict, image_id: int, file_name: str, frame: Optional[in
 def output_path(args, path: str, many: bool) -> Optional[str]:
     if not args.output:
         return None
-    if many or os.path.isdir(args.output) or not args.output.lower().endswith(
-        IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
+    if (
+        many
+        or os.path.isdir(args.output)
+        or not args.output.lower().endswith(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
     ):
         os.makedirs(args.output, exist_ok=True)
         name = os.path.basename(path)
@@ -321,8 +360,9 @@ class Runner:
             target = os.path.splitext(target)[0] + ".mp4"
         writer, count, boxes = None, 0, 0
         try:
-            for frame in tqdm(video_frames(path), total=total, desc=os.path.basename(path),
-                              leave=False):
+            for frame in tqdm(
+                video_frames(path), total=total, desc=os.path.basename(path), leave=False
+            ):
                 output = self.predict(frame)
                 self.record(output, path, count)
                 boxes += len(output["instances"])
@@ -331,7 +371,8 @@ class Runner:
                     if writer is None:
                         height, width = drawn.shape[:2]
                         writer = cv2.VideoWriter(
-                            target, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+                            target, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height)
+                        )
                     writer.write(np.ascontiguousarray(drawn))
                 count += 1
         finally:

@@ -1,5 +1,6 @@
 """Inference for users: DefaultPredictor through the yacs bridge, GroundingDINOPredictor
 (batches, REC, token spans, input checks) and the demo CLI, on a tiny converted model."""
+
 import importlib.util
 import json
 import os
@@ -15,10 +16,12 @@ from detectron2.config import LazyConfig, get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.data.transforms import ResizeShortestEdge
 from detectron2.engine import DefaultPredictor
+from detectron2.modeling import build_model
 
 from grounding_dino.config import (
     add_grounding_dino_config,
     build_lazy_model_from_yacs,
+    default_prompt_from_yacs,
     resolve_config_file,
 )
 from grounding_dino.predictor import GroundingDINOPredictor, check_token_spans
@@ -28,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 TEST_SIZE, TEST_MAX_SIZE = 96, 128  # the official rule at a small scale, for speed
 CAPTION = "cat . remote control ."
 CLASSES = ["cat", "remote control"]
+METADATA_NAME = "gdino_test_inference_api_classes"
 
 
 def _tiny_hf_model(folder: Path) -> None:
@@ -39,15 +43,35 @@ def _tiny_hf_model(folder: Path) -> None:
         SwinConfig,
     )
 
-    backbone = SwinConfig(embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8],
-                          window_size=7, out_indices=[2, 3, 4],
-                          out_features=["stage2", "stage3", "stage4"])
-    text = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, intermediate_size=128, max_position_embeddings=512)
+    backbone = SwinConfig(
+        embed_dim=32,
+        depths=[1, 1, 2, 1],
+        num_heads=[1, 2, 4, 8],
+        window_size=7,
+        out_indices=[2, 3, 4],
+        out_features=["stage2", "stage3", "stage4"],
+    )
+    text = BertConfig(
+        vocab_size=30522,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=512,
+    )
     config = GroundingDinoConfig(
-        backbone_config=backbone, text_config=text, d_model=64, encoder_layers=2,
-        decoder_layers=2, encoder_ffn_dim=128, decoder_ffn_dim=128, encoder_attention_heads=4,
-        decoder_attention_heads=4, num_queries=30, fusion_dropout=0.0, fusion_droppath=0.0,
+        backbone_config=backbone,
+        text_config=text,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        num_queries=30,
+        fusion_dropout=0.0,
+        fusion_droppath=0.0,
     )
     torch.manual_seed(0)
     model = GroundingDinoForObjectDetection(config)
@@ -109,8 +133,7 @@ def _assert_same(a, b, exact=True):
         assert torch.equal(ia.pred_boxes.tensor, ib.pred_boxes.tensor)
         assert torch.equal(ia.scores, ib.scores)
     else:
-        torch.testing.assert_close(ia.pred_boxes.tensor, ib.pred_boxes.tensor, atol=1e-3,
-                                   rtol=1e-4)
+        torch.testing.assert_close(ia.pred_boxes.tensor, ib.pred_boxes.tensor, atol=1e-3, rtol=1e-4)
         torch.testing.assert_close(ia.scores, ib.scores, atol=1e-5, rtol=1e-5)
     assert torch.equal(ia.pred_classes, ib.pred_classes)
     assert a["phrases"] == b["phrases"]
@@ -127,54 +150,70 @@ def test_yaml_names_the_lazy_configs():
         assert Path(resolve_config_file(cfg.MODEL.GROUNDING_DINO.CONFIG_FILE)).name == f"{name}.py"
 
 
-def test_default_predictor_equals_predictor(converted, predictor):
-    cfg = _yacs_cfg(converted, PROMPT=CAPTION)
-    default = DefaultPredictor(cfg)
+@pytest.fixture(scope="module")
+def default_predictor(converted):
+    """detectron2's own DefaultPredictor; no PROMPT, so DATASETS.TEST[0]'s classes are used."""
+    from grounding_dino.modeling import GroundingDINO
+
+    assert hasattr(GroundingDINO, "from_config"), (
+        "GroundingDINO needs @configurable and from_config = lazy_model_kwargs_from_yacs "
+        "(grounding_dino/config.py) for build_model(cfg)"
+    )
+    if METADATA_NAME not in MetadataCatalog.list():
+        MetadataCatalog.get(METADATA_NAME).set(thing_classes=CLASSES)
+    cfg = _yacs_cfg(converted)
+    cfg.DATASETS.TEST = (METADATA_NAME,)
+    return DefaultPredictor(cfg)
+
+
+def test_default_predictor_equals_predictor(default_predictor, predictor):
+    assert default_predictor.model.default_prompt == CLASSES  # from the dataset's metadata
     # (97, 203): detectron2's ResizeShortestEdge rounds to 61x128, the official rule to 61x127.
-    for seed, (height, width) in enumerate([(120, 160), (97, 203), (300, 77)]):
-        image = _image(seed, height, width)
-        _assert_same(default(image), predictor(image, CAPTION))
     assert ResizeShortestEdge.get_output_shape(97, 203, TEST_SIZE, TEST_MAX_SIZE) != (
         official_output_size(97, 203, TEST_SIZE, TEST_MAX_SIZE)
     )
-    cfg.MODEL.GROUNDING_DINO.PROMPT = CLASSES
-    image = _image(5, 90, 140)
-    _assert_same(DefaultPredictor(cfg)(image), predictor(image, CLASSES))
+    for seed, (height, width) in enumerate([(120, 160), (97, 203), (300, 77)]):
+        image = _image(seed, height, width)
+        out = default_predictor(image)
+        _assert_same(out, predictor(image, CLASSES))
+        assert set(out["phrases"]) <= set(CLASSES)
+    model = default_predictor.model
+    try:
+        model.default_prompt = CAPTION
+        image = _image(5, 90, 140)
+        _assert_same(default_predictor(image), predictor(image, CAPTION))
+        model.default_prompt = None  # no PROMPT and no dataset: the input lacks a prompt
+        with pytest.raises(ValueError, match="prompt"):
+            default_predictor(image)
+    finally:
+        model.default_prompt = CLASSES
 
 
-def test_default_predictor_uses_metadata_classes(converted, predictor):
-    name = "gdino_test_inference_api_classes"
-    if name not in MetadataCatalog.list():
-        MetadataCatalog.get(name).set(thing_classes=CLASSES)
-    cfg = _yacs_cfg(converted)
-    cfg.DATASETS.TEST = (name,)
-    out = DefaultPredictor(cfg)(_image(1, 100, 130))
-    _assert_same(out, predictor(_image(1, 100, 130), CLASSES))
-    assert set(out["phrases"]) <= set(CLASSES)
-
-
-def test_yacs_thresholds_and_overrides(converted):
-    cfg = _yacs_cfg(converted, PROMPT=CAPTION, BOX_THRESHOLD=0.6,
-                    OVERRIDES=["model.max_detections=4"])
-    model = build_lazy_model_from_yacs(cfg).eval()
+def test_yacs_prompt_thresholds_and_overrides(converted):
+    cfg = _yacs_cfg(converted, BOX_THRESHOLD=0.6, OVERRIDES=["model.max_detections=4"])
+    assert default_prompt_from_yacs(cfg) is None
+    cfg.MODEL.GROUNDING_DINO.PROMPT = CAPTION
+    assert default_prompt_from_yacs(cfg) == CAPTION
+    model = build_model(cfg).eval()  # what DefaultPredictor builds
     assert model.box_threshold == 0.6 and model.max_detections == 4
     assert model.default_prompt == CAPTION
-    out = DefaultPredictor(cfg)(_image(2, 110, 150))
+    image = torch.as_tensor(_image(2, 110, 150)[:, :, ::-1].transpose(2, 0, 1).copy())
+    out = model([{"image": image.float(), "height": 110, "width": 150}])[0]
     assert 0 < len(out["instances"]) <= 4
     assert bool((out["instances"].scores > 0.6).all())
 
 
-def test_yacs_errors_name_the_problem(converted, tmp_path):
+def test_yacs_errors_name_the_problem(converted):
     cfg = _yacs_cfg(converted)
     cfg.MODEL.GROUNDING_DINO.CONFIG_FILE = "configs/no_such_config.py"
     with pytest.raises(FileNotFoundError, match="no_such_config.py"):
-        DefaultPredictor(cfg)
+        build_lazy_model_from_yacs(cfg)
     cfg = _yacs_cfg(converted, PROMPT=["cat", " "])
     with pytest.raises(ValueError, match="Class name 1"):
         DefaultPredictor(cfg)
-    cfg = _yacs_cfg(converted)  # no prompt and no dataset: the input lacks a prompt
-    with pytest.raises(ValueError, match="prompt"):
-        DefaultPredictor(cfg)(_image(0, 64, 64))
+    cfg = _yacs_cfg(converted, OVERRIDES=["model.box_threshold"])
+    with pytest.raises(ValueError, match="not 'key=value'"):
+        build_lazy_model_from_yacs(cfg)
 
 
 class _RunsCode:
@@ -263,8 +302,13 @@ def test_token_spans_ground_selected_phrases(predictor):
 
 @pytest.mark.parametrize(
     "spans, message",
-    [([], "non-empty"), ([[[0, 3]], []], "phrase 1"), ([[[5, 99]]], "outside"),
-     ([[[3, 3]]], "empty"), ([[[0, "a"]]], "not \\[beg, end\\]")],
+    [
+        ([], "non-empty"),
+        ([[[0, 3]], []], "phrase 1"),
+        ([[[5, 99]]], "outside"),
+        ([[[3, 3]]], "empty"),
+        ([[[0, "a"]]], "not \\[beg, end\\]"),
+    ],
 )
 def test_bad_token_spans(spans, message):
     with pytest.raises(ValueError, match=message):
@@ -316,10 +360,22 @@ def image_folder(tmp_path):
 def test_demo_cli_folder_with_a_corrupt_file(converted, image_folder, tmp_path):
     out_dir, results = tmp_path / "drawn", tmp_path / "results.json"
     command = [
-        sys.executable, str(REPO / "demo" / "demo.py"), "--config-file", converted["lazy"],
-        "--weights", converted["weights"], "--input", str(image_folder), "--prompt",
-        "cat, remote control", "--output", str(out_dir), "--json", str(results),
-        "--box-threshold", "0.6",
+        sys.executable,
+        str(REPO / "demo" / "demo.py"),
+        "--config-file",
+        converted["lazy"],
+        "--weights",
+        converted["weights"],
+        "--input",
+        str(image_folder),
+        "--prompt",
+        "cat, remote control",
+        "--output",
+        str(out_dir),
+        "--json",
+        str(results),
+        "--box-threshold",
+        "0.6",
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stderr  # one input failed, the others were processed
@@ -331,27 +387,48 @@ def test_demo_cli_folder_with_a_corrupt_file(converted, image_folder, tmp_path):
     assert (np.abs(drawn.astype(int) - _image(21, 130, 90).astype(int)).max(-1) > 0).mean() > 0.02
     records = json.loads(results.read_text())
     assert records and {r["file_name"] for r in records} == {
-        str(image_folder / "a.jpg"), str(image_folder / "b.png")
+        str(image_folder / "a.jpg"),
+        str(image_folder / "b.png"),
     }
     for record in records:
         assert record["phrase"] in CLASSES and record["category_id"] in (0, 1)
         assert record["score"] > 0.6 and len(record["bbox"]) == 4 and record["bbox"][2] >= 0
 
 
-def test_demo_rec_and_token_spans(converted, demo_module, image_folder, tmp_path, capsys):
-    base = ["--config-file", converted["lazy"], "--weights", converted["weights"], "--input",
-            str(image_folder / "a.jpg"), str(image_folder / "b.png")]
+def test_demo_rec_and_token_spans(
+    converted, predictor, demo_module, image_folder, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(demo_module, "build_predictor", lambda args: (predictor, None))
+    base = [
+        "--config-file",
+        converted["lazy"],
+        "--weights",
+        converted["weights"],
+        "--input",
+        str(image_folder / "a.jpg"),
+        str(image_folder / "b.png"),
+    ]
     rec_json = tmp_path / "rec.json"
-    code = demo_module.main(base + ["--prompt", "the cat on the left", "--rec",
-                                    "--json", str(rec_json)])
+    code = demo_module.main(
+        base + ["--prompt", "the cat on the left", "--rec", "--json", str(rec_json)]
+    )
     assert code == 0
     records = json.loads(rec_json.read_text())
     assert [r["image_id"] for r in records] == [0, 1]  # exactly one box per image
     assert all(r["phrase"] == "the cat on the left" for r in records)
 
     spans_json = tmp_path / "spans.json"
-    code = demo_module.main(base + ["--prompt", "a cat and a remote", "--token-spans",
-                                    "[[[2,5]],[[12,18]]]", "--json", str(spans_json)])
+    code = demo_module.main(
+        base
+        + [
+            "--prompt",
+            "a cat and a remote",
+            "--token-spans",
+            "[[[2,5]],[[12,18]]]",
+            "--json",
+            str(spans_json),
+        ]
+    )
     assert code == 0
     assert {r["phrase"] for r in json.loads(spans_json.read_text())} <= {"cat", "remote"}
 
@@ -360,8 +437,9 @@ def test_demo_rec_and_token_spans(converted, demo_module, image_folder, tmp_path
     assert stop.value.code == 2 and "outside" in capsys.readouterr().err
 
 
-def test_demo_yacs_config_and_missing_inputs(converted, demo_module, image_folder, tmp_path,
-                                            capsys):
+def test_demo_yacs_config_and_missing_inputs(
+    converted, demo_module, image_folder, tmp_path, capsys
+):
     yacs_file = tmp_path / "thin.yaml"
     yacs_file.write_text(
         "MODEL:\n  META_ARCHITECTURE: GroundingDINO\n  DEVICE: cpu\n"
@@ -369,10 +447,49 @@ def test_demo_yacs_config_and_missing_inputs(converted, demo_module, image_folde
         f"  GROUNDING_DINO:\n    CONFIG_FILE: {converted['lazy']}\n    PROMPT: {CAPTION}\n"
     )
     out_file = tmp_path / "one.jpg"
-    code = demo_module.main(["--config-file", str(yacs_file), "--input",
-                             str(image_folder / "a.jpg"), str(tmp_path / "missing*.jpg"),
-                             "--output", str(out_file), "--opts",
-                             "MODEL.GROUNDING_DINO.BOX_THRESHOLD=0.6"])
+    code = demo_module.main(
+        [
+            "--config-file",
+            str(yacs_file),
+            "--input",
+            str(image_folder / "a.jpg"),
+            str(tmp_path / "missing*.jpg"),
+            "--output",
+            str(out_file),
+            "--opts",
+            "MODEL.GROUNDING_DINO.BOX_THRESHOLD=0.6",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "missing*.jpg" in err
     assert out_file.is_file()
+
+
+def test_demo_video(predictor, demo_module, tmp_path, monkeypatch):
+    monkeypatch.setattr(demo_module, "build_predictor", lambda args: (predictor, None))
+    video = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 5, (96, 72))
+    for k in range(3):
+        writer.write(_image(30 + k, 72, 96))
+    writer.release()
+    results, out_dir = tmp_path / "video.json", tmp_path / "drawn"
+    code = demo_module.main(
+        [
+            "--config-file",
+            str(video),
+            "--input",
+            str(video),
+            "--prompt",
+            "the cat on the left",
+            "--rec",
+            "--output",
+            str(out_dir),
+            "--json",
+            str(results),
+        ]
+    )
+    assert code == 0
+    assert [r["frame"] for r in json.loads(results.read_text())] == [0, 1, 2]  # one box a frame
+    capture = cv2.VideoCapture(str(out_dir / "clip.mp4"))
+    assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
+    capture.release()

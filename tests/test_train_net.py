@@ -4,6 +4,7 @@ parameters), the trainer's clipping and non-finite-loss stop, the optimizer grou
 schedule, the shipped configs, and ``train_net.py`` in subprocesses (overrides, ``--resume``,
 evaluation, two gloo workers on the CPU).
 """
+
 import json
 import math
 import os
@@ -38,7 +39,7 @@ PYTHON = sys.executable
 
 # A complete tiny training config, written next to its fixture data (coco.json, images/).
 # It registers the fixture dataset itself, so that every spawned worker has it too.
-TINY_CONFIG = '''
+TINY_CONFIG = """
 import os
 
 from detectron2.config import LazyCall as L
@@ -145,7 +146,7 @@ train.checkpointer.period = 2
 train.log_period = 1
 train.eval_period = 0
 train.seed = 0
-'''
+"""
 
 CATEGORIES = ["red square", "blue circle"]
 
@@ -199,9 +200,7 @@ def batch(tokenizer):
         instances = Instances((96, 128))
         instances.gt_boxes = Boxes(torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4))
         instances.gt_classes = torch.as_tensor(classes, dtype=torch.long)
-        instances.gt_positive_map = positive_map_from_spans(tokenized, spans, 256).reshape(
-            -1, 256
-        )
+        instances.gt_positive_map = positive_map_from_spans(tokenized, spans, 256).reshape(-1, 256)
         image = torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8)
         records.append(
             {"image": image, "caption": caption, "instances": instances, "height": 96, "width": 128}
@@ -263,7 +262,9 @@ def test_param_groups_and_clipped_trainer_step(tiny_model):
         trainer.storage = storage
         trainer.run_step()
         grad_norm = storage.history("grad_norm").latest()
-    clipped = math.sqrt(sum(float(p.grad.norm()) ** 2 for p in names.values() if p.grad is not None))
+    clipped = math.sqrt(
+        sum(float(p.grad.norm()) ** 2 for p in names.values() if p.grad is not None)
+    )
     assert grad_norm > 0.1  # the raw norm was above the limit...
     assert clipped == pytest.approx(0.1, rel=1e-3)  # ...and the step used clipped gradients
     changed = [n for n, p in names.items() if not torch.equal(before[n], p)]
@@ -381,6 +382,7 @@ def read_metrics(output_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
+@pytest.mark.slow
 def test_train_net_two_workers_override_resume_and_eval(tiny_config):
     """
     Two gloo workers on the CPU train 2 iterations with an override of the model; then one
@@ -416,3 +418,49 @@ def test_train_net_two_workers_override_resume_and_eval(tiny_config):
     resumed = torch.load(os.path.join(output_dir, "model_final.pth"), weights_only=True)
     assert resumed["iteration"] == 3
     assert resumed["trainer"]["hooks"]["LRScheduler"]["last_epoch"] >= 3
+
+
+def load_train_net():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_net", os.path.join(REPO, "train_net.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_net_main_nonfinite_stop_then_eval_only(tiny_config, tmp_path):
+    train_net = load_train_net()
+    parser = train_net.default_argument_parser()
+    common = ["--config-file", tiny_config]
+    out = str(tmp_path / "run")
+    args = parser.parse_args(
+        common + [f"train.output_dir={out}", "model.criterion.weight_dict={loss_bbox:inf}"]
+    )
+    with pytest.raises(FloatingPointError, match=r"iteration 0: non-finite losses .*loss_bbox"):
+        train_net.main(args)
+    assert os.path.exists(os.path.join(out, "model_last_good.pth"))
+
+    args = parser.parse_args(
+        common
+        + ["--eval-only", f"train.output_dir={out}", f"train.init_checkpoint={out}/model_0.pth"]
+    )
+    with pytest.raises(FileNotFoundError, match="model_0.pth"):
+        train_net.main(args)  # a missing checkpoint is an error, not a silent random model
+    args = parser.parse_args(
+        common + ["--eval-only", "--resume", f"train.output_dir={out}", "train.device=cpu"]
+    )
+    results = train_net.main(args)  # evaluates the last checkpoint: model_last_good.pth
+    assert set(results["bbox"]) >= {"AP", "AP50"}
+
+
+def test_amp_only_on_cuda():
+    from grounding_dino.engine import build_trainer, use_amp
+
+    assert use_amp({"amp": {"enabled": True}, "device": "cuda"})
+    assert not use_amp({"amp": {"enabled": True}, "device": "cpu"})
+    assert not use_amp({"amp": {"enabled": False}, "device": "cuda:0"})
+    model = _Toy(nan_at=100)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = build_trainer({"amp": {"enabled": True}, "device": "cpu"}, model, [0], optimizer)
+    assert type(trainer) is GroundingTrainer

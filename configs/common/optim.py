@@ -3,6 +3,7 @@ Optimizers. ``AdamW`` follows the paper: lr 1e-4, weight decay 1e-4, and 0.1x th
 rate (1e-5) for the Swin backbone and BERT. Multipliers are plain numbers, so the config saves
 as YAML; ``train_net.py`` fills in ``optimizer.params.model``.
 """
+
 import torch
 from detectron2.config import LazyCall as L
 

@@ -3,6 +3,7 @@ Learning-rate schedule (``lr_multiplier``): linear warm-up, then step decay. Ste
 fractions of ``train.max_iter``, so an override of ``train.max_iter`` keeps the schedule's
 shape. Used as ``from .common.schedule import lr_multiplier``.
 """
+
 from detectron2.config import LazyCall as L
 
 from grounding_dino.engine import warmup_step_schedule

@@ -29,6 +29,7 @@ How the results equal :class:`~grounding_dino.GroundingDINOPredictor`:
   file with ``torch.load(weights_only=True)``, so a file holding code is refused (an error
   naming it) before detectron2 ever opens it.
 """
+
 import logging
 import os
 from pathlib import Path
@@ -98,8 +99,10 @@ def resolve_config_file(path: str) -> str:
         ValueError: the key is empty. FileNotFoundError: no such file (names the places tried).
     """
     if not path:
-        raise ValueError("MODEL.GROUNDING_DINO.CONFIG_FILE is empty; name the lazy config, e.g. "
-                         "configs/grounding_dino_swin_t_ogc.py")
+        raise ValueError(
+            "MODEL.GROUNDING_DINO.CONFIG_FILE is empty; name the lazy config, e.g. "
+            "configs/grounding_dino_swin_t_ogc.py"
+        )
     candidates = [Path(path)]
     if not os.path.isabs(path):
         candidates.append(_repo_root() / path)
@@ -156,11 +159,15 @@ def default_prompt_from_yacs(cfg: CN) -> Optional[Prompt]:
         classes = MetadataCatalog.get(name).get("thing_classes", None)
         if classes:
             prompt_to_input(list(classes))
-            logger.info("No MODEL.GROUNDING_DINO.PROMPT: using the %d classes of %s",
-                        len(classes), name)
+            logger.info(
+                "No MODEL.GROUNDING_DINO.PROMPT: using the %d classes of %s", len(classes), name
+            )
             return [str(c) for c in classes]
-        logger.warning("No MODEL.GROUNDING_DINO.PROMPT and dataset %s has no thing_classes; "
-                       "inputs must carry their own 'caption' or 'category_names'", name)
+        logger.warning(
+            "No MODEL.GROUNDING_DINO.PROMPT and dataset %s has no thing_classes; "
+            "inputs must carry their own 'caption' or 'category_names'",
+            name,
+        )
     return None
 
 
@@ -173,11 +180,15 @@ def _check_weights(path: str) -> None:
     if not path:
         return
     if path.endswith(".pkl"):
-        raise ValueError(f"MODEL.WEIGHTS={path}: pickled files are not supported; convert the "
-                         f"checkpoint with `python -m grounding_dino.convert`")
+        raise ValueError(
+            f"MODEL.WEIGHTS={path}: pickled files are not supported; convert the "
+            f"checkpoint with `python -m grounding_dino.convert`"
+        )
     if path.endswith(".safetensors"):
-        raise ValueError(f"MODEL.WEIGHTS={path}: DefaultPredictor's checkpointer cannot read "
-                         f"safetensors; convert it with `python -m grounding_dino.convert`")
+        raise ValueError(
+            f"MODEL.WEIGHTS={path}: DefaultPredictor's checkpointer cannot read "
+            f"safetensors; convert it with `python -m grounding_dino.convert`"
+        )
     if os.path.isfile(path):  # remote paths are checked by detectron2's PathManager
         load_checkpoint_file(path)
 
@@ -195,6 +206,7 @@ def lazy_model_kwargs_from_yacs(cfg: CN) -> Dict:
     from .modeling.meta_arch import GroundingDINO
 
     _check_weights(cfg.MODEL.WEIGHTS)
+    default_prompt = default_prompt_from_yacs(cfg)
     lazy = load_lazy_config_from_yacs(cfg)
     target = lazy.model.get("_target_")
     if isinstance(target, str):
@@ -202,8 +214,10 @@ def lazy_model_kwargs_from_yacs(cfg: CN) -> Dict:
 
         target = locate(target)
     if not (isinstance(target, type) and issubclass(target, GroundingDINO)):
-        raise ValueError(f"{cfg.MODEL.GROUNDING_DINO.CONFIG_FILE}: model._target_ is {target!r}; "
-                         "the yacs bridge needs a GroundingDINO")
+        raise ValueError(
+            f"{cfg.MODEL.GROUNDING_DINO.CONFIG_FILE}: model._target_ is {target!r}; "
+            "the yacs bridge needs a GroundingDINO"
+        )
     model_cfg = lazy.model
     model_cfg._target_ = _capture_kwargs
     kwargs = instantiate(model_cfg)
@@ -211,10 +225,12 @@ def lazy_model_kwargs_from_yacs(cfg: CN) -> Dict:
         logger.warning(
             "INPUT.MIN_SIZE_TEST=%s: DefaultPredictor resizes with detectron2's rounding before "
             "the model's official resize; set it to 0 for results equal to "
-            "GroundingDINOPredictor", cfg.INPUT.MIN_SIZE_TEST)
+            "GroundingDINOPredictor",
+            cfg.INPUT.MIN_SIZE_TEST,
+        )
     kwargs.update(
         input_format=cfg.INPUT.FORMAT,
-        default_prompt=default_prompt_from_yacs(cfg),
+        default_prompt=default_prompt,
         test_resize=official_resize_from_lazy_config(lazy),
     )
     return kwargs
@@ -259,8 +275,10 @@ def apply_input_defaults(
     results = []
     for record in batched_inputs:
         record = dict(record)
-        if default_prompt is not None and "caption" not in record and (
-            "category_names" not in record
+        if (
+            default_prompt is not None
+            and "caption" not in record
+            and ("category_names" not in record)
         ):
             record.update(prompt_to_input(default_prompt))
         if test_resize is not None and isinstance(record.get("image"), torch.Tensor):

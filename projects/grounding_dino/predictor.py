@@ -1,4 +1,5 @@
 """``GroundingDINOPredictor``: the model for scripts, from a lazy config and a checkpoint."""
+
 import contextlib
 import logging
 from typing import Dict, List, Optional, Sequence, Union
@@ -61,8 +62,10 @@ def check_image(image, min_size: int = 32, name: str = "image") -> np.ndarray:
     if image.dtype != np.uint8:
         raise ValueError(f"{name} has dtype {image.dtype}; expected uint8 in [0, 255]")
     if min(image.shape[:2]) < min_size:
-        raise ValueError(f"{name} is {image.shape[0]}x{image.shape[1]}, smaller than the "
-                         f"backbone's stride {min_size}")
+        raise ValueError(
+            f"{name} is {image.shape[0]}x{image.shape[1]}, smaller than the "
+            f"backbone's stride {min_size}"
+        )
     return image
 
 
@@ -82,17 +85,24 @@ def check_token_spans(caption: str, token_spans) -> List[List[List[int]]]:
     result = []
     for index, phrase in enumerate(token_spans):
         if not isinstance(phrase, (list, tuple)) or not phrase:
-            raise ValueError(f"token spans: phrase {index} must be a non-empty list of "
-                             f"[beg, end] spans, got {phrase!r}")
+            raise ValueError(
+                f"token spans: phrase {index} must be a non-empty list of "
+                f"[beg, end] spans, got {phrase!r}"
+            )
         spans = []
         for span in phrase:
-            if (not isinstance(span, (list, tuple)) or len(span) != 2
-                    or not all(isinstance(v, (int, np.integer)) for v in span)):
+            if (
+                not isinstance(span, (list, tuple))
+                or len(span) != 2
+                or not all(isinstance(v, (int, np.integer)) for v in span)
+            ):
                 raise ValueError(f"token spans: phrase {index}: {span!r} is not [beg, end]")
             beg, end = int(span[0]), int(span[1])
             if not 0 <= beg < end <= len(caption):
-                raise ValueError(f"token spans: phrase {index}: span [{beg}, {end}) is empty or "
-                                 f"outside the caption of {len(caption)} characters")
+                raise ValueError(
+                    f"token spans: phrase {index}: span [{beg}, {end}) is empty or "
+                    f"outside the caption of {len(caption)} characters"
+                )
             spans.append([beg, end])
         result.append(spans)
     return result
@@ -144,8 +154,9 @@ class GroundingDINOPredictor:
         self.resize = official_resize_from_lazy_config(cfg)
 
     @classmethod
-    def from_config_file(cls, path: str, weights: Optional[str] = None,
-                         overrides: Sequence[str] = (), **kwargs) -> "GroundingDINOPredictor":
+    def from_config_file(
+        cls, path: str, weights: Optional[str] = None, overrides: Sequence[str] = (), **kwargs
+    ) -> "GroundingDINOPredictor":
         """Loads a lazy config (``.py``/``.yaml``) and applies ``key=value`` overrides."""
         cfg = LazyConfig.load(path)
         cfg = LazyConfig.apply_overrides(cfg, list(overrides))
@@ -174,8 +185,9 @@ class GroundingDINOPredictor:
         return self.model([self._input(image, prompt, 0)])[0]
 
     @torch.no_grad()
-    def predict_batch(self, images: Sequence[np.ndarray],
-                      prompts: Union[Prompt, Sequence[Prompt]]) -> List[Dict]:
+    def predict_batch(
+        self, images: Sequence[np.ndarray], prompts: Union[Prompt, Sequence[Prompt]]
+    ) -> List[Dict]:
         """
         One forward for several images, each with its own prompt. ``prompts`` is a list with
         one prompt (caption or class list) per image, or a single caption for all images.
@@ -212,8 +224,9 @@ class GroundingDINOPredictor:
             ``{"instances": Instances with exactly one box, "phrases": [expression]}``.
         """
         if not isinstance(expression, str) or not expression.strip():
-            raise ValueError(f"The referring expression must be a non-empty string, "
-                             f"got {expression!r}")
+            raise ValueError(
+                f"The referring expression must be a non-empty string, " f"got {expression!r}"
+            )
         with self._knobs(box_threshold=-1.0, max_detections=1):
             output = self(image, expression)
         output["phrases"] = [expression.strip()] * len(output["instances"])
@@ -246,8 +259,10 @@ class GroundingDINOPredictor:
         tokenized = tokenizer(normalized, return_offsets_mapping=True)
         limit = self.model.max_text_len
         if len(tokenized["input_ids"]) > limit:
-            raise ValueError(f"token spans need the caption in one pass: it has "
-                             f"{len(tokenized['input_ids'])} tokens, more than {limit}")
+            raise ValueError(
+                f"token spans need the caption in one pass: it has "
+                f"{len(tokenized['input_ids'])} tokens, more than {limit}"
+            )
         positive_map = positive_map_from_spans(tokenized, spans, limit)  # [P, limit]
         threshold, max_detections = self.model.box_threshold, self.model.max_detections
         # Phrase scores never exceed the best token score, so the caption's boxes above the

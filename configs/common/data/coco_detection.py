@@ -6,6 +6,7 @@ scores COCO AP. Datasets are read from ``$DETECTRON2_DATASETS`` (see datasets/RE
 The tokenizer and the token limit follow the model (``model.text_encoder.name_or_path``,
 ``model.max_text_len``), so a config using this file must define ``model``.
 """
+
 from detectron2.config import LazyCall as L
 from detectron2.data import (
     build_detection_test_loader,

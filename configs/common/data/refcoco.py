@@ -4,6 +4,7 @@ expression; evaluation reports Precision@1/5/10 at IoU 0.5 (``RECEvaluator``). C
 split names for RefCOCO+ (``refcoco+_*``) or RefCOCOg (``refcocog_*``). Files live under
 ``$DETECTRON2_DATASETS`` (``mdetr_annotations/``, ``coco/train2014``).
 """
+
 from detectron2.config import LazyCall as L
 from detectron2.data import (
     build_detection_test_loader,

@@ -33,8 +33,8 @@ def load_checkpoint_file(path: str) -> Dict:
             f"{path} is not a plain weights checkpoint (refused by torch.load(weights_only=True)"
             f": {error}). Only tensors and plain containers are loaded."
         ) from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise ValueError(f"{path} is not a PyTorch checkpoint: {error}") from error
+    except Exception as error:  # torch raises many types (IndexError, RuntimeError, ...)
+        raise ValueError(f"{path} is not a PyTorch checkpoint: {error!r}") from error
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a {type(data).__name__}, not a checkpoint dict")
     return data

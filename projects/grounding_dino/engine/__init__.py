@@ -1,4 +1,5 @@
 """Training engine: trainers, hooks, optimizer groups, LR schedule and a CPU-aware launch."""
+
 from .defaults import build_hooks, build_trainer, use_amp, wrap_ddp
 from .hooks import LastGoodCheckpointer
 from .launch import is_cpu_device, launch

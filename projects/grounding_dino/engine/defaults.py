@@ -1,4 +1,5 @@
 """Helpers of ``train_net.py``: trainer choice, DDP wrapping and the standard hooks."""
+
 import logging
 from typing import Callable, List, Mapping, Optional
 

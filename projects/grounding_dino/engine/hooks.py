@@ -1,4 +1,5 @@
 """Training hooks of Grounding DINO."""
+
 import logging
 
 from detectron2.engine import HookBase

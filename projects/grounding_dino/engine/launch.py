@@ -5,6 +5,7 @@ detectron2's :func:`~detectron2.engine.launch` picks NCCL whenever CUDA is avail
 expects one GPU per process. With ``train.device=cpu`` we want gloo and no GPU at all (also on
 a machine that has GPUs), so CPU jobs are spawned here; GPU jobs go to detectron2's launch.
 """
+
 import logging
 import os
 from datetime import timedelta
@@ -72,7 +73,15 @@ def launch(
     mp.start_processes(
         _cpu_worker,
         nprocs=num_processes_per_machine,
-        args=(main_func, world_size, num_processes_per_machine, machine_rank, dist_url, args, timeout),
+        args=(
+            main_func,
+            world_size,
+            num_processes_per_machine,
+            machine_rank,
+            dist_url,
+            args,
+            timeout,
+        ),
         daemon=False,
     )
 

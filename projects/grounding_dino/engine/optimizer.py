@@ -1,4 +1,5 @@
 """Optimizer parameter groups: lower learning rates for the image backbone and BERT."""
+
 import logging
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -133,5 +134,7 @@ def plain_param_groups(optimizer: torch.optim.Optimizer) -> torch.optim.Optimize
     for key, value in list(optimizer.defaults.items()):
         if isinstance(value, (ListConfig, DictConfig)):
             container = OmegaConf.to_container(value, resolve=True)
-            optimizer.defaults[key] = tuple(container) if isinstance(value, ListConfig) else container
+            optimizer.defaults[key] = (
+                tuple(container) if isinstance(value, ListConfig) else container
+            )
     return optimizer

@@ -1,4 +1,5 @@
 """Learning-rate schedule: linear warm-up, then step decay (DINO / Grounding DINO style)."""
+
 import logging
 from typing import List, Sequence
 

@@ -2,6 +2,7 @@
 Training loops: detectron2's :class:`SimpleTrainer` / :class:`AMPTrainer` with full-model
 gradient clipping and a stop on non-finite losses before they reach the weights.
 """
+
 import contextlib
 import logging
 import time
@@ -27,13 +28,13 @@ def nonfinite_losses(loss_dict: Mapping[str, torch.Tensor]) -> Dict[str, float]:
     if bool(finite.all()):  # one device sync in the common case
         return {}
     return {
-        name: float(value) for name, value, ok in zip(loss_dict, values.tolist(), finite.tolist()) if not ok
+        name: float(value)
+        for name, value, ok in zip(loss_dict, values.tolist(), finite.tolist())
+        if not ok
     }
 
 
-def clip_gradients(
-    parameters, max_norm: float, norm_type: float = 2.0
-) -> Optional[torch.Tensor]:
+def clip_gradients(parameters, max_norm: float, norm_type: float = 2.0) -> Optional[torch.Tensor]:
     """
     Clips the gradients of all ``parameters`` together (one norm over the whole model, as
     DINO's ``clip_max_norm``).
