@@ -74,7 +74,7 @@ def do_train(args, cfg):
         build_hooks(cfg.train, instantiate(cfg.lr_multiplier), checkpointer, eval_function)
     )
 
-    load_weights(checkpointer, cfg.train.init_checkpoint, args.resume)
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     if args.resume and checkpointer.has_checkpoint():
         # The checkpoint holds the iteration it was saved after; continue with the next one.
         start_iter = trainer.iter + 1
@@ -88,25 +88,25 @@ def do_eval_only(args, cfg):
     model.to(cfg.train.device)
     model = wrap_ddp(model, cfg.train.device, **cfg.train.get("ddp", {}))
     checkpointer = GroundingDINOCheckpointer(model, cfg.train.output_dir)
-    load_weights(checkpointer, cfg.train.init_checkpoint, args.resume)
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     return do_test(cfg, model)
 
 
-def load_weights(checkpointer, init_checkpoint: str, resume: bool) -> None:
+def check_init_checkpoint(cfg, resume: bool) -> None:
     """
-    With ``--resume`` and a checkpoint in ``train.output_dir``: loads it (with the optimizer,
-    scheduler and iteration when the checkpointer has a trainer). Otherwise loads the weights
-    of ``train.init_checkpoint`` (nothing when empty); a missing file is an error.
+    Fails early (before any data is read) when ``train.init_checkpoint`` names a missing
+    file that would be loaded: without ``--resume`` or when ``train.output_dir`` has no
+    checkpoint to resume from.
     """
-    if not (resume and checkpointer.has_checkpoint()):
-        if init_checkpoint and "://" not in init_checkpoint:
-            if not os.path.isfile(init_checkpoint):
-                raise FileNotFoundError(
-                    f"train.init_checkpoint={init_checkpoint} does not exist; convert an "
-                    "official checkpoint first (python -m grounding_dino.convert) or set "
-                    'train.init_checkpoint="" to start from the model\'s own initialisation'
-                )
-    checkpointer.resume_or_load(init_checkpoint, resume=resume)
+    if resume and os.path.isfile(os.path.join(cfg.train.output_dir, "last_checkpoint")):
+        return
+    path = cfg.train.init_checkpoint
+    if path and "://" not in path and not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"train.init_checkpoint={path} does not exist; convert an official checkpoint "
+            'first (python -m grounding_dino.convert) or set train.init_checkpoint="" to '
+            "start from the model's own initialisation"
+        )
 
 
 def load_config(args):
@@ -127,6 +127,7 @@ def load_config(args):
 def main(args):
     cfg = load_config(args)
     default_setup(cfg, args)
+    check_init_checkpoint(cfg, args.resume)
     if args.eval_only:
         return do_eval_only(args, cfg)
     do_train(args, cfg)

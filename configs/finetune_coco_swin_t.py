@@ -4,8 +4,8 @@ Fine-tunes Grounding DINO Swin-T on COCO 2017, starting from the converted offic
 
 Convert the official checkpoint first (safe loading, no pickled code)::
 
-    python -m grounding_dino.convert groundingdino_swint_ogc.pth \\
-        output/converted/swint_ogc/model.pth
+    python -m grounding_dino.convert official groundingdino_swint_ogc.pth \\
+        output/converted/swint_ogc
 
 then train (8 GPUs, 2 images each; AMP; 12 epochs = 90k iterations, LR drop at 11/12)::
 

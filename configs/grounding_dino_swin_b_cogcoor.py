@@ -1,5 +1,6 @@
 """Grounding DINO Swin-B (official ``GroundingDINO_SwinB_cfg.py``): the Swin-T model with the
 swin_B_384_22k backbone (``groundingdino_swinb_cogcoor.pth``)."""
+
 from .grounding_dino_swin_t_ogc import model, train
 
 model.backbone.swin = "swin_B_384_22k"

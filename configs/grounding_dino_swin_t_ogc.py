@@ -1,5 +1,6 @@
 """Grounding DINO Swin-T OGC (official ``GroundingDINO_SwinT_OGC.py``), for inference and
 evaluation with converted official weights (``groundingdino_swint_ogc.pth``)."""
+
 from .common.models.grounding_dino_swin_t import model
 
 train = dict(

@@ -1,4 +1,5 @@
 """Test configuration: CPU only, offline (nothing may reach a model hub)."""
+
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -1,4 +1,5 @@
 """The model equals transformers' and the official Grounding DINO on the same weights."""
+
 import argparse
 import subprocess
 import sys
@@ -7,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
+from hf_reference import convert_hf_folder, perturbed_hf_model
 
 from grounding_dino.checkpoint import GroundingDINOCheckpointer
 from grounding_dino.modeling.meta_arch import PromptRun
 from grounding_dino.predictor import GroundingDINOPredictor
 from grounding_dino.text import normalize_caption
 from grounding_dino.text.tokenizer import load_tokenizer
-from hf_reference import convert_hf_folder, perturbed_hf_model
 
 TOKEN_TOL = 1e-4
 BOX_TOL_PX = 0.05
@@ -102,8 +103,10 @@ def test_batch_of_different_sizes_equals_one_by_one(hf_pair):
         {"caption": "the man on the left"},
     ]
     model.box_threshold = 0.0
-    inputs = [{"image": im, "height": im.shape[1], "width": im.shape[2], **p}
-              for im, p in zip(images, prompts)]
+    inputs = [
+        {"image": im, "height": im.shape[1], "width": im.shape[2], **p}
+        for im, p in zip(images, prompts)
+    ]
     batched = model(inputs)
     for record, together in zip(inputs, batched):
         alone = model([record])[0]
@@ -136,8 +139,9 @@ def test_category_prompt_scores_are_token_scores_through_positive_maps(hf_pair):
     # "remote control" spans two tokens (ids at 4, 5): its score is their mean.
     tokens = model.tokenizer("cat . remote control .")["input_ids"]
     assert tokens[1] != tokens[3]
-    for score, cls, token_scores in zip(instances.scores, instances.pred_classes,
-                                        instances.token_scores):
+    for score, cls, token_scores in zip(
+        instances.scores, instances.pred_classes, instances.token_scores
+    ):
         expected = token_scores[1] if cls == 0 else token_scores[3:5].mean()
         assert abs(float(score) - float(expected)) < 1e-5
     assert out["phrases"] == [names[int(c)] for c in instances.pred_classes]
@@ -168,9 +172,18 @@ def test_matches_the_official_code_on_an_official_format_checkpoint(tmp_path, mi
     checkpoint = tmp_path / "groundingdino_swint_ogc.pth"
     torch.save({"model": official.state_dict()}, checkpoint)
     result = subprocess.run(
-        [sys.executable, "-m", "grounding_dino.convert", "official", str(checkpoint),
-         str(tmp_path / "out"), "--tokenizer", minilm_dir],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "grounding_dino.convert",
+            "official",
+            str(checkpoint),
+            str(tmp_path / "out"),
+            "--tokenizer",
+            minilm_dir,
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "missing keys: 0, unexpected keys: 0" in result.stdout
@@ -200,7 +213,8 @@ def test_not_a_checkpoint_gets_an_error_naming_the_file(tmp_path):
     bad.write_text("this is not a checkpoint")
     result = subprocess.run(
         [sys.executable, "-m", "grounding_dino.convert", "official", str(bad), str(tmp_path)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode != 0
     assert str(bad) in result.stderr

@@ -3,6 +3,7 @@
 ``import grounding_dino`` registers the ``GroundingDINO`` meta-architecture in detectron2's
 ``META_ARCH_REGISTRY`` and the component registries.
 """
+
 from . import modeling  # noqa: F401  (registers the meta-architecture)
 from .modeling import GroundingDINO
 from .predictor import GroundingDINOPredictor

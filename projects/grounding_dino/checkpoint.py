@@ -1,4 +1,5 @@
 """A detectron2 checkpointer that never unpickles code from checkpoint files."""
+
 from detectron2.checkpoint import DetectionCheckpointer
 
 from .convert.checkpoint import load_checkpoint_file

@@ -1,5 +1,6 @@
 """The official test-time resize (shortest edge 800, longest at most 1333) as a detectron2
 augmentation."""
+
 from typing import Tuple
 
 import numpy as np

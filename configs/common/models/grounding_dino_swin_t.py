@@ -4,6 +4,7 @@ Values equal the official config; ``${...}`` interpolation ties shared sizes tog
 inference knobs sit at the top of ``model``: ``model.box_threshold``,
 ``model.text_threshold``, ``model.max_detections``.
 """
+
 from detectron2.config import LazyCall as L
 
 from grounding_dino.modeling import (

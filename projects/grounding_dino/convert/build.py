@@ -1,4 +1,5 @@
 """Builds the matching lazy config for a source checkpoint and writes the converted files."""
+
 import json
 import logging
 import os
@@ -36,12 +37,16 @@ def default_config_path(source: str, src: str) -> str:
     return str(path)
 
 
-def _bert_config_from_state(state: Dict[str, torch.Tensor], prefix: str,
-                            tokenizer: Optional[str]) -> dict:
+def _bert_config_from_state(
+    state: Dict[str, torch.Tensor], prefix: str, tokenizer: Optional[str]
+) -> dict:
     """BertConfig fields read off the BERT weights (the official file stores no config)."""
     words = state[f"{prefix}embeddings.word_embeddings.weight"]
-    layers = {int(m.group(1)) for k in state
-              if (m := re.match(rf"^{re.escape(prefix)}encoder\.layer\.(\d+)\.", k))}
+    layers = {
+        int(m.group(1))
+        for k in state
+        if (m := re.match(rf"^{re.escape(prefix)}encoder\.layer\.(\d+)\.", k))
+    }
     hidden = words.shape[1]
     config = {
         "vocab_size": words.shape[0],
@@ -71,15 +76,18 @@ def _swin_variant(state) -> str:
     from grounding_dino.modeling.backbone import SWIN_VARIANTS
 
     embed_dim = state["backbone.0.patch_embed.proj.weight"].shape[0]
-    depths = tuple(_count_layers(state, f"backbone.0.layers.{i}.blocks.")
-                   for i in range(_count_layers(state, "backbone.0.layers.")))
+    depths = tuple(
+        _count_layers(state, f"backbone.0.layers.{i}.blocks.")
+        for i in range(_count_layers(state, "backbone.0.layers."))
+    )
     bias_rows = state["backbone.0.layers.0.blocks.0.attn.relative_position_bias_table"].shape[0]
     window = (round(bias_rows**0.5) + 1) // 2
     for name, (dim, variant_depths, _, variant_window) in SWIN_VARIANTS.items():
         if (dim, tuple(variant_depths), variant_window) == (embed_dim, depths, window):
             return name
-    raise ValueError(f"No known Swin variant has embed_dim={embed_dim}, depths={depths} and "
-                     f"window {window}")
+    raise ValueError(
+        f"No known Swin variant has embed_dim={embed_dim}, depths={depths} and " f"window {window}"
+    )
 
 
 def _official_config(state, config_path: str, tokenizer: Optional[str]):
@@ -111,8 +119,9 @@ def _hf_config(folder: str, config_path: Optional[str], tokenizer: Optional[str]
     }
     for field, wanted in checks.items():
         if field in hf and hf[field] != wanted:
-            raise ValueError(f"{config_file}: {field}={hf[field]!r} is not supported "
-                             f"(expected {wanted!r})")
+            raise ValueError(
+                f"{config_file}: {field}={hf[field]!r} is not supported " f"(expected {wanted!r})"
+            )
     from grounding_dino.modeling.backbone import SwinTransformer
 
     cfg = LazyConfig.load(config_path or default_config_path("hf", folder))
@@ -136,20 +145,36 @@ def _hf_config(folder: str, config_path: Optional[str], tokenizer: Optional[str]
     model.backbone.out_indices = out_indices
     model.backbone.pos_temperature = hf.get("positional_embedding_temperature", 20)
     model.enhancer.update(
-        num_layers=hf["encoder_layers"], ffn_dim=enc_ffn, num_heads=enc_heads,
-        num_points=hf["encoder_n_points"], text_heads=enc_heads // 2,
-        text_ffn_dim=enc_ffn // 2, fusion_dim=enc_ffn // 2, fusion_heads=enc_heads // 2,
+        num_layers=hf["encoder_layers"],
+        ffn_dim=enc_ffn,
+        num_heads=enc_heads,
+        num_points=hf["encoder_n_points"],
+        text_heads=enc_heads // 2,
+        text_ffn_dim=enc_ffn // 2,
+        fusion_dim=enc_ffn // 2,
+        fusion_heads=enc_heads // 2,
         fusion_drop_path=hf.get("fusion_droppath", 0.1),
     )
     model.query_selector.num_queries = hf["num_queries"]
     model.decoder.update(
-        num_layers=hf["decoder_layers"], num_heads=hf["decoder_attention_heads"],
-        ffn_dim=hf["decoder_ffn_dim"], num_points=hf["decoder_n_points"],
+        num_layers=hf["decoder_layers"],
+        num_heads=hf["decoder_attention_heads"],
+        ffn_dim=hf["decoder_ffn_dim"],
+        num_points=hf["decoder_n_points"],
     )
     text_config = dict(hf["text_config"])
-    bert_fields = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                   "intermediate_size", "hidden_act", "max_position_embeddings",
-                   "type_vocab_size", "layer_norm_eps", "pad_token_id")
+    bert_fields = (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "hidden_act",
+        "max_position_embeddings",
+        "type_vocab_size",
+        "layer_norm_eps",
+        "pad_token_id",
+    )
     model.text_encoder.update(
         pretrained=False,
         tokenizer_name_or_path=tokenizer or DEFAULT_TOKENIZER,
@@ -166,21 +191,33 @@ def _load_hf_weights(folder: str) -> Dict[str, torch.Tensor]:
     raise FileNotFoundError(f"No model.safetensors or pytorch_model.bin in {folder}")
 
 
-def _check_duplicates(source: Dict[str, torch.Tensor], ignored: List[str], converted: Dict,
-                      shared_prefixes: Dict[str, str]) -> None:
+def _check_duplicates(
+    source: Dict[str, torch.Tensor],
+    ignored: List[str],
+    converted: Dict,
+    shared_prefixes: Dict[str, str],
+) -> None:
     """Dropped copies of the shared box head must equal the kept tensor."""
     for key in ignored:
         for pattern, target in shared_prefixes.items():
             match = re.match(pattern, key)
             if match:
-                kept = converted.get(target + key[match.end():])
+                kept = converted.get(target + key[match.end() :])
                 if kept is not None and not torch.equal(kept, source[key]):
-                    raise ValueError(f"{key} differs from the shared box head; this checkpoint "
-                                     f"does not share decoder box heads")
+                    raise ValueError(
+                        f"{key} differs from the shared box head; this checkpoint "
+                        f"does not share decoder box heads"
+                    )
 
 
-def convert_checkpoint(source: str, src: str, out_dir: str, tokenizer: Optional[str] = None,
-                       config: Optional[str] = None, device: str = "cpu") -> Dict[str, List[str]]:
+def convert_checkpoint(
+    source: str,
+    src: str,
+    out_dir: str,
+    tokenizer: Optional[str] = None,
+    config: Optional[str] = None,
+    device: str = "cpu",
+) -> Dict[str, List[str]]:
     """
     Converts ``src`` and writes ``out_dir/model.pth`` and ``out_dir/config.yaml``.
 
@@ -190,20 +227,23 @@ def convert_checkpoint(source: str, src: str, out_dir: str, tokenizer: Optional[
     if source == "official":
         raw = load_checkpoint_file(src)
         state = raw.get("model", raw)
-        state = {k[len("module."):] if k.startswith("module.") else k: v
-                 for k, v in state.items()}
+        state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
         cfg = _official_config(state, config or default_config_path(source, src), tokenizer)
         converted, ignored = convert_official_state_dict(state)
-        shared = {r"^bbox_embed\.\d+\.": "decoder.bbox_embed.",
-                  r"^transformer\.decoder\.bbox_embed\.\d+\.": "decoder.bbox_embed."}
+        shared = {
+            r"^bbox_embed\.\d+\.": "decoder.bbox_embed.",
+            r"^transformer\.decoder\.bbox_embed\.\d+\.": "decoder.bbox_embed.",
+        }
     elif source == "hf":
         if not os.path.isdir(src):
             raise FileNotFoundError(f"{src} is not a folder (expected a transformers model)")
         state = _load_hf_weights(src)
         cfg = _hf_config(src, config, tokenizer)
         converted, ignored = convert_hf_state_dict(state)
-        shared = {r"^bbox_embed\.\d+\.": "decoder.bbox_embed.",
-                  r"^model\.decoder\.bbox_embed\.\d+\.": "decoder.bbox_embed."}
+        shared = {
+            r"^bbox_embed\.\d+\.": "decoder.bbox_embed.",
+            r"^model\.decoder\.bbox_embed\.\d+\.": "decoder.bbox_embed.",
+        }
     else:
         raise ValueError(f"Unknown source {source!r}; expected 'official' or 'hf'")
     _check_duplicates(state, ignored, converted, shared)
@@ -214,8 +254,10 @@ def convert_checkpoint(source: str, src: str, out_dir: str, tokenizer: Optional[
     unexpected = sorted(k for k in converted if k not in expected)
     for key in sorted(set(expected) & set(converted)):
         if expected[key].shape != converted[key].shape:
-            raise ValueError(f"{src}: {key} has shape {tuple(converted[key].shape)}, the model "
-                             f"expects {tuple(expected[key].shape)}")
+            raise ValueError(
+                f"{src}: {key} has shape {tuple(converted[key].shape)}, the model "
+                f"expects {tuple(expected[key].shape)}"
+            )
     os.makedirs(out_dir, exist_ok=True)
     weights_path = os.path.abspath(os.path.join(out_dir, "model.pth"))
     torch.save({"model": {k: v.contiguous() for k, v in converted.items()}}, weights_path)

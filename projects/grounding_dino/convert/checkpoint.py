@@ -1,4 +1,5 @@
 """Safe checkpoint reading: never unpickles code from a downloaded file."""
+
 import os
 import pickle
 from typing import Dict

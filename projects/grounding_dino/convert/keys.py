@@ -1,9 +1,11 @@
 """Key renaming from the official and the Hugging Face state dicts to this project's model.
 
-Both functions return ``(state_dict, ignored)``: the renamed tensors, and the source keys that
-were dropped on purpose: copies of a kept tensor (shared box heads) and BERT's unused pooler. Anything
-else that does not map stays under its own name, so that loading reports it as unexpected.
+Both functions return ``(state_dict, ignored)``: the renamed tensors, and the source keys
+dropped on purpose: copies of a kept tensor (shared box heads) and BERT's unused pooler.
+Anything else that does not map stays under its own name, so that loading reports it as
+unexpected.
 """
+
 import re
 from typing import Callable, Dict, List, Tuple
 
@@ -42,34 +44,62 @@ _HF_RULES: Rules = [
     (r"^model\.text_backbone\.", "text_encoder.bert."),
     (r"^model\.text_projection\.", "text_encoder.feat_map."),
     (r"^model\.level_embed$", "enhancer.level_embed"),
-    (r"^model\.encoder\.layers\.(\d+)\.fusion_layer\.layer_norm_vision\.",
-     r"enhancer.layers.\1.fusion.layer_norm_v."),
-    (r"^model\.encoder\.layers\.(\d+)\.fusion_layer\.layer_norm_text\.",
-     r"enhancer.layers.\1.fusion.layer_norm_l."),
-    (r"^model\.encoder\.layers\.(\d+)\.fusion_layer\.vision_param$",
-     r"enhancer.layers.\1.fusion.gamma_v"),
-    (r"^model\.encoder\.layers\.(\d+)\.fusion_layer\.text_param$",
-     r"enhancer.layers.\1.fusion.gamma_l"),
-    (r"^model\.encoder\.layers\.(\d+)\.fusion_layer\.attn\.(values_|out_)?vision_proj\.",
-     r"enhancer.layers.\1.fusion.attn.\2v_proj."),
-    (r"^model\.encoder\.layers\.(\d+)\.fusion_layer\.attn\.(values_|out_)?text_proj\.",
-     r"enhancer.layers.\1.fusion.attn.\2l_proj."),
-    (r"^model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.self_attn\.",
-     r"enhancer.layers.\1.text_layer.self_attn."),
-    (r"^model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.fc(\d)\.",
-     r"enhancer.layers.\1.text_layer.linear\2."),
-    (r"^model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.layer_norm_before\.",
-     r"enhancer.layers.\1.text_layer.norm1."),
-    (r"^model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.layer_norm_after\.",
-     r"enhancer.layers.\1.text_layer.norm2."),
-    (r"^model\.encoder\.layers\.(\d+)\.deformable_layer\.self_attn\.",
-     r"enhancer.layers.\1.image_layer.self_attn."),
-    (r"^model\.encoder\.layers\.(\d+)\.deformable_layer\.self_attn_layer_norm\.",
-     r"enhancer.layers.\1.image_layer.norm1."),
-    (r"^model\.encoder\.layers\.(\d+)\.deformable_layer\.fc(\d)\.",
-     r"enhancer.layers.\1.image_layer.linear\2."),
-    (r"^model\.encoder\.layers\.(\d+)\.deformable_layer\.final_layer_norm\.",
-     r"enhancer.layers.\1.image_layer.norm2."),
+    (
+        r"^model\.encoder\.layers\.(\d+)\.fusion_layer\.layer_norm_vision\.",
+        r"enhancer.layers.\1.fusion.layer_norm_v.",
+    ),
+    (
+        r"^model\.encoder\.layers\.(\d+)\.fusion_layer\.layer_norm_text\.",
+        r"enhancer.layers.\1.fusion.layer_norm_l.",
+    ),
+    (
+        r"^model\.encoder\.layers\.(\d+)\.fusion_layer\.vision_param$",
+        r"enhancer.layers.\1.fusion.gamma_v",
+    ),
+    (
+        r"^model\.encoder\.layers\.(\d+)\.fusion_layer\.text_param$",
+        r"enhancer.layers.\1.fusion.gamma_l",
+    ),
+    (
+        r"^model\.encoder\.layers\.(\d+)\.fusion_layer\.attn\.(values_|out_)?vision_proj\.",
+        r"enhancer.layers.\1.fusion.attn.\2v_proj.",
+    ),
+    (
+        r"^model\.encoder\.layers\.(\d+)\.fusion_layer\.attn\.(values_|out_)?text_proj\.",
+        r"enhancer.layers.\1.fusion.attn.\2l_proj.",
+    ),
+    (
+        r"^model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.self_attn\.",
+        r"enhancer.layers.\1.text_layer.self_attn.",
+    ),
+    (
+        r"^model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.fc(\d)\.",
+        r"enhancer.layers.\1.text_layer.linear\2.",
+    ),
+    (
+        r"^model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.layer_norm_before\.",
+        r"enhancer.layers.\1.text_layer.norm1.",
+    ),
+    (
+        r"^model\.encoder\.layers\.(\d+)\.text_enhancer_layer\.layer_norm_after\.",
+        r"enhancer.layers.\1.text_layer.norm2.",
+    ),
+    (
+        r"^model\.encoder\.layers\.(\d+)\.deformable_layer\.self_attn\.",
+        r"enhancer.layers.\1.image_layer.self_attn.",
+    ),
+    (
+        r"^model\.encoder\.layers\.(\d+)\.deformable_layer\.self_attn_layer_norm\.",
+        r"enhancer.layers.\1.image_layer.norm1.",
+    ),
+    (
+        r"^model\.encoder\.layers\.(\d+)\.deformable_layer\.fc(\d)\.",
+        r"enhancer.layers.\1.image_layer.linear\2.",
+    ),
+    (
+        r"^model\.encoder\.layers\.(\d+)\.deformable_layer\.final_layer_norm\.",
+        r"enhancer.layers.\1.image_layer.norm2.",
+    ),
     (r"^model\.enc_output\.", "query_selector.enc_output."),
     (r"^model\.enc_output_norm\.", "query_selector.enc_output_norm."),
     (r"^model\.query_position_embeddings\.", "query_selector.tgt_embed."),
@@ -77,8 +107,10 @@ _HF_RULES: Rules = [
     (r"^model\.decoder\.layers\.(\d+)\.self_attn\.", r"decoder.layers.\1.self_attn."),
     (r"^model\.decoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"decoder.layers.\1.norm2."),
     (r"^model\.decoder\.layers\.(\d+)\.encoder_attn_text\.", r"decoder.layers.\1.ca_text."),
-    (r"^model\.decoder\.layers\.(\d+)\.encoder_attn_text_layer_norm\.",
-     r"decoder.layers.\1.catext_norm."),
+    (
+        r"^model\.decoder\.layers\.(\d+)\.encoder_attn_text_layer_norm\.",
+        r"decoder.layers.\1.catext_norm.",
+    ),
     (r"^model\.decoder\.layers\.(\d+)\.encoder_attn\.", r"decoder.layers.\1.cross_attn."),
     (r"^model\.decoder\.layers\.(\d+)\.encoder_attn_layer_norm\.", r"decoder.layers.\1.norm1."),
     (r"^model\.decoder\.layers\.(\d+)\.fc(\d)\.", r"decoder.layers.\1.linear\2."),
@@ -105,15 +137,22 @@ def _rename(key: str, rules: Rules) -> str:
 
 def _split_off(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
     """Removes and returns the entries under ``prefix``, with the prefix stripped."""
-    part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     for key in list(state):
         if key.startswith(prefix):
             del state[key]
     return part
 
 
-def _convert(state, rules, duplicates, backbone_prefix, backbone_converter: Callable,
-             proj_prefix, proj_converter: Callable) -> Tuple[Dict, List[str]]:
+def _convert(
+    state,
+    rules,
+    duplicates,
+    backbone_prefix,
+    backbone_converter: Callable,
+    proj_prefix,
+    proj_converter: Callable,
+) -> Tuple[Dict, List[str]]:
     state = dict(state)
     converted: Dict[str, torch.Tensor] = {}
     for key, value in backbone_converter(_split_off(state, backbone_prefix)).items():
@@ -144,9 +183,16 @@ def convert_official_state_dict(state: Dict[str, torch.Tensor]) -> Tuple[Dict, L
     from ..modeling.backbone import convert_official_input_proj_state_dict as projections
     from ..modeling.backbone import convert_official_swin_state_dict as backbone
 
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    return _convert(state, _OFFICIAL_RULES, _OFFICIAL_DUPLICATES, "backbone.0.", backbone,
-                    "input_proj.", projections)
+    state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
+    return _convert(
+        state,
+        _OFFICIAL_RULES,
+        _OFFICIAL_DUPLICATES,
+        "backbone.0.",
+        backbone,
+        "input_proj.",
+        projections,
+    )
 
 
 def convert_hf_state_dict(state: Dict[str, torch.Tensor]) -> Tuple[Dict, List[str]]:
@@ -154,5 +200,12 @@ def convert_hf_state_dict(state: Dict[str, torch.Tensor]) -> Tuple[Dict, List[st
     from ..modeling.backbone import convert_hf_input_proj_state_dict as projections
     from ..modeling.backbone import convert_hf_swin_state_dict as backbone
 
-    return _convert(state, _HF_RULES, _HF_DUPLICATES, "model.backbone.conv_encoder.model.",
-                    backbone, "model.input_proj_vision.", projections)
+    return _convert(
+        state,
+        _HF_RULES,
+        _HF_DUPLICATES,
+        "model.backbone.conv_encoder.model.",
+        backbone,
+        "model.input_proj_vision.",
+        projections,
+    )

@@ -40,8 +40,8 @@ class LastGoodCheckpointer(HookBase):
             self.checkpointer.save(self.name, iteration=iteration - 1)
         finally:
             trainer.iter = failed
+        state = f"after iteration {iteration - 1}" if iteration > 0 else "the initial weights"
         logger.error(
-            f"Non-finite loss at iteration {iteration}: saved the last good state "
-            f"(after iteration {iteration - 1}) as {self.name}.pth in "
-            f"{self.checkpointer.save_dir}"
+            f"Non-finite loss at iteration {iteration}: saved the last good state ({state}) as "
+            f"{self.name}.pth in {self.checkpointer.save_dir}; --resume continues from it"
         )

@@ -5,6 +5,7 @@ gradient clipping and a stop on non-finite losses before they reach the weights.
 
 import contextlib
 import logging
+import math
 import time
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -118,7 +119,7 @@ class GroundingTrainer(SimpleTrainer):
             self._unscale()
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
             norm = clip_gradients(params, self.clip_max_norm, self.clip_norm_type)
-            if norm is not None:
+            if norm is not None and math.isfinite(float(norm)):  # AMP overflow: step skipped
                 get_event_storage().put_scalar("grad_norm", float(norm), smoothing_hint=True)
         self._write_metrics(loss_dict, data_time)
         self._optimizer_step()
@@ -137,6 +138,8 @@ class GroundingTrainer(SimpleTrainer):
             callback = getattr(hook, "on_nonfinite_loss", None)
             if callback is not None:
                 callback(self.iter)
+        if comm.get_world_size() > 1:
+            comm.synchronize()  # the main process finishes saving before any process exits
         where = (
             f"non-finite losses {bad}"
             if bad

