@@ -84,6 +84,7 @@ def do_train(args, cfg):
 
 
 def do_eval_only(args, cfg):
+    """Evaluates ``train.init_checkpoint`` (with ``--resume``: the last checkpoint)."""
     model = instantiate(cfg.model)
     model.to(cfg.train.device)
     model = wrap_ddp(model, cfg.train.device, **cfg.train.get("ddp", {}))
@@ -137,7 +138,7 @@ def launch_device(args) -> str:
     """``train.device`` of the job: from the overrides when given, else from the config."""
     for opt in reversed(args.opts):
         if opt.startswith("train.device="):
-            return opt.split("=", 1)[1]
+            return opt.split("=", 1)[1].strip("'\"")
     return load_config(args).train.get("device", "cuda")
 
 

@@ -18,3 +18,36 @@ def minilm_dir():
     from grounding_dino.text.tokenizer import local_bert_dir
 
     return local_bert_dir()
+
+
+@pytest.fixture(scope="session")
+def converted_tiny(tmp_path_factory, minilm_dir):
+    """
+    A small random transformers Grounding DINO (every parameter perturbed), saved and converted
+    with the project's CLI. Returns (hf_model, out_dir with model.pth and config.yaml, stdout).
+    """
+    from hf_reference import convert_hf_folder, perturbed_hf_model
+
+    folder = tmp_path_factory.mktemp("hf_tiny")
+    hf = perturbed_hf_model()
+    hf.save_pretrained(folder)
+    out_dir = tmp_path_factory.mktemp("converted_tiny")
+    stdout = convert_hf_folder(folder, out_dir, minilm_dir)
+    return hf, out_dir, stdout
+
+
+@pytest.fixture
+def load_converted():
+    """Instantiates a converted model (config.yaml + model.pth) in eval mode."""
+
+    def load(out_dir):
+        from detectron2.config import LazyConfig, instantiate
+
+        from grounding_dino.checkpoint import GroundingDINOCheckpointer
+
+        cfg = LazyConfig.load(str(out_dir / "config.yaml"))
+        model = instantiate(cfg.model).eval()
+        GroundingDINOCheckpointer(model).load(cfg.train.init_checkpoint)
+        return model
+
+    return load

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
-from hf_reference import convert_hf_folder, perturbed_hf_model
 
 from grounding_dino.checkpoint import GroundingDINOCheckpointer
 from grounding_dino.modeling.meta_arch import PromptRun
@@ -28,12 +27,8 @@ def _load_converted(out_dir):
 
 
 @pytest.fixture(scope="module")
-def hf_pair(tmp_path_factory, minilm_dir):
-    folder = tmp_path_factory.mktemp("hf")
-    hf = perturbed_hf_model()
-    hf.save_pretrained(folder)
-    out_dir = tmp_path_factory.mktemp("converted")
-    stdout = convert_hf_folder(folder, out_dir, minilm_dir)
+def hf_pair(converted_tiny, minilm_dir):
+    hf, out_dir, stdout = converted_tiny
     return hf, _load_converted(out_dir), load_tokenizer(minilm_dir), stdout, out_dir
 
 

@@ -5,9 +5,10 @@
 """
 
 from . import modeling  # noqa: F401  (registers the meta-architecture)
+from .config import add_grounding_dino_config
 from .modeling import GroundingDINO
 from .predictor import GroundingDINOPredictor
 
 __version__ = "0.1.0"
 
-__all__ = ["GroundingDINO", "GroundingDINOPredictor"]
+__all__ = ["GroundingDINO", "GroundingDINOPredictor", "add_grounding_dino_config"]

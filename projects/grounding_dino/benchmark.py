@@ -164,6 +164,9 @@ def _prepare(workdir: str, tiny: bool) -> Tuple[str, str]:
     from .text.tokenizer import local_bert_dir
 
     hf_dir, out_dir = os.path.join(workdir, "hf"), os.path.join(workdir, "converted")
+    marker = os.path.join(workdir, "tiny" if tiny else "full")
+    if os.path.isfile(marker) and os.path.isfile(os.path.join(out_dir, "config.yaml")):
+        return hf_dir, out_dir  # built by an earlier run with --workdir
     build_hf_model(tiny).save_pretrained(hf_dir)
     report = convert_checkpoint("hf", hf_dir, out_dir, tokenizer=local_bert_dir())
     if report["missing"] or report["unexpected"]:
@@ -171,6 +174,10 @@ def _prepare(workdir: str, tiny: bool) -> Tuple[str, str]:
             f"conversion left missing keys {report['missing']} and unexpected keys "
             f"{report['unexpected']}"
         )
+    for name in ("tiny", "full"):
+        if os.path.exists(os.path.join(workdir, name)):
+            os.remove(os.path.join(workdir, name))
+    open(marker, "w").close()
     return hf_dir, out_dir
 
 
@@ -312,7 +319,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", default="800x1333", help="image HEIGHTxWIDTH")
     parser.add_argument("--tiny", action="store_true", help="a tiny configuration (tests)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory children")
-    parser.add_argument("--workdir", default=None, help="keep the models here (default: temp)")
+    parser.add_argument(
+        "--workdir", default=None, help="keep the models here and reuse them (default: temp)"
+    )
     # Internal: the per-implementation memory child.
     parser.add_argument("--memory-child", choices=["hf", "ours"], help=argparse.SUPPRESS)
     parser.add_argument("--hf-dir", help=argparse.SUPPRESS)

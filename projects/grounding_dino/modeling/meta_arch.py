@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import Boxes, Instances
 from torch import nn
@@ -62,6 +63,7 @@ class GroundingDINO(nn.Module):
     attributes (top level of the model config) and may be changed at any time.
     """
 
+    @configurable
     def __init__(
         self,
         *,
@@ -85,6 +87,8 @@ class GroundingDINO(nn.Module):
         dn_box_noise_scale: float = 1.0,
         freeze_text_encoder: bool = False,
         freeze_backbone_stages: int = -1,
+        default_prompt=None,
+        test_resize=None,
     ):
         """
         Args:
@@ -107,6 +111,11 @@ class GroundingDINO(nn.Module):
             freeze_text_encoder: keep BERT frozen (no gradients).
             freeze_backbone_stages: freeze the patch embedding and Swin stages up to this
                 index (-1: nothing frozen).
+            default_prompt: caption (str) or class names (list) for inference inputs that
+                carry neither "caption" nor "category_names" (set by the yacs bridge for
+                DefaultPredictor, which passes only the image).
+            test_resize: a detectron2 Augmentation applied to each inference image before
+                normalisation (the yacs bridge's official resize); None: images are used as given.
         """
         super().__init__()
         if input_format not in ("RGB", "BGR"):
@@ -126,6 +135,8 @@ class GroundingDINO(nn.Module):
         self.box_threshold = box_threshold
         self.text_threshold = text_threshold
         self.max_detections = max_detections
+        self.default_prompt = default_prompt
+        self.test_resize = test_resize
         self.max_text_len = max_text_len
         self.input_format = input_format
         self.dn_number = dn_number
@@ -138,6 +149,13 @@ class GroundingDINO(nn.Module):
                 parameter.requires_grad_(False)
         if freeze_backbone_stages >= 0:
             _freeze_swin_stages(self.backbone, freeze_backbone_stages)
+
+    @classmethod
+    def from_config(cls, cfg):
+        """Keyword arguments from a yacs config (``build_model(cfg)``, ``DefaultPredictor``)."""
+        from ..config import lazy_model_kwargs_from_yacs
+
+        return lazy_model_kwargs_from_yacs(cfg)
 
     @property
     def device(self) -> torch.device:
@@ -309,6 +327,9 @@ class GroundingDINO(nn.Module):
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def inference(self, batched_inputs: List[Dict]) -> List[Dict]:
+        from ..config import apply_input_defaults
+
+        batched_inputs = apply_input_defaults(batched_inputs, self.default_prompt, self.test_resize)
         images = self.preprocess_image(batched_inputs)
         runs = [run for i, x in enumerate(batched_inputs) for run in self._runs_for_input(i, x)]
         outputs = self.forward_transformer(images, runs)
@@ -347,8 +368,12 @@ class GroundingDINO(nn.Module):
                 flat_index % category_scores.shape[1]
             ]
         else:
-            scores, token_index = probs[:, :length].max(-1)
+            scores = probs[:, :length].max(-1).values
             query_index = torch.arange(len(scores), device=probs.device)
+            # The class is the phrase of the best word token ([CLS], [SEP], "." and "?"
+            # belong to no phrase).
+            is_word = _word_token_mask(input_ids[:length], self.tokenizer)
+            token_index = probs[:, :length].masked_fill(~is_word, -1.0).argmax(-1)
             phrase_of_token = _phrase_index_of_tokens(input_ids[:length], self.tokenizer)
             classes = phrase_of_token[token_index] + run.phrase_offset
         keep = scores > self.box_threshold
@@ -500,6 +525,12 @@ def flatten_levels(features, masks, positions) -> Dict[str, torch.Tensor]:
         "level_start_index": level_start_index,
         "valid_ratios": valid_ratios,
     }
+
+
+def _word_token_mask(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """True on tokens that are not [CLS], [SEP], [PAD], "." or "?"."""
+    special = tokenizer.convert_tokens_to_ids([".", "?"]) + tokenizer.all_special_ids
+    return ~torch.isin(input_ids, torch.tensor(special, device=input_ids.device))
 
 
 def _phrase_index_of_tokens(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:

@@ -96,10 +96,12 @@ class LanguageGuidedQuerySelector(nn.Module):
         # Padding tokens never compete (the references let them; batching must not matter).
         scores = scores.masked_fill(~image_mask, float("-inf"))
         topk = torch.topk(scores, self.num_queries, dim=1).indices
-        boxes_unsigmoid = self.bbox_embed(output_memory) + proposals
-        reference = torch.gather(boxes_unsigmoid, 1, topk[..., None].expand(-1, -1, 4))
+        # The box head is row-wise: run it on the selected tokens only (Q, not S ~ 22k).
         selected = torch.gather(
             output_memory, 1, topk[..., None].expand(-1, -1, output_memory.shape[-1])
+        )
+        reference = self.bbox_embed(selected) + torch.gather(
+            proposals, 1, topk[..., None].expand(-1, -1, 4)
         )
         batch = memory.shape[0]
         queries = self.tgt_embed.weight[None].expand(batch, -1, -1)
