@@ -31,7 +31,7 @@ dataloader.train = L(build_detection_train_loader)(
     mapper=L(GroundingDatasetMapper)(
         is_train=True,
         augmentations=L(build_train_augmentations)(),
-        tokenizer="${model.text_encoder.name_or_path}",
+        tokenizer="${model.text_encoder.tokenizer_name_or_path}",
         # Category names of the detection part (grounding records carry their captions).
         thing_classes=L(get_thing_classes)(name="objects365_train_odvg"),
         image_format="RGB",
@@ -47,7 +47,7 @@ dataloader.test = L(build_detection_test_loader)(
     mapper=L(GroundingDatasetMapper)(
         is_train=False,
         augmentations=L(build_test_augmentations)(),
-        tokenizer="${model.text_encoder.name_or_path}",
+        tokenizer="${model.text_encoder.tokenizer_name_or_path}",
         thing_classes=L(get_thing_classes)(name="${...dataset.names}"),
         image_format="RGB",
         max_text_len="${model.max_text_len}",

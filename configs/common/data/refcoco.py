@@ -25,7 +25,7 @@ dataloader.train = L(build_detection_train_loader)(
     mapper=L(GroundingDatasetMapper)(
         is_train=True,
         augmentations=L(build_train_augmentations)(),
-        tokenizer="${model.text_encoder.name_or_path}",
+        tokenizer="${model.text_encoder.tokenizer_name_or_path}",
         image_format="RGB",
         max_text_len="${model.max_text_len}",
     ),
@@ -38,7 +38,7 @@ dataloader.test = L(build_detection_test_loader)(
     mapper=L(GroundingDatasetMapper)(
         is_train=False,
         augmentations=L(build_test_augmentations)(),
-        tokenizer="${model.text_encoder.name_or_path}",
+        tokenizer="${model.text_encoder.tokenizer_name_or_path}",
         image_format="RGB",
         max_text_len="${model.max_text_len}",
     ),

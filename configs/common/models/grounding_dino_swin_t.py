@@ -35,6 +35,7 @@ model = L(GroundingDINO)(
     ),
     text_encoder=L(BertTextEncoder)(
         name_or_path="bert-base-uncased",
+        tokenizer_name_or_path="${.name_or_path}",
         hidden_dim="${..hidden_dim}",
         max_text_len="${..max_text_len}",
         pretrained=True,

@@ -86,8 +86,11 @@ def build_train_augmentations(
 
 
 def build_test_augmentations(min_size: int = 800, max_size: int = 1333) -> List[T.Augmentation]:
-    """Shortest edge ``min_size`` with the longest edge at most ``max_size``."""
-    return [T.ResizeShortestEdge(min_size, max_size)]
+    """Shortest edge ``min_size`` with the longest edge at most ``max_size``, rounded as the
+    official inference resize (``OfficialResize``), so evaluation sees the predictor's pixels."""
+    from ..resize import OfficialResize
+
+    return [OfficialResize(min_size, max_size)]
 
 
 def count_hflips(transforms: Union[Transform, TransformList]) -> int:

@@ -1,0 +1,393 @@
+"""
+The offline main job (``make demo``): train the tiny Grounding DINO of
+``configs/shapes_tiny.py`` from scratch on the CPU on the synthetic shapes datasets, evaluate
+zero-shot detection (``shapes_val``, ``shapes_val_unseen``) and referring expressions
+(``shapes_rec_val``) with the project's evaluators, and draw predictions.
+
+Everything goes under ``--output`` (default ``output/demo``):
+
+- ``shapes/``: the generated datasets (cached, deterministic);
+- ``model_final.pth``, ``config.yaml``, ``metrics.json``: the trained model, its config and
+  the training log;
+- ``inference/<dataset>/``: the evaluators' files;
+- ``results.json``: ``{"bbox": {"AP", "AP50", ...}, "bbox_unseen": {...}, "rec":
+  {"Acc@0.5", ...}}`` in percent (detectron2's results format);
+- ``run_info.json``: iterations, times, whether the checkpoint was reused;
+- ``det_<k>.png``, ``rec_<k>.png``: predictions with their phrases on validation images.
+
+A second run with ``model_final.pth`` in place reuses it and only evaluates and draws
+(``--retrain`` trains again). Examples::
+
+    python -m grounding_dino.demo_job                      # make demo
+    python -m grounding_dino.demo_job --retrain --max-iter 500
+    python -m grounding_dino.demo_job --output /tmp/d --max-iter 3 --num-train 8 --num-val 4
+    python -m grounding_dino.demo_job optimizer.lr=1e-4    # config overrides at the end
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import cv2
+import numpy as np
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import hooks
+from detectron2.engine.train_loop import HookBase
+from detectron2.evaluation import inference_on_dataset
+from detectron2.structures import BoxMode
+from detectron2.utils.visualizer import Visualizer
+
+from grounding_dino.checkpoint import GroundingDINOCheckpointer
+from grounding_dino.data.synthetic import register_shapes_datasets
+from grounding_dino.engine import build_trainer
+from grounding_dino.evaluation import build_evaluator
+
+__all__ = ["main", "parse_args", "run_demo", "default_config_file"]
+
+logger = logging.getLogger("grounding_dino.demo_job")
+
+CHECKPOINT_NAME = "model_final"
+# (dataset, key in results.json, key of the evaluator's results)
+EVALUATIONS = (
+    ("shapes_val", "bbox", "bbox"),
+    ("shapes_val_unseen", "bbox_unseen", "bbox"),
+    ("shapes_rec_val", "rec", "rec"),
+)
+
+
+def default_config_file() -> str:
+    """``configs/shapes_tiny.py`` of the repository (next to ``projects/``), else of the cwd."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates = [
+        os.path.join(here, os.pardir, os.pardir, "configs", "shapes_tiny.py"),
+        os.path.join(os.getcwd(), "configs", "shapes_tiny.py"),
+    ]
+    for path in candidates:
+        if os.path.isfile(path):
+            return os.path.normpath(path)
+    raise FileNotFoundError(f"configs/shapes_tiny.py not found (looked at {candidates})")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Train, evaluate and draw the tiny Grounding DINO on synthetic shapes (CPU).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config-file", default=None, help="default: configs/shapes_tiny.py")
+    parser.add_argument("--output", default=os.path.join("output", "demo"))
+    parser.add_argument("--max-iter", type=int, default=None, help="default: train.max_iter")
+    parser.add_argument("--retrain", action="store_true", help="train even if a model exists")
+    parser.add_argument("--num-train", type=int, default=2000, help="training images")
+    parser.add_argument("--num-val", type=int, default=200, help="images per validation split")
+    parser.add_argument("--num-draw", type=int, default=3, help="pictures per task")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; 1 is fastest for this small model on a shared 2-core machine",
+    )
+    parser.add_argument("--log-period", type=int, default=25, help="iterations between prints")
+    parser.add_argument("--draw-threshold", type=float, default=0.3)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
+    args = parser.parse_args(argv)
+    for name in ("num_train", "num_val", "threads", "log_period"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_iter is not None and args.max_iter < 1:
+        raise SystemExit(f"--max-iter must be >= 1, got {args.max_iter}")
+    return args
+
+
+# ------------------------------------------------------------------------------- training
+class ProgressPrinter(HookBase):
+    """Prints iteration, loss, seconds per iteration and ETA every ``period`` iterations."""
+
+    def __init__(self, max_iter: int, period: int):
+        self.max_iter = max_iter
+        self.period = period
+        self._start = None
+        self._start_iter = 0
+
+    def before_train(self):
+        self._start = time.perf_counter()
+        self._start_iter = self.trainer.iter
+
+    def after_step(self):
+        done = self.trainer.iter + 1
+        if done % self.period and done != self.max_iter:
+            return
+        storage = self.trainer.storage
+        elapsed = time.perf_counter() - self._start
+        per_iter = elapsed / max(1, done - self._start_iter)
+        eta = per_iter * (self.max_iter - done)
+        loss = storage.history("total_loss").median(min(self.period, done))
+        lr = self.trainer.optimizer.param_groups[0]["lr"]
+        print(
+            f"[train] iter {done}/{self.max_iter}  loss {loss:.3f}  lr {lr:.2e}  "
+            f"{per_iter:.2f} s/it  elapsed {_fmt(elapsed)}  ETA {_fmt(eta)}",
+            flush=True,
+        )
+
+
+def _fmt(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def _seed(seed: int) -> None:
+    seed = int(seed) if seed is not None and int(seed) >= 0 else 0
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_model(cfg, model, output_dir: str, log_period: int) -> Dict:
+    """Trains ``model`` for ``cfg.train.max_iter`` iterations; saves ``model_final.pth``."""
+    from detectron2.utils.events import JSONWriter
+
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    del cfg.optimizer.params.model
+    loader = instantiate(cfg.dataloader.train)
+    trainer = build_trainer(cfg.train, model, loader, optimizer)
+    max_iter = int(cfg.train.max_iter)
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            ProgressPrinter(max_iter, log_period),
+            hooks.PeriodicWriter(
+                [JSONWriter(os.path.join(output_dir, "metrics.json"))], period=log_period
+            ),
+        ]
+    )
+    start = time.perf_counter()
+    trainer.train(0, max_iter)
+    seconds = time.perf_counter() - start
+    GroundingDINOCheckpointer(model, output_dir).save(CHECKPOINT_NAME, iteration=max_iter)
+    return {"iterations": max_iter, "train_seconds": round(seconds, 1)}
+
+
+# ----------------------------------------------------------------------------- evaluation
+def evaluate(cfg, model, output_dir: str) -> Dict[str, Dict[str, float]]:
+    """Runs the project's evaluators on the three validation splits (``EVALUATIONS``)."""
+    model.box_threshold = 0.0  # keep the top max_detections pairs (official COCO protocol)
+    results = {}
+    for dataset, key, result_key in EVALUATIONS:
+        cfg.dataloader.test.dataset.names = dataset
+        loader = instantiate(cfg.dataloader.test)
+        evaluator = build_evaluator(dataset, output_dir=os.path.join(output_dir, "inference", dataset))
+        start = time.perf_counter()
+        out = inference_on_dataset(model, loader, evaluator)
+        if result_key not in out:
+            raise KeyError(f"The evaluator of {dataset} returned {sorted(out)}, no {result_key!r}")
+        results[key] = {k: _finite(v) for k, v in out[result_key].items()}
+        print(f"[eval] {dataset}: {_headline(key, results[key])} "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
+    return results
+
+
+def _finite(value):
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _headline(key: str, metrics: Dict) -> str:
+    names = ("Acc@0.5",) if key == "rec" else ("AP", "AP50")
+    return "  ".join(f"{n} {metrics[n]:.1f}" if metrics.get(n) is not None else f"{n} n/a"
+                     for n in names)
+
+
+# -------------------------------------------------------------------------------- drawing
+def _draw(image_rgb: np.ndarray, boxes, labels: List[str], path: str, title: str = "") -> None:
+    vis = Visualizer(image_rgb, scale=2.0)
+    if len(boxes):
+        vis.overlay_instances(boxes=np.asarray(boxes, dtype=np.float32), labels=labels)
+    if title:
+        vis.draw_text(title, (4, 2), horizontal_alignment="left", color="w", font_size=9)
+    out = vis.get_output().get_image()
+    cv2.imwrite(path, out[:, :, ::-1])
+
+
+@torch.no_grad()
+def draw_predictions(cfg, model, output_dir: str, num: int, threshold: float) -> List[str]:
+    """Draws detections on ``shapes_val`` and top-1 REC boxes on ``shapes_rec_val``."""
+    model.eval()
+    paths = []
+    for dataset, prefix in (("shapes_val", "det"), ("shapes_rec_val", "rec")):
+        cfg.dataloader.test.dataset.names = dataset
+        mapper = instantiate(cfg.dataloader.test.mapper)
+        records = DatasetCatalog.get(dataset)
+        step = max(1, len(records) // max(1, num))
+        for k, record in enumerate(records[::step][:num]):
+            inputs = mapper(record)
+            output = model([inputs])[0]
+            instances = output["instances"]
+            image = inputs["image"].permute(1, 2, 0).numpy()
+            if prefix == "rec":
+                top = instances.scores.argmax() if len(instances) else None
+                boxes = [] if top is None else instances.pred_boxes.tensor[top][None].numpy()
+                labels = [] if top is None else [f"{float(instances.scores[top]):.2f}"]
+                gt = BoxMode.convert(
+                    list(record["annotations"][0]["bbox"]),
+                    record["annotations"][0]["bbox_mode"],
+                    BoxMode.XYXY_ABS,
+                )
+                title = f'"{record["caption"]}"'
+                path = os.path.join(output_dir, f"{prefix}_{k}.png")
+                _draw_rec(image, boxes, labels, gt, path, title)
+            else:
+                keep = _dedup(instances, threshold)
+                boxes = instances.pred_boxes.tensor[keep].numpy()
+                labels = [
+                    f"{output['phrases'][i]} {float(instances.scores[i]):.2f}" for i in keep
+                ]
+                path = os.path.join(output_dir, f"{prefix}_{k}.png")
+                _draw(image, boxes, labels, path)
+            paths.append(path)
+    return paths
+
+
+def _draw_rec(image, boxes, labels, gt_box, path: str, title: str) -> None:
+    vis = Visualizer(image, scale=2.0)
+    vis.draw_box(gt_box, edge_color="w", line_style="--")
+    if len(boxes):
+        vis.overlay_instances(boxes=np.asarray(boxes, dtype=np.float32), labels=labels,
+                              assigned_colors=[(0.1, 0.9, 0.1)])
+    vis.draw_text(title, (4, 2), horizontal_alignment="left", color="w", font_size=9)
+    cv2.imwrite(path, vis.get_output().get_image()[:, :, ::-1])
+
+
+def _dedup(instances, threshold: float, iou: float = 0.5) -> List[int]:
+    """Indices of detections above ``threshold`` after class-agnostic NMS (for drawing)."""
+    from torchvision.ops import nms
+
+    keep = (instances.scores > threshold).nonzero().flatten()
+    if len(keep) == 0:
+        return []
+    order = nms(instances.pred_boxes.tensor[keep], instances.scores[keep], iou)
+    return keep[order].tolist()[:20]
+
+
+# ----------------------------------------------------------------------------------- main
+def load_config(args: argparse.Namespace):
+    config_file = args.config_file or default_config_file()
+    cfg = LazyConfig.load(config_file)
+    cfg = LazyConfig.apply_overrides(cfg, list(args.opts or []))
+    cfg.train.output_dir = args.output
+    cfg.train.device = "cpu"
+    if args.max_iter is not None:
+        cfg.train.max_iter = args.max_iter
+    return cfg, config_file
+
+
+def run_demo(args: argparse.Namespace) -> Dict:
+    """The whole job; returns the content of ``results.json``."""
+    torch.set_num_threads(args.threads)
+    output_dir = args.output
+    os.makedirs(output_dir, exist_ok=True)
+    job_start = time.perf_counter()
+    cfg, config_file = load_config(args)
+    image_size = int(cfg.get("IMAGE_SIZE", 256))
+
+    start = time.perf_counter()
+    register_shapes_datasets(
+        root=os.path.join(output_dir, "shapes"),
+        num_train=args.num_train,
+        num_val=args.num_val,
+        image_size=image_size,
+    )
+    print(f"[data] shapes datasets ready in {output_dir}/shapes ({args.num_train} train, "
+          f"{args.num_val} val images of {image_size} px; {time.perf_counter() - start:.0f} s)",
+          flush=True)
+
+    _seed(cfg.train.get("seed", 0))
+    model = instantiate(cfg.model)
+    model.to("cpu")
+    checkpoint = os.path.join(output_dir, CHECKPOINT_NAME + ".pth")
+    info = {"config_file": config_file, "threads": args.threads}
+    if os.path.isfile(checkpoint) and not args.retrain:
+        GroundingDINOCheckpointer(model, output_dir).load(checkpoint)
+        print(f"[train] reusing the trained model {checkpoint}: skipping training, only "
+              "evaluating and drawing (--retrain trains again)", flush=True)
+        previous = _read_json(os.path.join(output_dir, "run_info.json"))
+        info.update(reused_checkpoint=True, iterations=previous.get("iterations"),
+                    train_seconds=previous.get("train_seconds"))
+    else:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"[train] training from scratch: {cfg.train.max_iter} iterations, batch "
+              f"{cfg.dataloader.train.total_batch_size}, {trainable / 1e6:.2f}M trainable "
+              f"parameters, {args.threads} thread(s)", flush=True)
+        LazyConfig.save(cfg, os.path.join(output_dir, "config.yaml"))
+        info.update(reused_checkpoint=False, **train_model(cfg, model, output_dir,
+                                                             args.log_period))
+
+    start = time.perf_counter()
+    results = evaluate(cfg, model, output_dir)
+    info["eval_seconds"] = round(time.perf_counter() - start, 1)
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+
+    pictures = draw_predictions(cfg, model, output_dir, args.num_draw, args.draw_threshold)
+    info["job_seconds"] = round(time.perf_counter() - job_start, 1)
+    if not info["reused_checkpoint"]:
+        _write_json(os.path.join(output_dir, "run_info.json"), info)
+    _summary(results, info, output_dir, pictures)
+    return results
+
+
+def _read_json(path: str) -> Dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path: str, data: Dict) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+
+
+def _summary(results: Dict, info: Dict, output_dir: str, pictures: List[str]) -> None:
+    def get(key, metric):
+        value = results.get(key, {}).get(metric)
+        return "n/a" if value is None else f"{value:.1f}"
+
+    trained = (
+        f"reused checkpoint ({info.get('iterations')} iterations)"
+        if info["reused_checkpoint"]
+        else f"trained {info['iterations']} iterations in {_fmt(info['train_seconds'])}"
+    )
+    lines = [
+        "",
+        "=" * 72,
+        f"Grounding DINO tiny on synthetic shapes: {trained}",
+        f"  zero-shot detection shapes_val:        AP {get('bbox', 'AP')}  "
+        f"AP50 {get('bbox', 'AP50')}",
+        f"  unseen colour-shape pairs (val_unseen): AP {get('bbox_unseen', 'AP')}  "
+        f"AP50 {get('bbox_unseen', 'AP50')}",
+        f"  referring expressions shapes_rec_val:  Acc@0.5 {get('rec', 'Acc@0.5')}",
+        f"  results: {os.path.join(output_dir, 'results.json')}",
+        f"  pictures: {', '.join(pictures)}",
+        f"  job time: {_fmt(info['job_seconds'])}",
+        "=" * 72,
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    return run_demo(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
