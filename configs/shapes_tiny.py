@@ -40,11 +40,13 @@ from .common.optim import AdamW as optimizer
 from .common.schedule import lr_multiplier
 from .common.train import train
 
-IMAGE_SIZE = 256
+# Generation of the synthetic datasets (register_shapes_datasets arguments). The demo job
+# registers them again under its --output with these values.
+shapes = dict(image_size=256, num_train=2000, num_val=200)
 
 # Registers shapes_{train,val,val_unseen,rec_train,rec_val} under $GROUNDING_DINO_SHAPES_DIR or
 # output/demo/shapes; the images are drawn on first use (cached, deterministic).
-register_shapes_datasets(image_size=IMAGE_SIZE, generate=False)
+register_shapes_datasets(**shapes, generate=False)
 
 # ---------------------------------------------------------------------------------- model
 model.box_threshold = 0.0

@@ -85,8 +85,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--output", default=os.path.join("output", "demo"))
     parser.add_argument("--max-iter", type=int, default=None, help="default: train.max_iter")
     parser.add_argument("--retrain", action="store_true", help="train even if a model exists")
-    parser.add_argument("--num-train", type=int, default=2000, help="training images")
-    parser.add_argument("--num-val", type=int, default=200, help="images per validation split")
+    parser.add_argument("--num-train", type=int, default=None, help="default: shapes.num_train")
+    parser.add_argument("--num-val", type=int, default=None, help="default: shapes.num_val")
     parser.add_argument("--num-draw", type=int, default=3, help="pictures per task")
     parser.add_argument(
         "--threads",
@@ -99,7 +99,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
     args = parser.parse_args(argv)
     for name in ("num_train", "num_val", "threads", "log_period"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_iter is not None and args.max_iter < 1:
         raise SystemExit(f"--max-iter must be >= 1, got {args.max_iter}")
@@ -291,22 +291,33 @@ def load_config(args: argparse.Namespace):
 
 def run_demo(args: argparse.Namespace) -> Dict:
     """The whole job; returns the content of ``results.json``."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> Dict:
     output_dir = args.output
     os.makedirs(output_dir, exist_ok=True)
     job_start = time.perf_counter()
     cfg, config_file = load_config(args)
-    image_size = int(cfg.get("IMAGE_SIZE", 256))
+    image_size = int(cfg.get("shapes", {}).get("image_size", 256))
 
     start = time.perf_counter()
+    shapes = dict(cfg.get("shapes", {}))
+    num_train = args.num_train or int(shapes.get("num_train", 2000))
+    num_val = args.num_val or int(shapes.get("num_val", 200))
     register_shapes_datasets(
         root=os.path.join(output_dir, "shapes"),
-        num_train=args.num_train,
-        num_val=args.num_val,
+        num_train=num_train,
+        num_val=num_val,
         image_size=image_size,
     )
-    print(f"[data] shapes datasets ready in {output_dir}/shapes ({args.num_train} train, "
-          f"{args.num_val} val images of {image_size} px; {time.perf_counter() - start:.0f} s)",
+    print(f"[data] shapes datasets ready in {output_dir}/shapes ({num_train} train, "
+          f"{num_val} val images of {image_size} px; {time.perf_counter() - start:.0f} s)",
           flush=True)
 
     _seed(cfg.train.get("seed", 0))
