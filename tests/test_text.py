@@ -312,3 +312,20 @@ def test_chunk_caption(tokenizer):
     long_phrase = "a dog . " + "thermoregulation " * 100 + ". cat ."
     with pytest.raises(ValueError, match=r"character 8 .* 501 tokens"):
         chunk_caption(long_phrase, tokenizer)
+
+
+@pytest.mark.parametrize(
+    "name, cleaned",
+    [
+        ("person", "person"),
+        ("traffic light", "traffic light"),
+        ("aerosol_can", "aerosol can"),
+        ("bow_(weapon)", "bow"),
+        ("cover_(for_a_book)", "cover"),
+        ("(odd)", "(odd)"),
+    ],
+)
+def test_category_names_are_cleaned_for_prompts(name, cleaned):
+    from grounding_dino.text import clean_category_name
+
+    assert clean_category_name(name) == cleaned

@@ -10,7 +10,7 @@ What it does:
 1. Builds transformers' ``GroundingDinoForObjectDetection`` with grounding-dino-tiny sizes
    (``GroundingDinoConfig`` defaults: Swin-T, 900 queries, 6 + 6 layers; the text encoder is
    a ``BertConfig()``, bert-base-uncased sizes) and random weights (the model's own
-   initialisation plus small noise, so that no zero-initialised layer hides work), saves
+   initialisation plus small noise, see :func:`build_hf_model`), saves
    it and converts it with ``grounding_dino.convert`` in a temporary folder. ``--tiny``
    uses a small configuration instead (for tests).
 2. Checks that both models give the same token scores (1e-4) and boxes (0.05 px) on the
@@ -97,6 +97,11 @@ def build_hf_model(tiny: bool = False, seed: int = 0):
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.02)
+        # Keep the query selector's zero bias: otherwise every token whose proposal is
+        # invalid (memory zeroed) scores LayerNorm(bias) . text alike, and such ties fill the
+        # top-k with saturated boxes, where transformers (logit eps 1e-5) and the official
+        # code (eps 1e-3) differ by design.
+        model.model.enc_output.bias.zero_()
     return model
 
 

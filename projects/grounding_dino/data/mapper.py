@@ -13,6 +13,7 @@ from detectron2.structures import Boxes, BoxMode, Instances
 from ..text import (
     caption_from_categories,
     check_spans,
+    clean_category_name,
     load_tokenizer,
     normalize_caption,
     normalize_caption_with_spans,
@@ -90,7 +91,11 @@ class GroundingDatasetMapper:
         self.augmentations = T.AugmentationList(list(augmentations))
         self.image_format = image_format
         self._tokenizer = tokenizer
-        self.thing_classes = None if thing_classes is None else [str(c) for c in thing_classes]
+        self.thing_classes = (
+            None
+            if thing_classes is None
+            else [clean_category_name(str(c)) for c in thing_classes]
+        )
         self.max_text_len = max_text_len
         self.shuffle_categories = shuffle_categories
         self.max_categories = max_categories

@@ -216,7 +216,7 @@ class GroundingDINO(nn.Module):
         for text, offset in chunk_caption(caption, self.tokenizer, self.max_text_len):
             text = normalize_caption(text)
             runs.append(PromptRun(index, text, char_offset=offset, phrase_offset=phrase_offset))
-            phrase_offset += _count_phrases(text)
+            phrase_offset += _count_separators(text)
         return runs
 
     # ------------------------------------------------------------------ forward
@@ -541,5 +541,6 @@ def _phrase_index_of_tokens(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
     return torch.cumsum(separators.long(), 0) - separators.long()
 
 
-def _count_phrases(caption: str) -> int:
-    return sum(1 for part in caption.replace("?", ".").split(".") if part.strip())
+def _count_separators(caption: str) -> int:
+    """Number of "." and "?" in a caption: the tokens that close its phrases."""
+    return caption.count(".") + caption.count("?")

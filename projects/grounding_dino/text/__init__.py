@@ -4,6 +4,7 @@ phrases of detections and long-prompt chunking."""
 from .captions import (
     caption_from_categories,
     check_spans,
+    clean_category_name,
     normalize_caption,
     normalize_caption_with_spans,
     swap_left_right,
@@ -15,6 +16,7 @@ from .positive_map import positive_map_from_spans, positive_maps_from_spans
 from .tokenizer import count_tokens, load_tokenizer, local_bert_dir, special_token_ids, tokenize
 
 __all__ = [
+    "clean_category_name",
     "caption_from_categories",
     "check_spans",
     "chunk_caption",

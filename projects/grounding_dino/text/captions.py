@@ -6,6 +6,7 @@ import re
 from typing import List, Optional, Sequence, Tuple
 
 __all__ = [
+    "clean_category_name",
     "Span",
     "check_spans",
     "normalize_caption",
@@ -111,6 +112,17 @@ def check_spans(caption: str, spans: Sequence[Sequence[Sequence[int]]], what: st
                     f"{prefix}span [{beg}, {end}) of object {i} lies outside its caption "
                     f"(length {len(caption)}): {caption!r}"
                 )
+
+
+def clean_category_name(name: str) -> str:
+    """
+    A dataset's category name as a prompt phrase: underscores become spaces and parenthesised
+    qualifiers go (LVIS's "bow_(weapon)" -> "bow"), as MM-Grounding-DINO cleans LVIS names.
+    A name that would become empty is kept as given (with spaces for underscores).
+    """
+    spaced = name.replace("_", " ")
+    cleaned = re.sub(r"\s+", " ", re.sub(r"\(.*?\)", "", spaced)).strip()
+    return cleaned or re.sub(r"\s+", " ", spaced).strip()
 
 
 def caption_from_categories(
