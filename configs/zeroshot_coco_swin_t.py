@@ -10,6 +10,7 @@ to categories through the positive maps and the top 300 (query, category) pairs 
 kept, as the official COCO evaluation. COCO AP uses COCOeval's default maxDets (100), as the
 official evaluation does.
 """
+
 from .common.data.coco_detection import dataloader
 from .grounding_dino_swin_t_ogc import model, train
 

@@ -9,6 +9,7 @@ scores each chunk (one text/enhancer/decoder pass per chunk, one backbone pass p
 keeps the top ``model.max_detections`` (query, category) pairs over all chunks. AP is the lvis
 API's with fixed AP (top 10,000 detections per category over the dataset).
 """
+
 from .zeroshot_coco_swin_t import dataloader, model, train
 
 dataloader.test.dataset.names = "lvis_v1_minival"

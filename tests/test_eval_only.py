@@ -1,4 +1,5 @@
 """``train_net.py --eval-only`` on a converted checkpoint and a small registered dataset."""
+
 import json
 import os
 import subprocess
@@ -44,8 +45,16 @@ def _write_dataset(root):
         cv2.rectangle(image, (10, 10), (50, 60), (0, 0, 200), -1)
         cv2.imwrite(os.path.join(root, "images", f"{image_id}.png"), image)
         images.append({"id": image_id, "file_name": f"{image_id}.png", "height": 96, "width": 128})
-        annotations.append({"id": image_id, "image_id": image_id, "category_id": 1,
-                            "bbox": [10, 10, 41, 51], "area": 41 * 51, "iscrowd": 0})
+        annotations.append(
+            {
+                "id": image_id,
+                "image_id": image_id,
+                "category_id": 1,
+                "bbox": [10, 10, 41, 51],
+                "area": 41 * 51,
+                "iscrowd": 0,
+            }
+        )
     categories = [{"id": 1, "name": "red box"}, {"id": 2, "name": "cat"}]
     with open(os.path.join(root, "coco.json"), "w") as f:
         json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
@@ -58,10 +67,18 @@ def test_eval_only_on_a_converted_model_prints_the_ap_table(tmp_path, converted_
     config = tmp_path / "eval.py"
     config.write_text(EVAL_CONFIG.format(converted=str(out_dir / "config.yaml"), repo=REPO))
     result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", str(config),
-         "--eval-only"],
-        capture_output=True, text=True, cwd=str(tmp_path),
-        env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
+        [
+            sys.executable,
+            os.path.join(REPO, "train_net.py"),
+            "--config-file",
+            str(config),
+            "--eval-only",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=str(tmp_path),
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=600,
     )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]

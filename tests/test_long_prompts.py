@@ -1,6 +1,8 @@
 """Prompts longer than one pass (256 tokens): class lists and captions are chunked."""
+
 import pytest
 import torch
+
 
 @pytest.fixture(scope="module")
 def model(converted_tiny):

@@ -6,6 +6,7 @@ of GoldG once it is registered, e.g. as an ODVG jsonl with ``register_odvg``). T
 tells detection and grounding records apart by the presence of a caption. Zero-shot COCO
 val2017 is the evaluation, prompting with the 80 category names.
 """
+
 from detectron2.config import LazyCall as L
 
 from grounding_dino.data.datasets import get_thing_classes

@@ -4,6 +4,7 @@ expression; evaluation reports Precision@1/5/10 at IoU 0.5 (``RECEvaluator``). C
 split names for RefCOCO+ (``refcoco+_*``) or RefCOCOg (``refcocog_*``). Files live under
 ``$DETECTRON2_DATASETS`` (``mdetr_annotations/``, ``coco/train2014``).
 """
+
 from grounding_dino.data import datasets  # noqa: F401  (registers refcoco*_*)
 
 from .coco_detection import dataloader

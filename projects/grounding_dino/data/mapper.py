@@ -92,9 +92,7 @@ class GroundingDatasetMapper:
         self.image_format = image_format
         self._tokenizer = tokenizer
         self.thing_classes = (
-            None
-            if thing_classes is None
-            else [clean_category_name(str(c)) for c in thing_classes]
+            None if thing_classes is None else [clean_category_name(str(c)) for c in thing_classes]
         )
         self.max_text_len = max_text_len
         self.shuffle_categories = shuffle_categories

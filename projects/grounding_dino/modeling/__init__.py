@@ -1,4 +1,5 @@
 """Grounding DINO modeling: the meta-architecture and its registered components."""
+
 from . import backbone  # noqa: F401  (registers the image backbones)
 from .decoder import CrossModalityDecoder
 from .enhancer import FeatureEnhancer

@@ -19,7 +19,6 @@ from ..text import (
     positive_map_from_spans,
 )
 from .head import ContrastiveHead
-from .text_encoder import EncodedText
 
 __all__ = ["GroundingDINO", "PromptRun"]
 
@@ -37,7 +36,6 @@ class PromptRun:
         category_indices: for category prompts, the global indices of the categories in this
             caption (None for free captions).
         positive_map: for category prompts, [C_run, max_text_len] normalised token map.
-        char_offset: for chunks of a long caption, the chunk's offset in the whole caption.
         phrase_offset: index of the chunk's first phrase in the whole caption.
     """
 
@@ -45,7 +43,6 @@ class PromptRun:
     caption: str
     category_indices: Optional[List[int]] = None
     positive_map: Optional[torch.Tensor] = None
-    char_offset: int = 0
     phrase_offset: int = 0
 
 
@@ -120,11 +117,15 @@ class GroundingDINO(nn.Module):
         super().__init__()
         if input_format not in ("RGB", "BGR"):
             raise ValueError(f"input_format must be 'RGB' or 'BGR', got {input_format!r}")
-        backbone_dims = (getattr(backbone, "hidden_dim", hidden_dim),
-                         getattr(backbone, "num_feature_levels", num_feature_levels))
+        backbone_dims = (
+            getattr(backbone, "hidden_dim", hidden_dim),
+            getattr(backbone, "num_feature_levels", num_feature_levels),
+        )
         if backbone_dims != (hidden_dim, num_feature_levels):
-            raise ValueError(f"backbone gives (hidden_dim, levels)={backbone_dims}, the model "
-                             f"expects {(hidden_dim, num_feature_levels)}")
+            raise ValueError(
+                f"backbone gives (hidden_dim, levels)={backbone_dims}, the model "
+                f"expects {(hidden_dim, num_feature_levels)}"
+            )
         self.backbone = backbone
         self.text_encoder = text_encoder
         self.enhancer = enhancer
@@ -213,9 +214,9 @@ class GroundingDINO(nn.Module):
             raise ValueError(f"Input {index}: no prompt; give 'caption' or 'category_names'")
         caption = normalize_caption(caption)
         runs, phrase_offset = [], 0
-        for text, offset in chunk_caption(caption, self.tokenizer, self.max_text_len):
-            text = normalize_caption(text)
-            runs.append(PromptRun(index, text, char_offset=offset, phrase_offset=phrase_offset))
+        # Chunks of a normalised caption end in "." and are normalised themselves.
+        for text, _ in chunk_caption(caption, self.tokenizer, self.max_text_len):
+            runs.append(PromptRun(index, text, phrase_offset=phrase_offset))
             phrase_offset += _count_separators(text)
         return runs
 
@@ -232,11 +233,13 @@ class GroundingDINO(nn.Module):
 
     def encode(self, images: List[torch.Tensor], runs: List[PromptRun]):
         """
-        Runs the transformer for each run, reusing each image's backbone features.
+        The backbone (once per image), the text encoder and the feature enhancer (per run).
 
         Returns:
-            text: :class:`EncodedText` of the runs' captions.
-            image: dict of the flattened image tensors (memory and geometry).
+            text: :class:`EncodedText` of the runs' captions (before enhancement).
+            text_features: [R, L, C] enhanced text features.
+            image: dict of the flattened image tensors (see :func:`flatten_levels`) plus
+                ``memory`` [R, S, C], the enhanced image tokens.
         """
         features, masks, positions = self.backbone.forward_images(images)
         index = torch.tensor([run.image_index for run in runs], device=self.device)
@@ -466,11 +469,13 @@ def _freeze_swin_stages(backbone: nn.Module, last_stage: int) -> None:
     """Freezes the patch embedding and Swin stages 0..``last_stage`` of ``backbone.swin``."""
     swin = getattr(backbone, "swin", None)
     if swin is None:
-        raise ValueError(f"freeze_backbone_stages needs a Swin backbone, got "
-                         f"{type(backbone).__name__}")
+        raise ValueError(
+            f"freeze_backbone_stages needs a Swin backbone, got " f"{type(backbone).__name__}"
+        )
     if last_stage >= len(swin.layers):
-        raise ValueError(f"freeze_backbone_stages={last_stage} but Swin has "
-                         f"{len(swin.layers)} stages")
+        raise ValueError(
+            f"freeze_backbone_stages={last_stage} but Swin has " f"{len(swin.layers)} stages"
+        )
     for module in [swin.patch_embed, *swin.layers[: last_stage + 1]]:
         for parameter in module.parameters():
             parameter.requires_grad_(False)

@@ -1,4 +1,5 @@
 """Sub-sentence attention masks and position ids (the official "text sub-sentence" scheme)."""
+
 from typing import Sequence, Tuple
 
 import torch
@@ -49,8 +50,10 @@ def sub_sentence_masks(
 
     # Position within the phrase: distance to the last special token before it (or to 0).
     previous_special = torch.where(is_special, columns, torch.zeros_like(columns))
-    previous_special = torch.cat(
-        [previous_special.new_zeros(batch_size, 1), previous_special[:, :-1]], dim=1
-    ).cummax(dim=1).values
+    previous_special = (
+        torch.cat([previous_special.new_zeros(batch_size, 1), previous_special[:, :-1]], dim=1)
+        .cummax(dim=1)
+        .values
+    )
     position_ids = torch.where(in_phrase, columns - previous_special - 1, torch.zeros_like(columns))
     return attention_mask, position_ids
