@@ -8,6 +8,7 @@ from .image_backbone import (
     convert_official_input_proj_state_dict,
 )
 from .position_encoding import PositionEmbeddingSineHW
+from .resnet import ResNetBody, ResNetImageBackbone
 from .swin import (
     SWIN_VARIANTS,
     SwinTransformer,
@@ -19,6 +20,8 @@ from .swin import (
 __all__ = [
     "SWIN_VARIANTS",
     "PositionEmbeddingSineHW",
+    "ResNetBody",
+    "ResNetImageBackbone",
     "SwinImageBackbone",
     "SwinTransformer",
     "build_swin_transformer",
