@@ -70,6 +70,7 @@ class GroundingDINO(nn.Module):
         query_selector: nn.Module,
         decoder: nn.Module,
         criterion: Optional[nn.Module] = None,
+        head: Optional[nn.Module] = None,
         box_threshold: float = 0.35,
         text_threshold: float = 0.25,
         max_detections: int = 300,
@@ -95,6 +96,8 @@ class GroundingDINO(nn.Module):
             query_selector: language-guided query selector (QUERY_SELECTOR_REGISTRY).
             decoder: cross-modality decoder (DECODER_REGISTRY).
             criterion: training loss; required for training only.
+            head: the contrastive head of the decoder layers (default: the parameter-free
+                :class:`ContrastiveHead`, as the official model).
             box_threshold: keep boxes whose best score exceeds this.
             text_threshold: tokens above this score form a box's phrase.
             max_detections: at most this many boxes per image.
@@ -131,7 +134,7 @@ class GroundingDINO(nn.Module):
         self.enhancer = enhancer
         self.query_selector = query_selector
         self.decoder = decoder
-        self.head = ContrastiveHead(max_text_len)
+        self.head = head if head is not None else ContrastiveHead(max_text_len)
         self.criterion = criterion
         self.box_threshold = box_threshold
         self.text_threshold = text_threshold

@@ -1,7 +1,7 @@
 """Language-guided query selection: the encoder positions that best match the text become
 the decoder's anchor boxes."""
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -58,14 +58,28 @@ class LanguageGuidedQuerySelector(nn.Module):
     content embedding as queries (two-stage "standard" with ``embed_init_tgt``).
     """
 
-    def __init__(self, d_model: int = 256, num_queries: int = 900, max_text_len: int = 256):
+    def __init__(
+        self,
+        d_model: int = 256,
+        num_queries: int = 900,
+        max_text_len: int = 256,
+        head: Optional[nn.Module] = None,
+    ):
+        """
+        Args:
+            d_model: transformer width.
+            num_queries: decoder queries (the top-k encoder positions).
+            max_text_len: logit columns of the encoder proposals' scores.
+            head: the contrastive head scoring the selected proposals (default: the
+                parameter-free :class:`ContrastiveHead`).
+        """
         super().__init__()
         self.num_queries = num_queries
         self.enc_output = nn.Linear(d_model, d_model)
         self.enc_output_norm = nn.LayerNorm(d_model)
         self.bbox_embed = MLP(d_model, d_model, 4, 3)
         self.tgt_embed = nn.Embedding(num_queries, d_model)
-        self.head = ContrastiveHead(max_text_len)
+        self.head = head if head is not None else ContrastiveHead(max_text_len)
         nn.init.normal_(self.tgt_embed.weight)
         nn.init.zeros_(self.bbox_embed.layers[-1].weight)
         nn.init.zeros_(self.bbox_embed.layers[-1].bias)
