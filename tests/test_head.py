@@ -24,3 +24,10 @@ def test_prior_bias_starts_scores_low_and_learns():
     assert torch.allclose(logits[..., :3].sigmoid(), torch.full((1, 2, 3), 0.01), atol=1e-3)
     logits[..., :3].sum().backward()
     assert head.bias.grad is not None and head.bias.grad.item() == 6.0
+
+
+def test_log_scale_divides_by_sqrt_width():
+    head = ContrastiveHead(max_text_len=4, log_scale_init=0.0)
+    queries, text = torch.randn(1, 2, 16), torch.randn(1, 3, 16)
+    logits = head(queries, text, torch.ones(1, 3, dtype=torch.bool))
+    assert torch.allclose(logits[..., :3], queries @ text.transpose(1, 2) / 4.0, atol=1e-6)

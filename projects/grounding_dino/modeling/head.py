@@ -14,19 +14,31 @@ class ContrastiveHead(nn.Module):
     columns past the caption, padded to ``max_text_len`` columns.
     """
 
-    def __init__(self, max_text_len: int = 256, bias_init: Optional[float] = None):
+    def __init__(
+        self,
+        max_text_len: int = 256,
+        bias_init: Optional[float] = None,
+        log_scale_init: Optional[float] = None,
+    ):
         """
         Args:
             max_text_len: number of logit columns.
-            bias_init: None (the official head: no parameters), or the initial value of a
-                learned scalar added to every logit. ``-log((1 - p) / p)`` with p = 0.01
-                (-4.6) starts every token score at 1%, the focal-loss prior that makes
-                training from scratch converge much faster (MM-Grounding-DINO has the same
-                option). Official and HF checkpoints have no such parameter.
+            bias_init: None (the official head), or the initial value of a learned scalar
+                added to every logit. ``-log((1 - p) / p)`` with p = 0.01 (-4.6) starts every
+                token score near 1%, the focal-loss prior.
+            log_scale_init: None (the official head), or the initial value of a learned log
+                scale of the logits, which are then divided by sqrt(C) first: random features
+                of width C give logits of about +-1 instead of +-sqrt(C).
+
+        The two options (MM-Grounding-DINO has the same) make training from scratch converge
+        much faster. Official and HF checkpoints have neither parameter.
         """
         super().__init__()
         self.max_text_len = max_text_len
         self.bias = None if bias_init is None else nn.Parameter(torch.tensor(float(bias_init)))
+        self.log_scale = (
+            None if log_scale_init is None else nn.Parameter(torch.tensor(float(log_scale_init)))
+        )
 
     def forward(self, queries: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor):
         """
@@ -37,6 +49,8 @@ class ContrastiveHead(nn.Module):
             [B, Q, max_text_len] logits.
         """
         logits = queries @ text.transpose(-1, -2)
+        if self.log_scale is not None:
+            logits = logits * (self.log_scale.exp() / queries.shape[-1] ** 0.5)
         if self.bias is not None:
             logits = logits + self.bias
         logits = logits.masked_fill(~text_mask[:, None, :], float("-inf"))
