@@ -72,7 +72,7 @@ class CrossModalityDecoderLayer(nn.Module):
             memory_mask,
         )
         queries = self.norm1(queries + self.dropout(attended))
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(queries))))
+        ffn = self.linear2(self.dropout(F.relu(self.linear1(queries), inplace=True)))
         return self.norm3(queries + self.dropout(ffn))
 
 

@@ -198,7 +198,7 @@ class TextEnhancerLayer(nn.Module):
         text = self.norm1(
             text + self.dropout(self.self_attn(query, query, text, self_attention_mask[:, None]))
         )
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(text))))
+        ffn = self.linear2(self.dropout(F.relu(self.linear1(text), inplace=True)))
         return self.norm2(text + self.dropout(ffn))
 
 
@@ -228,7 +228,8 @@ class DeformableEncoderLayer(nn.Module):
             image_mask,
         )
         image = self.norm1(image + self.dropout(attended))
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(image))))
+        # In place: the [B, S, ffn_dim] hidden layer is the largest tensor of the enhancer.
+        ffn = self.linear2(self.dropout(F.relu(self.linear1(image), inplace=True)))
         return self.norm2(image + self.dropout(ffn))
 
 

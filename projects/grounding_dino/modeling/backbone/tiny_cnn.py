@@ -53,7 +53,9 @@ class TinyConvNet(nn.Module):
         super().__init__()
         channels = [int(c) for c in channels]
         if len(channels) < 2:
-            raise ValueError(f"TinyConvNet needs at least 2 widths (stem + 1 stage), got {channels}")
+            raise ValueError(
+                f"TinyConvNet needs at least 2 widths (stem + 1 stage), got {channels}"
+            )
         if convs_per_stage < 1:
             raise ValueError(f"TinyConvNet convs_per_stage must be >= 1, got {convs_per_stage}")
         num_stages = len(channels) - 1
