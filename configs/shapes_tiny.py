@@ -33,6 +33,7 @@ from grounding_dino.data.mapper import GroundingDatasetMapper
 from grounding_dino.data.synthetic import register_shapes_datasets
 from grounding_dino.evaluation import build_evaluator
 from grounding_dino.modeling.backbone.tiny_cnn import TinyCNNBackbone
+from grounding_dino.modeling.head import ContrastiveHead
 from grounding_dino.text.tokenizer import local_bert_dir
 
 from .common.models.grounding_dino_swin_t import model
@@ -62,7 +63,9 @@ model.backbone = L(TinyCNNBackbone)(
 )
 model.text_encoder.name_or_path = local_bert_dir()  # a plain path string, computed at load
 model.text_encoder.pretrained = True
-model.freeze_text_encoder = True
+# MiniLM at the official sub-sentence position ids (every phrase's first word at [CLS]'s
+# position 0) gives "red" and "blue" features with cosine 0.999: BERT gets ids + 1 instead.
+model.text_encoder.bert_position_offset = 1
 model.enhancer.num_layers = 2
 model.enhancer.ffn_dim = 512
 model.enhancer.text_ffn_dim = 512
@@ -71,7 +74,18 @@ model.enhancer.fusion_drop_path = 0.0
 model.query_selector.num_queries = 100
 model.decoder.num_layers = 3
 model.decoder.ffn_dim = 512
-model.dn_number = 50
+# Learned logit scale (logits / sqrt(C), so about +-1 at init) and bias starting every token
+# score at the focal-loss prior of 1% (-log(99)): from scratch, the parameter-free official
+# head spends its first hundreds of iterations only pushing its +-10 logits down. With both,
+# 4 training images are fitted (IoU > 0.9, class loss 0.02) in 100 iterations; without, the
+# class loss is still 1.5 at 150 (lead's overfit check).
+model.head = L(ContrastiveHead)(
+    max_text_len="${..max_text_len}", bias_init=-4.6, log_scale_init=0.0
+)
+model.query_selector.head = L(ContrastiveHead)(
+    max_text_len="${..max_text_len}", bias_init=-4.6, log_scale_init=0.0
+)
+model.dn_number = 20  # denoising queries per polarity (DINO's budget, scaled down)
 
 # ---------------------------------------------------------------------------------- data
 dataloader = OmegaConf.create()
@@ -86,6 +100,7 @@ dataloader.train = L(build_detection_train_loader)(
         thing_classes=L(get_thing_classes)(name="shapes_train"),
         image_format="RGB",
         max_text_len="${model.max_text_len}",
+        max_categories=10,  # positives + sampled negatives: short captions, cheap BERT passes
     ),
     total_batch_size=4,
     num_workers=0,
@@ -111,7 +126,7 @@ dataloader.evaluator = L(build_evaluator)(
 # ------------------------------------------------------------------------------ training
 train.output_dir = "./output/shapes_tiny"
 train.device = "cpu"
-train.max_iter = 2000
+train.max_iter = 800
 train.eval_period = 0
 train.checkpointer.period = 500
 train.checkpointer.max_to_keep = 2
@@ -119,9 +134,11 @@ train.log_period = 20
 train.clip_grad.max_norm = 0.1
 train.seed = 0
 
-optimizer.lr = 2e-4
+optimizer.lr = 4e-4
 optimizer.params.backbone_lr_multiplier = 1.0  # random init: the full rate
-optimizer.params.text_encoder_lr_multiplier = 0.0  # frozen anyway (model.freeze_text_encoder)
+# MiniLM's token features of colour words are nearly collinear (cosine 0.8-1.0); a frozen
+# MiniLM learns colours far more slowly, so it trains, at half the rate.
+optimizer.params.text_encoder_lr_multiplier = 0.5
 
 lr_multiplier.warmup_iters = 100
 lr_multiplier.steps = [0.8]

@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 import torch
 from detectron2.config import LazyConfig, instantiate
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 from detectron2.engine import hooks
 from detectron2.engine.train_loop import HookBase
 from detectron2.evaluation import inference_on_dataset
@@ -96,6 +96,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--log-period", type=int, default=25, help="iterations between prints")
     parser.add_argument("--draw-threshold", type=float, default=0.3)
+    parser.add_argument(
+        "--checkpoint-period", type=int, default=0, help="also save every N iterations (0: no)"
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
     args = parser.parse_args(argv)
     for name in ("num_train", "num_val", "threads", "log_period"):
@@ -149,7 +152,7 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_model(cfg, model, output_dir: str, log_period: int) -> Dict:
+def train_model(cfg, model, output_dir: str, log_period: int, checkpoint_period: int = 0) -> Dict:
     """Trains ``model`` for ``cfg.train.max_iter`` iterations; saves ``model_final.pth``."""
     from detectron2.utils.events import JSONWriter
 
@@ -159,9 +162,15 @@ def train_model(cfg, model, output_dir: str, log_period: int) -> Dict:
     loader = instantiate(cfg.dataloader.train)
     trainer = build_trainer(cfg.train, model, loader, optimizer)
     max_iter = int(cfg.train.max_iter)
+    checkpointer = GroundingDINOCheckpointer(model, output_dir)
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
+            (
+                hooks.PeriodicCheckpointer(checkpointer, checkpoint_period, max_iter=max_iter)
+                if checkpoint_period > 0
+                else None
+            ),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             ProgressPrinter(max_iter, log_period),
             hooks.PeriodicWriter(
@@ -172,7 +181,7 @@ def train_model(cfg, model, output_dir: str, log_period: int) -> Dict:
     start = time.perf_counter()
     trainer.train(0, max_iter)
     seconds = time.perf_counter() - start
-    GroundingDINOCheckpointer(model, output_dir).save(CHECKPOINT_NAME, iteration=max_iter)
+    checkpointer.save(CHECKPOINT_NAME, iteration=max_iter)
     return {"iterations": max_iter, "train_seconds": round(seconds, 1)}
 
 
@@ -184,14 +193,19 @@ def evaluate(cfg, model, output_dir: str) -> Dict[str, Dict[str, float]]:
     for dataset, key, result_key in EVALUATIONS:
         cfg.dataloader.test.dataset.names = dataset
         loader = instantiate(cfg.dataloader.test)
-        evaluator = build_evaluator(dataset, output_dir=os.path.join(output_dir, "inference", dataset))
+        evaluator = build_evaluator(
+            dataset, output_dir=os.path.join(output_dir, "inference", dataset)
+        )
         start = time.perf_counter()
         out = inference_on_dataset(model, loader, evaluator)
         if result_key not in out:
             raise KeyError(f"The evaluator of {dataset} returned {sorted(out)}, no {result_key!r}")
         results[key] = {k: _finite(v) for k, v in out[result_key].items()}
-        print(f"[eval] {dataset}: {_headline(key, results[key])} "
-              f"({time.perf_counter() - start:.0f} s)", flush=True)
+        print(
+            f"[eval] {dataset}: {_headline(key, results[key])} "
+            f"({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
     return results
 
 
@@ -202,8 +216,9 @@ def _finite(value):
 
 def _headline(key: str, metrics: Dict) -> str:
     names = ("Acc@0.5",) if key == "rec" else ("AP", "AP50")
-    return "  ".join(f"{n} {metrics[n]:.1f}" if metrics.get(n) is not None else f"{n} n/a"
-                     for n in names)
+    return "  ".join(
+        f"{n} {metrics[n]:.1f}" if metrics.get(n) is not None else f"{n} n/a" for n in names
+    )
 
 
 # -------------------------------------------------------------------------------- drawing
@@ -247,9 +262,7 @@ def draw_predictions(cfg, model, output_dir: str, num: int, threshold: float) ->
             else:
                 keep = _dedup(instances, threshold)
                 boxes = instances.pred_boxes.tensor[keep].numpy()
-                labels = [
-                    f"{output['phrases'][i]} {float(instances.scores[i]):.2f}" for i in keep
-                ]
+                labels = [f"{output['phrases'][i]} {float(instances.scores[i]):.2f}" for i in keep]
                 path = os.path.join(output_dir, f"{prefix}_{k}.png")
                 _draw(image, boxes, labels, path)
             paths.append(path)
@@ -260,8 +273,11 @@ def _draw_rec(image, boxes, labels, gt_box, path: str, title: str) -> None:
     vis = Visualizer(image, scale=2.0)
     vis.draw_box(gt_box, edge_color="w", line_style="--")
     if len(boxes):
-        vis.overlay_instances(boxes=np.asarray(boxes, dtype=np.float32), labels=labels,
-                              assigned_colors=[(0.1, 0.9, 0.1)])
+        vis.overlay_instances(
+            boxes=np.asarray(boxes, dtype=np.float32),
+            labels=labels,
+            assigned_colors=[(0.1, 0.9, 0.1)],
+        )
     vis.draw_text(title, (4, 2), horizontal_alignment="left", color="w", font_size=9)
     cv2.imwrite(path, vis.get_output().get_image()[:, :, ::-1])
 
@@ -316,9 +332,11 @@ def _run(args: argparse.Namespace) -> Dict:
         num_val=num_val,
         image_size=image_size,
     )
-    print(f"[data] shapes datasets ready in {output_dir}/shapes ({num_train} train, "
-          f"{num_val} val images of {image_size} px; {time.perf_counter() - start:.0f} s)",
-          flush=True)
+    print(
+        f"[data] shapes datasets ready in {output_dir}/shapes ({num_train} train, "
+        f"{num_val} val images of {image_size} px; {time.perf_counter() - start:.0f} s)",
+        flush=True,
+    )
 
     _seed(cfg.train.get("seed", 0))
     model = instantiate(cfg.model)
@@ -327,19 +345,30 @@ def _run(args: argparse.Namespace) -> Dict:
     info = {"config_file": config_file, "threads": args.threads}
     if os.path.isfile(checkpoint) and not args.retrain:
         GroundingDINOCheckpointer(model, output_dir).load(checkpoint)
-        print(f"[train] reusing the trained model {checkpoint}: skipping training, only "
-              "evaluating and drawing (--retrain trains again)", flush=True)
+        print(
+            f"[train] reusing the trained model {checkpoint}: skipping training, only "
+            "evaluating and drawing (--retrain trains again)",
+            flush=True,
+        )
         previous = _read_json(os.path.join(output_dir, "run_info.json"))
-        info.update(reused_checkpoint=True, iterations=previous.get("iterations"),
-                    train_seconds=previous.get("train_seconds"))
+        info.update(
+            reused_checkpoint=True,
+            iterations=previous.get("iterations"),
+            train_seconds=previous.get("train_seconds"),
+        )
     else:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"[train] training from scratch: {cfg.train.max_iter} iterations, batch "
-              f"{cfg.dataloader.train.total_batch_size}, {trainable / 1e6:.2f}M trainable "
-              f"parameters, {args.threads} thread(s)", flush=True)
+        print(
+            f"[train] training from scratch: {cfg.train.max_iter} iterations, batch "
+            f"{cfg.dataloader.train.total_batch_size}, {trainable / 1e6:.2f}M trainable "
+            f"parameters, {args.threads} thread(s)",
+            flush=True,
+        )
         LazyConfig.save(cfg, os.path.join(output_dir, "config.yaml"))
-        info.update(reused_checkpoint=False, **train_model(cfg, model, output_dir,
-                                                             args.log_period))
+        info.update(
+            reused_checkpoint=False,
+            **train_model(cfg, model, output_dir, args.log_period, args.checkpoint_period),
+        )
 
     start = time.perf_counter()
     results = evaluate(cfg, model, output_dir)

@@ -148,6 +148,7 @@ class GroundingDINO(nn.Module):
         self.dn_box_noise_scale = dn_box_noise_scale
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.freeze_text_encoder = freeze_text_encoder
         if freeze_text_encoder:
             for parameter in self.text_encoder.bert.parameters():
                 parameter.requires_grad_(False)
@@ -160,6 +161,13 @@ class GroundingDINO(nn.Module):
         from ..config import lazy_model_kwargs_from_yacs
 
         return lazy_model_kwargs_from_yacs(cfg)
+
+    def train(self, mode: bool = True):
+        """As ``nn.Module.train``; a frozen BERT stays in eval mode (no dropout)."""
+        super().train(mode)
+        if self.freeze_text_encoder:
+            self.text_encoder.bert.eval()
+        return self
 
     @property
     def device(self) -> torch.device:

