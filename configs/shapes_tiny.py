@@ -66,6 +66,10 @@ model.text_encoder.pretrained = True
 # MiniLM at the official sub-sentence position ids (every phrase's first word at [CLS]'s
 # position 0) gives "red" and "blue" features with cosine 0.999: BERT gets ids + 1 instead.
 model.text_encoder.bert_position_offset = 1
+# Frozen (and so in eval mode, without dropout): with the position offset MiniLM's features
+# already tell colours and shapes apart, and a frozen BERT makes an iteration 30% cheaper.
+# Measured at 1300 iterations: frozen 49.3 AP50 / REC 63.6; trained at 0.5x lr, 0.75 s/it.
+model.freeze_text_encoder = True
 model.enhancer.num_layers = 2
 model.enhancer.ffn_dim = 512
 model.enhancer.text_ffn_dim = 512
@@ -126,7 +130,7 @@ dataloader.evaluator = L(build_evaluator)(
 # ------------------------------------------------------------------------------ training
 train.output_dir = "./output/shapes_tiny"
 train.device = "cpu"
-train.max_iter = 800
+train.max_iter = 1700  # about 13 minutes on 2 cores (1 thread, 0.45 s/it)
 train.eval_period = 0
 train.checkpointer.period = 500
 train.checkpointer.max_to_keep = 2
@@ -136,9 +140,7 @@ train.seed = 0
 
 optimizer.lr = 4e-4
 optimizer.params.backbone_lr_multiplier = 1.0  # random init: the full rate
-# MiniLM's token features of colour words are nearly collinear (cosine 0.8-1.0); a frozen
-# MiniLM learns colours far more slowly, so it trains, at half the rate.
-optimizer.params.text_encoder_lr_multiplier = 0.5
+optimizer.params.text_encoder_lr_multiplier = 0.0  # frozen: model.freeze_text_encoder
 
 lr_multiplier.warmup_iters = 100
 lr_multiplier.steps = [0.8]

@@ -1,4 +1,5 @@
 """The BERT text encoder: sub-sentence inputs, the BERT position offset, frozen = eval."""
+
 import torch
 from detectron2.config import LazyConfig, instantiate
 
@@ -17,6 +18,7 @@ def test_position_offset_changes_only_berts_positions(minilm_dir):
     masks, positions = sub_sentence_masks(a.input_ids, plain.special_token_ids)
     assert torch.equal(a.position_ids, positions) and torch.equal(b.position_ids, positions)
     assert torch.equal(a.self_attention_mask, masks)
+
     # The first word of each phrase no longer shares [CLS]'s position: "red" and "blue"
     # (tokens 1 and 4) become much more different.
     def cosine(features):

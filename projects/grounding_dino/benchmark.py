@@ -60,33 +60,11 @@ BOX_TOL_PX = 0.05
 
 # ---------------------------------------------------------------- models
 def _hf_config(tiny: bool):
-    from transformers import BertConfig, GroundingDinoConfig, SwinConfig
+    from transformers import BertConfig, GroundingDinoConfig
 
-    if not tiny:
-        return GroundingDinoConfig(text_config=BertConfig())
-    backbone = SwinConfig(
-        embed_dim=32,
-        depths=[1, 1, 2, 1],
-        num_heads=[1, 2, 4, 8],
-        window_size=7,
-        out_indices=[2, 3, 4],
-        out_features=["stage2", "stage3", "stage4"],
-    )
-    text = BertConfig(
-        hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96
-    )
-    return GroundingDinoConfig(
-        backbone_config=backbone,
-        text_config=text,
-        d_model=64,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_ffn_dim=128,
-        decoder_ffn_dim=128,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        num_queries=30,
-    )
+    from .testing import tiny_hf_config
+
+    return tiny_hf_config() if tiny else GroundingDinoConfig(text_config=BertConfig())
 
 
 def build_hf_model(tiny: bool = False, seed: int = 0):
@@ -429,7 +407,7 @@ def run_benchmark(args, workdir: str) -> Dict:
         pipelines["ours bf16"] = ours_bf16
     times: Dict[str, List[float]] = {name: [] for name in pipelines}
     loads = [_load_average()]
-    for name, function in pipelines.items():  # warm-up
+    for function in pipelines.values():  # warm-up
         function()
     for _ in range(args.runs):
         for name, function in pipelines.items():

@@ -92,9 +92,12 @@ def get_param_groups(
         if float(value) < 0:
             raise ValueError(f"get_param_groups: multiplier of {prefix!r} is negative: {value}")
     names = [n for n, p in model.named_parameters() if p.requires_grad]
+    all_names = [n for n, _ in model.named_parameters()]
     for prefix in multipliers:
-        if not any(n.startswith(prefix) for n in names):
-            logger.warning(f"get_param_groups: no trainable parameter starts with {prefix!r}")
+        if not any(n.startswith(prefix) for n in all_names):
+            logger.warning(f"get_param_groups: no parameter starts with {prefix!r}")
+        elif not any(n.startswith(prefix) for n in names):
+            logger.info(f"get_param_groups: the parameters under {prefix!r} are frozen")
 
     def factor(name: str) -> float:
         # ``named_modules`` gives the root module the name "", so its parameters arrive

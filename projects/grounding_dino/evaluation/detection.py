@@ -194,15 +194,21 @@ class ZeroShotDetectionEvaluator(COCOEvaluator):
                 in original pixels [N, 4], ``scores`` [N], ``pred_classes`` [N] indexing
                 ``metadata.thing_classes``).
         """
-        for input, output in zip(inputs, outputs):
-            if "image_id" not in input:
-                raise ValueError(f"{type(self).__name__}: an input dict has no 'image_id'.")
-            image_id = input["image_id"]
-            instances = _check_output(type(self).__name__, image_id, output, self._num_classes)
-            instances = _topk_by_score(instances, self._max_dets)
-            self._predictions.append(
-                {"image_id": image_id, "instances": instances_to_coco_json(instances, image_id)}
-            )
+        _collect_predictions(self, inputs, outputs)
+
+
+def _collect_predictions(evaluator, inputs, outputs) -> None:
+    """Checks each output, keeps its top ``evaluator._max_dets`` and stores it as COCO json."""
+    name = type(evaluator).__name__
+    for input, output in zip(inputs, outputs):
+        if "image_id" not in input:
+            raise ValueError(f"{name}: an input dict has no 'image_id'.")
+        image_id = input["image_id"]
+        instances = _check_output(name, image_id, output, evaluator._num_classes)
+        instances = _topk_by_score(instances, evaluator._max_dets)
+        evaluator._predictions.append(
+            {"image_id": image_id, "instances": instances_to_coco_json(instances, image_id)}
+        )
 
 
 @contextlib.contextmanager
@@ -287,15 +293,7 @@ class ZeroShotLVISEvaluator(LVISEvaluator):
 
     def process(self, inputs, outputs):
         """Same contract as :meth:`ZeroShotDetectionEvaluator.process`."""
-        for input, output in zip(inputs, outputs):
-            if "image_id" not in input:
-                raise ValueError(f"{type(self).__name__}: an input dict has no 'image_id'.")
-            image_id = input["image_id"]
-            instances = _check_output(type(self).__name__, image_id, output, self._num_classes)
-            instances = _topk_by_score(instances, self._max_dets)
-            self._predictions.append(
-                {"image_id": image_id, "instances": instances_to_coco_json(instances, image_id)}
-            )
+        _collect_predictions(self, inputs, outputs)
 
     def evaluate(self):
         """Gather, score on the main process (others return ``{}``)."""
