@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 
 from grounding_dino.data.datasets import get_thing_classes
 from grounding_dino.data.mapper import GroundingDatasetMapper
+from grounding_dino.data.transforms import build_test_augmentations
 from grounding_dino.data.synthetic import register_shapes_datasets
 from grounding_dino.evaluation import build_evaluator
 from grounding_dino.modeling.backbone.tiny_cnn import TinyCNNBackbone
@@ -113,7 +114,7 @@ dataloader.test = L(build_detection_test_loader)(
     dataset=L(get_detection_dataset_dicts)(names="shapes_val", filter_empty=False),
     mapper=L(GroundingDatasetMapper)(
         is_train=False,
-        augmentations=[],
+        augmentations=L(build_test_augmentations)(min_size=256, max_size=256),
         tokenizer="${model.text_encoder.name_or_path}",
         thing_classes=L(get_thing_classes)(name="${...dataset.names}"),
         image_format="RGB",

@@ -290,8 +290,8 @@ def _select(cfg, dotted: str):
     for part in dotted.split("."):
         try:
             node = node[part]
-        except (KeyError, TypeError, AttributeError):
-            return None
+        except (KeyError, TypeError, AttributeError, ValueError, IndexError):
+            return None  # (OmegaConf's key errors on lists are ValueErrors)
     return node
 
 
