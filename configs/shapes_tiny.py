@@ -20,23 +20,16 @@ Train with ``python -m grounding_dino.demo_job`` (``make demo``) or::
 """
 
 from detectron2.config import LazyCall as L
-from detectron2.data import (
-    build_detection_test_loader,
-    build_detection_train_loader,
-    get_detection_dataset_dicts,
-)
 from detectron2.data import transforms as T
-from omegaconf import OmegaConf
 
 from grounding_dino.data.datasets import get_thing_classes
-from grounding_dino.data.mapper import GroundingDatasetMapper
-from grounding_dino.data.transforms import build_test_augmentations
 from grounding_dino.data.synthetic import register_shapes_datasets
-from grounding_dino.evaluation import build_evaluator
+from grounding_dino.data.transforms import build_test_augmentations
 from grounding_dino.modeling.backbone.tiny_cnn import TinyCNNBackbone
 from grounding_dino.modeling.head import ContrastiveHead
 from grounding_dino.text.tokenizer import local_bert_dir
 
+from .common.data.coco_detection import dataloader
 from .common.models.grounding_dino_swin_t import model
 from .common.optim import AdamW as optimizer
 from .common.schedule import lr_multiplier
@@ -93,40 +86,16 @@ model.query_selector.head = L(ContrastiveHead)(
 model.dn_number = 20  # denoising queries per polarity (DINO's budget, scaled down)
 
 # ---------------------------------------------------------------------------------- data
-dataloader = OmegaConf.create()
-dataloader.train = L(build_detection_train_loader)(
-    dataset=L(get_detection_dataset_dicts)(
-        names=("shapes_train", "shapes_rec_train"), check_consistency=False
-    ),
-    mapper=L(GroundingDatasetMapper)(
-        is_train=True,
-        augmentations=[L(T.RandomFlip)(prob=0.5, horizontal=True)],
-        tokenizer="${model.text_encoder.name_or_path}",
-        thing_classes=L(get_thing_classes)(name="shapes_train"),
-        image_format="RGB",
-        max_text_len="${model.max_text_len}",
-        max_categories=10,  # positives + sampled negatives: short captions, cheap BERT passes
-    ),
-    total_batch_size=4,
-    num_workers=0,
+dataloader.train.dataset.update(names=("shapes_train", "shapes_rec_train"), check_consistency=False)
+dataloader.train.mapper.update(
+    augmentations=[L(T.RandomFlip)(prob=0.5, horizontal=True)],
+    thing_classes=L(get_thing_classes)(name="shapes_train"),
+    max_categories=10,  # positives + sampled negatives: short captions, cheap BERT passes
 )
-dataloader.test = L(build_detection_test_loader)(
-    dataset=L(get_detection_dataset_dicts)(names="shapes_val", filter_empty=False),
-    mapper=L(GroundingDatasetMapper)(
-        is_train=False,
-        augmentations=L(build_test_augmentations)(min_size=256, max_size=256),
-        tokenizer="${model.text_encoder.name_or_path}",
-        thing_classes=L(get_thing_classes)(name="${...dataset.names}"),
-        image_format="RGB",
-        max_text_len="${model.max_text_len}",
-    ),
-    batch_size=8,
-    num_workers=0,
-)
-dataloader.evaluator = L(build_evaluator)(
-    dataset_name="${..test.dataset.names}",
-    output_dir="${train.output_dir}/inference",
-)
+dataloader.train.update(total_batch_size=4, num_workers=0)
+dataloader.test.dataset.names = "shapes_val"
+dataloader.test.mapper.augmentations = L(build_test_augmentations)(min_size=256, max_size=256)
+dataloader.test.update(batch_size=8, num_workers=0)
 
 # ------------------------------------------------------------------------------ training
 train.output_dir = "./output/shapes_tiny"
