@@ -21,6 +21,15 @@ setup(
     python_requires=">=3.10",
     packages=_packages(),
     package_dir={"grounding_dino": PROJECT_DIR},
-    package_data={"grounding_dino": ["configs/*.py", "configs/*.yaml"]},
+    # The configs ship inside the package (``grounding_dino.model_zoo.get_config``); the
+    # repository's top-level ``configs`` is a link to ``projects/grounding_dino/configs``.
+    package_data={
+        "grounding_dino": [
+            "configs/*.py",
+            "configs/*.yaml",
+            "configs/common/*.py",
+            "configs/common/*/*.py",
+        ]
+    },
     install_requires=[],  # the pinned stack lives in requirements.txt
 )
