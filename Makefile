@@ -1,4 +1,5 @@
 # The two commands: `make demo` (the main job) and `make test`. Both build the environment first.
+# Applications live in tools/ (detectron2's layout); the library is the `grounding_dino` package.
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
@@ -13,14 +14,14 @@ test: setup
 	$(PYTHON) -m pytest -q tests $(PYTEST_ARGS)
 
 demo: setup
-	$(PYTHON) -m grounding_dino.demo_job $(DEMO_ARGS)
+	$(PYTHON) tools/demo_job.py $(DEMO_ARGS)
 
 benchmark: setup
-	$(PYTHON) -m grounding_dino.benchmark $(BENCHMARK_ARGS)
+	$(PYTHON) tools/benchmark.py $(BENCHMARK_ARGS)
 
 lint: setup
-	$(PYTHON) -m black --check projects tests configs train_net.py demo
-	$(PYTHON) -m ruff check projects tests configs train_net.py demo
+	$(PYTHON) -m black --check projects tests tools train_net.py demo
+	$(PYTHON) -m ruff check projects tests tools train_net.py demo
 
 format: setup
-	$(PYTHON) -m black projects tests configs train_net.py demo
+	$(PYTHON) -m black projects tests tools train_net.py demo

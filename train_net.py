@@ -69,7 +69,10 @@ def do_train(args, cfg):
     model = wrap_ddp(model, cfg.train.device, **cfg.train.get("ddp", {}))
     trainer = build_trainer(cfg.train, model, train_loader, optimizer)
     checkpointer = GroundingDINOCheckpointer(model, cfg.train.output_dir, trainer=trainer)
-    eval_function = (lambda: do_test(cfg, model)) if "evaluator" in cfg.dataloader else None
+    # train.eval_period: evaluate every so many iterations and after the last (0: only after
+    # the last; < 0: never).
+    evaluate = "evaluator" in cfg.dataloader and cfg.train.get("eval_period", 0) >= 0
+    eval_function = (lambda: do_test(cfg, model)) if evaluate else None
     trainer.register_hooks(
         build_hooks(cfg.train, instantiate(cfg.lr_multiplier), checkpointer, eval_function)
     )

@@ -36,7 +36,7 @@ def converted_tiny(tmp_path_factory, minilm_dir):
     return hf, out_dir, stdout
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def load_converted():
     """Instantiates a converted model (config.yaml + model.pth) in eval mode."""
 

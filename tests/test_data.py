@@ -25,7 +25,7 @@ from grounding_dino.data import (
     register_odinw,
     register_odvg,
 )
-from grounding_dino.text import count_tokens, load_tokenizer
+from grounding_dino.text import PromptEncoder, count_tokens, load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["person", "traffic light", "cat", "dog", "hot dog", "left shoe", "zebra", "kite"]
@@ -113,6 +113,7 @@ def test_detection_mapping(tokenizer, image_file):
         assert " ".join(caption[b:e] for b, e in spans) == name
         assert _positive_tokens(tokenizer, caption, inst.gt_positive_map[k]) == name.split()
     assert out["height"] == 60 and out["width"] == 80
+    assert out["input_ids"] == tokenizer(caption)["input_ids"]  # tokenised once, for the model
 
 
 def test_detection_negatives_sampled_and_shuffled(tokenizer, image_file):
@@ -140,6 +141,34 @@ def test_detection_256_token_cap(tokenizer, image_file):
         names = out["caption"][: -len(" .")].split(" . ")
         assert many[5] in names and many[299] in names and len(names) < 300
         assert (out["instances"].gt_positive_map.sum(1) > 0.99).all()
+
+
+def test_long_caption_ids_and_positive_maps(tokenizer, image_file, minilm_dir):
+    """A grounding caption over 256 tokens: the model gets its whole ids (it cuts them at 256
+    as the official model does) and the positive maps are the official ones on the caption
+    truncated at 256 tokens; the model's prompt encoder reuses the ids."""
+    from groundingdino.util.vl_utils import create_positive_map_from_span
+
+    caption = " . ".join(f"the dog {i}" for i in range(80)) + " . a cat on the left"
+    regions = [((2, 3, 30, 40), [[0, 7]]), ((5, 5, 9, 9), [[len(caption) - 15, len(caption)]])]
+    regions += [((5, 5, 9, 9), [[caption.index(f"dog {i}"), caption.index(f"dog {i}") + 6]])
+                for i in (61, 62, 63, 64)]  # around the 256th token
+    record = _grounding_record(image_file, caption, regions)
+    prompt_encoder = PromptEncoder(tokenizer_name_or_path=minilm_dir, max_text_len=256)
+    out = _mapper(prompt_encoder)(record)
+    whole = tokenizer(out["caption"])["input_ids"]
+    assert len(whole) > 256 and out["input_ids"] == whole
+    truncated = tokenizer(out["caption"], truncation=True, max_length=256)
+    spans = [s for _, s in regions]
+    official = create_positive_map_from_span(truncated, spans)
+    grounded = (official > 0).any(1)
+    assert 2 < int(grounded.sum()) < len(regions)  # some phrases lie beyond the cut
+    assert torch.equal(out["instances"].gt_positive_map, official[grounded])
+    (run,) = prompt_encoder.runs_for_input(0, out)
+    assert run.input_ids == whole and run.caption == out["caption"]
+    assert prompt_encoder.batch([run]).input_ids.shape == (1, 256)
+    with pytest.raises(ValueError, match="max_text_len=128 differs"):
+        _mapper(prompt_encoder, max_text_len=128)
 
 
 def test_empty_and_degenerate_boxes(tokenizer, image_file, caplog):
@@ -663,3 +692,5 @@ def test_lazy_config_and_pickle(tokenizer, minilm_dir, image_file):
     out = mapper(_det_record(image_file, [((2, 3, 30, 40), 0)]))
     assert min(out["image"].shape[1:]) <= 64 and max(out["image"].shape[1:]) <= 100
     assert out["instances"].gt_positive_map.shape == (1, 256)
+    assert mapper.tokenizer is tokenizer  # reloaded through the cache after unpickling
+    assert out["input_ids"] == tokenizer(out["caption"])["input_ids"]

@@ -49,7 +49,9 @@ def _inputs(batch, queries, box, seed=0):
 @pytest.mark.parametrize("box", [False, True])
 def test_matches_transformers(kernel, box):
     torch.manual_seed(0)
-    ours = MultiScaleDeformableAttention(32, num_heads=4, num_levels=4, num_points=3, kernel=kernel)
+    ours = MultiScaleDeformableAttention(
+        embed_dim=32, num_heads=4, num_levels=4, num_points=3, kernel=kernel
+    )
     with torch.no_grad():
         for p in ours.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -106,16 +108,20 @@ def test_bilinear_exact_on_known_map():
 
 
 def test_default_init_and_errors():
-    attn = MultiScaleDeformableAttention()
+    attn = MultiScaleDeformableAttention(embed_dim=256, num_heads=8, num_levels=4, num_points=4)
     assert attn.sampling_offsets.weight.abs().sum() == 0
     bias = attn.sampling_offsets.bias.view(8, 4, 4, 2)
     torch.testing.assert_close(bias[0, 0, :, 0], torch.tensor([1.0, 2.0, 3.0, 4.0]))
     with pytest.raises(ValueError, match="divisible"):
-        MultiScaleDeformableAttention(embed_dim=30, num_heads=8)
+        MultiScaleDeformableAttention(embed_dim=30, num_heads=8, num_levels=4, num_points=4)
     with pytest.raises(ValueError, match="kernel"):
-        MultiScaleDeformableAttention(kernel="cuda")
+        MultiScaleDeformableAttention(
+            embed_dim=32, num_heads=4, num_levels=4, num_points=4, kernel="cuda"
+        )
+    with pytest.raises(TypeError):  # keyword-only, every model setting required
+        MultiScaleDeformableAttention(32, 4, 4, 4)
     spatial, start, num_values = _levels()
-    small = MultiScaleDeformableAttention(32, num_heads=4, num_levels=4, num_points=2)
+    small = MultiScaleDeformableAttention(embed_dim=32, num_heads=4, num_levels=4, num_points=2)
     with pytest.raises(ValueError, match="reference_points"):
         small(torch.zeros(1, 3, 32), torch.zeros(1, 3, 4, 3), torch.zeros(1, num_values, 32),
               spatial, start)  # fmt: skip

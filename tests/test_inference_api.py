@@ -17,15 +17,21 @@ from detectron2.data import MetadataCatalog
 from detectron2.data.transforms import ResizeShortestEdge
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
+from omegaconf import OmegaConf
 
 from grounding_dino.config import (
+    GroundingDINOFromYacs,
     add_grounding_dino_config,
     build_lazy_model_from_yacs,
     default_prompt_from_yacs,
     resolve_config_file,
 )
 from grounding_dino.predictor import GroundingDINOPredictor, check_token_spans
-from grounding_dino.resize import official_output_size
+from grounding_dino.resize import (
+    OfficialResize,
+    official_output_size,
+    official_resize_from_lazy_config,
+)
 from hf_reference import tiny_hf_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +53,15 @@ def _tiny_hf_model(folder: Path) -> None:
     model.save_pretrained(folder)
 
 
+def _test_resize(min_size, **more):
+    return {
+        "_target_": "grounding_dino.data.transforms.build_test_augmentations",
+        "min_size": min_size,
+        "max_size": TEST_MAX_SIZE,
+        **more,
+    }
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, minilm_dir):
     """``{"lazy": lazy config yaml (small test resize), "weights": model.pth}``, made once."""
@@ -57,9 +72,7 @@ def converted(tmp_path_factory, minilm_dir):
     code = convert_main(["hf", str(root / "hf"), str(root / "out"), "--tokenizer", minilm_dir])
     assert code == 0
     lazy = LazyConfig.load(str(root / "out" / "config.yaml"))
-    lazy.dataloader = {
-        "test": {"mapper": {"augmentations": {"min_size": TEST_SIZE, "max_size": TEST_MAX_SIZE}}}
-    }
+    lazy.dataloader = {"test": {"mapper": {"augmentations": _test_resize(TEST_SIZE)}}}
     path = root / "small.yaml"
     LazyConfig.save(lazy, str(path))
     return {"lazy": str(path), "weights": str(root / "out" / "model.pth"), "root": root}
@@ -111,7 +124,7 @@ def test_yaml_names_the_lazy_configs():
         cfg = get_cfg()
         add_grounding_dino_config(cfg)
         cfg.merge_from_file(str(REPO / "configs" / f"{name}.yaml"))
-        assert cfg.MODEL.META_ARCHITECTURE == "GroundingDINO"
+        assert cfg.MODEL.META_ARCHITECTURE == "GroundingDINOFromYacs"
         assert cfg.INPUT.FORMAT == "RGB" and cfg.INPUT.MIN_SIZE_TEST == 0
         assert Path(resolve_config_file(cfg.MODEL.GROUNDING_DINO.CONFIG_FILE)).name == f"{name}.py"
 
@@ -119,17 +132,13 @@ def test_yaml_names_the_lazy_configs():
 @pytest.fixture(scope="module")
 def default_predictor(converted):
     """detectron2's own DefaultPredictor; no PROMPT, so DATASETS.TEST[0]'s classes are used."""
-    from grounding_dino.modeling import GroundingDINO
-
-    assert hasattr(GroundingDINO, "from_config"), (
-        "GroundingDINO needs @configurable and from_config = lazy_model_kwargs_from_yacs "
-        "(grounding_dino/config.py) for build_model(cfg)"
-    )
     if METADATA_NAME not in MetadataCatalog.list():
         MetadataCatalog.get(METADATA_NAME).set(thing_classes=CLASSES)
     cfg = _yacs_cfg(converted)
     cfg.DATASETS.TEST = (METADATA_NAME,)
-    return DefaultPredictor(cfg)
+    predictor = DefaultPredictor(cfg)
+    assert type(predictor.model) is GroundingDINOFromYacs
+    return predictor
 
 
 def test_default_predictor_equals_predictor(default_predictor, predictor):
@@ -167,6 +176,31 @@ def test_yacs_prompt_thresholds_and_overrides(converted):
     out = model([{"image": image.float(), "height": 110, "width": 150}])[0]
     assert 0 < len(out["instances"]) <= 4
     assert bool((out["instances"].scores > 0.6).all())
+    # Without "height"/"width", boxes come in the pixels of the image given (before the
+    # bridge's resize to the test size).
+    alone = model([{"image": image}])[0]
+    assert alone["instances"].image_size == (110, 150)
+    _assert_same(alone, out)
+
+
+def test_test_resize_comes_from_the_config_and_typos_are_errors():
+    resize = official_resize_from_lazy_config(OmegaConf.create({"model": {}}))
+    assert (resize.short_edge, resize.max_size) == (800, 1333)  # an inference config
+    cfg = OmegaConf.create({"dataloader": {"test": {"mapper": {"augmentations": None}}}})
+    cfg.dataloader.test.mapper.augmentations = _test_resize(96)
+    resize = official_resize_from_lazy_config(cfg)
+    assert isinstance(resize, OfficialResize) and resize.short_edge == 96
+    cfg.dataloader.test.mapper.augmentations = _test_resize(96, max_sise=100)
+    with pytest.raises(TypeError, match="max_sise"):
+        official_resize_from_lazy_config(cfg)
+    cfg.dataloader.test.mapper = {"augmentation": _test_resize(96)}
+    with pytest.raises(ValueError, match="dataloader.test.mapper.augmentations"):
+        official_resize_from_lazy_config(cfg)
+    cfg.dataloader.test.mapper = {
+        "augmentations": [{"_target_": "detectron2.data.transforms.RandomFlip"}]
+    }
+    with pytest.raises(ValueError, match="one OfficialResize"):
+        official_resize_from_lazy_config(cfg)
 
 
 def test_yacs_errors_name_the_problem(converted):

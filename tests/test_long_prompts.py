@@ -5,15 +5,9 @@ import torch
 
 
 @pytest.fixture(scope="module")
-def model(converted_tiny):
-    from detectron2.config import LazyConfig, instantiate
-
-    from grounding_dino.checkpoint import GroundingDINOCheckpointer
-
+def model(converted_tiny, load_converted):
     _, out_dir, _ = converted_tiny
-    cfg = LazyConfig.load(str(out_dir / "config.yaml"))
-    model = instantiate(cfg.model).eval()
-    GroundingDINOCheckpointer(model).load(cfg.train.init_checkpoint)
+    model = load_converted(out_dir)
     model.box_threshold = 0.0
     return model
 

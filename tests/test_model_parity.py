@@ -7,10 +7,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from detectron2.config import LazyConfig, instantiate
 
 from grounding_dino.checkpoint import GroundingDINOCheckpointer
-from grounding_dino.modeling.meta_arch import PromptRun
 from grounding_dino.predictor import GroundingDINOPredictor
 from grounding_dino.text import normalize_caption
 from grounding_dino.text.tokenizer import load_tokenizer
@@ -19,17 +17,10 @@ TOKEN_TOL = 1e-4
 BOX_TOL_PX = 0.05
 
 
-def _load_converted(out_dir):
-    cfg = LazyConfig.load(str(out_dir / "config.yaml"))
-    model = instantiate(cfg.model).eval()
-    GroundingDINOCheckpointer(model).load(cfg.train.init_checkpoint)
-    return model
-
-
 @pytest.fixture(scope="module")
-def hf_pair(converted_tiny, minilm_dir):
+def hf_pair(converted_tiny, minilm_dir, load_converted):
     hf, out_dir, stdout = converted_tiny
-    return hf, _load_converted(out_dir), load_tokenizer(minilm_dir), stdout, out_dir
+    return hf, load_converted(out_dir), load_tokenizer(minilm_dir), stdout, out_dir
 
 
 def _hf_forward(hf, tokenizer, images, captions):
@@ -46,7 +37,11 @@ def _hf_forward(hf, tokenizer, images, captions):
 
 
 def _ours_forward(model, images, captions):
-    runs = [PromptRun(i, c) for i, c in enumerate(captions)]
+    encoder = model.prompt_encoder
+    runs = [
+        run for i, c in enumerate(captions) for run in encoder.runs_for_input(i, {"caption": c})
+    ]
+    assert len(runs) == len(captions)
     with torch.no_grad():
         out = model.forward_transformer(list(images), runs)
     return out["pred_logits"].sigmoid(), out["pred_boxes"]
@@ -162,7 +157,9 @@ def _official_model(minilm_dir):
 
 
 @pytest.mark.slow
-def test_matches_the_official_code_on_an_official_format_checkpoint(tmp_path, minilm_dir):
+def test_matches_the_official_code_on_an_official_format_checkpoint(
+    tmp_path, minilm_dir, load_converted
+):
     official = _official_model(minilm_dir)
     checkpoint = tmp_path / "groundingdino_swint_ogc.pth"
     torch.save({"model": official.state_dict()}, checkpoint)
@@ -182,7 +179,7 @@ def test_matches_the_official_code_on_an_official_format_checkpoint(tmp_path, mi
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "missing keys: 0, unexpected keys: 0" in result.stdout
-    model = _load_converted(tmp_path / "out")
+    model = load_converted(tmp_path / "out")
     tokenizer = load_tokenizer(minilm_dir)
     torch.manual_seed(5)
     images = torch.randn(2, 3, 128, 160)

@@ -1,4 +1,4 @@
-"""Tests of the synthetic shapes datasets (grounding_dino.data.synthetic)."""
+"""Tests of the synthetic shapes datasets (grounding_dino.data.synthetic and .data.shapes)."""
 
 import json
 import os
@@ -11,6 +11,7 @@ from detectron2.structures import BoxMode
 from pycocotools.coco import COCO
 
 from grounding_dino.data import synthetic
+from grounding_dino.data.shapes import drawing, sampling, splits
 from grounding_dino.data.synthetic import (
     SHAPES_DIR_ENV,
     ShapesConfig,
@@ -57,13 +58,13 @@ def test_same_seed_same_dicts_and_pixels(tmp_path, shapes_root):
     # A different seed gives different scenes (and a different cache folder).
     reseeded = ShapesConfig(**{**TINY, "seed": 4})
     assert reseeded.split_key("train") != config.split_key("train")
-    scene0 = synthetic._generate_image(reseeded, "train", 0)
+    scene0 = splits.generate_scene(reseeded, "train", 0)
     assert scene0["objects"] != load_shapes_scenes(dirs["train"])["images"][0]["objects"]
 
 
 def test_image_depends_only_on_seed_and_index():
     small = ShapesConfig(**{**TINY, "num_train": 2})
-    assert synthetic._generate_image(small, "train", 1) == synthetic._generate_image(
+    assert splits.generate_scene(small, "train", 1) == splits.generate_scene(
         ShapesConfig(**TINY), "train", 1
     )
 
@@ -83,11 +84,11 @@ def test_boxes_inside_and_tight_around_drawn_shapes(shapes_root):
             for obj, mask in zip(scene["objects"], masks):
                 x, y, w, h = obj["bbox"]
                 assert 0 <= x and 0 <= y and x + w <= SIZE and y + h <= SIZE and w > 0 and h > 0
-                assert obj["bbox"] == synthetic._mask_box(mask)
+                assert obj["bbox"] == drawing.mask_box(mask)
                 assert (
                     obj["area"]
                     == mask.sum()
-                    >= 0.5 * synthetic.MIN_VISIBLE * np.pi * (obj["radius"] * 0.45) ** 2
+                    >= 0.5 * sampling.MIN_VISIBLE * np.pi * (obj["radius"] * 0.45) ** 2
                 )
                 x0, y0, x1, y1 = int(x), int(y), int(x + w), int(y + h)
                 covered[max(y0 - 1, 0) : y1 + 1, max(x0 - 1, 0) : x1 + 1] = True
@@ -240,7 +241,7 @@ def test_expression_generator_on_many_scenes():
     config = ShapesConfig(**{**TINY, "refs_per_image": 5})
     count = 0
     for index in range(40):
-        scene = synthetic._generate_image(config, "train", index)
+        scene = splits.generate_scene(config, "train", index)
         for ref in scene["refs"]:
             _check_expression(ref["expression"], scene["objects"], ref["target"], SIZE)
             count += 1
@@ -289,11 +290,11 @@ def test_cache_reused_and_env_root(tmp_path, monkeypatch):
     def fail(*args):
         raise AssertionError("a complete split was generated again")
 
-    monkeypatch.setattr(synthetic, "render_scene", fail)
+    monkeypatch.setattr(splits, "render_scene", fail)
     assert generate_shapes_split(config, "val") == split_dir
     # Without the variable, the default folder is output/demo/shapes under the working dir.
     monkeypatch.delenv(SHAPES_DIR_ENV)
     monkeypatch.chdir(tmp_path)
-    assert synthetic._split_dir(config, "val", None).startswith(
+    assert splits.split_folder(config, "val", None).startswith(
         str(tmp_path / "output" / "demo" / "shapes")
     )

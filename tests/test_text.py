@@ -1,5 +1,6 @@
 """Text side: captions, tokenization, masks, positive maps, phrases and chunking, checked
-against the official code (groundingdino) and transformers on generated captions."""
+against the official code (groundingdino) and transformers on generated captions; the prompt
+encoder (the one tokeniser of the model, the mapper and post-processing) against them too."""
 
 import random
 
@@ -7,6 +8,9 @@ import pytest
 import torch
 
 from grounding_dino.text import (
+    SPECIAL_TOKENS,
+    PromptEncoder,
+    TokenizedText,
     caption_from_categories,
     chunk_caption,
     chunk_categories,
@@ -17,10 +21,8 @@ from grounding_dino.text import (
     phrases_from_token_scores,
     positive_map_from_spans,
     positive_maps_from_spans,
-    special_token_ids,
     sub_sentence_masks,
     swap_left_right,
-    tokenize,
 )
 
 WORDS = [
@@ -64,6 +66,23 @@ SEPARATORS = [" . ", ". ", " ? ", "? ", " .. ", "... ", " . . ", ".", " , ", " "
 @pytest.fixture(scope="module")
 def tokenizer(minilm_dir):
     return load_tokenizer(minilm_dir)
+
+
+def tokenize(tokenizer, captions):
+    """The tokenizer called directly as the official code does: a padded batch truncated at
+    256 tokens, with character offsets."""
+    return tokenizer(
+        list(captions),
+        padding="longest",
+        truncation=True,
+        max_length=256,
+        return_offsets_mapping=True,
+        return_tensors="pt",
+    )
+
+
+# The official ``specical_tokens``: [CLS], [SEP], "." and "?" of the bert-base-uncased vocabulary.
+OFFICIAL_SPECIAL_IDS = [101, 102, 1012, 1029]
 
 
 def _random_caption(rng: random.Random) -> str:
@@ -143,29 +162,14 @@ def test_swap_left_right():
     assert back == caption and back_spans == spans
 
 
-def test_special_token_ids(tokenizer):
-    assert special_token_ids(tokenizer) == [101, 102, 1012, 1029]
-
-
-def test_tokenize_pads_truncates_offsets(tokenizer):
-    long_caption = normalize_caption(" . ".join(["thermoregulation"] * 100))
-    encoded = tokenize(tokenizer, ["a cat .", long_caption])
-    assert encoded["input_ids"].shape == (2, 256)
-    assert encoded["input_ids"][1, -1].item() == 102  # [SEP] kept at the cut
-    assert encoded["attention_mask"][0].sum().item() == 5
-    assert encoded["offset_mapping"].shape == (2, 256, 2)
-    assert encoded.char_to_token(0, 2) == 2
-    with pytest.raises(TypeError):
-        tokenize(tokenizer, "a cat .")
-
-
 def test_masks_match_official_and_transformers(tokenizer, captions):
     from groundingdino.models.GroundingDINO.bertwarper import generate_masks_with_special_tokens
     from transformers.models.grounding_dino.modeling_grounding_dino import (
         generate_masks_with_special_tokens_and_transfer_map as hf_masks,
     )
 
-    specials = special_token_ids(tokenizer)
+    specials = tokenizer.convert_tokens_to_ids(["[CLS]", "[SEP]", ".", "?"])
+    assert specials == OFFICIAL_SPECIAL_IDS
     normalized = [normalize_caption(c) for c in captions]
     n_truncated = 0
     for start in range(0, len(normalized), 8):  # batches with padding
@@ -221,7 +225,7 @@ def test_positive_map_rows_and_errors(tokenizer):
         positive_map_from_spans(encoded, [[(5, 5)]])
 
 
-def test_phrases_match_official_and_transformers(tokenizer, captions):
+def test_phrases_match_official_and_transformers(tokenizer, prompt_encoder, captions):
     from groundingdino.util.utils import get_phrases_from_posmap
     from transformers.models.grounding_dino.processing_grounding_dino import (
         get_phrases_from_posmap as hf_phrases,
@@ -236,6 +240,7 @@ def test_phrases_match_official_and_transformers(tokenizer, captions):
         ids = encoded["input_ids"][0]
         scores = torch.rand(6, 256, generator=gen) ** 3  # padded to 256 as the model does
         ours = phrases_from_token_scores(scores, ids, tokenizer, 0.25)
+        assert prompt_encoder.phrases(scores, ids.tolist(), 0.25) == ours
         length = len(ids)
         keep = scores[:, :length] > 0.25
         is_special = torch.tensor([int(i) in special for i in ids])
@@ -329,3 +334,207 @@ def test_category_names_are_cleaned_for_prompts(name, cleaned):
     from grounding_dino.text import clean_category_name
 
     assert clean_category_name(name) == cleaned
+
+
+# ------------------------------------------------------------------------------------------
+# The prompt encoder, against the official code and the tokenizer called directly
+# ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def prompt_encoder(minilm_dir):
+    return PromptEncoder(tokenizer_name_or_path=minilm_dir, max_text_len=256)
+
+
+def _official_text_inputs(tokenizer, captions, max_text_len=256):
+    """The official model's text inputs (``GroundingDINO.forward``): tokenised whole and padded
+    to the longest, masks built on the whole captions, then everything cut at max_text_len."""
+    from groundingdino.models.GroundingDINO.bertwarper import (
+        generate_masks_with_special_tokens_and_transfer_map,
+    )
+
+    tokenized = tokenizer(captions, padding="longest", return_tensors="pt")
+    masks, positions, _ = generate_masks_with_special_tokens_and_transfer_map(
+        tokenized, OFFICIAL_SPECIAL_IDS, tokenizer
+    )
+    cut = slice(0, max_text_len)
+    return {
+        "input_ids": tokenized["input_ids"][:, cut],
+        "token_mask": tokenized["attention_mask"][:, cut].bool(),
+        "token_type_ids": tokenized["token_type_ids"][:, cut],
+        "self_attention_mask": masks[:, cut, cut],
+        "position_ids": positions[:, cut],
+    }
+
+
+def test_prompt_encoder_table_and_properties(prompt_encoder, tokenizer):
+    assert SPECIAL_TOKENS == ("[CLS]", "[SEP]", ".", "?")
+    assert prompt_encoder.special_token_ids == OFFICIAL_SPECIAL_IDS
+    assert prompt_encoder.pad_token_id == 0 and prompt_encoder.max_text_len == 256
+    assert prompt_encoder.tokenizer is tokenizer  # the cached load_tokenizer
+    with pytest.raises(ValueError, match="max_text_len"):
+        PromptEncoder.from_tokenizer(tokenizer, max_text_len=2)
+    with pytest.raises(ValueError, match="tokenizer_name_or_path"):
+        PromptEncoder(tokenizer_name_or_path="", max_text_len=256)
+
+
+def test_prompt_encoder_pickles(prompt_encoder, tokenizer):
+    import pickle
+
+    again = pickle.loads(pickle.dumps(prompt_encoder))
+    assert again.tokenizer is prompt_encoder.tokenizer  # reloaded from the cache, not pickled
+    assert again.max_text_len == 256 and again.special_token_ids == OFFICIAL_SPECIAL_IDS
+    wrapped = pickle.loads(pickle.dumps(PromptEncoder.from_tokenizer(tokenizer, max_text_len=9)))
+    assert wrapped.max_text_len == 9
+    assert wrapped.runs_for_input(0, {"caption": "a cat"})[0].input_ids == [101, 1037, 4937, 1012, 102]
+
+
+def test_caption_runs_match_official_tokens(prompt_encoder, tokenizer, captions):
+    from groundingdino.util.inference import preprocess_caption
+
+    n_chunked = 0
+    for caption in captions:
+        official = tokenizer(preprocess_caption(caption))["input_ids"]
+        runs = prompt_encoder.runs_for_input(3, {"caption": caption})
+        assert all(run.image_index == 3 and run.category_indices is None for run in runs)
+        assert all(run.positive_map is None for run in runs)
+        if len(official) <= 256:
+            assert len(runs) == 1 and runs[0].input_ids == official, caption
+            assert runs[0].caption == normalize_caption(caption) and runs[0].phrase_offset == 0
+            continue
+        n_chunked += 1
+        assert len(runs) > 1
+        # The chunks' tokens are the caption's, split at phrase boundaries.
+        assert [i for run in runs for i in run.input_ids[1:-1]] == official[1:-1]
+        separators = 0
+        for run in runs:
+            assert run.input_ids == tokenizer(run.caption)["input_ids"]
+            assert len(run.input_ids) <= 256 and run.caption.endswith(".")
+            assert run.phrase_offset == separators
+            separators += sum(i in (1012, 1029) for i in run.input_ids)
+    assert n_chunked > 5
+
+
+def test_batch_matches_official_model_inputs(prompt_encoder, tokenizer, captions):
+    normalized = [normalize_caption(c) for c in captions]
+    n_cut = 0
+    for start in range(0, len(normalized), 8):
+        batch = normalized[start : start + 8]
+        # Whole captions (as the mapper's ids in training): the cut happens in batch().
+        runs = [
+            prompt_encoder.runs_for_input(i, {"caption": c, "input_ids": tokenizer(c)["input_ids"]})[0]
+            for i, c in enumerate(batch)
+        ]
+        ours = prompt_encoder.batch(runs)
+        official = _official_text_inputs(tokenizer, batch)
+        for name, expected in official.items():
+            assert torch.equal(getattr(ours, name), expected), name
+        n_cut += int(len(max(runs, key=lambda r: len(r.input_ids)).input_ids) > 256)
+        # Chunked runs of the same captions: each fits, so nothing is cut.
+        chunks = [run for c in batch for run in prompt_encoder.runs_for_input(0, {"caption": c})]
+        ours = prompt_encoder.batch(chunks, device="cpu")
+        official = _official_text_inputs(tokenizer, [run.caption for run in chunks])
+        for name, expected in official.items():
+            assert torch.equal(getattr(ours, name), expected), name
+    assert n_cut > 3
+    moved = ours.to("cpu")
+    assert isinstance(moved, TokenizedText) and torch.equal(moved.input_ids, ours.input_ids)
+    with pytest.raises(ValueError, match="at least one"):
+        prompt_encoder.batch([])
+
+
+def test_category_runs_match_official(prompt_encoder, tokenizer):
+    from groundingdino.util.vl_utils import (
+        build_captions_and_token_span,
+        create_positive_map_from_span,
+    )
+
+    rng = random.Random(11)
+    names = set()
+    while len(names) < 700:
+        names.add(" ".join(rng.choice(WORDS[:20]).lower() for _ in range(rng.randint(1, 3))))
+    names = sorted(names)
+    runs = prompt_encoder.runs_for_input(1, {"category_names": names})
+    assert len(runs) > 3
+    assert [i for run in runs for i in run.category_indices] == list(range(len(names)))
+    for run in runs:
+        group = [names[i] for i in run.category_indices]
+        caption, spans = build_captions_and_token_span(group, True)
+        encoded = tokenizer(caption)
+        official = create_positive_map_from_span(encoded, [spans[n] for n in group])
+        assert run.caption == caption and run.input_ids == encoded["input_ids"]
+        assert run.image_index == 1 and run.phrase_offset == 0
+        assert len(run.input_ids) <= 256
+        assert torch.equal(run.positive_map, official)
+
+
+def test_positive_map_is_the_truncated_official(prompt_encoder, tokenizer, captions):
+    """The mapper's positive maps: the official map on the caption truncated at 256 tokens
+    (the tokenizer keeps [SEP] last), from one whole tokenisation."""
+    from groundingdino.util.vl_utils import create_positive_map_from_span
+
+    rng = random.Random(2)
+    n_long = n_boundary = 0
+    for caption in captions:
+        caption = normalize_caption(caption)
+        encoding = prompt_encoder.tokenize(caption)
+        spans = _random_spans(rng, caption)
+        if len(encoding["input_ids"]) > 256:
+            n_long += 1
+            # Spans around the cut: tokens 250..258.
+            offsets = encoding["offset_mapping"]
+            for first, last in [(250, 254), (252, 256), (254, 255), (255, 258), (253, 253)]:
+                spans.append([(offsets[first][0], offsets[last][1])])
+                n_boundary += 1
+        truncated = tokenizer(caption, truncation=True, max_length=256)
+        official = create_positive_map_from_span(truncated, spans)
+        assert torch.equal(prompt_encoder.positive_map(caption, spans, encoding), official)
+        assert torch.equal(prompt_encoder.positive_map(caption, spans), official)
+    assert n_long > 5 and n_boundary > 25
+
+
+def test_token_helpers_match_token_strings(prompt_encoder, tokenizer, captions):
+    non_words = {"[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]", ".", "?"}
+    normalized = [normalize_caption(c) for c in captions[:60]] + ["🐱 cat ? [MASK] dog ."]
+    n_unknown = 0
+    for caption in normalized:
+        ids = tokenizer(caption)["input_ids"] + [0, 0]  # with padding
+        tokens = tokenizer.convert_ids_to_tokens(ids)
+        ids = torch.tensor(ids)
+        assert prompt_encoder.word_token_mask(ids).tolist() == [t not in non_words for t in tokens]
+        expected, phrase = [], 0
+        for token in tokens:
+            expected.append(phrase)
+            phrase += token in (".", "?")
+        assert prompt_encoder.phrase_index_of_tokens(ids).tolist() == expected
+        assert prompt_encoder.count_phrases(caption) == sum(t in (".", "?") for t in tokens)
+        n_unknown += tokens.count("[UNK]")
+    assert n_unknown > 0
+    batched = torch.tensor([[101, 1037, 1012, 4937, 1029, 102], [101, 4937, 1012, 102, 0, 0]])
+    assert prompt_encoder.phrase_index_of_tokens(batched).tolist() == [
+        [0, 0, 0, 1, 1, 2],
+        [0, 0, 0, 1, 1, 1],
+    ]
+
+
+def test_runs_for_input_errors(prompt_encoder, tokenizer):
+    with pytest.raises(ValueError, match="Input 2: give 'caption' or 'category_names', not both"):
+        prompt_encoder.runs_for_input(2, {"caption": "a", "category_names": ["b"]})
+    with pytest.raises(ValueError, match="Input 0: no prompt"):
+        prompt_encoder.runs_for_input(0, {})
+    for bad in ([], "cat"):
+        with pytest.raises(ValueError, match="non-empty list"):
+            prompt_encoder.runs_for_input(0, {"category_names": bad})
+    with pytest.raises(ValueError, match="empty or blank"):
+        prompt_encoder.runs_for_input(0, {"caption": "  "})
+    with pytest.raises(ValueError, match="Category 1"):
+        prompt_encoder.runs_for_input(0, {"category_names": ["cat", "thermoregulation " * 300]})
+    with pytest.raises(ValueError, match="501 tokens"):
+        prompt_encoder.runs_for_input(0, {"caption": "a dog . " + "thermoregulation " * 100})
+    ids = tokenizer("a cat .")["input_ids"]
+    run = prompt_encoder.runs_for_input(0, {"caption": "a cat .", "input_ids": torch.tensor(ids)})
+    assert run[0].input_ids == ids
+    with pytest.raises(ValueError, match="not normalised"):
+        prompt_encoder.runs_for_input(0, {"caption": "A cat", "input_ids": ids})
+    with pytest.raises(ValueError, match=r"\[CLS\]"):
+        prompt_encoder.runs_for_input(0, {"caption": "a cat .", "input_ids": ids[1:]})
+    with pytest.raises(ValueError, match="1-D"):
+        prompt_encoder.runs_for_input(0, {"caption": "a cat .", "input_ids": torch.tensor([ids])})

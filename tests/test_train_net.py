@@ -43,7 +43,6 @@ TINY_CONFIG = """
 import os
 
 from detectron2.config import LazyCall as L
-from detectron2.config import LazyConfig
 from detectron2.data import (
     DatasetCatalog,
     build_detection_test_loader,
@@ -57,61 +56,38 @@ from omegaconf import OmegaConf
 from grounding_dino.data.datasets import get_thing_classes
 from grounding_dino.data.mapper import GroundingDatasetMapper
 from grounding_dino.evaluation import build_evaluator
-from grounding_dino.modeling import (
-    BertTextEncoder,
-    CrossModalityDecoder,
-    FeatureEnhancer,
-    GroundingDINO,
-    LanguageGuidedQuerySelector,
-)
-from grounding_dino.modeling.backbone import SwinImageBackbone
-from grounding_dino.modeling.backbone.swin import SwinTransformer
-from grounding_dino.modeling.criterion import GroundingCriterion
-from grounding_dino.modeling.matcher import HungarianMatcher
+from grounding_dino.model_zoo import get_config
+from grounding_dino.modeling import build_image_backbone
 from grounding_dino.text.tokenizer import local_bert_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-COMMON = os.path.join({repo!r}, "configs", "common")
 NAME = "tiny_fixture_" + str(abs(hash(HERE)) % 10**8)
 if NAME not in DatasetCatalog.list():
     register_coco_instances(
         NAME, {{}}, os.path.join(HERE, "coco.json"), os.path.join(HERE, "images")
     )
 
-model = L(GroundingDINO)(
-    hidden_dim=64,
-    num_feature_levels=4,
-    max_text_len=256,
-    backbone=L(SwinImageBackbone)(
-        swin=L(SwinTransformer)(
-            embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=4,
-            drop_path_rate=0.0,
-        ),
-        hidden_dim="${{..hidden_dim}}",
-        num_feature_levels="${{..num_feature_levels}}",
-    ),
-    text_encoder=L(BertTextEncoder)(
-        name_or_path=local_bert_dir(), hidden_dim="${{..hidden_dim}}", max_text_len=256
-    ),
-    enhancer=L(FeatureEnhancer)(
-        num_layers=2, d_model="${{..hidden_dim}}", num_levels=4, ffn_dim=64, num_heads=4,
-        num_points=2, text_heads=2, text_ffn_dim=64, fusion_dim=64, fusion_heads=2,
-        fusion_drop_path=0.0,
-    ),
-    query_selector=L(LanguageGuidedQuerySelector)(
-        d_model="${{..hidden_dim}}", num_queries=30, max_text_len=256
-    ),
-    decoder=L(CrossModalityDecoder)(
-        num_layers=2, d_model="${{..hidden_dim}}", num_heads=4, ffn_dim=64, num_levels=4,
-        num_points=2,
-    ),
-    criterion=L(GroundingCriterion)(
-        matcher=L(HungarianMatcher)(cost_class=1.0, cost_bbox=5.0, cost_giou=2.0)
-    ),
-    dn_number=4,
-    freeze_text_encoder=True,
+# The packaged model tree, made small.
+model = get_config("common/models/grounding_dino_swin_t.py").model
+model.hidden_dim = 64
+model.backbone = L(build_image_backbone)(
+    name="TinyCNNBackbone", channels=(8, 16, 32, 48, 64), convs_per_stage=1, num_outputs=3,
+    frozen_stages=-1,
 )
+model.neck.in_channels = (32, 48, 64)
+model.text_encoder.update(name_or_path=local_bert_dir(), freeze=True)
+model.enhancer.update(
+    num_layers=2, ffn_dim=64, num_heads=4, num_points=2, text_heads=2, text_ffn_dim=64,
+    fusion_dim=64, fusion_heads=2, fusion_drop_path=0.0,
+)
+model.query_selector.num_queries = 30
+model.decoder.update(num_layers=2, num_heads=4, ffn_dim=64, num_points=2)
+model.dn_number = 4
 
+optimizer = get_config("common/optim.py").AdamW
+lr_multiplier = get_config("common/schedule.py").lr_multiplier
+lr_multiplier.warmup_iters = 1
+train = get_config("common/train.py").train
 _mapper = dict(
     tokenizer="${{model.text_encoder.name_or_path}}",
     thing_classes=L(get_thing_classes)(name=NAME),
@@ -135,10 +111,6 @@ dataloader.evaluator = L(build_evaluator)(
     dataset_name=NAME, output_dir="${{train.output_dir}}/inference"
 )
 
-optimizer = LazyConfig.load(os.path.join(COMMON, "optim.py"), "AdamW")
-lr_multiplier = LazyConfig.load(os.path.join(COMMON, "schedule.py"), "lr_multiplier")
-lr_multiplier.warmup_iters = 1
-train = LazyConfig.load(os.path.join(COMMON, "train.py"), "train")
 train.output_dir = os.path.join(HERE, "output")
 train.device = "cpu"
 train.max_iter = 2
@@ -212,8 +184,7 @@ def batch(tokenizer):
 def tiny_model(tiny_config):
     torch.manual_seed(0)
     cfg = LazyConfig.load(tiny_config, "model")
-    if hasattr(instantiate(cfg.backbone), "freeze_stages"):
-        cfg.freeze_backbone_stages = 0
+    cfg.backbone.frozen_stages = 0  # the stem and the first stage
     return instantiate(cfg).train()
 
 
@@ -230,6 +201,8 @@ def test_one_step_gradients_reach_exactly_the_trainable_parameters(tiny_model):
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert any(n.startswith("text_encoder.bert.") for n in frozen)
+    assert any(n.startswith("backbone.") for n in frozen)  # model.backbone.frozen_stages
+    assert any(n.startswith("backbone.") for n, _ in trainable)
     assert not any(n.startswith("text_encoder.feat_map") for n in frozen)
     missing = [n for n, p in trainable if p.grad is None]
     assert not missing, f"trainable parameters without gradient: {missing}"
@@ -240,18 +213,24 @@ def test_one_step_gradients_reach_exactly_the_trainable_parameters(tiny_model):
 
 def test_param_groups_and_clipped_trainer_step(tiny_model):
     model = tiny_model
-    groups = get_param_groups(model, base_lr=1e-4, weight_decay=1e-4)
+    groups = get_param_groups(
+        model,
+        base_lr=1e-4,
+        weight_decay=1e-4,
+        backbone_lr_multiplier=0.1,
+        text_encoder_lr_multiplier=0.1,
+    )
     lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
     names = dict(model.named_parameters())
     assert len(lr_of) == sum(p.requires_grad for p in names.values())  # frozen left out
     for name, param in names.items():
         if not param.requires_grad:
             assert id(param) not in lr_of
-        elif name.startswith(("backbone.swin.", "text_encoder.bert.")):
+        elif name.startswith(("backbone.", "text_encoder.bert.")):
             assert lr_of[id(param)] == pytest.approx(1e-5), name
-        else:
+        else:  # the neck's projections train at the base rate, as in Open-GroundingDino
             assert lr_of[id(param)] == pytest.approx(1e-4), name
-    assert any(n.startswith("backbone.input_proj") for n in names)
+    assert any(n.startswith("neck.") and id(p) in lr_of for n, p in names.items())
 
     optimizer = torch.optim.AdamW(groups, lr=1e-4, weight_decay=1e-4)
     data = [batch(model.tokenizer)]
@@ -269,7 +248,7 @@ def test_param_groups_and_clipped_trainer_step(tiny_model):
     assert clipped == pytest.approx(0.1, rel=1e-3)  # ...and the step used clipped gradients
     changed = [n for n, p in names.items() if not torch.equal(before[n], p)]
     assert all(names[n].requires_grad for n in changed)
-    assert any(n.startswith("backbone.swin.") for n in changed)
+    assert any(n.startswith("backbone.") for n in changed)
     assert not any(n.startswith("text_encoder.bert.") for n in changed)
 
 
@@ -323,9 +302,9 @@ def test_schedule_and_multipliers():
     assert warmup_step_schedule(1, warmup_iters=0)(0.0) == 1.0
     with pytest.raises(ValueError, match="increasing fractions"):
         step_milestones(100, [0.8, 0.5])
-    multipliers = {"backbone.": 0.1, "backbone.swin.layers.0.": 0.0}
-    assert lr_factor_of("backbone.swin.layers.0.x", multipliers) == 0.0
-    assert lr_factor_of("backbone.swin.layers.1.x", multipliers) == 0.1
+    multipliers = {"backbone.": 0.1, "backbone.layers.0.": 0.0}
+    assert lr_factor_of("backbone.layers.0.x", multipliers) == 0.0
+    assert lr_factor_of("backbone.layers.1.x", multipliers) == 0.1
     assert lr_factor_of("decoder.x", multipliers) == 1.0
 
 
@@ -355,8 +334,8 @@ def test_variant_config_changes_its_parent():
     variant = LazyConfig.load(os.path.join(REPO, "configs", "finetune_refcoco_swin_t.py"))
     assert variant.train.init_checkpoint == parent.train.init_checkpoint != ""
     assert variant.optimizer.lr == parent.optimizer.lr
-    assert variant.model.freeze_text_encoder is True
-    assert parent.model.get("freeze_text_encoder", False) is False
+    assert variant.model.text_encoder.freeze is True
+    assert parent.model.text_encoder.freeze is False
     assert variant.dataloader.train.dataset.names == "refcoco_train"
     assert parent.dataloader.train.dataset.names == "coco_2017_train"
     assert variant.train.max_iter < parent.train.max_iter

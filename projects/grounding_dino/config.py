@@ -18,11 +18,14 @@ How the results equal :class:`~grounding_dino.GroundingDINOPredictor`:
 
 * The structure comes from the lazy config only (``MODEL.GROUNDING_DINO.CONFIG_FILE`` with
   ``MODEL.GROUNDING_DINO.OVERRIDES``); yacs keys such as ``MODEL.PIXEL_MEAN`` are not used.
+* ``MODEL.META_ARCHITECTURE`` is ``GroundingDINOFromYacs``: a :class:`GroundingDINO` whose
+  ``from_config`` instantiates the lazy config's ``model`` and whose ``inference`` first fills
+  what ``DefaultPredictor`` cannot pass (the meta-architecture itself knows nothing of yacs).
 * ``INPUT.MIN_SIZE_TEST`` is 0, which turns ``DefaultPredictor``'s ``ResizeShortestEdge`` off
-  (it rounds sizes differently from the official rule). The model built here resizes each
-  image itself with :class:`~grounding_dino.resize.OfficialResize`, on the same uint8 pixels,
-  exactly as ``GroundingDINOPredictor`` does.
-* ``DefaultPredictor`` passes no prompt, so the model gets a ``default_prompt``:
+  (it rounds sizes differently from the official rule). ``GroundingDINOFromYacs`` resizes each
+  CPU image itself with :class:`~grounding_dino.resize.OfficialResize`, on the same uint8
+  pixels and before anything moves to the device, exactly as ``GroundingDINOPredictor`` does.
+* ``DefaultPredictor`` passes no prompt, so the model uses its ``default_prompt``:
   ``MODEL.GROUNDING_DINO.PROMPT``, else the ``thing_classes`` of ``DATASETS.TEST[0]``.
 * ``DefaultPredictor`` loads ``MODEL.WEIGHTS`` with detectron2's checkpointer, which
   unpickles without ``weights_only``. The model's ``from_config`` runs first and reads the
@@ -38,20 +41,24 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 from detectron2.config import CfgNode as CN
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import LazyConfig, configurable, instantiate
 from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.utils.registry import locate
 
 from .convert.checkpoint import load_checkpoint_file
-from .predictor import official_resize_from_lazy_config, prompt_to_input
+from .modeling import GroundingDINO
+from .predictor import prompt_to_input
+from .resize import OfficialResize, official_resize_from_lazy_config
 
 __all__ = [
+    "GroundingDINOFromYacs",
     "add_grounding_dino_config",
     "resolve_config_file",
     "load_lazy_config_from_yacs",
     "default_prompt_from_yacs",
     "lazy_model_kwargs_from_yacs",
     "build_lazy_model_from_yacs",
-    "apply_input_defaults",
 ]
 
 logger = logging.getLogger(__name__)
@@ -61,8 +68,9 @@ Prompt = Union[str, Sequence[str]]
 
 def add_grounding_dino_config(cfg: CN) -> None:
     """
-    Adds ``MODEL.GROUNDING_DINO`` to a detectron2 yacs config, and sets the input defaults the
-    bridge needs (``INPUT.FORMAT = "RGB"``, ``INPUT.MIN_SIZE_TEST = 0``: see the module doc).
+    Adds ``MODEL.GROUNDING_DINO`` to a detectron2 yacs config, and sets the defaults the
+    bridge needs (``MODEL.META_ARCHITECTURE = "GroundingDINOFromYacs"``, ``INPUT.FORMAT =
+    "RGB"``, ``INPUT.MIN_SIZE_TEST = 0``: see the module doc).
 
     Keys:
         CONFIG_FILE: the lazy config (``.py``, or the converter's ``config.yaml``). Relative
@@ -82,6 +90,7 @@ def add_grounding_dino_config(cfg: CN) -> None:
     cfg.MODEL.GROUNDING_DINO.BOX_THRESHOLD = None
     cfg.MODEL.GROUNDING_DINO.TEXT_THRESHOLD = None
     cfg.MODEL.GROUNDING_DINO.MAX_DETECTIONS = None
+    cfg.MODEL.META_ARCHITECTURE = "GroundingDINOFromYacs"
     cfg.INPUT.FORMAT = "RGB"
     cfg.INPUT.MIN_SIZE_TEST = 0
 
@@ -195,28 +204,24 @@ def _check_weights(path: str) -> None:
 
 def lazy_model_kwargs_from_yacs(cfg: CN) -> Dict:
     """
-    Keyword arguments of ``GroundingDINO.__init__`` for a yacs config: the lazy config's
+    Keyword arguments of :class:`GroundingDINOFromYacs` for a yacs config: the lazy config's
     ``model`` entry instantiated, plus ``input_format`` (``INPUT.FORMAT``), ``default_prompt``
-    and ``test_resize``. This is ``GroundingDINO.from_config``.
+    and ``test_resize``. This is ``GroundingDINOFromYacs.from_config``.
 
     Raises:
         ValueError: the lazy model is not a GroundingDINO, the prompt is invalid, or
             ``MODEL.WEIGHTS`` holds more than weights.
     """
-    from .modeling.meta_arch import GroundingDINO
-
     _check_weights(cfg.MODEL.WEIGHTS)
     default_prompt = default_prompt_from_yacs(cfg)
     lazy = load_lazy_config_from_yacs(cfg)
     target = lazy.model.get("_target_")
     if isinstance(target, str):
-        from detectron2.utils.registry import locate
-
         target = locate(target)
-    if not (isinstance(target, type) and issubclass(target, GroundingDINO)):
+    if target is not GroundingDINO:
         raise ValueError(
-            f"{cfg.MODEL.GROUNDING_DINO.CONFIG_FILE}: model._target_ is {target!r}; "
-            "the yacs bridge needs a GroundingDINO"
+            f"{cfg.MODEL.GROUNDING_DINO.CONFIG_FILE}: model._target_ is {target!r}; the yacs "
+            "bridge builds GroundingDINOFromYacs from the arguments of a GroundingDINO"
         )
     model_cfg = lazy.model
     model_cfg._target_ = _capture_kwargs
@@ -236,54 +241,78 @@ def lazy_model_kwargs_from_yacs(cfg: CN) -> Dict:
     return kwargs
 
 
-def build_lazy_model_from_yacs(cfg: CN):
+@META_ARCH_REGISTRY.register()
+class GroundingDINOFromYacs(GroundingDINO):
+    """
+    :class:`GroundingDINO` for ``build_model(cfg)`` and ``DefaultPredictor`` (the thin yamls'
+    ``MODEL.META_ARCHITECTURE``). Its parameters are GroundingDINO's (same checkpoints).
+
+    At inference it first fills what ``DefaultPredictor`` cannot pass: inputs without
+    ``"caption"`` or ``"category_names"`` get ``default_prompt``, and each image is resized
+    with ``test_resize`` on the CPU, on uint8 pixels, before it moves to the device
+    (``"height"`` / ``"width"`` default to the size before the resize).
+    """
+
+    @configurable
+    def __init__(
+        self, *, default_prompt: Optional[Prompt], test_resize: Optional[OfficialResize], **kwargs
+    ):
+        """
+        Args:
+            default_prompt: caption (str) or class names (list of str) of inputs without a
+                prompt; None: inputs must carry their own.
+            test_resize: resize of inference images (None: used as given).
+            kwargs: the arguments of :class:`GroundingDINO`.
+        """
+        super().__init__(**kwargs)
+        self.default_prompt = default_prompt
+        self.test_resize = test_resize
+
+    @classmethod
+    def from_config(cls, cfg: CN) -> Dict:
+        return lazy_model_kwargs_from_yacs(cfg)
+
+    def inference(self, batched_inputs: List[Dict]) -> List[Dict]:
+        return super().inference([self._with_defaults(r) for r in batched_inputs])
+
+    def _with_defaults(self, record: Dict) -> Dict:
+        record = dict(record)
+        if (
+            self.default_prompt is not None
+            and "caption" not in record
+            and "category_names" not in record
+        ):
+            record.update(prompt_to_input(self.default_prompt))
+        image = record.get("image")
+        if self.test_resize is not None and isinstance(image, torch.Tensor) and image.dim() == 3:
+            if image.device.type != "cpu":
+                raise ValueError(
+                    f"GroundingDINOFromYacs resizes images on the CPU (the official PIL "
+                    f"resize) before moving them to the model's device; got an image on "
+                    f"{image.device}. Pass CPU tensors, as DefaultPredictor does."
+                )
+            record.setdefault("height", image.shape[-2])
+            record.setdefault("width", image.shape[-1])
+            record["image"] = _resize_image(image, self.test_resize)
+        return record
+
+
+def build_lazy_model_from_yacs(cfg: CN) -> GroundingDINOFromYacs:
     """
     The model a yacs config describes (what ``build_model(cfg)`` returns, without moving it
     to ``MODEL.DEVICE`` and without loading weights).
     """
-    from .modeling.meta_arch import GroundingDINO
-
-    return GroundingDINO(**lazy_model_kwargs_from_yacs(cfg))
+    return GroundingDINOFromYacs(cfg)
 
 
-def _resize_image_tensor(image: torch.Tensor, augmentation) -> torch.Tensor:
+def _resize_image(image: torch.Tensor, augmentation) -> torch.Tensor:
     """
-    Applies a detectron2 augmentation to a [3, H, W] image tensor with 0-255 values, on uint8
-    pixels (as the dataset mappers and ``GroundingDINOPredictor`` do). Returns [3, H', W'].
+    Applies a detectron2 augmentation to a CPU [3, H, W] image with 0-255 values (uint8, or
+    float as ``DefaultPredictor`` gives), on uint8 pixels as the dataset mappers and
+    ``GroundingDINOPredictor`` do. Returns a uint8 [3, H', W'] tensor.
     """
-    array = image.detach().to("cpu", torch.float32).round().clamp(0, 255).to(torch.uint8)
-    array = array.permute(1, 2, 0).numpy()
+    if image.dtype != torch.uint8:
+        image = image.round().clamp(0, 255).to(torch.uint8)
+    array = image.permute(1, 2, 0).numpy()
     resized = augmentation.get_transform(array).apply_image(array)
     return torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
-
-
-def apply_input_defaults(
-    batched_inputs: List[Dict], default_prompt: Optional[Prompt] = None, test_resize=None
-) -> List[Dict]:
-    """
-    Fills what ``DefaultPredictor`` cannot pass: the prompt (for inputs with neither
-    ``"caption"`` nor ``"category_names"``) and the official test resize of ``"image"``.
-    Inputs are not modified; a no-op when both are None.
-
-    Args:
-        batched_inputs: the model's inputs (see docs/interfaces.md).
-        default_prompt: caption (str) or class names (list of str).
-        test_resize: a detectron2 ``Augmentation`` (e.g. ``OfficialResize``) for the images.
-    """
-    if default_prompt is None and test_resize is None:
-        return batched_inputs
-    results = []
-    for record in batched_inputs:
-        record = dict(record)
-        if (
-            default_prompt is not None
-            and "caption" not in record
-            and ("category_names" not in record)
-        ):
-            record.update(prompt_to_input(default_prompt))
-        if test_resize is not None and isinstance(record.get("image"), torch.Tensor):
-            image = record["image"]
-            if image.dim() == 3 and image.shape[0] == 3:
-                record["image"] = _resize_image_tensor(image, test_resize)
-        results.append(record)
-    return results

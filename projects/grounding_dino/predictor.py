@@ -8,16 +8,17 @@ import numpy as np
 import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.structures import Instances
+from omegaconf import OmegaConf
 
 from .checkpoint import GroundingDINOCheckpointer
-from .resize import OfficialResize
+from .resize import official_resize_from_lazy_config
+from .text import normalize_caption_with_spans
 
 __all__ = [
     "GroundingDINOPredictor",
     "prompt_to_input",
     "check_image",
     "check_token_spans",
-    "official_resize_from_lazy_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -108,21 +109,6 @@ def check_token_spans(caption: str, token_spans) -> List[List[List[int]]]:
     return result
 
 
-def official_resize_from_lazy_config(cfg) -> OfficialResize:
-    """
-    The test-time resize of a lazy config: ``dataloader.test.mapper.augmentations`` (min_size,
-    max_size) when it is a ``build_test_augmentations`` call, else the official 800 / 1333.
-    """
-    size, max_size = 800, 1333
-    for prefix in ("dataloader.test.mapper.augmentations", "dataloader.test.mapper"):
-        found = _select(cfg, prefix + ".min_size")
-        if isinstance(found, int):
-            size = found
-            max_size = _select(cfg, prefix + ".max_size") or max_size
-            break
-    return OfficialResize(size, int(max_size))
-
-
 class GroundingDINOPredictor:
     """
     Runs a Grounding DINO on BGR images (as read by ``cv2.imread``) with a text prompt.
@@ -147,7 +133,7 @@ class GroundingDINOPredictor:
         self.model = instantiate(cfg.model)
         device = _config_device(cfg)
         self.model.to(device).eval()
-        weights = weights or _select(cfg, "train.init_checkpoint")
+        weights = weights or OmegaConf.select(cfg, "train.init_checkpoint", default=None)
         if weights:
             GroundingDINOCheckpointer(self.model).load(weights)
         self.input_format = input_format
@@ -163,7 +149,7 @@ class GroundingDINOPredictor:
         return cls(cfg, weights=weights, **kwargs)
 
     def _input(self, image: np.ndarray, prompt: Prompt, index: int) -> Dict:
-        stride = getattr(self.model.backbone, "size_divisibility", 32)
+        stride = self.model.backbone.size_divisibility
         image = check_image(image, stride, name=f"image {index}")
         if self.input_format != self.model.input_format:
             image = image[:, :, ::-1]
@@ -249,21 +235,19 @@ class GroundingDINOPredictor:
             ``{"instances": Instances(pred_boxes, scores, pred_classes = phrase index,
             token_scores), "phrases": [the phrase's text] * N}``, best score first.
         """
-        from .text import normalize_caption_with_spans, positive_map_from_spans
-
         if not isinstance(caption, str) or not caption.strip():
             raise ValueError(f"The caption must be a non-empty string, got {caption!r}")
         token_spans = check_token_spans(caption, token_spans)
         normalized, spans = normalize_caption_with_spans(caption, token_spans)
-        tokenizer = self.model.tokenizer
-        tokenized = tokenizer(normalized, return_offsets_mapping=True)
-        limit = self.model.max_text_len
-        if len(tokenized["input_ids"]) > limit:
+        prompt_encoder = self.model.prompt_encoder
+        encoding = prompt_encoder.tokenize(normalized)
+        limit = prompt_encoder.max_text_len
+        if len(encoding["input_ids"]) > limit:
             raise ValueError(
                 f"token spans need the caption in one pass: it has "
-                f"{len(tokenized['input_ids'])} tokens, more than {limit}"
+                f"{len(encoding['input_ids'])} tokens, more than {limit}"
             )
-        positive_map = positive_map_from_spans(tokenized, spans, limit)  # [P, limit]
+        positive_map = prompt_encoder.positive_map(normalized, spans, encoding)  # [P, limit]
         threshold, max_detections = self.model.box_threshold, self.model.max_detections
         # Phrase scores never exceed the best token score, so the caption's boxes above the
         # threshold include every (box, phrase) pair above it.
@@ -285,18 +269,8 @@ class GroundingDINOPredictor:
         return {"instances": result, "phrases": [texts[int(i)] for i in phrase_index]}
 
 
-def _select(cfg, dotted: str):
-    node = cfg
-    for part in dotted.split("."):
-        try:
-            node = node[part]
-        except (KeyError, TypeError, AttributeError, ValueError, IndexError):
-            return None  # (OmegaConf's key errors on lists are ValueErrors)
-    return node
-
-
 def _config_device(cfg) -> str:
-    device = _select(cfg, "train.device") or "cpu"
+    device = OmegaConf.select(cfg, "train.device", default=None) or "cpu"
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         logger.warning("train.device=%s but CUDA is not available; using the CPU", device)
         return "cpu"

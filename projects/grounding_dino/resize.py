@@ -1,13 +1,17 @@
 """The official test-time resize (shortest edge 800, longest at most 1333) as a detectron2
 augmentation."""
 
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
+from detectron2.config import instantiate
 from detectron2.data import transforms as T
+from omegaconf import OmegaConf
 from PIL import Image
 
-__all__ = ["official_output_size", "OfficialResize"]
+__all__ = ["official_output_size", "OfficialResize", "official_resize_from_lazy_config"]
+
+_MISSING = object()
 
 
 def official_output_size(height: int, width: int, size: int, max_size: int) -> Tuple[int, int]:
@@ -29,7 +33,7 @@ def official_output_size(height: int, width: int, size: int, max_size: int) -> T
 class OfficialResize(T.Augmentation):
     """Resizes like the official inference pipeline (PIL bilinear)."""
 
-    def __init__(self, short_edge: int = 800, max_size: int = 1333):
+    def __init__(self, short_edge: int, max_size: int):
         super().__init__()
         self.short_edge = short_edge
         self.max_size = max_size
@@ -38,3 +42,31 @@ class OfficialResize(T.Augmentation):
         height, width = image.shape[:2]
         new_h, new_w = official_output_size(height, width, self.short_edge, self.max_size)
         return T.ResizeTransform(height, width, new_h, new_w, Image.BILINEAR)
+
+
+def official_resize_from_lazy_config(cfg) -> OfficialResize:
+    """
+    The test-time resize of a lazy config, the one the evaluation applies: the
+    :class:`OfficialResize` of ``dataloader.test.mapper.augmentations``, or the official
+    800 / 1333 for a config without ``dataloader.test`` (an inference config).
+
+    Raises:
+        ValueError: ``dataloader.test`` exists but its mapper's augmentations are missing, or
+            are not exactly one :class:`OfficialResize` (the predictors apply that resize
+            only, so their pixels would differ from the evaluation's).
+    """
+    dataloader = cfg.get("dataloader") if hasattr(cfg, "get") else None
+    if not dataloader or "test" not in dataloader:
+        return OfficialResize(800, 1333)
+    key = "dataloader.test.mapper.augmentations"
+    node = OmegaConf.select(cfg, key, default=_MISSING)
+    if node is _MISSING:
+        raise ValueError(f"The config has dataloader.test but no {key}; it sets the test resize")
+    augmentations = instantiate(node)
+    augmentations = list(augmentations) if isinstance(augmentations, Sequence) else [augmentations]
+    if len(augmentations) != 1 or not isinstance(augmentations[0], OfficialResize):
+        raise ValueError(
+            f"{key} must be one OfficialResize (e.g. L(build_test_augmentations)(min_size=800, "
+            f"max_size=1333)), got {augmentations!r}"
+        )
+    return augmentations[0]

@@ -12,7 +12,7 @@ then train (8 GPUs, 2 images each; AMP; 12 epochs = 90k iterations, LR drop at 1
     python train_net.py --config-file configs/finetune_coco_swin_t.py --num-gpus 8
 
 Any field can be overridden after the flags, e.g. ``train.init_checkpoint=...``,
-``model.freeze_text_encoder=True``, ``dataloader.train.total_batch_size=8``.
+``model.text_encoder.freeze=True``, ``dataloader.train.total_batch_size=8``.
 """
 
 from .common.data.coco_detection import dataloader

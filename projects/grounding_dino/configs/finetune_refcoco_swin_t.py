@@ -15,7 +15,7 @@ train.eval_period = 2500
 train.checkpointer.period = 2500
 
 # Expressions are short and specific: keep the pretrained language model as it is.
-model.freeze_text_encoder = True
+model.text_encoder.freeze = True
 # One box per expression: fewer denoising queries are plenty.
 model.dn_number = 50
 

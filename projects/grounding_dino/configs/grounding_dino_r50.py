@@ -3,16 +3,16 @@ otherwise the Swin-T model. For training; there are no official R-50 weights."""
 
 from detectron2.config import LazyCall as L
 
-from grounding_dino.modeling.backbone import ResNetImageBackbone
+from grounding_dino.modeling import build_image_backbone
 
 from .grounding_dino_swin_t_ogc import model, train
 
-model.backbone = L(ResNetImageBackbone)(
+model.backbone = L(build_image_backbone)(
+    name="ResNetBackbone",
     depth=50,
     out_features=("res3", "res4", "res5"),
     norm="FrozenBN",
     freeze_at=2,
-    hidden_dim="${..hidden_dim}",
-    num_feature_levels="${..num_feature_levels}",
 )
+model.neck.in_channels = (512, 1024, 2048)  # res3, res4, res5
 train.output_dir = "./output/grounding_dino_r50"

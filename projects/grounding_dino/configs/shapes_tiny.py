@@ -25,8 +25,7 @@ from detectron2.data import transforms as T
 from grounding_dino.data.datasets import get_thing_classes
 from grounding_dino.data.synthetic import register_shapes_datasets
 from grounding_dino.data.transforms import build_test_augmentations
-from grounding_dino.modeling.backbone.tiny_cnn import TinyCNNBackbone
-from grounding_dino.modeling.head import ContrastiveHead
+from grounding_dino.modeling import build_image_backbone
 from grounding_dino.text.tokenizer import local_bert_dir
 
 from .common.data.coco_detection import dataloader
@@ -47,14 +46,14 @@ register_shapes_datasets(**shapes, generate=False)
 model.box_threshold = 0.0
 model.hidden_dim = 128
 model.num_feature_levels = 4
-model.backbone = L(TinyCNNBackbone)(
+model.backbone = L(build_image_backbone)(
+    name="TinyCNNBackbone",
     channels=(16, 32, 64, 128, 192),  # strides 4, 8, 16, 32, 64
     convs_per_stage=2,
     num_outputs=3,  # strides 16, 32, 64, plus a stride-128 level: 340 tokens at 256 px
-    hidden_dim="${..hidden_dim}",
-    num_feature_levels="${..num_feature_levels}",
-    pos_temperature=20.0,
+    frozen_stages=-1,
 )
+model.neck.in_channels = (64, 128, 192)  # the three returned stages
 model.text_encoder.name_or_path = local_bert_dir()  # a plain path string, computed at load
 model.text_encoder.pretrained = True
 # MiniLM at the official sub-sentence position ids (every phrase's first word at [CLS]'s
@@ -63,7 +62,7 @@ model.text_encoder.bert_position_offset = 1
 # Frozen (and so in eval mode, without dropout): with the position offset MiniLM's features
 # already tell colours and shapes apart, and a frozen BERT makes an iteration 30% cheaper.
 # Measured at 1300 iterations: frozen 49.3 AP50 / REC 63.6; trained at 0.5x lr, 0.75 s/it.
-model.freeze_text_encoder = True
+model.text_encoder.freeze = True
 model.enhancer.num_layers = 2
 model.enhancer.ffn_dim = 512
 model.enhancer.text_ffn_dim = 512
@@ -77,12 +76,8 @@ model.decoder.ffn_dim = 512
 # head spends its first hundreds of iterations only pushing its +-10 logits down. With both,
 # 4 training images are fitted (IoU > 0.9, class loss 0.02) in 100 iterations; without, the
 # class loss is still 1.5 at 150 (lead's overfit check).
-model.head = L(ContrastiveHead)(
-    max_text_len="${..max_text_len}", bias_init=-4.6, log_scale_init=0.0
-)
-model.query_selector.head = L(ContrastiveHead)(
-    max_text_len="${..max_text_len}", bias_init=-4.6, log_scale_init=0.0
-)
+model.head.update(bias_init=-4.6, log_scale_init=0.0)
+model.query_selector.head.update(bias_init=-4.6, log_scale_init=0.0)
 model.dn_number = 20  # denoising queries per polarity (DINO's budget, scaled down)
 
 # ---------------------------------------------------------------------------------- data
@@ -110,7 +105,7 @@ train.seed = 0
 
 optimizer.lr = 4e-4
 optimizer.params.backbone_lr_multiplier = 1.0  # random init: the full rate
-optimizer.params.text_encoder_lr_multiplier = 0.0  # frozen: model.freeze_text_encoder
+optimizer.params.text_encoder_lr_multiplier = 0.0  # frozen: model.text_encoder.freeze
 
 lr_multiplier.warmup_iters = 100
 lr_multiplier.steps = [0.8]

@@ -1,6 +1,6 @@
 """Data side of Grounding DINO: the dataset mapper, augmentations and dataset registration.
 
-Importing this package registers the standard datasets (see ``datasets.py``) lazily.
+Importing this package registers the standard datasets (see ``datasets/``) lazily.
 """
 
 from .datasets import (

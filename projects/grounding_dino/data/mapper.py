@@ -11,15 +11,14 @@ from detectron2.data import transforms as T
 from detectron2.structures import Boxes, BoxMode, Instances
 
 from ..text import (
+    PromptEncoder,
     caption_from_categories,
+    category_token_costs,
     check_spans,
     clean_category_name,
-    load_tokenizer,
     normalize_caption,
     normalize_caption_with_spans,
-    positive_map_from_spans,
     swap_left_right,
-    tokenize,
 )
 from .transforms import count_hflips
 
@@ -30,6 +29,19 @@ logger = logging.getLogger(__name__)
 
 def _record_name(dataset_dict: Dict) -> str:
     return f"image_id={dataset_dict.get('image_id')!r} ({dataset_dict.get('file_name')})"
+
+
+def _prompt_encoder(tokenizer, max_text_len: int) -> PromptEncoder:
+    if isinstance(tokenizer, PromptEncoder):
+        if tokenizer.max_text_len != max_text_len:
+            raise ValueError(
+                f"The mapper's max_text_len={max_text_len} differs from its prompt encoder's "
+                f"({tokenizer.max_text_len})"
+            )
+        return tokenizer
+    if isinstance(tokenizer, str):
+        return PromptEncoder(tokenizer_name_or_path=tokenizer, max_text_len=max_text_len)
+    return PromptEncoder.from_tokenizer(tokenizer, max_text_len=max_text_len)
 
 
 def record_kind(dataset_dict: Dict) -> str:
@@ -44,7 +56,8 @@ class GroundingDatasetMapper:
     Maps detectron2 dataset dicts to Grounding DINO inputs (see docs/interfaces.md), in the
     way of detectron2's ``DatasetMapper``: read the image, apply the augmentations, and in
     training build the caption, the instances and their positive maps after the geometric
-    transforms.
+    transforms. Captions are tokenised once, by the model's :class:`PromptEncoder`; the ids go
+    to the model as ``"input_ids"``.
 
     Three kinds of dicts are accepted:
 
@@ -66,7 +79,7 @@ class GroundingDatasetMapper:
         is_train: bool,
         *,
         augmentations: Sequence[Union[T.Augmentation, T.Transform]],
-        tokenizer,
+        tokenizer: Union[str, PromptEncoder, object],
         thing_classes: Optional[Sequence[str]] = None,
         image_format: str = "RGB",
         max_text_len: int = 256,
@@ -78,7 +91,10 @@ class GroundingDatasetMapper:
         Args:
             is_train: training (annotations, captions, positive maps) or inference.
             augmentations: e.g. ``build_train_augmentations()`` / ``build_test_augmentations()``.
-            tokenizer: the model's (fast) tokenizer, or its hub name / local folder.
+            tokenizer: the model's tokenizer: its hub name / local folder (the model's
+                ``prompt_encoder.tokenizer_name_or_path``), a loaded fast tokenizer, or the
+                model's :class:`PromptEncoder` (then its ``max_text_len`` must be
+                ``max_text_len``).
             thing_classes: category names of detection datasets (metadata ``thing_classes``).
             image_format: format for ``read_image``; the model takes "RGB".
             max_text_len: token limit of captions (256).
@@ -90,7 +106,7 @@ class GroundingDatasetMapper:
         self.is_train = is_train
         self.augmentations = T.AugmentationList(list(augmentations))
         self.image_format = image_format
-        self._tokenizer = tokenizer
+        self.prompt_encoder = _prompt_encoder(tokenizer, max_text_len)
         self.thing_classes = (
             None if thing_classes is None else [clean_category_name(str(c)) for c in thing_classes]
         )
@@ -106,9 +122,8 @@ class GroundingDatasetMapper:
 
     @property
     def tokenizer(self):
-        if isinstance(self._tokenizer, str):
-            self._tokenizer = load_tokenizer(self._tokenizer)
-        return self._tokenizer
+        """The prompt encoder's (fast) tokenizer."""
+        return self.prompt_encoder.tokenizer
 
     def __call__(self, dataset_dict: Dict) -> Dict:
         """
@@ -118,7 +133,9 @@ class GroundingDatasetMapper:
         Returns:
             The model input dict: "image" uint8 [3, H, W], "height", "width", the prompt
             ("caption" or "category_names"), and in training "instances" (gt_boxes,
-            gt_classes, gt_positive_map [N, max_text_len]) and "tokens_positive".
+            gt_classes, gt_positive_map [N, max_text_len]), "tokens_positive" and
+            "input_ids" (list of ints: the caption's whole tokenisation, [CLS] ... [SEP]; the
+            model cuts it at ``max_text_len`` tokens as the positive maps are).
         """
         dataset_dict = copy.deepcopy(dataset_dict)
         kind = record_kind(dataset_dict)
@@ -163,8 +180,8 @@ class GroundingDatasetMapper:
         spans = [spans[i] for i in np.flatnonzero(keep)]
         classes = [classes[i] for i in np.flatnonzero(keep)]
 
-        tokenized = tokenize(self.tokenizer, [caption], self.max_text_len)
-        positive_map = positive_map_from_spans(tokenized, spans, self.max_text_len, caption=caption)
+        encoding = self.prompt_encoder.tokenize(caption)
+        positive_map = self.prompt_encoder.positive_map(caption, spans, encoding)
         grounded = (positive_map > 0).any(dim=1)
         if not bool(grounded.all()):
             logger.debug(
@@ -179,6 +196,7 @@ class GroundingDatasetMapper:
         )
         instances.gt_positive_map = positive_map[grounded]
         dataset_dict["caption"] = caption
+        dataset_dict["input_ids"] = list(encoding["input_ids"])
         dataset_dict["instances"] = instances
         dataset_dict["tokens_positive"] = [
             [[int(b), int(e)] for b, e in s] for s, g in zip(spans, grounded_list) if g
@@ -216,9 +234,7 @@ class GroundingDatasetMapper:
     def _costs(self) -> List[int]:
         """Tokens each category adds to a detection caption (its words and " .")."""
         if self._class_costs is None:
-            words = [" ".join(name.lower().split()) for name in self.thing_classes]
-            encoded = self.tokenizer(words, add_special_tokens=False)["input_ids"]
-            self._class_costs = [len(ids) + 1 for ids in encoded]
+            self._class_costs = category_token_costs(self.thing_classes, self.tokenizer)
         return self._class_costs
 
     def _detection_prompt(

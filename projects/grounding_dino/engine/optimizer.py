@@ -18,10 +18,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Parameter-name prefixes that get the backbone / text-encoder multipliers. As in the official
-# training (Open-GroundingDino's ``lr_backbone_names = ["backbone.0", "bert"]``), the input
-# projections and BERT's ``feat_map`` train at the full learning rate.
-BACKBONE_PREFIXES = ("backbone.swin.",)
+# Parameter-name prefixes that get the backbone / text-encoder multipliers: the image body
+# (``backbone.*``) and BERT (``text_encoder.bert.*``). As in the official training
+# (Open-GroundingDino's ``lr_backbone_names = ["backbone.0", "bert"]``), the input projections
+# (``neck.*``) and BERT's ``feat_map`` train at the full learning rate.
+BACKBONE_PREFIXES = ("backbone.",)
 TEXT_ENCODER_PREFIXES = ("text_encoder.bert.",)
 
 
@@ -30,7 +31,7 @@ def lr_factor_of(name: str, multipliers: Mapping[str, float]) -> float:
     Learning-rate multiplier of one parameter.
 
     Args:
-        name: full parameter name, e.g. "backbone.swin.layers.0.blocks.0.attn.qkv.weight".
+        name: full parameter name, e.g. "backbone.layers.0.blocks.0.attn.qkv.weight".
         multipliers: {name prefix: multiplier}; the longest matching prefix wins.
 
     Returns:
@@ -45,11 +46,12 @@ def lr_factor_of(name: str, multipliers: Mapping[str, float]) -> float:
 
 def get_param_groups(
     model: nn.Module,
+    *,
     base_lr: float,
+    backbone_lr_multiplier: float,
+    text_encoder_lr_multiplier: float,
     weight_decay: Optional[float] = None,
     weight_decay_norm: Optional[float] = None,
-    backbone_lr_multiplier: float = 0.1,
-    text_encoder_lr_multiplier: float = 0.1,
     backbone_prefixes: Sequence[str] = BACKBONE_PREFIXES,
     text_encoder_prefixes: Sequence[str] = TEXT_ENCODER_PREFIXES,
     lr_multipliers: Optional[Mapping[str, float]] = None,
@@ -61,7 +63,9 @@ def get_param_groups(
     factor. Every value is plain data, so a LazyConfig holding this call saves as YAML::
 
         optimizer = L(torch.optim.AdamW)(
-            params=L(get_param_groups)(base_lr="${..lr}", backbone_lr_multiplier=0.1),
+            params=L(get_param_groups)(
+                base_lr="${..lr}", backbone_lr_multiplier=0.1, text_encoder_lr_multiplier=0.1
+            ),
             lr=1e-4,
             weight_decay=1e-4,
         )

@@ -17,8 +17,13 @@ for the denoising queries.
 
 The returned losses are already multiplied by their weights, so the meta-architecture returns
 them as they are and detectron2's trainer sums them.
+
+Without denoising, matching and losses equal transformers' ``GroundingDinoHungarianMatcher`` and
+``GroundingDinoImageLoss`` (``loss_class`` is their ``loss_ce``); tests/test_criterion.py checks
+it and lists the inputs on which transformers differs.
 """
 
+import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -29,12 +34,11 @@ from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal
 from grounding_dino.modeling.denoising import dn_match_indices
 from grounding_dino.modeling.matcher import HungarianMatcher, check_targets
 
-__all__ = ["GroundingCriterion", "DEFAULT_WEIGHT_DICT"]
-
-# Open-GroundingDino / the paper's loss weights.
-DEFAULT_WEIGHT_DICT = {"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+__all__ = ["GroundingCriterion"]
 
 _LOSS_KEYS = {"labels": ("loss_class",), "boxes": ("loss_bbox", "loss_giou")}
+# A weight_dict key is a base loss name, optionally with one of the suffixes of the module doc.
+_WEIGHT_KEY = re.compile(r"^(loss_class|loss_bbox|loss_giou)(_\d+|_enc|_dn|_dn_\d+)?$")
 
 Indices = List[Tuple[torch.Tensor, torch.Tensor]]
 
@@ -44,31 +48,49 @@ class GroundingCriterion(nn.Module):
 
     def __init__(
         self,
+        *,
         matcher: HungarianMatcher,
-        weight_dict: Optional[Dict[str, float]] = None,
-        focal_alpha: float = 0.25,
-        focal_gamma: float = 2.0,
-        losses: Sequence[str] = ("labels", "boxes"),
+        weight_dict: Dict[str, float],
+        focal_alpha: float,
+        focal_gamma: float,
+        losses: Sequence[str],
     ):
         """
         Args:
             matcher: assigns queries to targets.
-            weight_dict: weight per loss. A base name ("loss_class", "loss_bbox", "loss_giou")
-                applies to all its suffixed variants; a full key (e.g. "loss_class_enc")
-                overrides it for that key only. Missing base names default to
-                :data:`DEFAULT_WEIGHT_DICT`.
+            weight_dict: weight per loss. Every base name of the requested losses
+                ("loss_class" for "labels", "loss_bbox" and "loss_giou" for "boxes") is required
+                and applies to all its suffixed variants; a full key (e.g. "loss_class_enc",
+                "loss_bbox_dn_0") overrides it for that key only.
             focal_alpha, focal_gamma: parameters of the token focal loss.
             losses: which loss groups to compute, from "labels" and "boxes".
         """
         super().__init__()
+        if isinstance(losses, str):
+            raise TypeError(
+                f"GroundingCriterion: losses must be a sequence of names, got {losses!r}."
+            )
         unknown = set(losses) - set(_LOSS_KEYS)
-        if unknown:
+        if unknown or not losses:
             raise ValueError(
-                f"GroundingCriterion: unknown losses {sorted(unknown)}; "
-                f"choose from {sorted(_LOSS_KEYS)}."
+                f"GroundingCriterion: losses {list(losses)} must be a non-empty subset of "
+                f"{sorted(_LOSS_KEYS)}; unknown: {sorted(unknown)}."
+            )
+        bad_keys = sorted(k for k in weight_dict if not _WEIGHT_KEY.match(k))
+        if bad_keys:
+            raise ValueError(
+                f"GroundingCriterion: weight_dict keys {bad_keys} are not loss names; use "
+                "loss_class/loss_bbox/loss_giou, optionally with a suffix _<i>, _enc, _dn, _dn_<i>."
+            )
+        required = [k for name in losses for k in _LOSS_KEYS[name]]
+        missing = [k for k in required if k not in weight_dict]
+        if missing:
+            raise ValueError(
+                f"GroundingCriterion: weight_dict has no weight for {missing} (required for "
+                f"losses={tuple(losses)}; got keys {sorted(weight_dict)})."
             )
         self.matcher = matcher
-        self.weight_dict = {**DEFAULT_WEIGHT_DICT, **(weight_dict or {})}
+        self.weight_dict = dict(weight_dict)
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.losses = tuple(losses)

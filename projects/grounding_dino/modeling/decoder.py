@@ -10,6 +10,7 @@ from torch import nn
 from .attention import MultiheadAttention
 from .deformable_attention import MultiScaleDeformableAttention
 from .registry import DECODER_REGISTRY
+from .structures import EncodedText, ImageTokens
 from .utils import MLP, box_sine_embedding, inverse_sigmoid
 
 __all__ = ["CrossModalityDecoderLayer", "CrossModalityDecoder"]
@@ -20,14 +21,24 @@ class CrossModalityDecoderLayer(nn.Module):
     each followed by a residual and LayerNorm."""
 
     def __init__(
-        self, d_model=256, num_heads=8, ffn_dim=2048, num_levels=4, num_points=4, dropout=0.0
+        self,
+        *,
+        d_model: int,
+        num_heads: int,
+        ffn_dim: int,
+        num_levels: int,
+        num_points: int,
+        dropout: float,
     ):
+        """Args: as :class:`CrossModalityDecoder`."""
         super().__init__()
-        self.self_attn = MultiheadAttention(d_model, num_heads, dropout)
+        self.self_attn = MultiheadAttention(embed_dim=d_model, num_heads=num_heads, dropout=dropout)
         self.norm2 = nn.LayerNorm(d_model)
-        self.ca_text = MultiheadAttention(d_model, num_heads, dropout)
+        self.ca_text = MultiheadAttention(embed_dim=d_model, num_heads=num_heads, dropout=dropout)
         self.catext_norm = nn.LayerNorm(d_model)
-        self.cross_attn = MultiScaleDeformableAttention(d_model, num_heads, num_levels, num_points)
+        self.cross_attn = MultiScaleDeformableAttention(
+            embed_dim=d_model, num_heads=num_heads, num_levels=num_levels, num_points=num_points
+        )
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, ffn_dim)
         self.linear2 = nn.Linear(ffn_dim, d_model)
@@ -45,21 +56,22 @@ class CrossModalityDecoderLayer(nn.Module):
         level_start_index,
         text,
         text_mask,
-        self_attn_allowed=None,
+        self_attention_mask=None,
     ):
         """
         Args:
             queries, query_pos: [B, Q, C].
             reference_points: [B, Q, num_levels, 4] reference boxes scaled to valid ratios.
             memory: [B, S, C]; memory_mask: [B, S] bool valid.
+            spatial_shapes: [num_levels, 2]; level_start_index: [num_levels].
             text: [B, L, C]; text_mask: [B, L] bool valid.
-            self_attn_allowed: optional [Q, Q] bool, True where query i may see query j.
+            self_attention_mask: optional [Q, Q] bool, True where query i may see query j.
 
         Returns:
             [B, Q, C]
         """
         q = queries + query_pos
-        allowed = None if self_attn_allowed is None else self_attn_allowed[None, None]
+        allowed = None if self_attention_mask is None else self_attention_mask[None, None]
         queries = self.norm2(queries + self.dropout(self.self_attn(q, q, queries, allowed)))
         attended = self.ca_text(queries + query_pos, text, text, text_mask[:, None, None, :])
         queries = self.catext_norm(queries + self.dropout(attended))
@@ -83,10 +95,38 @@ class CrossModalityDecoder(nn.Module):
     head shared across layers, and a query position embedding from the boxes' sine embedding.
     """
 
-    def __init__(self, num_layers=6, d_model=256, **layer_kwargs):
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        d_model: int,
+        num_heads: int,
+        ffn_dim: int,
+        num_levels: int,
+        num_points: int,
+        dropout: float,
+    ):
+        """
+        Args:
+            num_layers: decoder layers.
+            d_model: width C of queries, image and text tokens.
+            num_heads: heads of the self-, text and image (deformable) attentions.
+            ffn_dim: hidden width of the FFN.
+            num_levels: feature levels of the image tokens.
+            num_points: deformable sampling points per head and level.
+            dropout: dropout of the attentions and FFN (training only).
+        """
         super().__init__()
         self.layers = nn.ModuleList(
-            CrossModalityDecoderLayer(d_model=d_model, **layer_kwargs) for _ in range(num_layers)
+            CrossModalityDecoderLayer(
+                d_model=d_model,
+                num_heads=num_heads,
+                ffn_dim=ffn_dim,
+                num_levels=num_levels,
+                num_points=num_points,
+                dropout=dropout,
+            )
+            for _ in range(num_layers)
         )
         self.norm = nn.LayerNorm(d_model)
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
@@ -99,28 +139,35 @@ class CrossModalityDecoder(nn.Module):
         self,
         queries: torch.Tensor,
         reference: torch.Tensor,
-        memory: torch.Tensor,
-        memory_mask: torch.Tensor,
-        spatial_shapes: torch.Tensor,
-        level_start_index: torch.Tensor,
-        valid_ratios: torch.Tensor,
-        text: torch.Tensor,
-        text_mask: torch.Tensor,
-        self_attn_allowed: Optional[torch.Tensor] = None,
+        image: ImageTokens,
+        text: EncodedText,
+        self_attention_mask: Optional[torch.Tensor] = None,
     ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """
         Args:
-            queries: [B, Q, C] content queries; reference: [B, Q, 4] unsigmoided anchors.
-            memory, memory_mask, spatial_shapes, level_start_index, valid_ratios: the image.
-            text: [B, L, C]; text_mask: [B, L].
-            self_attn_allowed: optional [Q, Q] bool mask (denoising groups).
+            queries: [B, Q, C] content queries.
+            reference: [B, Q, 4] unsigmoided anchor boxes (cx, cy, w, h).
+            image: the enhanced image tokens (the memory) [B, S, C] and their layout.
+            text: the enhanced text, features [B, L, C].
+            self_attention_mask: optional [Q, Q] bool, True where query i may attend to query
+                j (the denoising groups); None lets every query see every other.
 
         Returns:
             hidden: list over layers of [B, Q, C] (after the final LayerNorm).
             boxes: list over layers of [B, Q, 4] sigmoid (cx, cy, w, h) predictions.
         """
+        num_queries = queries.shape[1]
+        if self_attention_mask is not None and (
+            self_attention_mask.shape != (num_queries, num_queries)
+            or self_attention_mask.dtype != torch.bool
+        ):
+            raise ValueError(
+                f"CrossModalityDecoder: self_attention_mask must be a [{num_queries}, "
+                f"{num_queries}] bool tensor (True = allowed), got "
+                f"{tuple(self_attention_mask.shape)} {self_attention_mask.dtype}"
+            )
         reference_points = reference.sigmoid()
-        ratios = torch.cat([valid_ratios, valid_ratios], -1)[:, None]
+        ratios = torch.cat([image.valid_ratios, image.valid_ratios], -1)[:, None]
         hidden, boxes = [], []
         for layer in self.layers:
             points_input = reference_points[:, :, None] * ratios
@@ -134,13 +181,13 @@ class CrossModalityDecoder(nn.Module):
                 queries,
                 query_pos,
                 points_input,
-                memory,
-                memory_mask,
-                spatial_shapes,
-                level_start_index,
-                text,
-                text_mask,
-                self_attn_allowed,
+                image.tokens,
+                image.valid_mask,
+                image.spatial_shapes,
+                image.level_start_index,
+                text.features,
+                text.token_mask,
+                self_attention_mask,
             )
             anchor = inverse_sigmoid(reference_points)
             normed = self.norm(queries)

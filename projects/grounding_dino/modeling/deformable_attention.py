@@ -222,13 +222,6 @@ class MultiScaleDeformableAttention(nn.Module):
     Each query predicts ``num_points`` sampling offsets per head and level around its
     reference point, samples the projected values bilinearly there and sums them with
     softmax weights.
-
-    Args:
-        embed_dim: channels C of queries and values.
-        num_heads: attention heads M; C must be divisible by M.
-        num_levels: feature levels L.
-        num_points: sampling points P per head and level.
-        kernel: ``"embedding_bag"`` (default, fastest on CPU) or ``"grid_sample"``.
     """
 
     _KERNELS = {
@@ -238,12 +231,24 @@ class MultiScaleDeformableAttention(nn.Module):
 
     def __init__(
         self,
-        embed_dim: int = 256,
-        num_heads: int = 8,
-        num_levels: int = 4,
-        num_points: int = 4,
+        *,
+        embed_dim: int,
+        num_heads: int,
+        num_levels: int,
+        num_points: int,
         kernel: str = "embedding_bag",
     ):
+        """
+        Args:
+            embed_dim: channels C of queries and values.
+            num_heads: attention heads M; C must be divisible by M.
+            num_levels: feature levels L.
+            num_points: sampling points P per head and level.
+            kernel: the sampling implementation, not a model setting (both give the same
+                values): ``"embedding_bag"`` (fastest on CPU) or ``"grid_sample"`` (the
+                reference formulation, for devices without ``embedding_bag``'s per-sample
+                weights).
+        """
         super().__init__()
         if embed_dim % num_heads != 0:
             raise ValueError(

@@ -57,10 +57,11 @@ def prepare_for_cdn(
     targets: Sequence[Dict[str, torch.Tensor]],
     text_features: torch.Tensor,
     text_mask: torch.Tensor,
+    *,
     num_queries: int,
-    dn_number: int = 100,
-    label_noise_ratio: float = 0.5,
-    box_noise_scale: float = 1.0,
+    dn_number: int,
+    label_noise_ratio: float,
+    box_noise_scale: float,
     generator: Optional[torch.Generator] = None,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[Dict]]:
     """Build the contrastive denoising queries of a training batch.

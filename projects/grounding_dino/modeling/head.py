@@ -16,9 +16,10 @@ class ContrastiveHead(nn.Module):
 
     def __init__(
         self,
-        max_text_len: int = 256,
-        bias_init: Optional[float] = None,
-        log_scale_init: Optional[float] = None,
+        *,
+        max_text_len: int,
+        bias_init: Optional[float],
+        log_scale_init: Optional[float],
     ):
         """
         Args:
@@ -57,6 +58,7 @@ class ContrastiveHead(nn.Module):
         padding = self.max_text_len - logits.shape[-1]
         if padding < 0:
             raise ValueError(
-                f"{logits.shape[-1]} text tokens exceed max_text_len " f"{self.max_text_len}"
+                f"ContrastiveHead: {logits.shape[-1]} text tokens exceed max_text_len "
+                f"{self.max_text_len}"
             )
         return nn.functional.pad(logits, (0, padding), value=float("-inf"))

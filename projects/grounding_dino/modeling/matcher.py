@@ -67,11 +67,12 @@ class HungarianMatcher(nn.Module):
 
     def __init__(
         self,
-        cost_class: float = 1.0,
-        cost_bbox: float = 5.0,
-        cost_giou: float = 2.0,
-        focal_alpha: float = 0.25,
-        focal_gamma: float = 2.0,
+        *,
+        cost_class: float,
+        cost_bbox: float,
+        cost_giou: float,
+        focal_alpha: float,
+        focal_gamma: float,
     ):
         """
         Args:
@@ -145,7 +146,7 @@ class HungarianMatcher(nn.Module):
 
         Returns:
             list of B pairs (query_idx, target_idx), long tensors of length min(Q, N_b) on the
-            CPU; target_idx is sorted. Images without targets give two empty tensors.
+            CPU; query_idx is sorted. Images without targets give two empty tensors.
         """
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         bs, num_queries, num_tokens = logits.shape

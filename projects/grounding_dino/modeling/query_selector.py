@@ -1,13 +1,13 @@
 """Language-guided query selection: the encoder positions that best match the text become
 the decoder's anchor boxes."""
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 from torch import nn
 
-from .head import ContrastiveHead
 from .registry import QUERY_SELECTOR_REGISTRY
+from .structures import EncodedText, ImageTokens
 from .utils import MLP
 
 __all__ = ["encoder_proposals", "LanguageGuidedQuerySelector"]
@@ -58,20 +58,15 @@ class LanguageGuidedQuerySelector(nn.Module):
     content embedding as queries (two-stage "standard" with ``embed_init_tgt``).
     """
 
-    def __init__(
-        self,
-        d_model: int = 256,
-        num_queries: int = 900,
-        max_text_len: int = 256,
-        head: Optional[nn.Module] = None,
-    ):
+    def __init__(self, *, d_model: int, num_queries: int, head: nn.Module):
         """
         Args:
             d_model: transformer width.
             num_queries: decoder queries (the top-k encoder positions).
-            max_text_len: logit columns of the encoder proposals' scores.
-            head: the contrastive head scoring the selected proposals (default: the
-                parameter-free :class:`ContrastiveHead`).
+            head: the contrastive head scoring the selected proposals,
+                ``head(queries [B, Q, C], text [B, L, C], token_mask [B, L]) -> [B, Q,
+                max_text_len]`` (the official model: the parameter-free
+                :class:`ContrastiveHead`).
         """
         super().__init__()
         self.num_queries = num_queries
@@ -79,17 +74,18 @@ class LanguageGuidedQuerySelector(nn.Module):
         self.enc_output_norm = nn.LayerNorm(d_model)
         self.bbox_embed = MLP(d_model, d_model, 4, 3)
         self.tgt_embed = nn.Embedding(num_queries, d_model)
-        self.head = head if head is not None else ContrastiveHead(max_text_len)
+        self.head = head
         nn.init.normal_(self.tgt_embed.weight)
         nn.init.zeros_(self.bbox_embed.layers[-1].weight)
         nn.init.zeros_(self.bbox_embed.layers[-1].bias)
 
-    def forward(self, memory, image_mask, spatial_shapes, text_features, text_mask):
+    def forward(
+        self, image: ImageTokens, text: EncodedText
+    ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
         """
         Args:
-            memory: [B, S, C] enhanced image tokens; image_mask: [B, S] bool valid tokens.
-            spatial_shapes: [num_levels, 2].
-            text_features: [B, L, C]; text_mask: [B, L] bool valid tokens.
+            image: the enhanced image tokens (the memory) [B, S, C] and their layout.
+            text: the enhanced text, features [B, L, C].
 
         Returns:
             queries: [B, Q, C] content queries.
@@ -97,13 +93,15 @@ class LanguageGuidedQuerySelector(nn.Module):
             encoder_outputs: dict with ``pred_logits`` [B, Q, max_text_len] and
                 ``pred_boxes`` [B, Q, 4] (sigmoid) of the selected proposals.
         """
+        memory, image_mask = image.tokens, image.valid_mask
+        text_features, text_mask = text.features, text.token_mask
         num_valid = image_mask.sum(1)
         if int(num_valid.min()) < self.num_queries:
             raise ValueError(
                 f"An image gives {int(num_valid.min())} feature positions, fewer than "
                 f"num_queries={self.num_queries}; use a larger image or fewer queries."
             )
-        output_memory, proposals = encoder_proposals(memory, image_mask, spatial_shapes)
+        output_memory, proposals = encoder_proposals(memory, image_mask, image.spatial_shapes)
         output_memory = self.enc_output_norm(self.enc_output(output_memory))
         logits = output_memory @ text_features.transpose(-1, -2)
         scores = logits.masked_fill(~text_mask[:, None, :], float("-inf")).max(-1).values

@@ -11,7 +11,6 @@ __all__ = [
     "inverse_sigmoid",
     "sine_embedding",
     "box_sine_embedding",
-    "attention_mask_to_additive",
 ]
 
 
@@ -19,6 +18,11 @@ class MLP(nn.Module):
     """A stack of Linear layers with ReLU in between (DETR's box head)."""
 
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        """
+        Args:
+            input_dim, hidden_dim, output_dim: widths of the input, hidden and output layers.
+            num_layers: number of Linear layers (``layers.{i}`` in the checkpoints).
+        """
         super().__init__()
         dims = [input_dim] + [hidden_dim] * (num_layers - 1)
         outs = [hidden_dim] * (num_layers - 1) + [output_dim]
@@ -43,12 +47,14 @@ def _inverse_frequencies(num_feats: int, temperature: float, device) -> torch.Te
     return temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
 
 
-def sine_embedding(values: torch.Tensor, num_feats: int = 128, temperature: float = 10000):
+def sine_embedding(values: torch.Tensor, num_feats: int, temperature: float = 10000):
     """
     Sine/cosine embedding of scalars, interleaved as (sin, cos) pairs.
 
     Args:
         values: [...] any shape; each value is scaled by 2*pi first.
+        num_feats: channels of the embedding.
+        temperature: the wavelength base (10000 in DETR, DAB, DINO and Grounding DINO).
 
     Returns:
         [..., num_feats]
@@ -61,21 +67,16 @@ def sine_embedding(values: torch.Tensor, num_feats: int = 128, temperature: floa
     return torch.stack((scaled[..., 0::2].sin(), scaled[..., 1::2].cos()), dim=-1).flatten(-2)
 
 
-def box_sine_embedding(boxes: torch.Tensor, num_feats: int = 128) -> torch.Tensor:
+def box_sine_embedding(boxes: torch.Tensor, num_feats: int) -> torch.Tensor:
     """
     The decoder's query position embedding of 4-d reference boxes.
 
     Args:
         boxes: [..., 4] normalised (cx, cy, w, h).
+        num_feats: channels per coordinate.
 
     Returns:
         [..., 4 * num_feats] ordered (y, x, w, h) as in DAB/DINO.
     """
     cx, cy, w, h = boxes.unbind(-1)
     return torch.cat([sine_embedding(v, num_feats) for v in (cy, cx, w, h)], dim=-1)
-
-
-def attention_mask_to_additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Turns a boolean "may attend" mask into an additive one (0 or -inf)."""
-    additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return additive.masked_fill(~allowed, float("-inf"))

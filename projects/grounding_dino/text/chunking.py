@@ -6,7 +6,7 @@ from typing import Callable, List, Sequence, Tuple
 from .captions import caption_from_categories
 from .tokenizer import count_tokens
 
-__all__ = ["chunk_categories", "chunk_caption"]
+__all__ = ["category_token_costs", "chunk_categories", "chunk_caption"]
 
 # A phrase: text up to and including a run of ".", or the text after the last one.
 _PHRASE = re.compile(r"[^.]*\.+|[^.]+$", re.DOTALL)
@@ -39,6 +39,15 @@ def _greedy(
     return groups
 
 
+def category_token_costs(names: Sequence[str], tokenizer) -> List[int]:
+    """
+    Tokens each category adds to a prompt of :func:`caption_from_categories`: its words and
+    the " ." that closes it.
+    """
+    words = [" ".join(name.lower().split()) for name in names]
+    return [n + 1 for n in _piece_lengths(tokenizer, words)]
+
+
 def chunk_categories(names: Sequence[str], tokenizer, max_text_len: int = 256) -> List[List[int]]:
     """
     Splits a category list into groups whose prompt fits the text encoder.
@@ -57,8 +66,7 @@ def chunk_categories(names: Sequence[str], tokenizer, max_text_len: int = 256) -
         ValueError: for an empty list, an empty name, or a name too long to fit alone.
     """
     caption_from_categories(names)  # validates the names
-    words = [" ".join(name.lower().split()) for name in names]
-    lengths = [n + 1 for n in _piece_lengths(tokenizer, words)]  # + the " ." token
+    lengths = category_token_costs(names, tokenizer)
     budget = max_text_len - 2
     for i, length in enumerate(lengths):
         if length > budget:

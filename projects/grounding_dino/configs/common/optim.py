@@ -13,7 +13,7 @@ AdamW = L(torch.optim.AdamW)(
     params=L(get_param_groups)(
         base_lr="${..lr}",
         weight_decay_norm=None,  # the official training decays norm layers too
-        backbone_lr_multiplier=0.1,  # parameters under backbone.swin.
+        backbone_lr_multiplier=0.1,  # parameters under backbone. (the image body)
         text_encoder_lr_multiplier=0.1,  # parameters under text_encoder.bert.
         lr_multipliers={},  # more {"name.prefix.": multiplier} pairs
     ),

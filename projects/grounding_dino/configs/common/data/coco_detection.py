@@ -3,8 +3,10 @@ COCO 2017 detection for Grounding DINO: training captions name the categories pr
 random negatives (``GroundingDatasetMapper``); evaluation prompts with all 80 names and
 scores COCO AP. Datasets are read from ``$DETECTRON2_DATASETS`` (see datasets/README.md).
 
-The tokenizer and the token limit follow the model (``model.text_encoder.tokenizer_name_or_path``,
-``model.max_text_len``), so a config using this file must define ``model``.
+The tokenizer and the token limit follow the model
+(``model.prompt_encoder.tokenizer_name_or_path``, ``model.max_text_len``), so a config using
+this file must define ``model``. The mapper tokenises each training caption once and hands the
+ids to the model (``"input_ids"``).
 """
 
 from detectron2.config import LazyCall as L
@@ -27,7 +29,7 @@ dataloader.train = L(build_detection_train_loader)(
     mapper=L(GroundingDatasetMapper)(
         is_train=True,
         augmentations=L(build_train_augmentations)(),
-        tokenizer="${model.text_encoder.tokenizer_name_or_path}",
+        tokenizer="${model.prompt_encoder.tokenizer_name_or_path}",
         thing_classes=L(get_thing_classes)(name="${...dataset.names}"),
         image_format="RGB",
         max_text_len="${model.max_text_len}",
@@ -42,7 +44,7 @@ dataloader.test = L(build_detection_test_loader)(
     mapper=L(GroundingDatasetMapper)(
         is_train=False,
         augmentations=L(build_test_augmentations)(),
-        tokenizer="${model.text_encoder.tokenizer_name_or_path}",
+        tokenizer="${model.prompt_encoder.tokenizer_name_or_path}",
         thing_classes=L(get_thing_classes)(name="${...dataset.names}"),
         image_format="RGB",
         max_text_len="${model.max_text_len}",

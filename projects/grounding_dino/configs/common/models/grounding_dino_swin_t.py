@@ -90,8 +90,9 @@ model = L(GroundingDINO)(
         name="LanguageGuidedQuerySelector",
         d_model="${..hidden_dim}",
         num_queries=900,
-        head=L(ContrastiveHead)(max_text_len="${...max_text_len}", bias_init=None,
-                                log_scale_init=None),
+        head=L(ContrastiveHead)(
+            max_text_len="${...max_text_len}", bias_init=None, log_scale_init=None
+        ),
     ),
     decoder=L(build_decoder)(
         name="CrossModalityDecoder",
@@ -106,11 +107,13 @@ model = L(GroundingDINO)(
     head=L(ContrastiveHead)(max_text_len="${..max_text_len}", bias_init=None, log_scale_init=None),
     # ---- training
     criterion=L(GroundingCriterion)(
-        matcher=L(HungarianMatcher)(cost_class=1.0, cost_bbox=5.0, cost_giou=2.0,
-                                    focal_alpha=0.25, focal_gamma=2.0),
+        matcher=L(HungarianMatcher)(
+            cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, focal_alpha=0.25, focal_gamma=2.0
+        ),
         weight_dict={"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0},
         focal_alpha=0.25,
         focal_gamma=2.0,
+        losses=("labels", "boxes"),
     ),
     dn_number=100,
     dn_label_noise_ratio=0.5,

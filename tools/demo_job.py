@@ -1,8 +1,9 @@
 """
-The offline main job (``make demo``): train the tiny Grounding DINO of
-``configs/shapes_tiny.py`` from scratch on the CPU on the synthetic shapes datasets, evaluate
-zero-shot detection (``shapes_val``, ``shapes_val_unseen``) and referring expressions
-(``shapes_rec_val``) with the project's evaluators, and draw predictions.
+The offline main job (``make demo``): train the tiny Grounding DINO of the packaged
+``shapes_tiny.py`` config (``configs/shapes_tiny.py`` in the repository) from scratch on the
+CPU on the synthetic shapes datasets, evaluate zero-shot detection (``shapes_val``,
+``shapes_val_unseen``) and referring expressions (``shapes_rec_val``) with the project's
+evaluators, and draw predictions (``demo_visualize.py``).
 
 Everything goes under ``--output`` (default ``output/demo``):
 
@@ -18,10 +19,10 @@ Everything goes under ``--output`` (default ``output/demo``):
 A second run with ``model_final.pth`` in place reuses it and only evaluates and draws
 (``--retrain`` trains again). Examples::
 
-    python -m grounding_dino.demo_job                      # make demo
-    python -m grounding_dino.demo_job --retrain --max-iter 500
-    python -m grounding_dino.demo_job --output /tmp/d --max-iter 3 --num-train 8 --num-val 4
-    python -m grounding_dino.demo_job optimizer.lr=1e-4    # config overrides at the end
+    python tools/demo_job.py                      # make demo
+    python tools/demo_job.py --retrain --max-iter 500
+    python tools/demo_job.py --output /tmp/d --max-iter 3 --num-train 8 --num-val 4
+    python tools/demo_job.py optimizer.lr=1e-4    # config overrides at the end
 """
 
 import argparse
@@ -34,25 +35,25 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-import cv2
 import numpy as np
 import torch
 from detectron2.config import LazyConfig, instantiate
-from detectron2.data import DatasetCatalog
 from detectron2.engine import hooks
 from detectron2.engine.train_loop import HookBase
 from detectron2.evaluation import inference_on_dataset
-from detectron2.structures import BoxMode
-from detectron2.utils.visualizer import Visualizer
 
+from grounding_dino import model_zoo
 from grounding_dino.checkpoint import GroundingDINOCheckpointer
 from grounding_dino.data.synthetic import register_shapes_datasets
 from grounding_dino.engine import build_trainer
 from grounding_dino.evaluation import build_evaluator
 
+# A module next to this script (python puts the script's folder first on sys.path).
+from demo_visualize import draw_predictions
+
 __all__ = ["main", "parse_args", "run_demo", "default_config_file"]
 
-logger = logging.getLogger("grounding_dino.demo_job")
+logger = logging.getLogger("demo_job")
 
 CHECKPOINT_NAME = "model_final"
 # (dataset, key in results.json, key of the evaluator's results)
@@ -64,16 +65,8 @@ EVALUATIONS = (
 
 
 def default_config_file() -> str:
-    """``configs/shapes_tiny.py`` of the repository (next to ``projects/``), else of the cwd."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    candidates = [
-        os.path.join(here, os.pardir, os.pardir, "configs", "shapes_tiny.py"),
-        os.path.join(os.getcwd(), "configs", "shapes_tiny.py"),
-    ]
-    for path in candidates:
-        if os.path.isfile(path):
-            return os.path.normpath(path)
-    raise FileNotFoundError(f"configs/shapes_tiny.py not found (looked at {candidates})")
+    """The packaged ``shapes_tiny.py`` (``grounding_dino.model_zoo``)."""
+    return model_zoo.get_config_file("shapes_tiny.py")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -81,7 +74,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         description="Train, evaluate and draw the tiny Grounding DINO on synthetic shapes (CPU).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--config-file", default=None, help="default: configs/shapes_tiny.py")
+    parser.add_argument("--config-file", default=None, help="default: the packaged shapes_tiny.py")
     parser.add_argument("--output", default=os.path.join("output", "demo"))
     parser.add_argument("--max-iter", type=int, default=None, help="default: train.max_iter")
     parser.add_argument("--retrain", action="store_true", help="train even if a model exists")
@@ -219,78 +212,6 @@ def _headline(key: str, metrics: Dict) -> str:
     return "  ".join(
         f"{n} {metrics[n]:.1f}" if metrics.get(n) is not None else f"{n} n/a" for n in names
     )
-
-
-# -------------------------------------------------------------------------------- drawing
-def _draw(image_rgb: np.ndarray, boxes, labels: List[str], path: str, title: str = "") -> None:
-    vis = Visualizer(image_rgb, scale=2.0)
-    if len(boxes):
-        vis.overlay_instances(boxes=np.asarray(boxes, dtype=np.float32), labels=labels)
-    if title:
-        vis.draw_text(title, (4, 2), horizontal_alignment="left", color="w", font_size=9)
-    out = vis.get_output().get_image()
-    cv2.imwrite(path, out[:, :, ::-1])
-
-
-@torch.no_grad()
-def draw_predictions(cfg, model, output_dir: str, num: int, threshold: float) -> List[str]:
-    """Draws detections on ``shapes_val`` and top-1 REC boxes on ``shapes_rec_val``."""
-    model.eval()
-    paths = []
-    for dataset, prefix in (("shapes_val", "det"), ("shapes_rec_val", "rec")):
-        cfg.dataloader.test.dataset.names = dataset
-        mapper = instantiate(cfg.dataloader.test.mapper)
-        records = DatasetCatalog.get(dataset)
-        step = max(1, len(records) // max(1, num))
-        for k, record in enumerate(records[::step][:num]):
-            inputs = mapper(record)
-            output = model([inputs])[0]
-            instances = output["instances"]
-            image = inputs["image"].permute(1, 2, 0).numpy()
-            if prefix == "rec":
-                top = instances.scores.argmax() if len(instances) else None
-                boxes = [] if top is None else instances.pred_boxes.tensor[top][None].numpy()
-                labels = [] if top is None else [f"{float(instances.scores[top]):.2f}"]
-                gt = BoxMode.convert(
-                    list(record["annotations"][0]["bbox"]),
-                    record["annotations"][0]["bbox_mode"],
-                    BoxMode.XYXY_ABS,
-                )
-                title = f'"{record["caption"]}"'
-                path = os.path.join(output_dir, f"{prefix}_{k}.png")
-                _draw_rec(image, boxes, labels, gt, path, title)
-            else:
-                keep = _dedup(instances, threshold)
-                boxes = instances.pred_boxes.tensor[keep].numpy()
-                labels = [f"{output['phrases'][i]} {float(instances.scores[i]):.2f}" for i in keep]
-                path = os.path.join(output_dir, f"{prefix}_{k}.png")
-                _draw(image, boxes, labels, path)
-            paths.append(path)
-    return paths
-
-
-def _draw_rec(image, boxes, labels, gt_box, path: str, title: str) -> None:
-    vis = Visualizer(image, scale=2.0)
-    vis.draw_box(gt_box, edge_color="w", line_style="--")
-    if len(boxes):
-        vis.overlay_instances(
-            boxes=np.asarray(boxes, dtype=np.float32),
-            labels=labels,
-            assigned_colors=[(0.1, 0.9, 0.1)],
-        )
-    vis.draw_text(title, (4, 2), horizontal_alignment="left", color="w", font_size=9)
-    cv2.imwrite(path, vis.get_output().get_image()[:, :, ::-1])
-
-
-def _dedup(instances, threshold: float, iou: float = 0.5) -> List[int]:
-    """Indices of detections above ``threshold`` after class-agnostic NMS (for drawing)."""
-    from torchvision.ops import nms
-
-    keep = (instances.scores > threshold).nonzero().flatten()
-    if len(keep) == 0:
-        return []
-    order = nms(instances.pred_boxes.tensor[keep], instances.scores[keep], iou)
-    return keep[order].tolist()[:20]
 
 
 # ----------------------------------------------------------------------------------- main

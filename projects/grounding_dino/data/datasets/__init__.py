@@ -1,0 +1,35 @@
+"""
+Dataset registration: LVIS v1 minival, ODinW (any COCO-format folder), RefCOCO/+/g and
+Flickr30k entities (MDETR annotations), and ODVG jsonl files (Objects365, COCO, GoldG...).
+
+COCO 2017 (``coco_2017_train``/``coco_2017_val``) and LVIS v1 val (``lvis_v1_val``) are
+registered by detectron2 itself and reused. Everything is lazy: files are read when
+``DatasetCatalog.get(name)`` is called, and a missing file or folder is reported then, by name.
+See ``datasets/README.md`` for the folder layout under ``$DETECTRON2_DATASETS``.
+
+Importing this package registers the standard splits (``builtin.py``).
+"""
+
+from .builtin import (
+    LVIS_MINIVAL,
+    MDETR_SPLITS,
+    ODVG_SPLITS,
+    register_all_grounding_datasets,
+)
+from .coco_format import get_thing_classes, register_lvis_minival, register_odinw
+from .mdetr import load_mdetr_json, register_mdetr
+from .odvg import load_odvg_jsonl, register_odvg
+
+__all__ = [
+    "load_mdetr_json",
+    "load_odvg_jsonl",
+    "register_mdetr",
+    "register_odinw",
+    "register_odvg",
+    "register_lvis_minival",
+    "register_all_grounding_datasets",
+    "get_thing_classes",
+    "LVIS_MINIVAL",
+    "MDETR_SPLITS",
+    "ODVG_SPLITS",
+]

@@ -1,0 +1,264 @@
+"""CPU inference benchmark: this project's Grounding DINO against transformers' one.
+
+Usage::
+
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 python tools/benchmark.py \\
+        [--threads 2] [--runs 5] [--dtype fp32|bf16] [--size 800x1333] [--tiny]
+
+What it does:
+
+1. Builds transformers' ``GroundingDinoForObjectDetection`` with grounding-dino-tiny sizes
+   (``GroundingDinoConfig`` defaults: Swin-T, 900 queries, 6 + 6 layers; the text encoder is
+   a ``BertConfig()``, bert-base-uncased sizes) and random weights (the model's own
+   initialisation plus small noise, see ``benchmark_reference.build_hf_model``), saves it
+   and converts it with ``grounding_dino.convert`` in a temporary folder (``--workdir``
+   keeps and reuses them). ``--tiny`` uses a small configuration instead (for tests).
+2. Checks that both models give the same token scores (1e-4) and boxes (0.05 px) for
+   every query on the same image and caption (see ``benchmark_check.check_outputs`` for
+   near-tied top-k scores of the random model).
+3. Times both pipelines alternately in this process, end to end from a uint8 BGR image:
+   transformers' ``GroundingDinoProcessor`` steps (resize + normalise and tokenise,
+   forward, ``post_process_grounded_object_detection``) and our
+   :class:`~grounding_dino.predictor.GroundingDINOPredictor` call. One warm-up call each,
+   then ``--runs`` timed calls each; the medians and their ratio are printed. Both resize
+   with the official rule (shorter side to ``min(size)``, longer side at most
+   ``max(size)``), so the ``--size`` image goes through unscaled; 800x1333 is the default.
+4. Peak memory: each implementation runs in a child process of its own that loads only
+   that model and runs two calls; the child's peak resident set size (``VmHWM`` in
+   ``/proc/self/status``: interpreter, libraries, weights and activations) is reported,
+   with its resident size after loading the model.
+
+``--dtype bf16`` also times our predictor under ``torch.autocast("cpu", torch.bfloat16)``
+and reports its speed-up over our fp32 run and its drift from the fp32 outputs (detections
+matched by IoU; this random model amplifies rounding, so the drift is an upper bound).
+
+On a shared machine, read the load average it prints: with more runnable threads than
+cores, OpenMP threads wait for each other and 2-thread timings can exceed 1-thread ones.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+# Modules next to this script (python puts the script's folder first on sys.path).
+from benchmark_check import check_outputs, drift, format_check
+from benchmark_reference import load_hf, load_ours, make_image, parse_size, prepare_models
+
+__all__ = ["main", "run_benchmark", "peak_memory_mb"]
+
+CAPTION = "a cat . a remote control . a person on the left ."
+
+
+# ---------------------------------------------------------------- timing and memory
+def _timed(function: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def _load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def peak_memory_mb() -> Dict[str, float]:
+    """This process's current and peak resident set size (``VmRSS``, ``VmHWM``) in MB."""
+    values = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, amount = line.split(":")
+                values[key] = int(amount.split()[0]) / 1024.0
+    return {"rss_mb": values.get("VmRSS", float("nan")), "peak_mb": values.get("VmHWM", 0.0)}
+
+
+def _memory_child(args) -> None:
+    """Child process: loads one implementation, runs two calls, prints its memory as JSON."""
+    torch.set_num_threads(args.threads)
+    image = make_image(args.size)
+    if args.memory_child == "hf":
+        pipeline = load_hf(args.hf_dir, parse_size(args.size))
+    else:
+        pipeline = load_ours(args.out_dir, parse_size(args.size))
+    loaded = peak_memory_mb()["rss_mb"]
+    for _ in range(2):
+        pipeline(image, CAPTION)
+    print(json.dumps({"loaded_mb": loaded, **peak_memory_mb()}))
+
+
+def _measure_memory(kind: str, args, hf_dir: str, out_dir: str) -> Dict[str, float]:
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--memory-child",
+        kind,
+        "--hf-dir",
+        hf_dir,
+        "--out-dir",
+        out_dir,
+        "--threads",
+        str(args.threads),
+        "--size",
+        args.size,
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"memory child for {kind} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- main
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python tools/benchmark.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (both models)")
+    parser.add_argument("--runs", type=int, default=5, help="timed calls of each pipeline")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--size", default="800x1333", help="image HEIGHTxWIDTH")
+    parser.add_argument("--tiny", action="store_true", help="a tiny configuration (tests)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory children")
+    parser.add_argument(
+        "--workdir", default=None, help="keep the models here and reuse them (default: temp)"
+    )
+    # Internal: the per-implementation memory child.
+    parser.add_argument("--memory-child", choices=["hf", "ours"], help=argparse.SUPPRESS)
+    parser.add_argument("--hf-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--out-dir", help=argparse.SUPPRESS)
+    return parser
+
+
+def run_benchmark(args, workdir: str) -> Dict:
+    """Builds, checks, times and measures; returns the numbers printed by :func:`main`."""
+    torch.set_num_threads(args.threads)
+    image = make_image(args.size)
+    print(f"Building and converting the {'tiny' if args.tiny else 'Swin-T + BERT-base'} model")
+    hf_dir, out_dir = prepare_models(workdir, args.tiny)
+    size = parse_size(args.size)
+    hf, ours = load_hf(hf_dir, size), load_ours(out_dir, size)
+    check = check_outputs(hf, ours, image, CAPTION)
+    print(format_check(check))
+
+    pipelines: Dict[str, Callable[[], object]] = {
+        "transformers": lambda: hf(image, CAPTION),
+        "ours": lambda: ours(image, CAPTION),
+    }
+    if args.dtype == "bf16":
+
+        def ours_bf16():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return ours(image, CAPTION)
+
+        pipelines["ours bf16"] = ours_bf16
+    times: Dict[str, List[float]] = {name: [] for name in pipelines}
+    loads = [_load_average()]
+    for function in pipelines.values():  # warm-up
+        function()
+    for _ in range(args.runs):
+        for name, function in pipelines.items():
+            times[name].append(_timed(function))
+        loads.append(_load_average())
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    result = {
+        "check": check,
+        "times": times,
+        "medians": medians,
+        "ratio": medians["transformers"] / medians["ours"],
+        "load_average": loads,
+    }
+    if args.dtype == "bf16":
+        result["bf16_speedup"] = medians["ours"] / medians["ours bf16"]
+        result["bf16_vs_transformers"] = medians["transformers"] / medians["ours bf16"]
+        result["bf16_drift"] = drift(pipelines["ours"](), pipelines["ours bf16"]())
+    if not args.no_memory:
+        del hf, ours
+        result["memory"] = {
+            name: _measure_memory(kind, args, hf_dir, out_dir)
+            for name, kind in (("transformers", "hf"), ("ours", "ours"))
+        }
+    return result
+
+
+def _report(args, result: Dict) -> None:
+    print()
+    print(
+        f"Machine: {_cpu_name()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, {args.threads} threads, image {args.size}, "
+        f"{args.runs} runs (medians); load average during runs: "
+        f"{result['load_average'][0]} -> {result['load_average'][-1]}"
+    )
+    memory = result.get("memory", {})
+    print(f"{'implementation':<16}{'median s':>10}{'runs (s)':>40}{'peak RSS MB':>14}")
+    for name, median in result["medians"].items():
+        runs = ", ".join(f"{t:.2f}" for t in result["times"][name])
+        peak = memory.get(name.split()[0], {}).get("peak_mb") if name != "ours bf16" else None
+        peak_text = f"{peak:.0f}" if peak else "-"
+        print(f"{name:<16}{median:>10.3f}{runs:>40}{peak_text:>14}")
+    print(f"Speed-up of ours over transformers (fp32): {result['ratio']:.2f}x")
+    if "bf16_speedup" in result:
+        print(
+            f"bf16 autocast: {result['bf16_speedup']:.2f}x over our fp32, "
+            f"{result['bf16_vs_transformers']:.2f}x over transformers; drift vs fp32: "
+            f"{result['bf16_drift']}"
+        )
+    for name, values in memory.items():
+        print(
+            f"Memory {name}: peak RSS {values['peak_mb']:.0f} MB (after loading "
+            f"{values['loaded_mb']:.0f} MB), a child process running only this model"
+        )
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.threads < 1 or args.runs < 1:
+        print("error: --threads and --runs must be at least 1", file=sys.stderr)
+        return 1
+    try:
+        parse_size(args.size)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if args.memory_child:
+        _memory_child(args)
+        return 0
+    if args.workdir:
+        os.makedirs(args.workdir, exist_ok=True)
+        context = contextlib.nullcontext(args.workdir)
+    else:
+        context = tempfile.TemporaryDirectory(prefix="gdino_benchmark_")
+    with context as workdir:
+        result = run_benchmark(args, workdir)
+    _report(args, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

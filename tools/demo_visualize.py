@@ -1,0 +1,85 @@
+"""Pictures of the demo job (``tools/demo_job.py``): predictions drawn on validation images."""
+
+import os
+from typing import List
+
+import cv2
+import numpy as np
+import torch
+from detectron2.config import instantiate
+from detectron2.data import DatasetCatalog
+from detectron2.structures import BoxMode
+from detectron2.utils.visualizer import Visualizer
+
+__all__ = ["draw_predictions"]
+
+
+def _draw(image_rgb: np.ndarray, boxes, labels: List[str], path: str, title: str = "") -> None:
+    vis = Visualizer(image_rgb, scale=2.0)
+    if len(boxes):
+        vis.overlay_instances(boxes=np.asarray(boxes, dtype=np.float32), labels=labels)
+    if title:
+        vis.draw_text(title, (4, 2), horizontal_alignment="left", color="w", font_size=9)
+    out = vis.get_output().get_image()
+    cv2.imwrite(path, out[:, :, ::-1])
+
+
+@torch.no_grad()
+def draw_predictions(cfg, model, output_dir: str, num: int, threshold: float) -> List[str]:
+    """Draws detections on ``shapes_val`` and top-1 REC boxes on ``shapes_rec_val``."""
+    model.eval()
+    paths = []
+    for dataset, prefix in (("shapes_val", "det"), ("shapes_rec_val", "rec")):
+        cfg.dataloader.test.dataset.names = dataset
+        mapper = instantiate(cfg.dataloader.test.mapper)
+        records = DatasetCatalog.get(dataset)
+        step = max(1, len(records) // max(1, num))
+        for k, record in enumerate(records[::step][:num]):
+            inputs = mapper(record)
+            output = model([inputs])[0]
+            instances = output["instances"]
+            image = inputs["image"].permute(1, 2, 0).numpy()
+            if prefix == "rec":
+                top = instances.scores.argmax() if len(instances) else None
+                boxes = [] if top is None else instances.pred_boxes.tensor[top][None].numpy()
+                labels = [] if top is None else [f"{float(instances.scores[top]):.2f}"]
+                gt = BoxMode.convert(
+                    list(record["annotations"][0]["bbox"]),
+                    record["annotations"][0]["bbox_mode"],
+                    BoxMode.XYXY_ABS,
+                )
+                title = f'"{record["caption"]}"'
+                path = os.path.join(output_dir, f"{prefix}_{k}.png")
+                _draw_rec(image, boxes, labels, gt, path, title)
+            else:
+                keep = _dedup(instances, threshold)
+                boxes = instances.pred_boxes.tensor[keep].numpy()
+                labels = [f"{output['phrases'][i]} {float(instances.scores[i]):.2f}" for i in keep]
+                path = os.path.join(output_dir, f"{prefix}_{k}.png")
+                _draw(image, boxes, labels, path)
+            paths.append(path)
+    return paths
+
+
+def _draw_rec(image, boxes, labels, gt_box, path: str, title: str) -> None:
+    vis = Visualizer(image, scale=2.0)
+    vis.draw_box(gt_box, edge_color="w", line_style="--")
+    if len(boxes):
+        vis.overlay_instances(
+            boxes=np.asarray(boxes, dtype=np.float32),
+            labels=labels,
+            assigned_colors=[(0.1, 0.9, 0.1)],
+        )
+    vis.draw_text(title, (4, 2), horizontal_alignment="left", color="w", font_size=9)
+    cv2.imwrite(path, vis.get_output().get_image()[:, :, ::-1])
+
+
+def _dedup(instances, threshold: float, iou: float = 0.5) -> List[int]:
+    """Indices of detections above ``threshold`` after class-agnostic NMS (for drawing)."""
+    from torchvision.ops import nms
+
+    keep = (instances.scores > threshold).nonzero().flatten()
+    if len(keep) == 0:
+        return []
+    order = nms(instances.pred_boxes.tensor[keep], instances.scores[keep], iou)
+    return keep[order].tolist()[:20]
