@@ -151,8 +151,10 @@ def test_long_caption_ids_and_positive_maps(tokenizer, image_file, minilm_dir):
 
     caption = " . ".join(f"the dog {i}" for i in range(80)) + " . a cat on the left"
     regions = [((2, 3, 30, 40), [[0, 7]]), ((5, 5, 9, 9), [[len(caption) - 15, len(caption)]])]
-    regions += [((5, 5, 9, 9), [[caption.index(f"dog {i}"), caption.index(f"dog {i}") + 6]])
-                for i in (61, 62, 63, 64)]  # around the 256th token
+    regions += [
+        ((5, 5, 9, 9), [[caption.index(f"dog {i}"), caption.index(f"dog {i}") + 6]])
+        for i in (61, 62, 63, 64)
+    ]  # around the 256th token
     record = _grounding_record(image_file, caption, regions)
     prompt_encoder = PromptEncoder(tokenizer_name_or_path=minilm_dir, max_text_len=256)
     out = _mapper(prompt_encoder)(record)

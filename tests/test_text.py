@@ -384,7 +384,8 @@ def test_prompt_encoder_pickles(prompt_encoder, tokenizer):
     assert again.max_text_len == 256 and again.special_token_ids == OFFICIAL_SPECIAL_IDS
     wrapped = pickle.loads(pickle.dumps(PromptEncoder.from_tokenizer(tokenizer, max_text_len=9)))
     assert wrapped.max_text_len == 9
-    assert wrapped.runs_for_input(0, {"caption": "a cat"})[0].input_ids == [101, 1037, 4937, 1012, 102]
+    (run,) = wrapped.runs_for_input(0, {"caption": "a cat"})
+    assert run.input_ids == [101, 1037, 4937, 1012, 102]
 
 
 def test_caption_runs_match_official_tokens(prompt_encoder, tokenizer, captions):
@@ -420,7 +421,9 @@ def test_batch_matches_official_model_inputs(prompt_encoder, tokenizer, captions
         batch = normalized[start : start + 8]
         # Whole captions (as the mapper's ids in training): the cut happens in batch().
         runs = [
-            prompt_encoder.runs_for_input(i, {"caption": c, "input_ids": tokenizer(c)["input_ids"]})[0]
+            prompt_encoder.runs_for_input(
+                i, {"caption": c, "input_ids": tokenizer(c)["input_ids"]}
+            )[0]
             for i, c in enumerate(batch)
         ]
         ours = prompt_encoder.batch(runs)

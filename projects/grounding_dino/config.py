@@ -47,6 +47,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils.registry import locate
 
 from .convert.checkpoint import load_checkpoint_file
+from .model_zoo import configs_dir
 from .modeling import GroundingDINO
 from .predictor import prompt_to_input
 from .resize import OfficialResize, official_resize_from_lazy_config
@@ -74,7 +75,8 @@ def add_grounding_dino_config(cfg: CN) -> None:
 
     Keys:
         CONFIG_FILE: the lazy config (``.py``, or the converter's ``config.yaml``). Relative
-            paths are looked up from the working directory, then from the repository root.
+            paths are looked up from the working directory, then ``configs/...`` among the
+            packaged configs (see :func:`resolve_config_file`).
         OVERRIDES: list of ``"key=value"`` overrides of the lazy config, e.g.
             ``["model.query_selector.num_queries=300"]`` (as on ``train_net.py``'s command
             line).
@@ -95,14 +97,11 @@ def add_grounding_dino_config(cfg: CN) -> None:
     cfg.INPUT.MIN_SIZE_TEST = 0
 
 
-def _repo_root() -> Path:
-    return Path(__file__).resolve().parents[2]
-
-
 def resolve_config_file(path: str) -> str:
     """
     Finds ``MODEL.GROUNDING_DINO.CONFIG_FILE``: as given (absolute or from the working
-    directory), else relative to the repository root (``configs/...``).
+    directory), else ``configs/<name>`` among the packaged configs (``model_zoo``), so the
+    thin yamls work from any directory and from an installed package.
 
     Raises:
         ValueError: the key is empty. FileNotFoundError: no such file (names the places tried).
@@ -113,8 +112,8 @@ def resolve_config_file(path: str) -> str:
             "configs/grounding_dino_swin_t_ogc.py"
         )
     candidates = [Path(path)]
-    if not os.path.isabs(path):
-        candidates.append(_repo_root() / path)
+    if not os.path.isabs(path) and Path(path).parts[0] == "configs":
+        candidates.append(configs_dir().joinpath(*Path(path).parts[1:]))
     for candidate in candidates:
         if candidate.is_file():
             return str(candidate)

@@ -6,8 +6,7 @@ each tokenised once; :meth:`PromptEncoder.batch` pads the stored ids of a batch 
 the tokens that close a phrase.
 """
 
-from dataclasses import dataclass, fields, replace
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Sequence, Union
 
 import torch
 
@@ -16,6 +15,7 @@ from .chunking import chunk_caption, chunk_categories
 from .masks import sub_sentence_masks
 from .phrases import phrases_from_token_scores
 from .positive_map import positive_map_from_spans
+from .structures import PromptRun, TokenizedText
 from .tokenizer import check_fast, load_tokenizer
 
 __all__ = ["SPECIAL_TOKENS", "PromptRun", "TokenizedText", "PromptEncoder"]
@@ -26,56 +26,6 @@ __all__ = ["SPECIAL_TOKENS", "PromptRun", "TokenizedText", "PromptEncoder"]
 SPECIAL_TOKENS = ("[CLS]", "[SEP]", ".", "?")
 _BOUNDARY_TOKENS = ("[CLS]", "[SEP]")
 _SEPARATORS = tuple(t for t in SPECIAL_TOKENS if t not in _BOUNDARY_TOKENS)
-
-
-@dataclass
-class PromptRun:
-    """
-    One pass of the transformer: an image with one caption (a whole prompt or one chunk).
-
-    Attributes:
-        image_index: index of the input the run belongs to.
-        caption: the normalised caption.
-        input_ids: its token ids with [CLS] and [SEP], unpadded (tokenised once). Longer than
-            ``max_text_len`` only for a training caption (see
-            :meth:`PromptEncoder.runs_for_input`); :meth:`PromptEncoder.batch` cuts it.
-        category_indices: for category prompts, the global indices of the categories in this
-            caption (None for free captions).
-        positive_map: for category prompts, [C_run, max_text_len] normalised token map.
-        phrase_offset: index of the run's first phrase in the whole caption.
-    """
-
-    image_index: int
-    caption: str
-    input_ids: List[int]
-    category_indices: Optional[List[int]] = None
-    positive_map: Optional[torch.Tensor] = None
-    phrase_offset: int = 0
-
-
-@dataclass
-class TokenizedText:
-    """
-    The text encoder's input for a batch of B prompt runs, L <= max_text_len tokens.
-
-    Attributes:
-        input_ids: [B, L] long, padded with the tokenizer's pad id.
-        token_mask: [B, L] bool, True on real (non-padding) tokens.
-        self_attention_mask: [B, L, L] bool, True where token i may attend to token j (the
-            sub-sentence mask).
-        position_ids: [B, L] long, restarting at 0 in each phrase.
-        token_type_ids: [B, L] long (zeros: one sentence per run).
-    """
-
-    input_ids: torch.Tensor
-    token_mask: torch.Tensor
-    self_attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    token_type_ids: torch.Tensor
-
-    def to(self, device) -> "TokenizedText":
-        """A copy with every tensor on ``device``."""
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
 class PromptEncoder:
@@ -117,7 +67,9 @@ class PromptEncoder:
         if max_text_len < 3:
             raise ValueError(f"max_text_len must be at least 3 ([CLS] x [SEP]), got {max_text_len}")
         ids = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
-        missing = [t for t, i in zip(SPECIAL_TOKENS, ids) if i is None or i == tokenizer.unk_token_id]
+        missing = [
+            t for t, i in zip(SPECIAL_TOKENS, ids) if i is None or i == tokenizer.unk_token_id
+        ]
         if missing:
             raise ValueError(
                 f"Tokenizer {type(tokenizer).__name__} has no token for {missing} (the "
