@@ -1,66 +1,135 @@
-"""Smoke test of the offline main job (``python -m grounding_dino.demo_job``, ``make demo``)."""
+"""The offline main job, run as a user runs it (``python tools/demo_job.py``, ``make demo``)."""
 
+import contextlib
+import glob
+import io
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 from detectron2.config import LazyConfig
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
-from grounding_dino import demo_job
-
+REPO = Path(__file__).resolve().parents[1]
+TOOLS = REPO / "tools"
 TINY = ["--max-iter", "2", "--num-train", "6", "--num-val", "3", "--num-draw", "1"]
+# Smaller model and batch: the test checks the plumbing, not the accuracy.
+OVERRIDES = ["dataloader.train.total_batch_size=2", "model.query_selector.num_queries=20"]
+
+
+def _run_demo(out: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    command = [sys.executable, str(TOOLS / "demo_job.py"), "--output", out, *TINY, *OVERRIDES]
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    return run
+
+
+def _read(path: str):
+    with open(path) as f:
+        return json.load(f)
 
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("demo") / "out")
-    # Smaller model and batch: the test checks the plumbing, not the accuracy.
-    overrides = ["dataloader.train.total_batch_size=2", "model.query_selector.num_queries=20"]
-    results = demo_job.main(["--output", out, *TINY, *overrides])
-    return out, overrides, results
+    run = _run_demo(out)
+    return out, run.stdout, _read(os.path.join(out, "results.json"))
 
 
-def test_first_run_trains_evaluates_and_draws(first_run, capsys):
-    out, _, results = first_run
-    with open(os.path.join(out, "results.json")) as f:
-        on_disk = json.load(f)
-    assert on_disk == results
-    assert set(on_disk) == {"bbox", "bbox_unseen", "rec"}
-    for key in ("AP", "AP50"):
-        for task in ("bbox", "bbox_unseen"):
-            assert on_disk[task][key] is None or 0.0 <= on_disk[task][key] <= 100.0
-    assert 0.0 <= on_disk["rec"]["Acc@0.5"] <= 100.0
+def _coco_ap(split_glob: str, results_json: str, max_dets: int = 300) -> float:
+    """COCO box AP (percent) recomputed with pycocotools from the evaluator's dumped results."""
+    (gt_file,) = glob.glob(split_glob)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(gt_file)
+        detections = _read(results_json)
+        assert detections, f"{results_json} holds no detections"
+        evaluation = COCOeval(gt, gt.loadRes(detections), "bbox")
+        evaluation.params.maxDets = [1, 10, max_dets]
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return 100.0 * evaluation.stats[0]
+
+
+@pytest.mark.slow
+def test_first_run_trains_evaluates_and_draws(first_run):
+    out, printed, results = first_run
+    assert "[train] iter 2/2" in printed
+    assert set(results) == {"bbox", "bbox_unseen", "rec"}
+    # The detection APs equal pycocotools' on the evaluators' dumped detections and the
+    # generated ground truth (at most 300 detections per image, as the evaluator).
+    for key, dataset, split in (
+        ("bbox", "shapes_val", "val"),
+        ("bbox_unseen", "shapes_val_unseen", "val_unseen"),
+    ):
+        dumped = os.path.join(out, "inference", dataset, "coco_instances_results.json")
+        expected = _coco_ap(os.path.join(out, "shapes", f"{split}-*", "coco.json"), dumped)
+        if results[key]["AP"] is None:  # no ground truth to score: COCOeval's -1
+            assert expected < 0
+        else:
+            assert results[key]["AP"] == pytest.approx(expected, abs=1e-6)
+    # REC: one record per generated expression of the val images; Acc@0.5 is the share of
+    # top-1 boxes with IoU >= 0.5.
+    (scenes,) = glob.glob(os.path.join(out, "shapes", "val-*", "scenes.json"))
+    expressions = sum(len(scene["refs"]) for scene in _read(scenes)["images"])
+    records = _read(os.path.join(out, "inference", "shapes_rec_val", "rec_predictions.json"))
+    assert len(records) == expressions > 0
+    top1 = np.mean([r["ious"][0] >= 0.5 if r["ious"] else False for r in records])
+    assert results["rec"]["Acc@0.5"] == pytest.approx(100.0 * top1)
+
     assert os.path.isfile(os.path.join(out, "model_final.pth"))
     pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))
     assert pngs == ["det_0.png", "rec_0.png"]
     assert os.path.getsize(os.path.join(out, "det_0.png")) > 1000
-    info = json.load(open(os.path.join(out, "run_info.json")))
+    info = _read(os.path.join(out, "run_info.json"))
     assert info["iterations"] == 2 and info["reused_checkpoint"] is False
-    # The saved config reloads (it stayed serialisable) and names the MiniLM folder.
+    assert os.path.samefile(info["config_file"], REPO / "configs" / "shapes_tiny.py")
+    # The saved config reloads (it stayed serialisable), with the command line's overrides.
     cfg = LazyConfig.load(os.path.join(out, "config.yaml"))
     assert os.path.isdir(cfg.model.text_encoder.name_or_path)
-    assert cfg.model.query_selector.num_queries == 20
+    assert cfg.model.query_selector.num_queries == 20 and cfg.train.max_iter == 2
     # Everything the job wrote stays under its output folder.
-    assert os.path.isdir(os.path.join(out, "shapes"))
+    assert len(glob.glob(os.path.join(out, "shapes", "train-*", "images", "*.png"))) == 6
 
 
-def test_second_run_reuses_the_checkpoint(first_run, capsys):
-    out, overrides, _ = first_run
+@pytest.mark.slow
+def test_second_run_reuses_the_checkpoint_and_gives_the_same_results(first_run):
+    out, _, first_results = first_run
     checkpoint = os.path.join(out, "model_final.pth")
     mtime = os.path.getmtime(checkpoint)
-    capsys.readouterr()
-    results = demo_job.main(["--output", out, *TINY, *overrides])
-    printed = capsys.readouterr().out
+    printed = _run_demo(out).stdout
     assert "reusing the trained model" in printed
     assert "[train] iter" not in printed
     assert os.path.getmtime(checkpoint) == mtime
-    assert set(results) == {"bbox", "bbox_unseen", "rec"}
-    info = json.load(open(os.path.join(out, "run_info.json")))
-    assert info["iterations"] == 2
+    # Evaluating the same model again gives the same numbers (evaluation is deterministic).
+    assert _read(os.path.join(out, "results.json")) == first_results
+    assert _read(os.path.join(out, "run_info.json"))["iterations"] == 2
 
 
-def test_bad_arguments_are_refused():
+@pytest.fixture(scope="module")
+def demo_job():
+    sys.path.insert(0, str(TOOLS))
+    try:
+        import demo_job
+    finally:
+        sys.path.remove(str(TOOLS))
+    return demo_job
+
+
+def test_bad_arguments_are_refused(demo_job):
     with pytest.raises(SystemExit, match="--max-iter"):
         demo_job.parse_args(["--max-iter", "0"])
     with pytest.raises(SystemExit, match="--threads"):
         demo_job.parse_args(["--threads", "0"])
+
+
+def test_default_config_is_the_packaged_shapes_tiny(demo_job):
+    args = demo_job.parse_args([])
+    assert args.config_file is None and args.output == os.path.join("output", "demo")
+    assert os.path.samefile(demo_job.default_config_file(), REPO / "configs" / "shapes_tiny.py")
