@@ -2,8 +2,11 @@
 """Installs the ``grounding_dino`` package from ``projects/grounding_dino``.
 
 The layout follows detectron2's own ``setup.py``, which maps ``projects/`` to an importable
-package with ``package_dir``.
+package with ``package_dir``. Applications (``tools/``: the demo job, the benchmark, the shapes
+generator) are scripts of the repository, not part of the package.
 """
+import os
+
 from setuptools import find_packages, setup
 
 PROJECT_DIR = "projects/grounding_dino"
@@ -12,6 +15,16 @@ PROJECT_DIR = "projects/grounding_dino"
 def _packages():
     subpackages = find_packages(PROJECT_DIR)
     return ["grounding_dino"] + [f"grounding_dino.{name}" for name in subpackages]
+
+
+def _config_files():
+    """Every ``.py`` and ``.yaml`` under ``configs/``, relative to the package folder."""
+    found = []
+    for folder, _, files in os.walk(os.path.join(PROJECT_DIR, "configs")):
+        for name in sorted(files):
+            if name.endswith((".py", ".yaml")):
+                found.append(os.path.relpath(os.path.join(folder, name), PROJECT_DIR))
+    return sorted(found)
 
 
 setup(
@@ -23,13 +36,6 @@ setup(
     package_dir={"grounding_dino": PROJECT_DIR},
     # The configs ship inside the package (``grounding_dino.model_zoo.get_config``); the
     # repository's top-level ``configs`` is a link to ``projects/grounding_dino/configs``.
-    package_data={
-        "grounding_dino": [
-            "configs/*.py",
-            "configs/*.yaml",
-            "configs/common/*.py",
-            "configs/common/*/*.py",
-        ]
-    },
+    package_data={"grounding_dino": _config_files()},
     install_requires=[],  # the pinned stack lives in requirements.txt
 )

@@ -2,6 +2,9 @@
 
 import json
 import os
+import re
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -298,3 +301,28 @@ def test_cache_reused_and_env_root(tmp_path, monkeypatch):
     assert splits.split_folder(config, "val", None).startswith(
         str(tmp_path / "output" / "demo" / "shapes")
     )
+
+
+def test_generate_shapes_tool_writes_every_split(tmp_path):
+    """``tools/generate_shapes.py``, run as a user runs it."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, os.path.join(repo, "tools", "generate_shapes.py")]
+    args = ["--root", str(tmp_path), "--num-train", "3", "--num-val", "2", "--image-size", "64"]
+    run = subprocess.run(command + args, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    printed = dict(re.findall(r"^(shapes_\w+): (\d+) records in ", run.stdout, re.MULTILINE))
+    images = {}
+    for split in ("train", "val", "val_unseen"):
+        (folder,) = [f for f in os.listdir(tmp_path) if re.fullmatch(rf"{split}-[0-9a-f]+", f)]
+        images[split] = len(os.listdir(os.path.join(tmp_path, folder, "images")))
+        refs = [s["refs"] for s in load_shapes_scenes(os.path.join(tmp_path, folder))["images"]]
+        if split != "val_unseen":
+            assert int(printed[f"shapes_rec_{split}"]) == sum(map(len, refs))
+    assert images == {"train": 3, "val": 2, "val_unseen": 2}
+    assert {k: int(v) for k, v in printed.items() if "rec" not in k} == {
+        "shapes_train": 3,
+        "shapes_val": 2,
+        "shapes_val_unseen": 2,
+    }
+    bad = subprocess.run(command + ["--num-train", "0"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--num-train must be >= 1" in bad.stderr

@@ -4,37 +4,30 @@ import json
 import logging
 import os
 import re
-from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig, instantiate
 
+from ..model_zoo import get_config_file
+from ..modeling.backbone import SWIN_VARIANTS, swin_variant_from_sizes
 from .checkpoint import load_checkpoint_file
 from .keys import convert_hf_state_dict, convert_official_state_dict
 
-__all__ = ["convert_checkpoint", "default_config_path", "repo_configs_dir"]
+__all__ = ["convert_checkpoint", "default_config_path"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TOKENIZER = "bert-base-uncased"
 
 
-def repo_configs_dir() -> Path:
-    """The ``configs/`` folder of this project's checkout."""
-    return Path(__file__).resolve().parents[3] / "configs"
-
-
 def default_config_path(source: str, src: str) -> str:
-    """Picks the base lazy config from the checkpoint's name (Swin-B for "swinb"/"base")."""
+    """The packaged lazy config of the model a checkpoint's name suggests (Swin-B for
+    "swinb"/"swin_b"/"base", else Swin-T)."""
     name = os.path.basename(os.path.normpath(src)).lower()
-    is_base = "swinb" in name or "swin_b" in name or name.endswith("-base") or "base" in name
+    is_base = "swinb" in name or "swin_b" in name or "base" in name
     filename = "grounding_dino_swin_b_cogcoor.py" if is_base else "grounding_dino_swin_t_ogc.py"
-    path = repo_configs_dir() / filename
-    if not path.is_file():
-        raise FileNotFoundError(f"Base config {path} not found; pass --config")
-    return str(path)
+    return get_config_file(filename)
 
 
 def _bert_config_from_state(
@@ -71,37 +64,70 @@ def _count_layers(state, prefix: str) -> int:
     return len({int(m.group(1)) for k in state if (m := pattern.match(k))})
 
 
-def _swin_variant(state) -> str:
-    """The official Swin variant whose sizes match the checkpoint's backbone weights."""
-    from grounding_dino.modeling.backbone import SWIN_VARIANTS
-
-    embed_dim = state["backbone.0.patch_embed.proj.weight"].shape[0]
-    depths = tuple(
-        _count_layers(state, f"backbone.0.layers.{i}.blocks.")
-        for i in range(_count_layers(state, "backbone.0.layers."))
-    )
-    bias_rows = state["backbone.0.layers.0.blocks.0.attn.relative_position_bias_table"].shape[0]
-    window = (round(bias_rows**0.5) + 1) // 2
-    for name, (dim, variant_depths, _, variant_window) in SWIN_VARIANTS.items():
-        if (dim, tuple(variant_depths), variant_window) == (embed_dim, depths, window):
-            return name
-    raise ValueError(
-        f"No known Swin variant has embed_dim={embed_dim}, depths={depths} and " f"window {window}"
-    )
+def _set_image_side(model, variant, out_indices: List[int]) -> None:
+    """Sets the Swin body (``variant``: a name of ``SWIN_VARIANTS`` or a sizes mapping) and
+    the neck's ``in_channels`` to match it."""
+    if model.backbone.get("name") != "SwinBackbone":
+        raise ValueError(
+            f"The base config's model.backbone.name is {model.backbone.get('name')!r}; converted "
+            "checkpoints need a 'SwinBackbone' config (pass a Swin config with --config)"
+        )
+    embed_dim = SWIN_VARIANTS[variant][0] if isinstance(variant, str) else variant["embed_dim"]
+    model.backbone.update(variant=variant, out_indices=list(out_indices))
+    model.neck.in_channels = [embed_dim * 2**i for i in out_indices]
 
 
 def _official_config(state, config_path: str, tokenizer: Optional[str]):
     cfg = LazyConfig.load(config_path)
+    model = cfg.model
     # Read the structure off the weights, so that any official-format file converts.
-    cfg.model.backbone.swin = _swin_variant(state)
-    cfg.model.enhancer.num_layers = _count_layers(state, "transformer.encoder.layers.")
-    cfg.model.decoder.num_layers = _count_layers(state, "transformer.decoder.layers.")
-    cfg.model.query_selector.num_queries = state["transformer.tgt_embed.weight"].shape[0]
-    text = cfg.model.text_encoder
-    text.pretrained = False
-    text.tokenizer_name_or_path = tokenizer or DEFAULT_TOKENIZER
-    text.bert_config = _bert_config_from_state(state, "bert.", tokenizer)
+    num_stages = _count_layers(state, "backbone.0.layers.")
+    depths = [_count_layers(state, f"backbone.0.layers.{i}.blocks.") for i in range(num_stages)]
+    bias_rows = state["backbone.0.layers.0.blocks.0.attn.relative_position_bias_table"].shape[0]
+    variant = swin_variant_from_sizes(
+        embed_dim=state["backbone.0.patch_embed.proj.weight"].shape[0],
+        depths=depths,
+        window_size=(round(bias_rows**0.5) + 1) // 2,
+    )
+    out_indices = [i for i in range(num_stages) if f"backbone.0.norm{i}.weight" in state]
+    _set_image_side(model, variant, out_indices)
+    model.num_feature_levels = _count_layers(state, "input_proj.")
+    model.enhancer.num_layers = _count_layers(state, "transformer.encoder.layers.")
+    model.decoder.num_layers = _count_layers(state, "transformer.decoder.layers.")
+    model.query_selector.num_queries = state["transformer.tgt_embed.weight"].shape[0]
+    model.prompt_encoder.tokenizer_name_or_path = tokenizer or DEFAULT_TOKENIZER
+    model.text_encoder.pretrained = False
+    model.text_encoder.bert_config = _bert_config_from_state(state, "bert.", tokenizer)
     return cfg
+
+
+def _hf_swin_variant(backbone: dict, config_file: str):
+    """The ``SwinBackbone`` variant of transformers' Swin config: a ``SWIN_VARIANTS`` name,
+    else a sizes mapping."""
+    checks = {
+        "patch_size": 4,
+        "mlp_ratio": 4.0,
+        "qkv_bias": True,
+        "hidden_act": "gelu",
+        "use_absolute_embeddings": False,
+        "layer_norm_eps": 1e-5,
+    }
+    for field, wanted in checks.items():
+        if field in backbone and backbone[field] != wanted:
+            raise ValueError(
+                f"{config_file}: backbone_config.{field}={backbone[field]!r} is not supported "
+                f"(expected {wanted!r})"
+            )
+    sizes = {
+        "embed_dim": backbone["embed_dim"],
+        "depths": list(backbone["depths"]),
+        "num_heads": list(backbone["num_heads"]),
+        "window_size": backbone["window_size"],
+    }
+    for name, (dim, depths, heads, window) in SWIN_VARIANTS.items():
+        if (dim, list(depths), list(heads), window) == tuple(sizes.values()):
+            return name
+    return sizes
 
 
 def _hf_config(folder: str, config_path: Optional[str], tokenizer: Optional[str]):
@@ -120,10 +146,8 @@ def _hf_config(folder: str, config_path: Optional[str], tokenizer: Optional[str]
     for field, wanted in checks.items():
         if field in hf and hf[field] != wanted:
             raise ValueError(
-                f"{config_file}: {field}={hf[field]!r} is not supported " f"(expected {wanted!r})"
+                f"{config_file}: {field}={hf[field]!r} is not supported (expected {wanted!r})"
             )
-    from grounding_dino.modeling.backbone import SwinTransformer
-
     cfg = LazyConfig.load(config_path or default_config_path("hf", folder))
     model = cfg.model
     d_model = hf["d_model"]
@@ -132,18 +156,11 @@ def _hf_config(folder: str, config_path: Optional[str], tokenizer: Optional[str]
     model.num_feature_levels = hf["num_feature_levels"]
     model.max_text_len = hf["max_text_len"]
     backbone = hf["backbone_config"]
+    # transformers counts the patch embedding as stage 0.
     out_indices = [i - 1 for i in backbone.get("out_indices", [2, 3, 4])]
-    model.backbone.swin = L(SwinTransformer)(
-        embed_dim=backbone["embed_dim"],
-        depths=list(backbone["depths"]),
-        num_heads=list(backbone["num_heads"]),
-        window_size=backbone["window_size"],
-        mlp_ratio=backbone.get("mlp_ratio", 4.0),
-        drop_path_rate=backbone.get("drop_path_rate", 0.2),
-        out_indices=out_indices,
-    )
-    model.backbone.out_indices = out_indices
-    model.backbone.pos_temperature = hf.get("positional_embedding_temperature", 20)
+    _set_image_side(model, _hf_swin_variant(backbone, config_file), out_indices)
+    model.backbone.drop_path_rate = backbone.get("drop_path_rate", 0.2)
+    model.position_embedding.temperature = hf.get("positional_embedding_temperature", 20)
     model.enhancer.update(
         num_layers=hf["encoder_layers"],
         ffn_dim=enc_ffn,
@@ -175,9 +192,9 @@ def _hf_config(folder: str, config_path: Optional[str], tokenizer: Optional[str]
         "layer_norm_eps",
         "pad_token_id",
     )
+    model.prompt_encoder.tokenizer_name_or_path = tokenizer or DEFAULT_TOKENIZER
     model.text_encoder.update(
         pretrained=False,
-        tokenizer_name_or_path=tokenizer or DEFAULT_TOKENIZER,
         bert_config={k: text_config[k] for k in bert_fields if k in text_config},
     )
     return cfg

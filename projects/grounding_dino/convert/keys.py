@@ -11,11 +11,19 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
+from ..modeling.backbone import (
+    convert_hf_input_proj_state_dict,
+    convert_hf_swin_state_dict,
+    convert_official_input_proj_state_dict,
+    convert_official_swin_state_dict,
+)
+
 __all__ = ["convert_official_state_dict", "convert_hf_state_dict"]
 
 Rules = List[Tuple[str, str]]
 
-# Official names -> ours (applied after the backbone and input projections are handled).
+# Official names -> ours (applied after the image body, ``backbone.0.*`` -> ``backbone.*``, and
+# the input projections, ``input_proj.*`` -> ``neck.*``, are handled).
 _OFFICIAL_RULES: Rules = [
     (r"^bert\.", "text_encoder.bert."),
     (r"^feat_map\.", "text_encoder.feat_map."),
@@ -32,7 +40,6 @@ _OFFICIAL_RULES: Rules = [
     (r"^transformer\.decoder\.ref_point_head\.", "decoder.ref_point_head."),
     (r"^bbox_embed\.0\.", "decoder.bbox_embed."),
 ]
-# Copies of the shared decoder box head.
 # Copies of the shared decoder box head, and BERT's pooler (unused by the model).
 _OFFICIAL_DUPLICATES = [
     r"^bbox_embed\.[1-9]\d*\.",
@@ -156,9 +163,9 @@ def _convert(
     state = dict(state)
     converted: Dict[str, torch.Tensor] = {}
     for key, value in backbone_converter(_split_off(state, backbone_prefix)).items():
-        converted[f"backbone.swin.{key}"] = value
+        converted[f"backbone.{key}"] = value
     for key, value in proj_converter(_split_off(state, proj_prefix)).items():
-        converted[f"backbone.input_proj.{key}"] = value
+        converted[f"neck.{key}"] = value
     ignored = [k for k in state if any(re.match(p, k) for p in duplicates)]
     for key in ignored:
         del state[key]
@@ -180,32 +187,26 @@ def _convert(
 
 def convert_official_state_dict(state: Dict[str, torch.Tensor]) -> Tuple[Dict, List[str]]:
     """Official ``ckpt["model"]`` (optionally ``module.``-prefixed) -> this model's keys."""
-    from ..modeling.backbone import convert_official_input_proj_state_dict as projections
-    from ..modeling.backbone import convert_official_swin_state_dict as backbone
-
     state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
     return _convert(
         state,
         _OFFICIAL_RULES,
         _OFFICIAL_DUPLICATES,
         "backbone.0.",
-        backbone,
+        convert_official_swin_state_dict,
         "input_proj.",
-        projections,
+        convert_official_input_proj_state_dict,
     )
 
 
 def convert_hf_state_dict(state: Dict[str, torch.Tensor]) -> Tuple[Dict, List[str]]:
     """transformers' ``GroundingDinoForObjectDetection`` state dict -> this model's keys."""
-    from ..modeling.backbone import convert_hf_input_proj_state_dict as projections
-    from ..modeling.backbone import convert_hf_swin_state_dict as backbone
-
     return _convert(
         state,
         _HF_RULES,
         _HF_DUPLICATES,
         "model.backbone.conv_encoder.model.",
-        backbone,
+        convert_hf_swin_state_dict,
         "model.input_proj_vision.",
-        projections,
+        convert_hf_input_proj_state_dict,
     )

@@ -324,13 +324,7 @@ def _layer_outputs(logits: torch.Tensor, boxes: torch.Tensor) -> Dict:
 
 def _check_sizes(backbone, neck, prompt_encoder, hidden_dim, num_levels, max_text_len) -> None:
     """Checks that the components agree on the sizes the configs interpolate."""
-    channels = tuple(spec.channels for spec in backbone.output_shape().values())
-    if tuple(neck.in_channels) != channels:
-        raise ValueError(
-            f"neck.in_channels={tuple(neck.in_channels)} but the backbone "
-            f"{type(backbone).__name__} outputs {channels} channels "
-            f"({list(backbone.output_shape())}); set model.neck.in_channels={channels}"
-        )
+    neck.check_backbone(backbone)  # the body's output channels are the neck's in_channels
     for name, value, expected in (
         ("neck.hidden_dim", neck.hidden_dim, hidden_dim),
         ("neck.num_feature_levels", neck.num_feature_levels, num_levels),

@@ -1,34 +1,33 @@
-"""Image backbones: Swin Transformer, input projections and sine position embeddings."""
+"""Grounding DINO's image side: bodies (detectron2 ``Backbone``s registered in
+``IMAGE_BACKBONE_REGISTRY``), the input projection neck, the sine position embedding, and the
+converters of the official and transformers' image-side state dicts."""
 
-from .image_backbone import (
-    SwinImageBackbone,
-    convert_hf_image_backbone_state_dict,
+from .neck import (
+    InputProjectionNeck,
     convert_hf_input_proj_state_dict,
-    convert_official_image_backbone_state_dict,
     convert_official_input_proj_state_dict,
 )
-from .position_encoding import PositionEmbeddingSineHW
-from .resnet import ResNetBody, ResNetImageBackbone
+from .position_encoding import PositionEmbeddingSine
+from .resnet import ResNetBackbone
 from .swin import (
     SWIN_VARIANTS,
-    SwinTransformer,
-    build_swin_transformer,
+    SwinBackbone,
     convert_hf_swin_state_dict,
     convert_official_swin_state_dict,
+    swin_variant_from_sizes,
 )
+from .tiny_cnn import TinyCNNBackbone
 
 __all__ = [
     "SWIN_VARIANTS",
-    "PositionEmbeddingSineHW",
-    "ResNetBody",
-    "ResNetImageBackbone",
-    "SwinImageBackbone",
-    "SwinTransformer",
-    "build_swin_transformer",
-    "convert_hf_image_backbone_state_dict",
+    "InputProjectionNeck",
+    "PositionEmbeddingSine",
+    "ResNetBackbone",
+    "SwinBackbone",
+    "TinyCNNBackbone",
     "convert_hf_input_proj_state_dict",
     "convert_hf_swin_state_dict",
-    "convert_official_image_backbone_state_dict",
     "convert_official_input_proj_state_dict",
     "convert_official_swin_state_dict",
+    "swin_variant_from_sizes",
 ]

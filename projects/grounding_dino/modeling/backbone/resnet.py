@@ -1,92 +1,50 @@
-"""A detectron2 ResNet as Grounding DINO's image backbone (an alternative to Swin).
+"""detectron2's ResNet as Grounding DINO's image body (an alternative to Swin, for training).
 
-:class:`ResNetImageBackbone` plugs detectron2's ResNet into :class:`SwinImageBackbone` in place
-of the Swin Transformer, so the input projections (conv + GroupNorm(32)), the extra
-stride-2 level, the sine position embeddings and the batch-invariant
-:meth:`SwinImageBackbone.forward_images` are the same code. Weights of an ImageNet ResNet from
-detectron2's model zoo load under ``backbone.swin.*`` (e.g. with
-``GroundingDINOCheckpointer`` after converting the ``.pkl`` to a ``.pth`` of tensors).
+Parameters are detectron2's (``stem.conv1.*``, ``res2.0.conv1.*``, ...), so the weights of an
+ImageNet ResNet from detectron2's model zoo load under ``backbone.*`` (after converting the
+``.pkl`` to a ``.pth`` of tensors).
 """
 
-from typing import List, Sequence
+from typing import Sequence
 
-import torch
-from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone.resnet import BasicStem, ResNet
-from torch import nn
 
 from ..registry import IMAGE_BACKBONE_REGISTRY
-from .image_backbone import SwinImageBackbone
 
-__all__ = ["ResNetBody", "ResNetImageBackbone"]
+__all__ = ["ResNetBackbone"]
 
-
-class ResNetBody(nn.Module):
-    """
-    detectron2's ResNet returning a list of maps, as the Swin body does.
-
-    Args:
-        depth: 18, 34, 50, 101 or 152.
-        out_features: stages to return, e.g. ("res3", "res4", "res5") (strides 8, 16, 32).
-        norm: "FrozenBN" (ImageNet statistics), "BN", "GN", ...
-        freeze_at: freeze the stem (1) and the first ``freeze_at - 1`` stages (0: nothing).
-    """
-
-    def __init__(
-        self,
-        depth: int = 50,
-        out_features: Sequence[str] = ("res3", "res4", "res5"),
-        norm: str = "FrozenBN",
-        freeze_at: int = 0,
-    ):
-        super().__init__()
-        stem = BasicStem(in_channels=3, out_channels=64, norm=norm)
-        bottleneck = depth >= 50
-        stages = ResNet.make_default_stages(
-            depth,
-            norm=norm,
-            **({"stride_in_1x1": True} if bottleneck else {}),
-        )
-        self.resnet = ResNet(stem, stages, out_features=list(out_features)).freeze(freeze_at)
-        self.out_features = list(out_features)
-        shapes = self.resnet.output_shape()
-        self._out_channels = [shapes[name].channels for name in self.out_features]
-        self.size_divisibility = shapes[self.out_features[-1]].stride
-
-    @property
-    def out_channels(self) -> List[int]:
-        return list(self._out_channels)
-
-    def output_shape(self) -> List[ShapeSpec]:
-        shapes = self.resnet.output_shape()
-        return [shapes[name] for name in self.out_features]
-
-    def forward(self, images: torch.Tensor) -> List[torch.Tensor]:
-        """[B, 3, H, W] -> one [B, C_i, H_i, W_i] map per ``out_features`` entry."""
-        outputs = self.resnet(images)
-        return [outputs[name] for name in self.out_features]
+_STAGES = ("res2", "res3", "res4", "res5")
 
 
 @IMAGE_BACKBONE_REGISTRY.register()
-class ResNetImageBackbone(SwinImageBackbone):
-    """:class:`ResNetBody` + the input projections and positions of :class:`SwinImageBackbone`."""
+class ResNetBackbone(ResNet):
+    """
+    detectron2's ResNet (MSRA style: stride in the 1x1 conv of bottleneck blocks) returning
+    the maps of ``out_features``.
 
-    def __init__(
-        self,
-        depth: int = 50,
-        out_features: Sequence[str] = ("res3", "res4", "res5"),
-        norm: str = "FrozenBN",
-        freeze_at: int = 0,
-        *,
-        hidden_dim: int = 256,
-        num_feature_levels: int = 4,
-        pos_temperature: float = 20.0,
-    ):
-        body = ResNetBody(depth, out_features, norm, freeze_at)
-        super().__init__(
-            body,
-            hidden_dim=hidden_dim,
-            num_feature_levels=num_feature_levels,
-            pos_temperature=pos_temperature,
-        )
-        self.size_divisibility = body.size_divisibility
+    Args:
+        depth: 18, 34, 50, 101 or 152.
+        out_features: stages to return, finest first, e.g. ("res3", "res4", "res5") (strides
+            8, 16, 32).
+        norm: "FrozenBN" (ImageNet statistics), "BN", "GN", ... (detectron2's ``get_norm``).
+        freeze_at: detectron2's convention: 0 nothing; 1 the stem; k >= 2 also the first
+            k - 1 stages (``res2`` ... ``res<k>``), their BatchNorms becoming frozen ones.
+    """
+
+    def __init__(self, *, depth: int, out_features: Sequence[str], norm: str, freeze_at: int):
+        out_features = list(out_features)
+        if not out_features or any(f not in _STAGES for f in out_features):
+            raise ValueError(f"ResNet out_features {out_features} must be among {_STAGES}")
+        if out_features != sorted(set(out_features), key=_STAGES.index):
+            raise ValueError(f"ResNet out_features {out_features} must be finest first")
+        if not 0 <= freeze_at <= 5:
+            raise ValueError(f"ResNet freeze_at={freeze_at} not in [0, 5]")
+        stem = BasicStem(in_channels=3, out_channels=64, norm=norm)
+        extra = {"stride_in_1x1": True} if depth >= 50 else {}
+        stages = ResNet.make_default_stages(depth, norm=norm, **extra)
+        super().__init__(stem, stages, out_features=out_features, freeze_at=freeze_at)
+
+    @property
+    def size_divisibility(self) -> int:
+        """The stride of the coarsest returned map."""
+        return self._out_feature_strides[self._out_features[-1]]
