@@ -1,24 +1,24 @@
-"""Parity of the Swin backbone, position embedding and input projections with the official
-Grounding DINO code and with transformers, plus batch invariance of ``forward_images``."""
+"""Parity of the Swin body, input projections and position embedding with the official
+Grounding DINO code and with transformers; batch invariance of ``forward_images``; freezing
+and checkpointing of the Swin body."""
 
 import pytest
 import torch
 from torch import nn
 
-from grounding_dino.modeling.backbone.image_backbone import (
-    SwinImageBackbone,
-    convert_hf_image_backbone_state_dict,
-    convert_official_input_proj_state_dict,
-)
-from grounding_dino.modeling.backbone.position_encoding import PositionEmbeddingSineHW
-from grounding_dino.modeling.backbone.swin import (
+from grounding_dino.modeling.backbone import (
     SWIN_VARIANTS,
-    SwinTransformer,
-    build_swin_transformer,
+    InputProjectionNeck,
+    PositionEmbeddingSine,
+    ResNetBackbone,
+    SwinBackbone,
+    TinyCNNBackbone,
+    convert_hf_input_proj_state_dict,
     convert_hf_swin_state_dict,
+    convert_official_input_proj_state_dict,
     convert_official_swin_state_dict,
 )
-from grounding_dino.modeling.registry import IMAGE_BACKBONE_REGISTRY
+from grounding_dino.modeling.registry import IMAGE_BACKBONE_REGISTRY, build_image_backbone
 
 TINY = dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=7)
 ATOL = 1e-5
@@ -37,7 +37,17 @@ def _images(*shape, seed=1):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _official_swin():
+def _swin(frozen_stages=-1, use_checkpoint=False, **sizes) -> SwinBackbone:
+    return SwinBackbone(
+        variant={**TINY, **sizes},
+        out_indices=(1, 2, 3),
+        drop_path_rate=0.0,
+        frozen_stages=frozen_stages,
+        use_checkpoint=use_checkpoint,
+    )
+
+
+def _official_swin(frozen_stages=-1):
     from groundingdino.models.GroundingDINO.backbone.swin_transformer import (
         SwinTransformer as OfficialSwin,
     )
@@ -46,23 +56,24 @@ def _official_swin():
         pretrain_img_size=224,
         out_indices=(1, 2, 3),
         drop_path_rate=0.0,
+        frozen_stages=frozen_stages,
         **{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()},
     )
     ref.eval()  # the official train() returns None
-    return _perturb(ref)
+    return ref
 
 
 @pytest.mark.parametrize("size", [(100, 130), (61, 37)])
 def test_swin_matches_official(size):
-    ref = _official_swin()
-    ours = SwinTransformer(**TINY, drop_path_rate=0.0).eval()
+    ref = _perturb(_official_swin())
+    ours = _swin().eval()
     ours.load_state_dict(convert_official_swin_state_dict(ref.state_dict()), strict=True)
     x = _images(2, 3, *size)
     with torch.no_grad():
         expected = ref.forward_raw(x)
         got = ours(x)
-    assert len(got) == 3
-    for e, g in zip(expected, got):
+    assert list(got) == ["p1", "p2", "p3"]
+    for e, g in zip(expected, got.values()):
         assert g.shape == e.shape
         torch.testing.assert_close(g, e, atol=ATOL, rtol=0)
 
@@ -121,26 +132,33 @@ def _hf_image_features(model, images, pixel_mask):
 
 def test_swin_matches_transformers():
     hf = _hf_tiny_grounding_dino().backbone.conv_encoder.model
-    ours = SwinTransformer(**TINY, drop_path_rate=0.0).eval()
+    ours = _swin().eval()
     ours.load_state_dict(convert_hf_swin_state_dict(hf.state_dict()), strict=True)
     x = _images(2, 3, 100, 130)
     with torch.no_grad():
         expected = hf(x).feature_maps
         got = ours(x)
-    for e, g in zip(expected, got):
+    for e, g in zip(expected, got.values()):
         torch.testing.assert_close(g, e, atol=ATOL, rtol=0)
 
 
-def _tiny_image_backbone():
-    swin = SwinTransformer(**TINY, drop_path_rate=0.0)
-    return SwinImageBackbone(swin, hidden_dim=64, num_feature_levels=4).eval()
+def _neck():
+    return InputProjectionNeck(in_channels=(64, 128, 256), hidden_dim=64, num_feature_levels=4)
 
 
-def test_image_backbone_matches_transformers_padded_batch():
+def test_image_side_matches_transformers_padded_batch():
     hf = _hf_tiny_grounding_dino()
-    ours = _tiny_image_backbone()
-    hf_sd = {f"model.{k}": v for k, v in hf.state_dict().items()}
-    ours.load_state_dict(convert_hf_image_backbone_state_dict(hf_sd), strict=True)
+    body, neck = _swin().eval(), _neck().eval()
+    hf_sd = hf.state_dict()
+    body.load_state_dict(
+        convert_hf_swin_state_dict(
+            {k[len("backbone.conv_encoder.model.") :]: v for k, v in hf_sd.items()
+             if k.startswith("backbone.conv_encoder.model.")}
+        ),
+        strict=True,
+    )  # fmt: skip
+    neck.load_state_dict(convert_hf_input_proj_state_dict(hf.input_proj_vision.state_dict()))
+    position = PositionEmbeddingSine(hidden_dim=64, temperature=20.0)
     images = _images(2, 3, 100, 130)
     pixel_mask = torch.ones(2, 100, 130, dtype=torch.bool)
     pixel_mask[1, 70:] = False
@@ -148,13 +166,14 @@ def test_image_backbone_matches_transformers_padded_batch():
     images[1][:, ~pixel_mask[1]] = 0
     with torch.no_grad():
         expected = _hf_image_features(hf, images, pixel_mask.long())
-        got = ours(images, pixel_mask)
+        maps, masks = neck.forward_padded(body, images, pixel_mask)
+        got = (maps, masks, [position(m) for m in masks])
     for exp_list, got_list in zip(expected, got):
         assert len(got_list) == 4
         for e, g in zip(exp_list, got_list):
             assert g.shape == e.shape
             torch.testing.assert_close(g, e.to(g.dtype), atol=ATOL, rtol=0)
-    assert [tuple(f.shape[-2:]) for f in got[0]] == [(13, 17), (7, 9), (4, 5), (2, 3)]
+    assert [tuple(f.shape[-2:]) for f in maps] == [(13, 17), (7, 9), (4, 5), (2, 3)]
 
 
 def test_position_embedding_matches_official_and_transformers():
@@ -170,7 +189,8 @@ def test_position_embedding_matches_official_and_transformers():
     valid = torch.ones(2, 9, 11, dtype=torch.bool)
     valid[1, 6:] = False
     valid[1, :, 4:] = False
-    ours = PositionEmbeddingSineHW(128, 20, 20, normalize=True)(valid)
+    position = PositionEmbeddingSine(hidden_dim=256, temperature=20.0)
+    ours = position(valid)
     official = OfficialPE(128, temperatureH=20, temperatureW=20, normalize=True)(
         NestedTensor(torch.zeros(2, 3, 9, 11), ~valid)
     )
@@ -181,80 +201,150 @@ def test_position_embedding_matches_official_and_transformers():
     torch.testing.assert_close(ours, official, atol=1e-6, rtol=0)
     torch.testing.assert_close(ours, hf, atol=1e-6, rtol=0)
     # A valid position's embedding ignores the padding after it.
-    alone = PositionEmbeddingSineHW()(torch.ones(1, 6, 4, dtype=torch.bool))
+    alone = position(torch.ones(1, 6, 4, dtype=torch.bool))
     torch.testing.assert_close(ours[1:, :, :6, :4], alone, atol=1e-6, rtol=0)
+    # Another temperature changes both directions, as the official HW embedding's.
+    official_10 = OfficialPE(32, temperatureH=10, temperatureW=10, normalize=True)(
+        NestedTensor(torch.zeros(2, 3, 9, 11), ~valid)
+    )
+    ours_10 = PositionEmbeddingSine(hidden_dim=64, temperature=10.0)(valid)
+    torch.testing.assert_close(ours_10, official_10, atol=1e-6, rtol=0)
 
 
-def test_image_backbone_official_input_proj_layout():
-    """Official ``input_proj.<l>.{0,1}`` Sequentials map onto ours and compute the same."""
-    ours = _perturb(_tiny_image_backbone())
+def test_neck_official_input_proj_layout():
+    """Official ``input_proj.<l>.{0,1}`` Sequentials map onto the neck and compute the same."""
+    neck = _perturb(_neck())
     official = nn.ModuleList(
         [nn.Sequential(nn.Conv2d(c, 64, 1), nn.GroupNorm(32, 64)) for c in (64, 128, 256)]
         + [nn.Sequential(nn.Conv2d(256, 64, 3, 2, 1), nn.GroupNorm(32, 64))]
     )
     _perturb(official, seed=3)
-    ours.input_proj.load_state_dict(
-        convert_official_input_proj_state_dict(official.state_dict()), strict=True
-    )
-    x = _images(1, 256, 5, 7)
+    neck.load_state_dict(convert_official_input_proj_state_dict(official.state_dict()), strict=True)
+    features = [_images(1, c, s, s + 2, seed=c) for c, s in ((64, 20), (128, 10), (256, 5))]
     with torch.no_grad():
-        torch.testing.assert_close(ours.input_proj[2](x), official[2](x), atol=ATOL, rtol=0)
-        torch.testing.assert_close(ours.input_proj[3](x), official[3](x), atol=ATOL, rtol=0)
+        got = neck(features)
+        expected = [official[i](f) for i, f in enumerate(features)] + [official[3](features[-1])]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=ATOL, rtol=0)
 
 
 def test_forward_images_is_batch_invariant():
-    model = _perturb(_tiny_image_backbone())
+    body, neck = _perturb(_swin()).eval(), _perturb(_neck(), seed=1).eval()
+    position = PositionEmbeddingSine(hidden_dim=64, temperature=20.0)
     # ``small`` is taller and narrower than ``large``: every level pads in both directions.
     # ``same`` has the size of ``small``, so the two run as one group.
     small, large = _images(3, 130, 75, seed=2), _images(3, 100, 130, seed=3)
     same = _images(3, 130, 75, seed=4)
     with torch.no_grad():
-        feats, masks, pos = model.forward_images([small, large, same])
+        maps, masks = neck.forward_images(body, [small, large, same])
+        pos = [position(m) for m in masks]
         for i, image in enumerate([small, large, same]):
-            f1, m1, p1 = model.forward_images([image])
+            m1, k1 = neck.forward_images(body, [image])
             for level in range(4):
-                h, w = f1[level].shape[-2:]
-                assert m1[level].all()
+                h, w = m1[level].shape[-2:]
+                assert k1[level].all()
                 assert masks[level][i].sum() == h * w
                 assert masks[level][i, :h, :w].all()
                 torch.testing.assert_close(
-                    feats[level][i, :, :h, :w], f1[level][0], atol=ATOL, rtol=0
+                    maps[level][i, :, :h, :w], m1[level][0], atol=ATOL, rtol=0
                 )
                 torch.testing.assert_close(
-                    pos[level][i, :, :h, :w], p1[level][0], atol=ATOL, rtol=0
+                    pos[level][i, :, :h, :w], position(k1[level])[0], atol=ATOL, rtol=0
                 )
-                assert feats[level][i, :, h:].abs().sum() == 0
+                assert maps[level][i, :, h:].abs().sum() == 0
         # The padded batch of the reference way differs (this is why forward_images exists).
         padded = torch.zeros(2, 3, 130, 130)
         padded[0, :, :, :75] = small
         padded[1, :, :100] = large
-        ref_feats, _, _ = model(padded)
-        assert (ref_feats[0][0, :, :17, :10] - feats[0][0, :, :17, :10]).abs().max() > 1e-3
+        ref_maps, _ = neck.forward_padded(body, padded, torch.ones(2, 130, 130, dtype=torch.bool))
+        assert (ref_maps[0][0, :, :17, :10] - maps[0][0, :, :17, :10]).abs().max() > 1e-3
 
 
 def test_variants_registry_and_errors():
     assert SWIN_VARIANTS["swin_T_224_1k"] == (96, (2, 2, 6, 2), (3, 6, 12, 24), 7)
     assert SWIN_VARIANTS["swin_B_384_22k"] == (128, (2, 2, 18, 2), (4, 8, 16, 32), 12)
     assert SWIN_VARIANTS["swin_L"] == (192, (2, 2, 18, 2), (6, 12, 24, 48), 12)
-    assert IMAGE_BACKBONE_REGISTRY.get("SwinImageBackbone") is SwinImageBackbone
-    assert build_swin_transformer("swin_T_224_1k").out_channels == [192, 384, 768]
-    with pytest.raises(KeyError, match="swin_X"):
-        build_swin_transformer("swin_X")
+    for body in (SwinBackbone, ResNetBackbone, TinyCNNBackbone):
+        assert IMAGE_BACKBONE_REGISTRY.get(body.__name__) is body
+    args = dict(out_indices=(1, 2, 3), drop_path_rate=0.2, frozen_stages=-1, use_checkpoint=False)
+    swin_b = build_image_backbone(name="SwinBackbone", variant="swin_B_384_22k", **args)
+    shapes = swin_b.output_shape()
+    assert [(s.channels, s.stride) for s in shapes.values()] == [(256, 8), (512, 16), (1024, 32)]
+    assert swin_b.size_divisibility == 32
+    assert swin_b.layers[0].blocks[0].attn.window_size == (12, 12)
+    InputProjectionNeck(in_channels=(256, 512, 1024), hidden_dim=256, num_feature_levels=4)
+    with pytest.raises(ValueError, match="swin_X"):
+        SwinBackbone(variant="swin_X", **args)
+    with pytest.raises(ValueError, match="out_indices"):
+        SwinBackbone(variant="swin_T_224_1k", **{**args, "out_indices": (1, 4)})
     with pytest.raises(ValueError, match="hidden_dim"):
-        SwinImageBackbone(SwinTransformer(**TINY), hidden_dim=48)
+        InputProjectionNeck(in_channels=(64, 128, 256), hidden_dim=48, num_feature_levels=4)
+    with pytest.raises(ValueError, match="num_feature_levels"):
+        InputProjectionNeck(in_channels=(64, 128, 256), hidden_dim=64, num_feature_levels=2)
+    body, neck = _swin().eval(), _neck()
     with pytest.raises(ValueError, match="pixel_mask"):
-        _tiny_image_backbone()(torch.zeros(1, 3, 32, 32), torch.ones(1, 16, 16, dtype=torch.bool))
+        neck.forward_padded(
+            body, torch.zeros(1, 3, 32, 32), torch.ones(1, 16, 16, dtype=torch.bool)
+        )
+    wrong = InputProjectionNeck(in_channels=(192, 384, 768), hidden_dim=64, num_feature_levels=4)
+    with pytest.raises(ValueError, match=r"in_channels \(192, 384, 768\).*\(64, 128, 256\)"):
+        wrong.check_backbone(body)
+    with pytest.raises(ValueError, match="in_channels"):
+        wrong.forward_images(body, [torch.zeros(3, 32, 32)])
 
 
-def test_official_swin_t_keys_convert():
-    """Every key of the official Swin-T backbone maps onto our Swin-T and back in shape."""
+@pytest.mark.parametrize("variant", ["swin_T_224_1k", "swin_B_384_22k"])
+def test_official_swin_keys_convert(variant):
+    """Every key of the official Swin maps onto ours, with the same shape."""
     from groundingdino.models.GroundingDINO.backbone.swin_transformer import (
         build_swin_transformer as official_build,
     )
 
-    ref = official_build("swin_T_224_1k", 224, out_indices=(1, 2, 3))
-    ours = build_swin_transformer("swin_T_224_1k")
+    size = 384 if "384" in variant else 224
+    ref = official_build(variant, size, out_indices=(1, 2, 3))
+    ours = SwinBackbone(
+        variant=variant, out_indices=(1, 2, 3), drop_path_rate=0.2, frozen_stages=-1,
+        use_checkpoint=False,
+    )  # fmt: skip
     converted = convert_official_swin_state_dict(ref.state_dict())
     ours_sd = ours.state_dict()
     assert set(converted) == set(ours_sd)
     assert all(converted[k].shape == ours_sd[k].shape for k in ours_sd)
+
+
+@pytest.mark.parametrize("frozen_stages", [-1, 0, 1, 2, 3, 5])
+def test_swin_freezing_matches_official(frozen_stages):
+    """``frozen_stages`` freezes exactly the official model's parameters, and they stay in
+    eval mode under ``train()`` (no stochastic depth), as the official model's."""
+    ref = _official_swin(frozen_stages)
+    ref.train()
+    ours = _swin(frozen_stages).train()
+    frozen = {n for n, p in ours.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, p in ref.named_parameters() if not p.requires_grad}
+    expected_frozen_stages = max(0, frozen_stages - 1)
+    assert len({n.split(".")[1] for n in frozen if n.startswith("layers.")}) == min(
+        expected_frozen_stages, 4
+    )
+    assert any(n.startswith("patch_embed.") for n in frozen) == (frozen_stages >= 0)
+    assert ours.patch_embed.training == (frozen_stages < 0)
+    for i, layer in enumerate(ours.layers):
+        assert layer.training == (i >= expected_frozen_stages)
+        assert layer.training == ref.layers[i].training
+
+
+def test_swin_checkpointing_gives_the_same_gradients_with_a_frozen_stem():
+    """Non-reentrant checkpointing: gradients reach every trainable parameter even when the
+    input of the first block does not require one (detectron2's reentrant one gives none)."""
+    plain = _perturb(_swin(frozen_stages=2)).train()
+    checkpointed = _swin(frozen_stages=2, use_checkpoint=True).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    x = _images(1, 3, 64, 80)
+    for model in (plain, checkpointed):
+        sum(o.square().sum() for o in model(x).values()).backward()
+    grads = dict(checkpointed.named_parameters())
+    for name, p in plain.named_parameters():
+        if p.requires_grad:
+            assert grads[name].grad is not None, name
+            torch.testing.assert_close(grads[name].grad, p.grad, atol=1e-5, rtol=1e-4)
+        else:
+            assert grads[name].grad is None

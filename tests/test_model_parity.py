@@ -10,7 +10,7 @@ import torch
 
 from grounding_dino.checkpoint import GroundingDINOCheckpointer
 from grounding_dino.predictor import GroundingDINOPredictor
-from grounding_dino.text import normalize_caption
+from grounding_dino.text import PromptRun, normalize_caption
 from grounding_dino.text.tokenizer import load_tokenizer
 
 TOKEN_TOL = 1e-4
@@ -37,11 +37,9 @@ def _hf_forward(hf, tokenizer, images, captions):
 
 
 def _ours_forward(model, images, captions):
+    # One run per caption, taken as given (the official model does not normalise captions).
     encoder = model.prompt_encoder
-    runs = [
-        run for i, c in enumerate(captions) for run in encoder.runs_for_input(i, {"caption": c})
-    ]
-    assert len(runs) == len(captions)
+    runs = [PromptRun(i, c, encoder.tokenize(c)["input_ids"]) for i, c in enumerate(captions)]
     with torch.no_grad():
         out = model.forward_transformer(list(images), runs)
     return out["pred_logits"].sigmoid(), out["pred_boxes"]

@@ -14,7 +14,7 @@ classes and the evaluator follow).
 ``model.box_threshold`` is 0: the zero-shot detection evaluation keeps the top
 ``max_detections`` (query, category) pairs, as the official COCO evaluation.
 
-Train with ``python -m grounding_dino.demo_job`` (``make demo``) or::
+Train with ``python tools/demo_job.py`` (``make demo``) or::
 
     python train_net.py --config-file configs/shapes_tiny.py train.max_iter=100
 """

@@ -13,9 +13,9 @@ within the run-to-run noise).
 ``relative_position_index`` a non-persistent buffer (it is rebuilt from the window size, and
 transformers' checkpoints do not store it), keeps frozen stages in eval mode under
 ``train()`` (as the official model does: no stochastic depth in frozen stages) and replaces
-detectron2's reentrant block checkpointing, which computes no gradient at all when the input
-of a block does not require one (a frozen patch embedding), by non-reentrant checkpointing
-of each stage in training.
+detectron2's reentrant block checkpointing (which gives a block no gradients when its input
+requires none: after a frozen patch embedding, the 13 parameters of Swin-T's first block) by
+non-reentrant checkpointing of each stage, in training only.
 """
 
 import re
