@@ -17,7 +17,7 @@ train = dict(
         fp16_compression=False,
     ),
     checkpointer=dict(period=5000, max_to_keep=100),  # options of PeriodicCheckpointer
-    eval_period=5000,  # 0: evaluate only after the last iteration
+    eval_period=5000,  # 0: evaluate only after the last iteration; < 0: never
     log_period=20,
     device="cuda",  # "cpu" trains on the CPU (gloo between processes)
     # One gradient norm over the whole model, as DINO's clip_max_norm.

@@ -44,7 +44,7 @@ model = L(GroundingDINO)(
         variant="swin_T_224_1k",
         out_indices=(1, 2, 3),
         drop_path_rate=0.2,
-        frozen_stages=-1,  # freeze the patch embedding and stages 0..k (-1: nothing)
+        frozen_stages=-1,  # -1: nothing; 0-1: the patch embedding; k >= 2: also stages 0..k-2
         use_checkpoint=False,
     ),
     neck=L(InputProjectionNeck)(
