@@ -21,14 +21,18 @@ Examples::
 yacs ``.yaml`` (``MODEL.GROUNDING_DINO.CONFIG_FILE``). ``--opts key=value`` overrides either
 kind (lazy keys like ``model.box_threshold=0.3``, or yacs keys like ``MODEL.DEVICE=cpu``).
 
+Drawings keep each input's path under the inputs' common folder (``out/x/a.jpg``,
+``out/y/a.jpg``); an ``--output`` that would write over an input is refused. ``--json`` is a
+valid JSON list after every image, so an interrupted run keeps what it did. ``--nms`` (default
+0.5, 0 = off) removes duplicate boxes per class or phrase. To label many images into a COCO
+dataset, resumable and on several workers, use ``python -m grounding_dino.label``.
+
 A file that cannot be read or processed gets an error naming it; the run goes on with the
 rest and exits with status 1 at the end.
 """
 
 import argparse
 import ast
-import glob
-import json
 import os
 import sys
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -36,23 +40,24 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import cv2
 import numpy as np
 import torch
-import yaml
-from detectron2.config import LazyConfig
-from detectron2.data.detection_utils import read_image
 from detectron2.utils.colormap import colormap
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 from tqdm import tqdm
 
-from grounding_dino.config import (
-    add_grounding_dino_config,
-    default_prompt_from_yacs,
-    load_lazy_config_from_yacs,
+from grounding_dino.label.coco import JsonListWriter
+from grounding_dino.label.inputs import (
+    IMAGE_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    expand_inputs,
+    is_video,
+    plan_outputs,
 )
+from grounding_dino.label.loader import read_bgr
+from grounding_dino.label.model import build_predictor as build_predictor_of
+from grounding_dino.label.model import load_model_config
+from grounding_dino.modeling.nms import nms_output
 from grounding_dino.predictor import GroundingDINOPredictor, check_token_spans
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -85,13 +90,20 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output",
         default=None,
-        help="folder for the drawn pictures (a file name for a single image)",
+        help="folder for the drawn pictures, named by their path under the inputs' folder "
+        "(a file name for a single image); never an input file",
     )
     parser.add_argument(
         "--json",
         default=None,
         metavar="FILE",
-        help="write all detections as COCO results (bbox xywh) to FILE",
+        help="write all detections as COCO results (bbox xywh) to FILE, image by image",
+    )
+    parser.add_argument(
+        "--nms",
+        type=float,
+        default=0.5,
+        help="class-wise NMS IoU threshold (per phrase for captions); 0 turns it off",
     )
     parser.add_argument(
         "--box-threshold",
@@ -124,57 +136,18 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------- config and predictor
-def _is_yacs_file(path: str) -> bool:
-    if not path.endswith((".yaml", ".yml")):
-        return False
-    with open(path) as f:
-        content = yaml.safe_load(f)
-    return isinstance(content, dict) and "MODEL" in content
-
-
-def _split_opts(opts: List[str]) -> List[Tuple[str, str]]:
-    pairs = []
-    for item in opts:
-        if "=" not in item:
-            raise ValueError(f"--opts: {item!r} is not KEY=VALUE")
-        key, value = item.split("=", 1)
-        pairs.append((key, value))
-    return pairs
-
-
 def build_predictor(args) -> Tuple[GroundingDINOPredictor, Optional[object]]:
     """
     Returns:
         the predictor, and the default prompt of a yacs config (None for lazy configs).
     """
-    if not os.path.isfile(args.config_file):
-        raise FileNotFoundError(f"--config-file {args.config_file} not found")
-    pairs = _split_opts(args.opts)
-    default_prompt = None
-    if _is_yacs_file(args.config_file):
-        from detectron2.config import get_cfg
-
-        cfg = get_cfg()
-        add_grounding_dino_config(cfg)
-        cfg.merge_from_file(args.config_file)
-        cfg.merge_from_list([x for pair in pairs for x in pair])
-        lazy = load_lazy_config_from_yacs(cfg)
-        weights = args.weights or cfg.MODEL.WEIGHTS or None
-        device = args.device or cfg.MODEL.DEVICE
-        default_prompt = default_prompt_from_yacs(cfg)
-    else:
-        lazy = LazyConfig.load(args.config_file)
-        lazy = LazyConfig.apply_overrides(lazy, [f"{k}={v}" for k, v in pairs])
-        weights = args.weights
-        device = args.device
-    if device:
-        lazy.train = dict(lazy.get("train", {}), device=device)
-    predictor = GroundingDINOPredictor(lazy, weights=weights)
+    config = load_model_config(args.config_file, args.opts, args.weights)
+    predictor = build_predictor_of(config, args.device)
     if args.box_threshold is not None:
         predictor.model.box_threshold = args.box_threshold
     if args.text_threshold is not None:
         predictor.model.text_threshold = args.text_threshold
-    return predictor, default_prompt
+    return predictor, config.default_prompt
 
 
 def parse_prompt(text: Optional[str], rec: bool, token_spans: bool):
@@ -198,48 +171,6 @@ def parse_token_spans(text: str, caption: str):
 
 
 # ---------------------------------------------------------------- inputs
-def expand_inputs(patterns: List[str]) -> Tuple[List[str], List[str]]:
-    """
-    Files, globs and folders -> (paths, errors). Folders give their image and video files
-    (sorted, not recursive). Paths are kept in order, without repeats.
-    """
-    paths, errors = [], []
-    for pattern in patterns:
-        if os.path.isdir(pattern):
-            found = sorted(
-                os.path.join(pattern, name)
-                for name in os.listdir(pattern)
-                if name.lower().endswith(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
-                and os.path.isfile(os.path.join(pattern, name))
-            )
-            if not found:
-                errors.append(f"{pattern}: folder has no image or video files")
-        elif os.path.isfile(pattern):
-            found = [pattern]
-        else:
-            found = sorted(glob.glob(os.path.expanduser(pattern)))
-            found = [p for p in found if os.path.isfile(p)]
-            if not found:
-                errors.append(f"{pattern}: no such file, folder or matching glob")
-        for path in found:
-            if path not in paths:
-                paths.append(path)
-    return paths, errors
-
-
-def is_video(path: str) -> bool:
-    return path.lower().endswith(VIDEO_EXTENSIONS)
-
-
-def read_bgr(path: str) -> np.ndarray:
-    """Reads an image file (EXIF orientation applied) as HxWx3 uint8 BGR."""
-    try:
-        image = read_image(path, format="BGR")
-    except (OSError, ValueError, SyntaxError) as error:  # PIL's errors for bad files
-        raise ValueError(f"{path}: cannot read the image ({error})") from error
-    return np.ascontiguousarray(image)
-
-
 def video_frames(path: str) -> Iterator[np.ndarray]:
     capture = cv2.VideoCapture(path)
     if not capture.isOpened():
@@ -294,23 +225,6 @@ def coco_results(output: Dict, image_id: int, file_name: str, frame: Optional[in
     return records
 
 
-def output_path(args, path: str, many: bool) -> Optional[str]:
-    if not args.output:
-        return None
-    if (
-        many
-        or os.path.isdir(args.output)
-        or not args.output.lower().endswith(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
-    ):
-        os.makedirs(args.output, exist_ok=True)
-        name = os.path.basename(path)
-        if not name.lower().endswith(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS):
-            name += ".jpg"
-        return os.path.join(args.output, name)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    return args.output
-
-
 # ---------------------------------------------------------------- main loop
 def report_error(message: str) -> None:
     """Prints an error line to stderr without breaking the progress bar."""
@@ -318,46 +232,62 @@ def report_error(message: str) -> None:
 
 
 class Runner:
-    def __init__(self, predictor: GroundingDINOPredictor, prompt, args, token_spans=None):
+    def __init__(
+        self,
+        predictor: GroundingDINOPredictor,
+        prompt,
+        args,
+        token_spans=None,
+        targets: Optional[Dict[str, str]] = None,
+        json_writer: Optional[JsonListWriter] = None,
+    ):
         self.predictor = predictor
         self.prompt = prompt
         self.args = args
         self.token_spans = token_spans
-        self.results: List[Dict] = []
+        self.targets = targets or {}
+        self.json_writer = json_writer
         self.next_image_id = 0
 
     def predict(self, image_bgr: np.ndarray) -> Dict:
         if self.args.rec:
-            return self.predictor.predict_rec(image_bgr, self.prompt)
-        if self.token_spans is not None:
-            return self.predictor.predict_token_spans(image_bgr, self.prompt, self.token_spans)
-        return self.predictor(image_bgr, self.prompt)
+            output = self.predictor.predict_rec(image_bgr, self.prompt)
+        elif self.token_spans is not None:
+            output = self.predictor.predict_token_spans(image_bgr, self.prompt, self.token_spans)
+        else:
+            output = self.predictor(image_bgr, self.prompt)
+        return nms_output(output, self.args.nms)
 
     def record(self, output: Dict, path: str, frame: Optional[int] = None) -> None:
-        self.results.extend(coco_results(output, self.next_image_id, path, frame))
+        if self.json_writer is not None:
+            self.json_writer.extend(coco_results(output, self.next_image_id, path, frame))
         self.next_image_id += 1
 
-    def image(self, path: str, many: bool) -> str:
+    def _target(self, path: str) -> Optional[str]:
+        target = self.targets.get(path)
+        if target:
+            os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+        return target
+
+    def image(self, path: str) -> str:
         image = read_bgr(path)
         output = self.predict(image)
         self.record(output, path)
-        target = output_path(self.args, path, many)
+        target = self._target(path)
         if target:
             if not cv2.imwrite(target, draw(image, output)[:, :, ::-1]):
                 raise ValueError(f"{target}: cannot write the picture")
         phrases = ", ".join(dict.fromkeys(output["phrases"])) or "-"
         return f"{path}: {len(output['instances'])} boxes ({phrases})"
 
-    def video(self, path: str, many: bool) -> str:
+    def video(self, path: str) -> str:
         capture = cv2.VideoCapture(path)
         if not capture.isOpened():
             raise ValueError(f"{path}: cannot open the video")
         fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
         total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
         capture.release()
-        target = output_path(self.args, path, many)
-        if target and not is_video(target):
-            target = os.path.splitext(target)[0] + ".mp4"
+        target = self._target(path)
         writer, count, boxes = None, 0, 0
         try:
             for frame in tqdm(
@@ -388,7 +318,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.rec and args.token_spans:
         parser.error("--rec and --token-spans cannot be combined")
+    if not 0 <= args.nms <= 1:
+        parser.error(f"--nms {args.nms}: an IoU threshold in [0, 1] (0: no NMS)")
+    paths, errors = expand_inputs(args.input, extensions=IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
     try:
+        targets = plan_outputs(args.output, args.input, paths)
+        if args.json and os.path.realpath(args.json) in {os.path.realpath(p) for p in paths}:
+            raise ValueError(f"--json {args.json} is one of the inputs; it is not overwritten")
         predictor, default_prompt = build_predictor(args)
         prompt = parse_prompt(args.prompt, args.rec, args.token_spans is not None)
         if prompt is None:
@@ -401,25 +337,24 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError, KeyError) as error:
         parser.error(str(error))
 
-    paths, errors = expand_inputs(args.input)
     for message in errors:
         report_error(message)
-    runner = Runner(predictor, prompt, args, token_spans)
-    many = len(paths) > 1
+    json_writer = JsonListWriter(args.json) if args.json else None
+    runner = Runner(predictor, prompt, args, token_spans, targets, json_writer)
     progress = tqdm(paths, desc="images", unit="file", disable=len(paths) < 2)
-    for path in progress:
-        try:
-            summary = runner.video(path, many) if is_video(path) else runner.image(path, many)
-            tqdm.write(summary)
-        except (OSError, ValueError) as error:
-            message = str(error) if path in str(error) else f"{path}: {error}"
-            report_error(message)
-            errors.append(message)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(runner.results, f)
-        tqdm.write(f"Wrote {len(runner.results)} detections to {args.json}")
+    try:
+        for path in progress:
+            try:
+                summary = runner.video(path) if is_video(path) else runner.image(path)
+                tqdm.write(summary)
+            except (OSError, ValueError) as error:
+                message = str(error) if path in str(error) else f"{path}: {error}"
+                report_error(message)
+                errors.append(message)
+    finally:
+        if json_writer is not None:
+            json_writer.close()
+            tqdm.write(f"Wrote {json_writer.count} detections to {args.json}")
     if errors:
         report_error(f"{len(errors)} input(s) failed:\n  " + "\n  ".join(errors))
         return 1

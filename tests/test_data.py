@@ -85,9 +85,9 @@ def _grounding_record(file_name, caption, regions, task=None):
 
 
 def _mapper(tokenizer, augs=(), is_train=True, **kwargs):
-    return GroundingDatasetMapper(
-        is_train, augmentations=list(augs), tokenizer=tokenizer, thing_classes=CLASSES, **kwargs
-    )
+    kwargs.setdefault("thing_classes", CLASSES)
+    kwargs.setdefault("drop_warning_period", 1000)
+    return GroundingDatasetMapper(is_train, augmentations=list(augs), tokenizer=tokenizer, **kwargs)
 
 
 def _positive_tokens(tokenizer, caption, row):
@@ -132,7 +132,7 @@ def test_detection_negatives_sampled_and_shuffled(tokenizer, image_file):
 def test_detection_256_token_cap(tokenizer, image_file):
     many = [f"thermoregulation electroencephalography {i}" for i in range(300)]
     record = _det_record(image_file, [((2, 3, 30, 40), 5), ((9, 9, 60, 50), 299)])
-    mapper = GroundingDatasetMapper(True, augmentations=[], tokenizer=tokenizer, thing_classes=many)
+    mapper = _mapper(tokenizer, thing_classes=many)
     np.random.seed(1)
     for _ in range(5):
         out = mapper(record)
@@ -186,9 +186,10 @@ def test_empty_and_degenerate_boxes(tokenizer, image_file, caplog):
         ((10, 10, 10, 30), 3),
         ((-5, 2, 100, 70), 4),
     ]
-    with caplog.at_level(logging.DEBUG, logger="grounding_dino.data.mapper"):
+    with caplog.at_level(logging.WARNING, logger="grounding_dino.data.mapper"):
         out = _mapper(tokenizer)(_det_record(image_file, boxes))
-    assert "dropped 2 of 4 boxes" in caplog.text
+    assert out["dropped"] == {"zero_area": 2}
+    assert "zero_area=2, past_token_limit=0, category_overflow=0 of 4 boxes" in caplog.text
     inst = out["instances"]
     assert len(inst) == 2
     assert inst.gt_boxes.tensor.tolist()[1] == [0.0, 2.0, 80.0, 60.0]  # clipped
@@ -234,9 +235,7 @@ def test_train_augmentations_keep_positive_maps_valid(tokenizer, tmp_path):
         [((10, 10, 390, 290), [[2, 11]]), ((200, 100, 220, 120), [[14, 28]])],
     )
     record["height"], record["width"] = 300, 400
-    mapper = GroundingDatasetMapper(
-        True, augmentations=build_train_augmentations(), tokenizer=tokenizer
-    )
+    mapper = _mapper(tokenizer, build_train_augmentations(), thing_classes=None)
     np.random.seed(0)
     sizes, n_flipped = set(), 0
     for _ in range(30):
@@ -253,8 +252,8 @@ def test_train_augmentations_keep_positive_maps_valid(tokenizer, tmp_path):
             assert inst.gt_positive_map[k].sum() > 0.99
         n_flipped += "right hand" in out["caption"]
     assert len(sizes) > 3 and 5 < n_flipped < 25
-    test_out = GroundingDatasetMapper(
-        False, augmentations=build_test_augmentations(800, 1333), tokenizer=tokenizer
+    test_out = _mapper(
+        tokenizer, build_test_augmentations(800, 1333), is_train=False, thing_classes=None
     )(record)
     # The official test resize truncates: 800 * 400 / 300 = 1066.67 -> 1066.
     assert test_out["image"].shape[1:] == (800, 1066)
@@ -269,7 +268,7 @@ def test_eval_mode(tokenizer, image_file):
     assert out["caption"] == "the red car ." and out["task"] == "rec"
     assert out["gt_box"] == [2, 3, 30, 40]
     assert "annotations" not in out and "instances" not in out
-    no_classes = GroundingDatasetMapper(False, augmentations=[], tokenizer=tokenizer)
+    no_classes = _mapper(tokenizer, is_train=False, thing_classes=None)
     with pytest.raises(ValueError, match="without thing_classes"):
         no_classes(_det_record(image_file, []))
 
@@ -354,9 +353,7 @@ def test_register_odinw(tokenizer, coco_folder, tmp_path):
     assert get_thing_classes(name) == ["starfish", "fish", "jellyfish"]
     dicts = DatasetCatalog.get(name)
     assert len(dicts) == 3
-    mapper = GroundingDatasetMapper(
-        True, augmentations=[], tokenizer=tokenizer, thing_classes=get_thing_classes(name)
-    )
+    mapper = _mapper(tokenizer, thing_classes=get_thing_classes(name))
     out = mapper(dicts[0])
     names = out["caption"][:-2].split(" . ")
     assert sorted(names[c] for c in out["instances"].gt_classes.tolist()) == [
@@ -402,9 +399,7 @@ def test_register_odvg(tokenizer, tmp_path, coco_folder):
     dicts = DatasetCatalog.get(name)
     assert get_thing_classes(name) == ["person", "cat", "car", "dog"]
     assert dicts[0]["annotations"][0]["category_id"] == 3 and dicts[0]["image_id"] == 1
-    out = GroundingDatasetMapper(
-        True, augmentations=[], tokenizer=tokenizer, thing_classes=get_thing_classes(name)
-    )(dicts[0])
+    out = _mapper(tokenizer, thing_classes=get_thing_classes(name))(dicts[0])
     assert out["caption"][:-2].split(" . ")[out["instances"].gt_classes[0]] == "dog"
 
     vg = _write_jsonl(
@@ -428,7 +423,7 @@ def test_register_odvg(tokenizer, tmp_path, coco_folder):
     register_odvg(name, vg, image_root)
     (record,) = DatasetCatalog.get(name)
     assert record["annotations"][1]["tokens_positive"] == [[14, 20]]
-    out = GroundingDatasetMapper(True, augmentations=[], tokenizer=tokenizer)(record)
+    out = _mapper(tokenizer, thing_classes=None)(record)
     assert out["caption"] == "a dog chasing a ball ."
     assert _positive_tokens(tokenizer, out["caption"], out["instances"].gt_positive_map[1]) == [
         "a",
@@ -618,9 +613,10 @@ def test_default_registration():
         "objects365_train_odvg",
         "coco_2017_val",
         "lvis_v1_val",
+        "mixed_train_no_coco",
     ]:
         assert name in names
-    assert len(MDETR_SPLITS) == 14
+    assert len(MDETR_SPLITS) == 15
     root = os.getenv("DETECTRON2_DATASETS", "datasets")
     assert MetadataCatalog.get("refcocog_val").json_file == os.path.join(
         root, "mdetr_annotations/final_refcocog_val.json"
@@ -688,6 +684,7 @@ def test_lazy_config_and_pickle(tokenizer, minilm_dir, image_file):
         augmentations=L(build_train_augmentations)(min_sizes=[64], max_size=100),
         tokenizer=minilm_dir,
         thing_classes=L(get_thing_classes)(name="coco_2017_train"),
+        drop_warning_period=1000,
     )
     mapper = pickle.loads(pickle.dumps(instantiate(cfg)))
     assert len(mapper.thing_classes) == 80 and mapper.thing_classes[0] == "person"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from detectron2.config import LazyConfig
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -22,9 +23,9 @@ TINY = ["--max-iter", "2", "--num-train", "6", "--num-val", "3", "--num-draw", "
 OVERRIDES = ["dataloader.train.total_batch_size=2", "model.query_selector.num_queries=20"]
 
 
-def _run_demo(out: str) -> subprocess.CompletedProcess:
+def _run_demo(out: str, overrides=OVERRIDES) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    command = [sys.executable, str(TOOLS / "demo_job.py"), "--output", out, *TINY, *OVERRIDES]
+    command = [sys.executable, str(TOOLS / "demo_job.py"), "--output", out, *TINY, *overrides]
     run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     return run
@@ -122,6 +123,31 @@ def test_second_run_reuses_the_checkpoint_and_gives_the_same_results(first_run):
     assert _read(os.path.join(out, "run_info.json"))["iterations"] == 2
 
 
+def test_changed_override_trains_again_and_says_why(first_run):
+    # Runs after the reuse test: it replaces the first run's model.
+    out, _, _ = first_run
+    checkpoint = os.path.join(out, "model_final.pth")
+    mtime = os.path.getmtime(checkpoint)
+    changed = [OVERRIDES[0], "model.query_selector.num_queries=21"]
+    printed = _run_demo(out, changed).stdout
+    assert (
+        f"[train] training: {checkpoint} was trained with a different config (1 value(s) "
+        "differ, trained -> now: model.query_selector.num_queries: 20 -> 21). The new run "
+        "replaces the old run's model_final.pth, config.yaml, metrics.json, run_info.json"
+    ) in printed
+    assert "[train] iter 2/2" in printed and "reusing" not in printed
+    assert os.path.getmtime(checkpoint) > mtime
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert saved["trained_config"]["model.query_selector.num_queries"] == 21
+    assert LazyConfig.load(os.path.join(out, "config.yaml")).model.query_selector.num_queries == 21
+    # metrics.json holds the new run's log only (detectron2's JSONWriter appends).
+    with open(os.path.join(out, "metrics.json")) as f:
+        assert [json.loads(line)["iteration"] for line in f if "total_loss" in line] == [1]
+    # The same command again reuses the new model.
+    again = _run_demo(out, changed).stdout
+    assert "reusing the trained model" in again and "[train] iter" not in again
+
+
 @pytest.fixture(scope="module")
 def demo_job():
     sys.path.insert(0, str(TOOLS))
@@ -137,6 +163,46 @@ def test_bad_arguments_are_refused(demo_job):
         demo_job.parse_args(["--max-iter", "0"])
     with pytest.raises(SystemExit, match="--threads"):
         demo_job.parse_args(["--threads", "0"])
+
+
+def test_config_record_is_resolved_and_flat(demo_job):
+    args = demo_job.parse_args(["--output", "/tmp/x", "--max-iter", "7", *OVERRIDES])
+    cfg, _ = demo_job.load_config(args)
+    record = demo_job.config_record(cfg)
+    assert record["model.query_selector.num_queries"] == 20 and record["train.max_iter"] == 7
+    # Interpolations are resolved: the mapper's token limit is the model's.
+    assert record["dataloader.train.mapper.max_text_len"] == record["model.max_text_len"] == 256
+    assert record["dataloader.train.mapper.augmentations.0.prob"] == 0.5
+    assert all(not isinstance(v, (dict, list)) or not v for v in record.values())
+
+
+def test_reuse_decision(demo_job, tmp_path):
+    record = {"a": 1, "b.0": "x", "train.output_dir": "here"}
+    assert demo_job.reuse_decision(str(tmp_path), record, retrain=False) == (
+        False,
+        f"[train] training: no trained model in {tmp_path}.",
+    )
+    checkpoint = tmp_path / "model_final.pth"
+    torch.save({"model": {}}, checkpoint)
+    reuse, message = demo_job.reuse_decision(str(tmp_path), record, retrain=False)
+    assert not reuse and "holds no record of the config it was trained with" in message
+    assert "replaces the old run's model_final.pth in" in message
+
+    torch.save(
+        {"model": {}, "trained_config": dict(record, **{"train.output_dir": "there"})}, checkpoint
+    )
+    reuse, message = demo_job.reuse_decision(str(tmp_path), record, retrain=False)
+    assert reuse and "reusing the trained model" in message  # the output folder does not count
+    reuse, message = demo_job.reuse_decision(str(tmp_path), record, retrain=True)
+    assert not reuse and message.startswith("[train] training: --retrain.")
+
+    changed = {"a": 2, "c": 3, **{f"k{i}": i for i in range(6)}, "train.output_dir": "here"}
+    reuse, message = demo_job.reuse_decision(str(tmp_path), changed, retrain=False)
+    assert not reuse
+    assert (
+        "(9 value(s) differ, trained -> now: a: 1 -> 2; b.0: 'x' -> (absent); c: (absent) -> 3; "
+        "k0: (absent) -> 0; k1: (absent) -> 1; and 4 more)"
+    ) in message
 
 
 def test_default_config_is_the_packaged_shapes_tiny(demo_job):

@@ -92,6 +92,7 @@ _mapper = dict(
     tokenizer="${{model.text_encoder.name_or_path}}",
     thing_classes=L(get_thing_classes)(name=NAME),
     max_text_len="${{model.max_text_len}}",
+    drop_warning_period=1000,
 )
 dataloader = OmegaConf.create()
 dataloader.train = L(build_detection_train_loader)(
@@ -234,7 +235,9 @@ def test_param_groups_and_clipped_trainer_step(tiny_model):
 
     optimizer = torch.optim.AdamW(groups, lr=1e-4, weight_decay=1e-4)
     data = [batch(model.tokenizer)]
-    trainer = GroundingTrainer(model, data, optimizer, clip_grad={"max_norm": 0.1})
+    trainer = GroundingTrainer(
+        model, data, optimizer, clip_grad={"enabled": True, "max_norm": 0.1, "norm_type": 2.0}
+    )
     before = {n: p.detach().clone() for n, p in names.items()}
     with EventStorage(0) as storage:
         trainer.iter = 0
@@ -271,7 +274,9 @@ class _Toy(nn.Module):
 def test_nonfinite_loss_stops_and_keeps_the_last_good_state(tmp_path):
     model = _Toy(nan_at=3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    trainer = GroundingTrainer(model, [0] * 10, optimizer, clip_grad={"max_norm": 100.0})
+    trainer = GroundingTrainer(
+        model, [0] * 10, optimizer, clip_grad={"enabled": True, "max_norm": 100.0, "norm_type": 2.0}
+    )
     checkpointer = GroundingDINOCheckpointer(model, str(tmp_path), trainer=trainer)
     trainer.register_hooks([LastGoodCheckpointer(checkpointer)])
     with pytest.raises(FloatingPointError) as error:
@@ -441,5 +446,6 @@ def test_amp_only_on_cuda():
     assert not use_amp({"amp": {"enabled": False}, "device": "cuda:0"})
     model = _Toy(nan_at=100)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    trainer = build_trainer({"amp": {"enabled": True}, "device": "cpu"}, model, [0], optimizer)
+    train = {"amp": {"enabled": True}, "device": "cpu", "clip_grad": None}
+    trainer = build_trainer(train, model, [0], optimizer)
     assert type(trainer) is GroundingTrainer

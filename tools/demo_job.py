@@ -8,16 +8,18 @@ evaluators, and draw predictions (``demo_visualize.py``).
 Everything goes under ``--output`` (default ``output/demo``):
 
 - ``shapes/``: the generated datasets (cached, deterministic);
-- ``model_final.pth``, ``config.yaml``, ``metrics.json``: the trained model, its config and
-  the training log;
+- ``model_final.pth``, ``config.yaml``, ``metrics.json``: the trained model (holding a record
+  of the config it was trained with), its config and the training log;
 - ``inference/<dataset>/``: the evaluators' files;
 - ``results.json``: ``{"bbox": {"AP", "AP50", ...}, "bbox_unseen": {...}, "rec":
   {"Acc@0.5", ...}}`` in percent (detectron2's results format);
 - ``run_info.json``: iterations, times, whether the checkpoint was reused;
 - ``det_<k>.png``, ``rec_<k>.png``: predictions with their phrases on validation images.
 
-A second run with ``model_final.pth`` in place reuses it and only evaluates and draws
-(``--retrain`` trains again). Examples::
+A second run reuses ``model_final.pth`` and only evaluates and draws when the model was
+trained with the same config: the resolved config with the command line's overrides,
+``--max-iter`` and the dataset generation (``--num-train``, ``--num-val``, ``shapes``). Otherwise,
+or with ``--retrain``, it says why and trains again, replacing the old run's files. Examples::
 
     python tools/demo_job.py                      # make demo
     python tools/demo_job.py --retrain --max-iter 500
@@ -32,30 +34,46 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import hooks
 from detectron2.engine.train_loop import HookBase
-from detectron2.evaluation import inference_on_dataset
+from omegaconf import OmegaConf
 
 from grounding_dino import model_zoo
-from grounding_dino.checkpoint import GroundingDINOCheckpointer
+from grounding_dino.checkpoint import CheckpointMismatchError, GroundingDINOCheckpointer
+from grounding_dino.convert.checkpoint import load_checkpoint_file
 from grounding_dino.data.synthetic import register_shapes_datasets
 from grounding_dino.engine import build_trainer
+from grounding_dino.engine import evaluate as evaluate_model
 from grounding_dino.evaluation import build_evaluator
 
 # A module next to this script (python puts the script's folder first on sys.path).
 from demo_visualize import draw_predictions
 
-__all__ = ["main", "parse_args", "run_demo", "default_config_file"]
+__all__ = [
+    "main",
+    "parse_args",
+    "run_demo",
+    "default_config_file",
+    "config_record",
+    "config_differences",
+    "reuse_decision",
+]
 
 logger = logging.getLogger("demo_job")
 
 CHECKPOINT_NAME = "model_final"
+CONFIG_RECORD_KEY = "trained_config"  # in model_final.pth: config_record() of its training
+# Config keys that do not change the trained model: where the run is written.
+IGNORED_CONFIG_KEYS = ("train.output_dir",)
+# Files of a run that training again replaces.
+RUN_FILES = (CHECKPOINT_NAME + ".pth", "config.yaml", "metrics.json", "run_info.json")
 # (dataset, key in results.json, key of the evaluator's results)
 EVALUATIONS = (
     ("shapes_val", "bbox", "bbox"),
@@ -145,8 +163,13 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_model(cfg, model, output_dir: str, log_period: int, checkpoint_period: int = 0) -> Dict:
-    """Trains ``model`` for ``cfg.train.max_iter`` iterations; saves ``model_final.pth``."""
+def train_model(
+    cfg, model, output_dir: str, log_period: int, checkpoint_period: int = 0, record=None
+) -> Dict:
+    """
+    Trains ``model`` for ``cfg.train.max_iter`` iterations; saves ``model_final.pth`` with
+    ``record`` (:func:`config_record` of ``cfg``) under ``"trained_config"``.
+    """
     from detectron2.utils.events import JSONWriter
 
     cfg.optimizer.params.model = model
@@ -174,14 +197,13 @@ def train_model(cfg, model, output_dir: str, log_period: int, checkpoint_period:
     start = time.perf_counter()
     trainer.train(0, max_iter)
     seconds = time.perf_counter() - start
-    checkpointer.save(CHECKPOINT_NAME, iteration=max_iter)
+    checkpointer.save(CHECKPOINT_NAME, iteration=max_iter, **{CONFIG_RECORD_KEY: record})
     return {"iterations": max_iter, "train_seconds": round(seconds, 1)}
 
 
 # ----------------------------------------------------------------------------- evaluation
 def evaluate(cfg, model, output_dir: str) -> Dict[str, Dict[str, float]]:
     """Runs the project's evaluators on the three validation splits (``EVALUATIONS``)."""
-    model.box_threshold = 0.0  # keep the top max_detections pairs (official COCO protocol)
     results = {}
     for dataset, key, result_key in EVALUATIONS:
         cfg.dataloader.test.dataset.names = dataset
@@ -190,7 +212,8 @@ def evaluate(cfg, model, output_dir: str) -> Dict[str, Dict[str, float]]:
             dataset, output_dir=os.path.join(output_dir, "inference", dataset)
         )
         start = time.perf_counter()
-        out = inference_on_dataset(model, loader, evaluator)
+        # The evaluation settings of train_net.py: no score threshold, the top 300 per image.
+        out = evaluate_model(model, loader, evaluator)
         if result_key not in out:
             raise KeyError(f"The evaluator of {dataset} returned {sorted(out)}, no {result_key!r}")
         results[key] = {k: _finite(v) for k, v in out[result_key].items()}
@@ -212,6 +235,97 @@ def _headline(key: str, metrics: Dict) -> str:
     return "  ".join(
         f"{n} {metrics[n]:.1f}" if metrics.get(n) is not None else f"{n} n/a" for n in names
     )
+
+
+# ------------------------------------------------------------------------ checkpoint reuse
+def config_record(cfg) -> Dict:
+    """
+    ``cfg`` as written to ``config.yaml`` (``LazyConfig.save``) and read back, resolved and
+    flattened to {dotted key: value} (list items as ``key.<index>``): plain values, for the
+    checkpoint and for comparison.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "config.yaml")
+        LazyConfig.save(cfg, path)
+        try:
+            saved = LazyConfig.load(path)
+        except Exception as error:
+            raise ValueError(
+                f"The demo config does not round-trip through yaml: {error}"
+            ) from error
+    flat = {}
+
+    def visit(prefix: str, value) -> None:
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if isinstance(item, (dict, list)) and item:
+                visit(name, item)
+            else:
+                flat[name] = item
+
+    visit("", OmegaConf.to_container(saved, resolve=True))
+    return flat
+
+
+def config_differences(trained: Dict, current: Dict) -> List[str]:
+    """``"key: trained -> current"`` for each key of two :func:`config_record` that differs
+    (``IGNORED_CONFIG_KEYS`` aside), sorted by key."""
+
+    def show(record, key):
+        return _short(repr(record[key])) if key in record else "(absent)"
+
+    keys = sorted((set(trained) | set(current)) - set(IGNORED_CONFIG_KEYS))
+    return [
+        f"{key}: {show(trained, key)} -> {show(current, key)}"
+        for key in keys
+        if key not in trained or key not in current or trained[key] != current[key]
+    ]
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def reuse_decision(output_dir: str, record: Dict, retrain: bool) -> Tuple[bool, str]:
+    """
+    Whether ``output_dir/model_final.pth`` may be reused for a run of config ``record``
+    (:func:`config_record`): only when it holds a record equal to ``record``.
+
+    Returns:
+        (reuse, the message saying what happens and why).
+    """
+    checkpoint = os.path.join(output_dir, CHECKPOINT_NAME + ".pth")
+    if not os.path.isfile(checkpoint):
+        why = f"no trained model in {output_dir}"
+    elif retrain:
+        why = "--retrain"
+    else:
+        trained = load_checkpoint_file(checkpoint).get(CONFIG_RECORD_KEY)
+        if not isinstance(trained, dict):
+            why = f"{checkpoint} holds no record of the config it was trained with (an older job)"
+        else:
+            differences = config_differences(trained, record)
+            if not differences:
+                return True, (
+                    f"[train] reusing the trained model {checkpoint} (trained with the same "
+                    "config): skipping training, only evaluating and drawing (--retrain trains "
+                    "again)"
+                )
+            shown = "; ".join(differences[:5])
+            more = f"; and {len(differences) - 5} more" if len(differences) > 5 else ""
+            why = (
+                f"{checkpoint} was trained with a different config ({len(differences)} "
+                f"value(s) differ, trained -> now: {shown}{more})"
+            )
+    existing = [name for name in RUN_FILES if os.path.isfile(os.path.join(output_dir, name))]
+    replaced = (
+        f" The new run replaces the old run's {', '.join(existing)} in {output_dir} (copy "
+        "them elsewhere to keep them; an old model is overwritten when training ends)."
+        if existing
+        else ""
+    )
+    return False, f"[train] training: {why}.{replaced}"
 
 
 # ----------------------------------------------------------------------------------- main
@@ -241,36 +355,47 @@ def _run(args: argparse.Namespace) -> Dict:
     os.makedirs(output_dir, exist_ok=True)
     job_start = time.perf_counter()
     cfg, config_file = load_config(args)
-    image_size = int(cfg.get("shapes", {}).get("image_size", 256))
-
     start = time.perf_counter()
-    shapes = dict(cfg.get("shapes", {}))
-    num_train = args.num_train or int(shapes.get("num_train", 2000))
-    num_val = args.num_val or int(shapes.get("num_val", 200))
-    register_shapes_datasets(
-        root=os.path.join(output_dir, "shapes"),
-        num_train=num_train,
-        num_val=num_val,
-        image_size=image_size,
+    # The generation parameters actually used go into the config (and so into its record).
+    if "shapes" not in cfg:
+        raise KeyError(
+            f"{config_file} has no 'shapes' entry (the synthetic data's num_train, num_val, "
+            "image_size), which the demo job needs; see configs/shapes_tiny.py"
+        )
+    shapes = dict(cfg.shapes)
+    for key in ("num_train", "num_val", "image_size"):
+        if key not in shapes:
+            raise KeyError(f"{config_file}: shapes.{key} is not set")
+    shapes.update(
+        num_train=args.num_train or int(shapes["num_train"]),
+        num_val=args.num_val or int(shapes["num_val"]),
+        image_size=int(shapes["image_size"]),
     )
+    cfg.shapes = shapes
+    register_shapes_datasets(root=os.path.join(output_dir, "shapes"), **shapes)
     print(
-        f"[data] shapes datasets ready in {output_dir}/shapes ({num_train} train, "
-        f"{num_val} val images of {image_size} px; {time.perf_counter() - start:.0f} s)",
+        f"[data] shapes datasets ready in {output_dir}/shapes ({shapes['num_train']} train, "
+        f"{shapes['num_val']} val images of {shapes['image_size']} px; "
+        f"{time.perf_counter() - start:.0f} s)",
         flush=True,
     )
 
-    _seed(cfg.train.get("seed", 0))
+    record = config_record(cfg)
+    reuse, message = reuse_decision(output_dir, record, args.retrain)
+    print(message, flush=True)
+    _seed(cfg.train.seed)
     model = instantiate(cfg.model)
     model.to("cpu")
     checkpoint = os.path.join(output_dir, CHECKPOINT_NAME + ".pth")
     info = {"config_file": config_file, "threads": args.threads}
-    if os.path.isfile(checkpoint) and not args.retrain:
-        GroundingDINOCheckpointer(model, output_dir).load(checkpoint)
-        print(
-            f"[train] reusing the trained model {checkpoint}: skipping training, only "
-            "evaluating and drawing (--retrain trains again)",
-            flush=True,
-        )
+    if reuse:
+        try:
+            GroundingDINOCheckpointer(model, output_dir).load(checkpoint)
+        except CheckpointMismatchError as error:
+            raise SystemExit(
+                f"{error}\nThe model code changed since {checkpoint} was trained; run again "
+                "with --retrain to train a new one."
+            ) from error
         previous = _read_json(os.path.join(output_dir, "run_info.json"))
         info.update(
             reused_checkpoint=True,
@@ -286,9 +411,14 @@ def _run(args: argparse.Namespace) -> Dict:
             flush=True,
         )
         LazyConfig.save(cfg, os.path.join(output_dir, "config.yaml"))
+        metrics = os.path.join(output_dir, "metrics.json")
+        if os.path.isfile(metrics):  # JSONWriter appends: start the new run's log afresh
+            os.remove(metrics)
         info.update(
             reused_checkpoint=False,
-            **train_model(cfg, model, output_dir, args.log_period, args.checkpoint_period),
+            **train_model(
+                cfg, model, output_dir, args.log_period, args.checkpoint_period, record=record
+            ),
         )
 
     start = time.perf_counter()

@@ -28,9 +28,11 @@ How the results equal :class:`~grounding_dino.GroundingDINOPredictor`:
 * ``DefaultPredictor`` passes no prompt, so the model uses its ``default_prompt``:
   ``MODEL.GROUNDING_DINO.PROMPT``, else the ``thing_classes`` of ``DATASETS.TEST[0]``.
 * ``DefaultPredictor`` loads ``MODEL.WEIGHTS`` with detectron2's checkpointer, which
-  unpickles without ``weights_only``. The model's ``from_config`` runs first and reads the
-  file with ``torch.load(weights_only=True)``, so a file holding code is refused (an error
-  naming it) before detectron2 ever opens it.
+  unpickles without ``weights_only`` and only logs missing, unexpected or wrong-shape keys.
+  The model is built first: it reads the file with ``torch.load(weights_only=True)``, so a
+  file holding code is refused (an error naming it) before detectron2 ever opens it, and
+  checks that the weights match it exactly (same keys, same shapes), else
+  :class:`~grounding_dino.checkpoint.CheckpointMismatchError` names the keys.
 """
 
 import logging
@@ -44,9 +46,10 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import LazyConfig, configurable, instantiate
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.utils.file_io import PathManager
 from detectron2.utils.registry import locate
 
-from .convert.checkpoint import load_checkpoint_file
+from .checkpoint import verify_checkpoint
 from .model_zoo import configs_dir
 from .modeling import GroundingDINO
 from .predictor import prompt_to_input
@@ -183,10 +186,8 @@ def _capture_kwargs(**kwargs) -> Dict:
     return kwargs
 
 
-def _check_weights(path: str) -> None:
-    """Reads ``MODEL.WEIGHTS`` safely so a file holding code fails before detectron2 opens it."""
-    if not path:
-        return
+def _check_weights_name(path: str) -> None:
+    """Refuses ``MODEL.WEIGHTS`` formats that detectron2's checkpointer would mishandle."""
     if path.endswith(".pkl"):
         raise ValueError(
             f"MODEL.WEIGHTS={path}: pickled files are not supported; convert the "
@@ -197,21 +198,32 @@ def _check_weights(path: str) -> None:
             f"MODEL.WEIGHTS={path}: DefaultPredictor's checkpointer cannot read "
             f"safetensors; convert it with `python -m grounding_dino.convert`"
         )
-    if os.path.isfile(path):  # remote paths are checked by detectron2's PathManager
-        load_checkpoint_file(path)
+
+
+def _verify_weights(model: "GroundingDINOFromYacs", path: str) -> None:
+    """
+    Reads ``MODEL.WEIGHTS`` safely (a file holding code fails before detectron2 opens it) and
+    checks that it matches ``model`` exactly (see
+    :func:`~grounding_dino.checkpoint.verify_checkpoint`).
+    """
+    local = PathManager.get_local_path(path)
+    if not os.path.isfile(local):
+        raise FileNotFoundError(f"MODEL.WEIGHTS={path} does not exist")
+    verify_checkpoint(model, local)
 
 
 def lazy_model_kwargs_from_yacs(cfg: CN) -> Dict:
     """
     Keyword arguments of :class:`GroundingDINOFromYacs` for a yacs config: the lazy config's
-    ``model`` entry instantiated, plus ``input_format`` (``INPUT.FORMAT``), ``default_prompt``
-    and ``test_resize``. This is ``GroundingDINOFromYacs.from_config``.
+    ``model`` entry instantiated, plus ``input_format`` (``INPUT.FORMAT``), ``default_prompt``,
+    ``test_resize`` and ``weights`` (``MODEL.WEIGHTS``). This is
+    ``GroundingDINOFromYacs.from_config``.
 
     Raises:
         ValueError: the lazy model is not a GroundingDINO, the prompt is invalid, or
-            ``MODEL.WEIGHTS`` holds more than weights.
+            ``MODEL.WEIGHTS`` is a ``.pkl`` / ``.safetensors`` file.
     """
-    _check_weights(cfg.MODEL.WEIGHTS)
+    _check_weights_name(cfg.MODEL.WEIGHTS)
     default_prompt = default_prompt_from_yacs(cfg)
     lazy = load_lazy_config_from_yacs(cfg)
     target = lazy.model.get("_target_")
@@ -236,6 +248,7 @@ def lazy_model_kwargs_from_yacs(cfg: CN) -> Dict:
         input_format=cfg.INPUT.FORMAT,
         default_prompt=default_prompt,
         test_resize=official_resize_from_lazy_config(lazy),
+        weights=cfg.MODEL.WEIGHTS,
     )
     return kwargs
 
@@ -250,22 +263,42 @@ class GroundingDINOFromYacs(GroundingDINO):
     ``"caption"`` or ``"category_names"`` get ``default_prompt``, and each image is resized
     with ``test_resize`` on the CPU, on uint8 pixels, before it moves to the device
     (``"height"`` / ``"width"`` default to the size before the resize).
+
+    ``weights`` (``MODEL.WEIGHTS``) is checked when the model is built, before
+    ``DefaultPredictor`` loads it: it must match the model exactly, else
+    :class:`~grounding_dino.checkpoint.CheckpointMismatchError` names the missing,
+    unexpected and wrong-shape keys. An empty ``MODEL.WEIGHTS`` builds the model with its
+    own initialisation (as detectron2's ``build_model``), with a warning.
     """
 
     @configurable
     def __init__(
-        self, *, default_prompt: Optional[Prompt], test_resize: Optional[OfficialResize], **kwargs
+        self,
+        *,
+        default_prompt: Optional[Prompt],
+        test_resize: Optional[OfficialResize],
+        weights: str,
+        **kwargs,
     ):
         """
         Args:
             default_prompt: caption (str) or class names (list of str) of inputs without a
                 prompt; None: inputs must carry their own.
             test_resize: resize of inference images (None: used as given).
+            weights: the checkpoint that will be loaded into the model (checked here, not
+                loaded); "" for none.
             kwargs: the arguments of :class:`GroundingDINO`.
         """
         super().__init__(**kwargs)
         self.default_prompt = default_prompt
         self.test_resize = test_resize
+        if weights:
+            _verify_weights(self, weights)
+        else:
+            logger.warning(
+                "MODEL.WEIGHTS is empty: GroundingDINOFromYacs keeps its own (random) "
+                "initialisation; set MODEL.WEIGHTS to a converted checkpoint for predictions"
+            )
 
     @classmethod
     def from_config(cls, cfg: CN) -> Dict:
@@ -299,7 +332,8 @@ class GroundingDINOFromYacs(GroundingDINO):
 def build_lazy_model_from_yacs(cfg: CN) -> GroundingDINOFromYacs:
     """
     The model a yacs config describes (what ``build_model(cfg)`` returns, without moving it
-    to ``MODEL.DEVICE`` and without loading weights).
+    to ``MODEL.DEVICE`` and without loading weights; a non-empty ``MODEL.WEIGHTS`` is checked
+    against it).
     """
     return GroundingDINOFromYacs(cfg)
 

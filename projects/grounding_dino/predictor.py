@@ -9,6 +9,7 @@ import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.structures import Instances
 from omegaconf import OmegaConf
+from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from .checkpoint import GroundingDINOCheckpointer
 from .resize import official_resize_from_lazy_config
@@ -16,6 +17,7 @@ from .text import normalize_caption_with_spans
 
 __all__ = [
     "GroundingDINOPredictor",
+    "inference_knobs",
     "prompt_to_input",
     "check_image",
     "check_token_spans",
@@ -109,6 +111,31 @@ def check_token_spans(caption: str, token_spans) -> List[List[List[int]]]:
     return result
 
 
+@contextlib.contextmanager
+def inference_knobs(model: torch.nn.Module, **values):
+    """
+    Temporarily sets inference attributes of a Grounding DINO (``box_threshold``,
+    ``text_threshold``, ``max_detections``), restoring them afterwards, also when the body
+    raises. A (Distributed)DataParallel wrapper is looked through.
+
+    Raises:
+        AttributeError: the model has no such attribute (nothing is set).
+    """
+    if isinstance(model, (DataParallel, DistributedDataParallel)):
+        model = model.module
+    unknown = [name for name in values if not hasattr(model, name)]
+    if unknown:
+        raise AttributeError(f"{type(model).__name__} has no inference attribute(s) {unknown}")
+    saved = {name: getattr(model, name) for name in values}
+    try:
+        for name, value in values.items():
+            setattr(model, name, value)
+        yield model
+    finally:
+        for name, value in saved.items():
+            setattr(model, name, value)
+
+
 class GroundingDINOPredictor:
     """
     Runs a Grounding DINO on BGR images (as read by ``cv2.imread``) with a text prompt.
@@ -124,18 +151,30 @@ class GroundingDINOPredictor:
     def __init__(self, cfg, weights: Optional[str] = None, input_format: str = "BGR"):
         """
         Args:
-            cfg: a lazy config with a ``model`` entry (and optionally ``train.device``).
+            cfg: a lazy config with ``model`` and ``train.device`` entries (and
+                ``train.init_checkpoint`` when ``weights`` is None).
             weights: checkpoint to load (detectron2 format, e.g. from grounding_dino.convert);
-                defaults to ``cfg.train.init_checkpoint`` when set.
+                None: ``cfg.train.init_checkpoint``. It must match the model exactly (same
+                keys and shapes), else :class:`~grounding_dino.checkpoint.CheckpointMismatchError`
+                names the keys.
             input_format: channel order of the arrays given to ``__call__``.
+
+        Raises:
+            ValueError: no weights are given (a randomly initialised model is refused).
         """
         self.cfg = cfg
+        if weights is None:
+            weights = _required(cfg, "train.init_checkpoint")
+        if not weights:
+            raise ValueError(
+                "GroundingDINOPredictor: no weights (weights= is empty and so is the config's "
+                "train.init_checkpoint); the model would predict with its random "
+                "initialisation. Pass a checkpoint, e.g. one written by grounding_dino.convert"
+            )
         self.model = instantiate(cfg.model)
         device = _config_device(cfg)
         self.model.to(device).eval()
-        weights = weights or OmegaConf.select(cfg, "train.init_checkpoint", default=None)
-        if weights:
-            GroundingDINOCheckpointer(self.model).load(weights)
+        GroundingDINOCheckpointer(self.model).load(weights)
         self.input_format = input_format
         self.resize = official_resize_from_lazy_config(cfg)
 
@@ -188,18 +227,6 @@ class GroundingDINOPredictor:
         inputs = [self._input(im, p, i) for i, (im, p) in enumerate(zip(images, prompts))]
         return self.model(inputs)
 
-    @contextlib.contextmanager
-    def _knobs(self, **values):
-        """Temporarily sets inference attributes of the model (thresholds, detection count)."""
-        saved = {name: getattr(self.model, name) for name in values}
-        try:
-            for name, value in values.items():
-                setattr(self.model, name, value)
-            yield
-        finally:
-            for name, value in saved.items():
-                setattr(self.model, name, value)
-
     @torch.no_grad()
     def predict_rec(self, image: np.ndarray, expression: str) -> Dict:
         """
@@ -213,7 +240,7 @@ class GroundingDINOPredictor:
             raise ValueError(
                 f"The referring expression must be a non-empty string, " f"got {expression!r}"
             )
-        with self._knobs(box_threshold=-1.0, max_detections=1):
+        with inference_knobs(self.model, box_threshold=-1.0, max_detections=1):
             output = self(image, expression)
         output["phrases"] = [expression.strip()] * len(output["instances"])
         return output
@@ -251,7 +278,7 @@ class GroundingDINOPredictor:
         threshold, max_detections = self.model.box_threshold, self.model.max_detections
         # Phrase scores never exceed the best token score, so the caption's boxes above the
         # threshold include every (box, phrase) pair above it.
-        with self._knobs(max_detections=self.model.query_selector.num_queries):
+        with inference_knobs(self.model, max_detections=self.model.query_selector.num_queries):
             output = self(image, normalized)
         instances = output["instances"]
         token_scores = instances.token_scores
@@ -269,8 +296,19 @@ class GroundingDINOPredictor:
         return {"instances": result, "phrases": [texts[int(i)] for i in phrase_index]}
 
 
+_MISSING = object()
+
+
+def _required(cfg, key: str):
+    """``cfg``'s value at the dotted ``key``; an error naming the key when the config lacks it."""
+    value = OmegaConf.select(cfg, key, default=_MISSING)
+    if value is _MISSING:
+        raise KeyError(f"The config has no {key}; set it (e.g. as an override {key}=...)")
+    return value
+
+
 def _config_device(cfg) -> str:
-    device = OmegaConf.select(cfg, "train.device", default=None) or "cpu"
+    device = _required(cfg, "train.device")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         logger.warning("train.device=%s but CUDA is not available; using the CPU", device)
         return "cpu"

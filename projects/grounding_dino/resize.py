@@ -1,6 +1,7 @@
 """The official test-time resize (shortest edge 800, longest at most 1333) as a detectron2
 augmentation."""
 
+import logging
 from typing import Sequence, Tuple
 
 import numpy as np
@@ -10,6 +11,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 __all__ = ["official_output_size", "OfficialResize", "official_resize_from_lazy_config"]
+
+logger = logging.getLogger(__name__)
 
 _MISSING = object()
 
@@ -57,6 +60,10 @@ def official_resize_from_lazy_config(cfg) -> OfficialResize:
     """
     dataloader = cfg.get("dataloader") if hasattr(cfg, "get") else None
     if not dataloader or "test" not in dataloader:
+        logger.info(
+            "The config has no dataloader.test: images are resized as the official inference "
+            "(shortest edge 800, longest at most 1333)"
+        )
         return OfficialResize(800, 1333)
     key = "dataloader.test.mapper.augmentations"
     node = OmegaConf.select(cfg, key, default=_MISSING)

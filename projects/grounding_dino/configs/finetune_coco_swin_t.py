@@ -22,6 +22,11 @@ from .common.schedule import lr_multiplier
 from .common.train import train
 
 train.init_checkpoint = "output/converted/swint_ogc/model.pth"
+# The converted checkpoint must match the model exactly (an error names any missing,
+# unexpected or wrong-shape key). True, or a list of key prefixes, lets those keys keep the
+# model's initialisation instead (e.g. ["query_selector.tgt_embed."] after changing
+# model.query_selector.num_queries); what was not loaded is then logged.
+train.init_partial = False
 train.output_dir = "./output/finetune_coco_swin_t"
 train.max_iter = 90000
 train.eval_period = 5000

@@ -6,5 +6,6 @@ from .common.models.grounding_dino_swin_t import model
 train = dict(
     device="cpu",
     init_checkpoint="",
+    init_partial=False,
     output_dir="./output/grounding_dino_swin_t_ogc",
 )

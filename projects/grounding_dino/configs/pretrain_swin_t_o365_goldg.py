@@ -8,7 +8,18 @@ val2017 is evaluated every ``train.eval_period``.
         --num-gpus 8 --num-machines 2 --machine-rank R --dist-url tcp://HOST:PORT
 
 The model starts from ImageNet Swin-T and pretrained BERT (``train.init_checkpoint`` may name
-converted Swin weights); nothing comes from an official Grounding DINO checkpoint.
+converted Swin weights, keys ``backbone.*``); nothing comes from an official Grounding DINO
+checkpoint. ``train.init_partial`` lists what such a checkpoint may leave out: the detector's
+per-stage norms (``backbone.norm<i>``) and everything after the image body (BERT keeps its
+pretrained weights); any other missing, unexpected or wrong-shape key is an error.
+
+ImageNet Swin-T weights (the official release file or a timm ``swin_*`` state dict)::
+
+    python -m grounding_dino.convert swin swin_tiny_patch4_window7_224.pth weights/swin_t_in1k
+    python train_net.py --config-file configs/pretrain_swin_t_o365_goldg.py \\
+        train.init_checkpoint=weights/swin_t_in1k/model.pth
+
+(an unconverted release file also works as ``train.init_checkpoint``: it is converted in memory).
 """
 
 from .common.data.o365_goldg import dataloader
@@ -18,6 +29,15 @@ from .common.schedule import lr_multiplier
 from .common.train import train
 
 train.init_checkpoint = ""
+train.init_partial = [
+    "backbone.norm",
+    "neck.",
+    "text_encoder.",
+    "enhancer.",
+    "query_selector.",
+    "decoder.",
+    "head.",
+]
 train.output_dir = "./output/pretrain_swin_t_o365_goldg"
 train.max_iter = 600000  # about 24 epochs of O365 + GoldG at batch 32
 train.eval_period = 20000

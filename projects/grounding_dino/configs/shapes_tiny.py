@@ -22,7 +22,6 @@ Train with ``python tools/demo_job.py`` (``make demo``) or::
 from detectron2.config import LazyCall as L
 from detectron2.data import transforms as T
 
-from grounding_dino.data.datasets import get_thing_classes
 from grounding_dino.data.synthetic import register_shapes_datasets
 from grounding_dino.data.transforms import build_test_augmentations
 from grounding_dino.modeling import build_image_backbone
@@ -84,7 +83,6 @@ model.dn_number = 20  # denoising queries per polarity (DINO's budget, scaled do
 dataloader.train.dataset.update(names=("shapes_train", "shapes_rec_train"), check_consistency=False)
 dataloader.train.mapper.update(
     augmentations=[L(T.RandomFlip)(prob=0.5, horizontal=True)],
-    thing_classes=L(get_thing_classes)(name="shapes_train"),
     max_categories=10,  # positives + sampled negatives: short captions, cheap BERT passes
 )
 dataloader.train.update(total_batch_size=4, num_workers=0)

@@ -1,12 +1,21 @@
-"""Converts official or Hugging Face Grounding DINO weights to a Detectron2 checkpoint.
+"""Converts checkpoints of other code bases to this project's keys.
 
 Usage::
 
     python -m grounding_dino.convert official groundingdino_swint_ogc.pth OUT_DIR
+    python -m grounding_dino.convert official open_groundingdino/checkpoint0011.pth OUT_DIR
     python -m grounding_dino.convert hf path/to/grounding-dino-tiny OUT_DIR --tokenizer DIR
+    python -m grounding_dino.convert mmdet grounding_dino_swin-t_finetune_coco.pth OUT_DIR
+    python -m grounding_dino.convert imagenet-swin swin_tiny_patch4_window7_224.pth OUT_DIR
+    python -m grounding_dino.convert dino-official checkpoint0033_4scale_swin.pth OUT_DIR
+    python -m grounding_dino.convert dino-detrex dino_swin_tiny_224_4scale_12ep.pth OUT_DIR
+    python -m grounding_dino.convert auto ANY_OF_THE_ABOVE OUT_DIR
 
-Writes ``OUT_DIR/model.pth`` (``{"model": state_dict}``) and ``OUT_DIR/config.yaml`` (the
-lazy config of the matching model, with ``train.init_checkpoint`` pointing at model.pth).
+Full sources (official, hf, mmdet) write ``OUT_DIR/model.pth`` (``{"model": state_dict}``) and
+``OUT_DIR/config.yaml`` (the lazy config of the matching model, ``train.init_checkpoint``
+pointing at model.pth). Partial sources (imagenet-swin or swin, dino-official, dino-detrex) write
+``OUT_DIR/model.pth`` for ``train.init_checkpoint``, holding the parts of the model they cover;
+they are checked against ``--config`` (default: the Swin-T configs; R-50 for a ResNet DINO).
 """
 
 import argparse
@@ -18,6 +27,29 @@ from .build import convert_checkpoint
 
 logger = logging.getLogger("grounding_dino.convert")
 
+SOURCES = [
+    "official",
+    "open-groundingdino",
+    "hf",
+    "mmdet",
+    "imagenet-swin",
+    "swin",
+    "dino-official",
+    "dino-detrex",
+    "auto",
+]
+_ALIASES = {"open-groundingdino": "official", "swin": "imagenet-swin"}
+
+
+def _print_partial(report) -> None:
+    print(f"Wrote {report['path']} (partial checkpoint from {report['source']})")
+    print("covers: " + ", ".join(report["covers"]))
+    print("stays at its initialisation: " + ", ".join(report["not_covered"]))
+    for key, reason in report["dropped"].items():
+        print(f"  dropped: {key} ({reason})")
+    for key in report["unused"]:
+        print(f"  unused: {key} (no counterpart in the model of {report['config']})")
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
@@ -25,32 +57,41 @@ def main(argv=None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("source", choices=["official", "hf"], help="checkpoint format")
-    parser.add_argument("src", help="official .pth file, or a transformers model folder")
-    parser.add_argument("out_dir", help="output folder for model.pth and config.yaml")
+    parser.add_argument("source", choices=SOURCES, help="checkpoint format")
+    parser.add_argument("src", help="checkpoint file, or a transformers model folder")
+    parser.add_argument("out_dir", help="output folder")
     parser.add_argument(
         "--tokenizer",
         default=None,
         help="tokenizer hub name or local folder (default: bert-base-uncased)",
     )
     parser.add_argument(
-        "--config", default=None, help="lazy config to start from (default: chosen from the source)"
+        "--config",
+        default=None,
+        help="lazy config to start from / check against (default: chosen from the source)",
     )
     parser.add_argument("--device", default="cpu", help="train.device in the saved config")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         report = convert_checkpoint(
-            args.source,
+            _ALIASES.get(args.source, args.source),
             args.src,
             args.out_dir,
             tokenizer=args.tokenizer,
             config=args.config,
             device=args.device,
         )
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    for entry in report.get("skipped_entries", []):
+        print(f"  not converted: top-level entry {entry!r} (training state)")
+    for note in report.get("notes", []):
+        print(f"note: {note}")
+    if "covers" in report:
+        _print_partial(report)
+        return 0
     print(
         f"Wrote {os.path.join(args.out_dir, 'model.pth')} and "
         f"{os.path.join(args.out_dir, 'config.yaml')}"
@@ -61,6 +102,9 @@ def main(argv=None) -> int:
     for kind in ("missing", "unexpected"):
         for key in report[kind]:
             print(f"  {kind}: {key}")
+    for key, reason in report.get("dropped", {}).items():
+        if not reason.startswith("copy"):
+            print(f"  dropped: {key} ({reason})")
     return 0 if not report["missing"] and not report["unexpected"] else 2
 
 

@@ -11,8 +11,9 @@ from detectron2.config import LazyConfig, instantiate
 
 from ..model_zoo import get_config_file
 from ..modeling.backbone import SWIN_VARIANTS, swin_variant_from_sizes
-from .checkpoint import load_checkpoint_file
-from .keys import convert_hf_state_dict, convert_official_state_dict
+from .checkpoint import load_checkpoint_file, load_training_checkpoint
+from .partial import convert_partial_checkpoint
+from .sources import PARTIAL_SOURCES, convert_state_dict, detect_source, unwrap_state_dict
 
 __all__ = ["convert_checkpoint", "default_config_path"]
 
@@ -23,9 +24,9 @@ DEFAULT_TOKENIZER = "bert-base-uncased"
 
 def default_config_path(source: str, src: str) -> str:
     """The packaged lazy config of the model a checkpoint's name suggests (Swin-B for
-    "swinb"/"swin_b"/"base", else Swin-T)."""
+    "swinb"/"swin_b"/"swin-b"/"base", else Swin-T)."""
     name = os.path.basename(os.path.normpath(src)).lower()
-    is_base = "swinb" in name or "swin_b" in name or "base" in name
+    is_base = any(tag in name for tag in ("swinb", "swin_b", "swin-b", "base"))
     filename = "grounding_dino_swin_b_cogcoor.py" if is_base else "grounding_dino_swin_t_ogc.py"
     return get_config_file(filename)
 
@@ -227,6 +228,22 @@ def _check_duplicates(
                     )
 
 
+def _full_source_config(source, state, src, config: Optional[str], tokenizer: Optional[str]):
+    """(cfg, converted, info, official-layout state) of an ``official`` or ``mmdet`` state."""
+    converted, info = convert_state_dict(source, state)
+    official = info.pop("official_layout", state)
+    cfg = _official_config(official, config or default_config_path(source, src), tokenizer)
+    for prefix, node in (
+        ("head.", cfg.model.head),
+        ("query_selector.head.", cfg.model.query_selector.head),
+    ):
+        # mmdet heads configured with a bias / log scale: the model gets the parameters.
+        for name in ("bias", "log_scale"):
+            if prefix + name in converted:
+                node[f"{name}_init"] = 0.0
+    return cfg, converted, info, official
+
+
 def convert_checkpoint(
     source: str,
     src: str,
@@ -234,35 +251,54 @@ def convert_checkpoint(
     tokenizer: Optional[str] = None,
     config: Optional[str] = None,
     device: str = "cpu",
-) -> Dict[str, List[str]]:
+) -> Dict:
     """
-    Converts ``src`` and writes ``out_dir/model.pth`` and ``out_dir/config.yaml``.
+    Converts ``src`` and writes ``out_dir/model.pth`` (and, for full sources, the matching
+    ``out_dir/config.yaml``).
+
+    Args:
+        source: ``official`` (also Open-GroundingDino training checkpoints), ``hf``, ``mmdet``,
+            a partial source (``imagenet-swin``, ``dino-official``, ``dino-detrex``), or
+            ``auto`` (recognised from the keys).
 
     Returns:
-        {"missing": [...], "unexpected": [...], "ignored": [...]} keys of the conversion.
+        Full sources: {"missing", "unexpected", "ignored", "dropped", "notes",
+        "skipped_entries"}; partial sources: the report of :func:`convert_partial_checkpoint`.
     """
-    if source == "official":
-        raw = load_checkpoint_file(src)
-        state = raw.get("model", raw)
-        state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
-        cfg = _official_config(state, config or default_config_path(source, src), tokenizer)
-        converted, ignored = convert_official_state_dict(state)
-        shared = {
-            r"^bbox_embed\.\d+\.": "decoder.bbox_embed.",
-            r"^transformer\.decoder\.bbox_embed\.\d+\.": "decoder.bbox_embed.",
-        }
-    elif source == "hf":
+    if source == "hf":
         if not os.path.isdir(src):
             raise FileNotFoundError(f"{src} is not a folder (expected a transformers model)")
         state = _load_hf_weights(src)
         cfg = _hf_config(src, config, tokenizer)
-        converted, ignored = convert_hf_state_dict(state)
+        converted, info = convert_state_dict("hf", state)
+        info["skipped_entries"] = []
         shared = {
             r"^bbox_embed\.\d+\.": "decoder.bbox_embed.",
             r"^model\.decoder\.bbox_embed\.\d+\.": "decoder.bbox_embed.",
         }
     else:
-        raise ValueError(f"Unknown source {source!r}; expected 'official' or 'hf'")
+        if source == "auto" and os.path.isdir(src):
+            return convert_checkpoint("hf", src, out_dir, tokenizer, config, device)
+        if source not in ("auto", "official", "mmdet") + PARTIAL_SOURCES:
+            raise ValueError(
+                f"Unknown source {source!r}; expected official, hf, mmdet, imagenet-swin, "
+                "dino-official, dino-detrex or auto"
+            )
+        state, skipped = unwrap_state_dict(load_training_checkpoint(src), src)
+        source = detect_source(state) if source == "auto" else source
+        if source in PARTIAL_SOURCES:
+            return convert_partial_checkpoint(
+                source, state, out_dir, src=src, config=config, skipped=skipped
+            )
+        if source == "grounding-dino":
+            raise ValueError(f"{src} already has this project's keys; nothing to convert")
+        cfg, converted, info, state = _full_source_config(source, state, src, config, tokenizer)
+        info["skipped_entries"] = skipped
+        shared = {
+            r"^bbox_embed\.\d+\.": "decoder.bbox_embed.",
+            r"^transformer\.decoder\.bbox_embed\.\d+\.": "decoder.bbox_embed.",
+        }
+    ignored = [k for k, reason in info["dropped"].items() if reason.startswith("copy")]
     _check_duplicates(state, ignored, converted, shared)
 
     model = instantiate(cfg.model)
@@ -281,8 +317,16 @@ def convert_checkpoint(
     cfg.train = dict(cfg.get("train", {}))
     cfg.train["device"] = device
     cfg.train["init_checkpoint"] = weights_path
+    cfg.train["init_partial"] = False  # the converted weights cover the whole model
     LazyConfig.save(cfg, os.path.join(out_dir, "config.yaml"))
     for kind, keys in (("missing", missing), ("unexpected", unexpected)):
         if keys:
             logger.warning("%d %s keys, e.g. %s", len(keys), kind, keys[:5])
-    return {"missing": missing, "unexpected": unexpected, "ignored": ignored}
+    return {
+        "missing": missing,
+        "unexpected": unexpected,
+        "ignored": ignored,
+        "dropped": info["dropped"],
+        "notes": info["notes"],
+        "skipped_entries": info["skipped_entries"],
+    }

@@ -7,7 +7,7 @@ unexpected.
 """
 
 import re
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple, Union
 
 import torch
 
@@ -18,9 +18,9 @@ from ..modeling.backbone import (
     convert_official_swin_state_dict,
 )
 
-__all__ = ["convert_official_state_dict", "convert_hf_state_dict"]
+__all__ = ["convert_official_state_dict", "convert_hf_state_dict", "rename"]
 
-Rules = List[Tuple[str, str]]
+Rules = List[Tuple[str, Union[str, Callable]]]
 
 # Official names -> ours (applied after the image body, ``backbone.0.*`` -> ``backbone.*``, and
 # the input projections, ``input_proj.*`` -> ``neck.*``, are handled).
@@ -134,7 +134,9 @@ _HF_PACKED_ATTENTION = re.compile(
 )
 
 
-def _rename(key: str, rules: Rules) -> str:
+def rename(key: str, rules: Rules) -> str:
+    """``key`` renamed by the first rule whose pattern matches (a replacement string or a
+    function of the match, as ``re.sub``); unchanged when none does."""
     for pattern, replacement in rules:
         new_key, count = re.subn(pattern, replacement, key)
         if count:
@@ -171,7 +173,7 @@ def _convert(
         del state[key]
     packed: Dict[str, Dict[str, Dict[str, torch.Tensor]]] = {}
     for key, value in state.items():
-        new_key = _rename(key, rules)
+        new_key = rename(key, rules)
         match = _HF_PACKED_ATTENTION.match(new_key)
         if match:
             module, part, kind = match.groups()

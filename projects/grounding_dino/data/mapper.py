@@ -2,13 +2,14 @@
 
 import copy
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Boxes, BoxMode, Instances
+from detectron2.utils.events import get_event_storage
 
 from ..text import (
     PromptEncoder,
@@ -22,9 +23,24 @@ from ..text import (
 )
 from .transforms import count_hflips
 
-__all__ = ["GroundingDatasetMapper", "record_kind"]
+__all__ = [
+    "DROP_REASONS",
+    "DropCounter",
+    "GroundingDatasetMapper",
+    "put_dropped_scalars",
+    "record_kind",
+]
 
 logger = logging.getLogger(__name__)
+
+# Why the training mapper drops an annotation: key in the mapped dict's "dropped" and in the
+# training log (data/dropped_<key>) -> what the warning says.
+DROP_REASONS = {
+    "zero_area": "boxes with zero area or outside the image after the transforms",
+    "past_token_limit": "objects whose phrase lies past the max_text_len-token limit",
+    "category_overflow": "boxes whose category did not fit in the caption (max_text_len tokens "
+    "or max_categories)",
+}
 
 
 def _record_name(dataset_dict: Dict) -> str:
@@ -51,6 +67,90 @@ def record_kind(dataset_dict: Dict) -> str:
     return "grounding" if "caption" in dataset_dict else "detection"
 
 
+class DropCounter:
+    """
+    Counts the annotations a training mapper drops, per reason of :data:`DROP_REASONS`, and
+    warns about them: the first drop of a reason at once, then at most once per reason every
+    ``period`` mapped images, with the counts so far and the boxes seen. Each DataLoader
+    worker holds its own copy (its own counts); the mapped dicts' ``"dropped"`` field carries
+    the counts to the training process (:func:`put_dropped_scalars`).
+    """
+
+    def __init__(self, period: int):
+        if int(period) < 1:
+            raise ValueError(f"drop_warning_period must be >= 1 image, got {period}")
+        self.period = int(period)
+        self.images = 0
+        self.boxes = 0
+        self.counts = {reason: 0 for reason in DROP_REASONS}
+        self._warned_at: Dict[str, int] = {}  # reason -> images mapped at its last warning
+
+    def update(self, num_boxes: int, dropped: Mapping[str, int], dataset_dict: Dict) -> None:
+        """Adds one mapped image with ``num_boxes`` annotations and its ``dropped`` counts."""
+        self.images += 1
+        self.boxes += num_boxes
+        if not dropped:
+            return
+        record = _record_name(dataset_dict)
+        logger.debug(f"{record}: dropped {dict(dropped)} of {num_boxes} annotations")
+        for reason, count in dropped.items():
+            self.counts[reason] += count
+            last = self._warned_at.get(reason)
+            if last is None or self.images - last >= self.period:
+                self._warned_at[reason] = self.images
+                self._warn(reason, record)
+
+    def _warn(self, reason: str, record: str) -> None:
+        worker = torch.utils.data.get_worker_info()
+        where = "" if worker is None else f" in data loader worker {worker.id}"
+        totals = ", ".join(f"{r}={n}" for r, n in self.counts.items())
+        logger.warning(
+            f"GroundingDatasetMapper dropped {self.counts[reason]} training annotations so far "
+            f"({reason}: {DROP_REASONS[reason]}; latest: {record}). All drops so far{where}: "
+            f"{totals} of {self.boxes} boxes in {self.images} images. Reported at most every "
+            f"{self.period} images per reason (drop_warning_period); the training log has "
+            "data/dropped_*."
+        )
+
+
+def put_dropped_scalars(batch: Sequence[Dict], storage=None) -> Dict[str, int]:
+    """
+    Adds a training batch's drops to running totals in the event storage: scalars
+    ``data/dropped_<reason>`` (:data:`DROP_REASONS`) and ``data/boxes_seen`` (kept + dropped
+    annotations). The trainer calls it on each batch, so that the counts of DataLoader
+    workers (other processes) reach the training log.
+
+    Args:
+        batch: mapped dicts of :class:`GroundingDatasetMapper` (training), each with
+            "instances" and "dropped" ({reason: count}).
+        storage: an :class:`EventStorage`; None: the active one, if any.
+
+    Returns:
+        The batch's counts {reason: n, "boxes_seen": n}; nothing is logged when no record has
+        "dropped" (another mapper).
+    """
+    counts = {reason: 0 for reason in DROP_REASONS}
+    counts["boxes_seen"] = 0
+    for record in batch:
+        dropped = record.get("dropped", {})
+        for reason, n in dropped.items():
+            counts[reason] += int(n)
+        counts["boxes_seen"] += len(record.get("instances", ())) + sum(dropped.values())
+    if not any("dropped" in record for record in batch):
+        return counts
+    if storage is None:
+        try:
+            storage = get_event_storage()
+        except AssertionError:  # no storage active: nothing to log
+            return counts
+    latest = storage.latest()
+    for name, n in counts.items():
+        key = f"data/{name}" if name == "boxes_seen" else f"data/dropped_{name}"
+        total = latest.get(key, (0, None))[0] + n
+        storage.put_scalar(key, total, smoothing_hint=False)
+    return counts
+
+
 class GroundingDatasetMapper:
     """
     Maps detectron2 dataset dicts to Grounding DINO inputs (see docs/interfaces.md), in the
@@ -68,10 +168,12 @@ class GroundingDatasetMapper:
     * REC (grounding with ``"task": "rec"`` and one annotation).
 
     When the image is flipped horizontally an odd number of times, "left" and "right" swap in
-    the caption and the spans follow. In inference (``is_train=False``) annotations are
-    dropped; detection dicts get ``"category_names"`` (all classes), the others a normalised
-    ``"caption"``, and REC dicts their box as ``"gt_box"`` (xyxy, original pixels) for the
-    REC evaluator.
+    the caption and the spans follow. Annotations dropped in training (see
+    :data:`DROP_REASONS`) are counted in the mapped dict's ``"dropped"`` ({reason: n}) and
+    reported by warnings (:class:`DropCounter`). In inference (``is_train=False``) annotations
+    are dropped; detection dicts get ``"category_names"`` (all classes), the others a
+    normalised ``"caption"``, and REC dicts their box as ``"gt_box"`` (xyxy, original pixels)
+    for the REC evaluator.
     """
 
     def __init__(
@@ -80,6 +182,7 @@ class GroundingDatasetMapper:
         *,
         augmentations: Sequence[Union[T.Augmentation, T.Transform]],
         tokenizer: Union[str, PromptEncoder, object],
+        drop_warning_period: int,
         thing_classes: Optional[Sequence[str]] = None,
         image_format: str = "RGB",
         max_text_len: int = 256,
@@ -95,6 +198,8 @@ class GroundingDatasetMapper:
                 ``prompt_encoder.tokenizer_name_or_path``), a loaded fast tokenizer, or the
                 model's :class:`PromptEncoder` (then its ``max_text_len`` must be
                 ``max_text_len``).
+            drop_warning_period: in training, warn about dropped annotations at most once per
+                reason every this many mapped images (the first drop at once).
             thing_classes: category names of detection datasets (metadata ``thing_classes``).
             image_format: format for ``read_image``; the model takes "RGB".
             max_text_len: token limit of captions (256).
@@ -115,6 +220,7 @@ class GroundingDatasetMapper:
         self.max_categories = max_categories
         self.swap_left_right_on_flip = swap_left_right_on_flip
         self._class_costs: Optional[List[int]] = None
+        self.drops = DropCounter(drop_warning_period)
         if self.thing_classes is not None:
             caption_from_categories(self.thing_classes)  # validates the names
         mode = "training" if is_train else "inference"
@@ -168,10 +274,13 @@ class GroundingDatasetMapper:
                 dataset_dict["caption"] = self._caption_of(dataset_dict)
             return dataset_dict
 
-        keep = self._valid_boxes(aug_input.boxes, image_shape, dataset_dict)
+        keep = self._valid_boxes(aug_input.boxes, image_shape)
+        dropped = {"zero_area": int((~keep).sum())}
         flipped = self.swap_left_right_on_flip and count_hflips(transforms) % 2 == 1
         if kind == "detection":
+            with_area = int(keep.sum())
             caption, spans, classes, keep = self._detection_prompt(annotations, keep, dataset_dict)
+            dropped["category_overflow"] = with_area - int(keep.sum())
         else:
             caption, spans, classes = self._grounding_prompt(annotations, kind, dataset_dict)
         if flipped:
@@ -183,11 +292,9 @@ class GroundingDatasetMapper:
         encoding = self.prompt_encoder.tokenize(caption)
         positive_map = self.prompt_encoder.positive_map(caption, spans, encoding)
         grounded = (positive_map > 0).any(dim=1)
-        if not bool(grounded.all()):
-            logger.debug(
-                f"{_record_name(dataset_dict)}: dropped {int((~grounded).sum())} objects whose "
-                f"phrase lies beyond {self.max_text_len} tokens"
-            )
+        dropped["past_token_limit"] = int((~grounded).sum())
+        dropped = {reason: n for reason, n in dropped.items() if n}
+        self.drops.update(len(annotations), dropped, dataset_dict)
         grounded_list = grounded.tolist()
         instances = Instances(image_shape)
         instances.gt_boxes = Boxes(torch.as_tensor(boxes[grounded.numpy()], dtype=torch.float32))
@@ -201,6 +308,7 @@ class GroundingDatasetMapper:
         dataset_dict["tokens_positive"] = [
             [[int(b), int(e)] for b, e in s] for s, g in zip(spans, grounded_list) if g
         ]
+        dataset_dict["dropped"] = dropped
         return dataset_dict
 
     # ---------------------------------------------------------------------------------------
@@ -218,18 +326,13 @@ class GroundingDatasetMapper:
             raise ValueError(f"{_record_name(dataset_dict)} has an empty caption: {caption!r}")
         return normalize_caption(caption)
 
-    def _valid_boxes(self, boxes: np.ndarray, image_shape, dataset_dict: Dict) -> np.ndarray:
+    @staticmethod
+    def _valid_boxes(boxes: np.ndarray, image_shape) -> np.ndarray:
         """Clips boxes to the image; returns the mask of boxes with positive area."""
         height, width = image_shape
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        if not keep.all():
-            logger.debug(
-                f"{_record_name(dataset_dict)}: dropped {int((~keep).sum())} of {len(keep)} "
-                "boxes with zero area or outside the image after the transforms"
-            )
-        return keep
+        return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
 
     def _costs(self) -> List[int]:
         """Tokens each category adds to a detection caption (its words and " .")."""
@@ -257,11 +360,6 @@ class GroundingDatasetMapper:
             if used + costs[c] <= budget and len(chosen) < limit:
                 chosen.append(c)
                 used += costs[c]
-        if len(chosen) < len(positives):
-            logger.debug(
-                f"{_record_name(dataset_dict)}: {len(positives) - len(chosen)} categories "
-                f"present do not fit in {self.max_text_len} tokens; their boxes are dropped"
-            )
         positive_set = set(chosen)
         for c in np.random.permutation(len(names)).tolist():
             if len(chosen) >= limit:

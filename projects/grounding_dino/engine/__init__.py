@@ -1,6 +1,8 @@
-"""Training engine: trainers, hooks, optimizer groups, LR schedule and a CPU-aware launch."""
+"""Training engine: trainers, hooks, optimizer groups, LR schedule, a CPU-aware launch and the
+evaluation of ``train_net.py``."""
 
-from .defaults import build_hooks, build_trainer, use_amp, wrap_ddp
+from .defaults import build_hooks, build_trainer, train_value, use_amp, wrap_ddp
+from .evaluation import EVAL_MAX_DETECTIONS, evaluate, evaluation_knobs, write_eval_metrics
 from .hooks import LastGoodCheckpointer
 from .launch import is_cpu_device, launch
 from .optimizer import (
@@ -15,6 +17,7 @@ from .trainer import GroundingAMPTrainer, GroundingTrainer, clip_gradients, nonf
 
 __all__ = [
     "BACKBONE_PREFIXES",
+    "EVAL_MAX_DETECTIONS",
     "TEXT_ENCODER_PREFIXES",
     "GroundingAMPTrainer",
     "GroundingTrainer",
@@ -22,6 +25,8 @@ __all__ = [
     "build_hooks",
     "build_trainer",
     "clip_gradients",
+    "evaluate",
+    "evaluation_knobs",
     "get_param_groups",
     "is_cpu_device",
     "launch",
@@ -29,7 +34,9 @@ __all__ = [
     "nonfinite_losses",
     "plain_param_groups",
     "step_milestones",
+    "train_value",
     "use_amp",
     "warmup_step_schedule",
     "wrap_ddp",
+    "write_eval_metrics",
 ]

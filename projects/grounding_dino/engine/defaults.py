@@ -12,15 +12,35 @@ from .launch import is_cpu_device
 from .optimizer import plain_param_groups
 from .trainer import GroundingAMPTrainer, GroundingTrainer
 
-__all__ = ["use_amp", "build_trainer", "wrap_ddp", "build_hooks"]
+__all__ = ["train_value", "use_amp", "build_trainer", "wrap_ddp", "build_hooks"]
 
 logger = logging.getLogger(__name__)
 
 
+def train_value(train_cfg: Mapping, key: str):
+    """
+    ``train.<key>`` of the config (``key`` may be dotted: "amp.enabled").
+
+    Raises:
+        KeyError: naming ``train.<key>`` when the config does not set it (no silent default).
+    """
+    node = train_cfg
+    parts = key.split(".")
+    for index, part in enumerate(parts):
+        if not isinstance(node, Mapping) or part not in node:
+            where = ".".join(["train"] + parts[: index + 1])
+            raise KeyError(
+                f"The config does not set {where} (needed by train_net); add it to the config "
+                f"or as an override {'.'.join(['train'] + parts)}=..."
+            )
+        node = node[part]
+    return node
+
+
 def use_amp(train_cfg: Mapping) -> bool:
     """AMP runs when ``train.amp.enabled`` and ``train.device`` is a CUDA device."""
-    enabled = bool((train_cfg.get("amp") or {}).get("enabled", False))
-    if enabled and is_cpu_device(train_cfg.get("device", "cuda")):
+    enabled = bool(train_value(train_cfg, "amp.enabled"))
+    if enabled and is_cpu_device(train_value(train_cfg, "device")):
         logger.info("train.amp.enabled is ignored on the CPU: training in float32")
         return False
     return enabled
@@ -52,7 +72,7 @@ def build_trainer(train_cfg: Mapping, model: nn.Module, data_loader, optimizer) 
     :func:`~grounding_dino.engine.optimizer.plain_param_groups`) so checkpoints load safely.
     """
     plain_param_groups(optimizer)
-    clip_grad = train_cfg.get("clip_grad")
+    clip_grad = train_value(train_cfg, "clip_grad")
     if use_amp(train_cfg):
         return GroundingAMPTrainer(model, data_loader, optimizer, clip_grad=clip_grad)
     return GroundingTrainer(model, data_loader, optimizer, clip_grad=clip_grad)
@@ -80,12 +100,17 @@ def build_hooks(
     result: List[Optional[hooks.HookBase]] = [
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=lr_scheduler),
-        hooks.PeriodicCheckpointer(checkpointer, **train_cfg["checkpointer"]) if main else None,
-        LastGoodCheckpointer(checkpointer) if train_cfg.get("save_last_good", True) else None,
+        (
+            hooks.PeriodicCheckpointer(checkpointer, **train_value(train_cfg, "checkpointer"))
+            if main
+            else None
+        ),
+        LastGoodCheckpointer(checkpointer) if train_value(train_cfg, "save_last_good") else None,
     ]
     if eval_function is not None:
-        result.append(hooks.EvalHook(train_cfg.get("eval_period", 0), eval_function))
+        result.append(hooks.EvalHook(train_value(train_cfg, "eval_period"), eval_function))
     if main:
-        writers = default_writers(train_cfg["output_dir"], train_cfg["max_iter"])
-        result.append(hooks.PeriodicWriter(writers, period=train_cfg.get("log_period", 20)))
+        output_dir = train_value(train_cfg, "output_dir")
+        writers = default_writers(output_dir, train_value(train_cfg, "max_iter"))
+        result.append(hooks.PeriodicWriter(writers, period=train_value(train_cfg, "log_period")))
     return result

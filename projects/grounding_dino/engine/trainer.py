@@ -15,6 +15,8 @@ from detectron2.engine import AMPTrainer, SimpleTrainer
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
+from ..data.mapper import put_dropped_scalars
+
 __all__ = ["GroundingTrainer", "GroundingAMPTrainer", "clip_gradients", "nonfinite_losses"]
 
 logger = logging.getLogger(__name__)
@@ -75,15 +77,16 @@ class GroundingTrainer(SimpleTrainer):
         Args:
             model, data_loader, optimizer: as :class:`SimpleTrainer`.
             clip_grad: ``{"enabled": bool, "max_norm": float, "norm_type": float}``
-                (``train.clip_grad``); None or ``enabled=False`` disables clipping.
+                (``train.clip_grad``, all three keys); None or ``enabled=False`` disables
+                clipping. A missing or unknown key (a typo) is an error naming it.
             kwargs: passed to the parent trainer (``gather_metric_period``,
                 ``zero_grad_before_forward``; for AMP also ``grad_scaler``, ``precision``).
         """
         super().__init__(model, data_loader, optimizer, **kwargs)
-        clip_grad = dict(clip_grad or {})
-        enabled = bool(clip_grad) and bool(clip_grad.get("enabled", True))
-        self.clip_max_norm = float(clip_grad.get("max_norm", 0.1)) if enabled else None
-        self.clip_norm_type = float(clip_grad.get("norm_type", 2.0))
+        clip_grad = _check_clip_grad(clip_grad)
+        enabled = clip_grad is not None and bool(clip_grad["enabled"])
+        self.clip_max_norm = float(clip_grad["max_norm"]) if enabled else None
+        self.clip_norm_type = float(clip_grad["norm_type"]) if enabled else 2.0
         if self.clip_max_norm is not None and self.clip_max_norm <= 0:
             raise ValueError(f"train.clip_grad.max_norm must be > 0, got {self.clip_max_norm}")
 
@@ -105,6 +108,10 @@ class GroundingTrainer(SimpleTrainer):
         start = time.perf_counter()
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
+        # Annotations the mapper dropped (zero-area boxes, phrases past the token limit, ...):
+        # running totals in metrics.json (data/dropped_<reason>).
+        if isinstance(data, list):
+            put_dropped_scalars([record for record in data if isinstance(record, dict)])
 
         if self.zero_grad_before_forward:
             self.optimizer.zero_grad()
@@ -171,6 +178,24 @@ class GroundingAMPTrainer(GroundingTrainer, AMPTrainer):
     def _optimizer_step(self) -> None:
         self.grad_scaler.step(self.optimizer)
         self.grad_scaler.update()
+
+
+_CLIP_GRAD_KEYS = ("enabled", "max_norm", "norm_type")
+
+
+def _check_clip_grad(clip_grad: Optional[Mapping]) -> Optional[Dict]:
+    """``train.clip_grad`` as a dict with exactly ``_CLIP_GRAD_KEYS`` (None stays None)."""
+    if clip_grad is None:
+        return None
+    clip_grad = dict(clip_grad)
+    missing = [k for k in _CLIP_GRAD_KEYS if k not in clip_grad]
+    unknown = sorted(set(clip_grad) - set(_CLIP_GRAD_KEYS))
+    if missing or unknown:
+        raise KeyError(
+            f"train.clip_grad must set exactly {list(_CLIP_GRAD_KEYS)}; missing: {missing}, "
+            f"unknown: {unknown}"
+        )
+    return clip_grad
 
 
 def _total(output) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:

@@ -3,6 +3,7 @@
 from detectron2.data import MetadataCatalog
 
 from .detection import ZeroShotDetectionEvaluator, ZeroShotLVISEvaluator
+from .flickr30k import Flickr30kEvaluator
 from .rec import RECEvaluator
 
 __all__ = ["EVALUATOR_TYPES", "register_evaluator_type", "build_evaluator"]
@@ -11,6 +12,7 @@ EVALUATOR_TYPES = {
     "coco": ZeroShotDetectionEvaluator,
     "lvis": ZeroShotLVISEvaluator,
     "rec": RECEvaluator,
+    "flickr30k": Flickr30kEvaluator,
 }
 """evaluator_type -> evaluator class taking ``(dataset_name, output_dir=None, **kwargs)``."""
 
@@ -41,11 +43,13 @@ def build_evaluator(dataset_name, output_dir=None, **kwargs):
 
     Args:
         dataset_name (str): a dataset registered in detectron2's catalogs. Its metadata's
-            ``evaluator_type`` ("coco", "lvis", "rec", or one added with
+            ``evaluator_type`` ("coco", "lvis", "rec", "flickr30k", or one added with
             :func:`register_evaluator_type`) picks the evaluator; ``register_coco_instances``
-            sets "coco", ``register_lvis_instances`` sets "lvis".
+            sets "coco", ``register_lvis_instances`` sets "lvis", ``register_mdetr`` sets
+            "rec" or "flickr30k".
         output_dir (str or None): where the evaluator may dump predictions.
-        **kwargs: passed to the evaluator (e.g. ``max_dets_per_image``, ``fixed_ap``).
+        **kwargs: passed to the evaluator (e.g. ``max_dets_per_image``, ``fixed_ap``; the
+            Flickr30k evaluator needs ``tokenizer``, the model's tokenizer name or folder).
 
     Returns:
         DatasetEvaluator

@@ -8,6 +8,9 @@ train = dict(
     # A converted official checkpoint to start from (see projects/grounding_dino/convert),
     # e.g. "output/converted/swint_ogc/model.pth". Empty: the model's own initialisation.
     init_checkpoint="",
+    # True, or key prefixes allowed to stay at their initialisation: train.init_checkpoint may
+    # then cover only part of the model (e.g. an ImageNet backbone). False: it must match exactly.
+    init_partial=False,
     max_iter=90000,
     # Mixed precision; effective only when train.device is a CUDA device (ignored on the CPU).
     amp=dict(enabled=True),

@@ -1,7 +1,8 @@
 """
 The standard grounding splits under ``$DETECTRON2_DATASETS`` (as detectron2's
-``data/datasets/builtin.py``): LVIS v1 minival, RefCOCO/+/g, Flickr30k entities and the
-ODVG files of Objects365 and COCO. Registered when ``grounding_dino.data`` is imported.
+``data/datasets/builtin.py``): LVIS v1 minival, RefCOCO/+/g, Flickr30k entities, the GQA part
+of GoldG (MDETR's ``final_mixed_train_no_coco.json``) and the ODVG files of Objects365 and
+COCO. Registered when ``grounding_dino.data`` is imported.
 """
 
 import os
@@ -34,6 +35,14 @@ for _split in ("train", "val", "test"):
         "flickr30k/flickr30k-images",
         "grounding",
     )
+# GoldG = Flickr30k entities + MDETR's "mixed" captions without the COCO images: Visual
+# Genome / GQA images with GQA questions and VG region descriptions as captions (GLIP's
+# "mixed_train_no_coco"; the images are GQA's images/ folder, named <VG image id>.jpg).
+MDETR_SPLITS["mixed_train_no_coco"] = (
+    "mdetr_annotations/final_mixed_train_no_coco.json",
+    "gqa/images",
+    "grounding",
+)
 
 # name -> (jsonl, image folder, label map or None)
 ODVG_SPLITS = {
@@ -56,7 +65,8 @@ def register_all_grounding_datasets(root: Optional[str] = None) -> None:
     """
     Registers the standard splits under ``root`` ($DETECTRON2_DATASETS, default "datasets"):
     ``lvis_v1_minival``, ``refcoco{,+,g}_<split>``, ``flickr30k_<split>``,
-    ``objects365_train_odvg`` and ``coco_2017_train_odvg``. Names already registered are kept.
+    ``mixed_train_no_coco`` (GoldG's GQA part), ``objects365_train_odvg`` and
+    ``coco_2017_train_odvg``. Names already registered are kept.
     """
     root = os.path.expanduser(root or os.getenv("DETECTRON2_DATASETS", "datasets"))
     registered = set(DatasetCatalog.list())

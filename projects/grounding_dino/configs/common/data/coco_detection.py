@@ -34,6 +34,9 @@ dataloader.train = L(build_detection_train_loader)(
         image_format="RGB",
         max_text_len="${model.max_text_len}",
         max_categories=80,
+        # Warn about dropped annotations (zero area, phrase past max_text_len tokens, category
+        # not in the caption) at once, then at most once per reason every 1000 images.
+        drop_warning_period=1000,
     ),
     total_batch_size=16,
     num_workers=4,
@@ -48,6 +51,7 @@ dataloader.test = L(build_detection_test_loader)(
         thing_classes=L(get_thing_classes)(name="${...dataset.names}"),
         image_format="RGB",
         max_text_len="${model.max_text_len}",
+        drop_warning_period=1000,  # inference keeps no annotations: nothing is dropped
     ),
     num_workers=4,
 )

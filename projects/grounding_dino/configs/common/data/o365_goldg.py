@@ -1,10 +1,12 @@
 """
 Pre-training data mixing detection and grounding (the paper's O365 + GoldG setting):
 Objects365 in ODVG format (detection: captions from category names, ``thing_classes`` from
-its label map) concatenated with GoldG grounding data (Flickr30k entities; add the GQA part
-of GoldG once it is registered, e.g. as an ODVG jsonl with ``register_odvg``). The mapper
-tells detection and grounding records apart by the presence of a caption. Zero-shot COCO
-val2017 is the evaluation, prompting with the 80 category names.
+its label map) concatenated with GoldG grounding data, as GLIP defines it: Flickr30k entities
+(``flickr30k_train``) and MDETR's "mixed" captions without the COCO images
+(``mixed_train_no_coco``: ``mdetr_annotations/final_mixed_train_no_coco.json`` with the GQA
+images under ``gqa/images``). The mapper tells detection and grounding records apart by the
+presence of a caption. Zero-shot COCO val2017 is the evaluation, prompting with the 80
+category names.
 """
 
 from detectron2.config import LazyCall as L
@@ -14,7 +16,7 @@ from grounding_dino.data.datasets import get_thing_classes
 from .coco_detection import dataloader
 
 dataloader.train.dataset.update(
-    names=["objects365_train_odvg", "flickr30k_train"],
+    names=["objects365_train_odvg", "flickr30k_train", "mixed_train_no_coco"],
     # The grounding sets have no thing_classes: skip detectron2's class-name check.
     check_consistency=False,
 )

@@ -1,0 +1,98 @@
+"""
+Evaluation of ``train_net.py`` (periodic and ``--eval-only``): detections independent of the
+model's display knobs, results printed and written to ``metrics.json``.
+
+``model.box_threshold`` and ``model.max_detections`` decide what a user sees (the demo, the
+predictors). The evaluation must not depend on them: a box under the display threshold still
+counts for AP, and REC scores the best box of an expression whatever its score. So the
+evaluation runs the model without a score threshold and with at least
+``EVAL_MAX_DETECTIONS`` (300, as the official COCO evaluation) detections per image; each
+evaluator then keeps what its protocol keeps (COCO ``max_dets_per_image``, REC top-k).
+"""
+
+import logging
+import math
+import os
+from typing import Dict, Mapping
+
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.evaluation.testing import flatten_results_dict
+from detectron2.utils import comm
+from detectron2.utils.events import EventStorage, JSONWriter
+from torch import nn
+from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+from ..predictor import inference_knobs
+
+__all__ = ["EVAL_MAX_DETECTIONS", "evaluation_knobs", "evaluate", "write_eval_metrics"]
+
+logger = logging.getLogger(__name__)
+
+EVAL_MAX_DETECTIONS = 300
+"""Detections per image the evaluation asks for (more when ``model.max_detections`` is larger,
+e.g. for LVIS fixed AP)."""
+
+
+def evaluation_knobs(model: nn.Module):
+    """
+    Context manager: the model (or the module a DDP wrapper holds) without a box threshold
+    (``box_threshold=-inf``) and with ``max(EVAL_MAX_DETECTIONS, model.max_detections)``
+    detections per image; the user's values are restored afterwards, also after an error.
+    """
+    module = model.module if isinstance(model, (DataParallel, DistributedDataParallel)) else model
+    if not hasattr(module, "max_detections"):
+        raise AttributeError(
+            f"{type(module).__name__} has no max_detections: train_net evaluates Grounding DINO "
+            "models (box_threshold, max_detections)"
+        )
+    budget = max(EVAL_MAX_DETECTIONS, int(module.max_detections))
+    return inference_knobs(module, box_threshold=-math.inf, max_detections=budget)
+
+
+def evaluate(model: nn.Module, data_loader, evaluator) -> Dict:
+    """
+    :func:`~detectron2.evaluation.inference_on_dataset` under :func:`evaluation_knobs`; the
+    main process prints the results (``print_csv_format``; the evaluators log their tables).
+
+    Returns:
+        the evaluator's results (``{}`` on the other processes).
+    """
+    with evaluation_knobs(model):
+        results = inference_on_dataset(model, data_loader, evaluator)
+    if comm.is_main_process():
+        if results:
+            print_csv_format(results)
+        else:
+            logger.warning(f"{type(evaluator).__name__} returned no results")
+    return results
+
+
+def write_eval_metrics(results: Mapping, output_dir: str, iteration: int) -> str:
+    """
+    Appends the results as one line to ``output_dir/metrics.json`` with detectron2's
+    :class:`JSONWriter`, the line the evaluation hook of a training writes:
+    ``{"iteration": iteration, "bbox/AP": ..., "bbox/AP50": ..., ...}``. Main process only.
+
+    Returns:
+        the path of ``metrics.json`` ("" on the other processes or without results).
+    """
+    if not comm.is_main_process() or not results:
+        return ""
+    flattened = flatten_results_dict(results)
+    scalars = {}
+    for key, value in flattened.items():
+        try:
+            scalars[key] = float(value)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"Evaluation result {key}={value!r} is not a number") from error
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "metrics.json")
+    writer = JSONWriter(path)
+    try:
+        with EventStorage(iteration) as storage:
+            storage.put_scalars(**scalars, smoothing_hint=False)
+            writer.write()
+    finally:
+        writer.close()
+    logger.info(f"Wrote the evaluation results of iteration {iteration} to {path}")
+    return path

@@ -1,0 +1,164 @@
+"""COCO writing: part-file records -> a COCO detection dataset, written atomically."""
+
+import json
+import os
+import time
+from typing import Dict, List, Sequence
+
+import torch
+
+__all__ = [
+    "JsonListWriter",
+    "label_record",
+    "error_record",
+    "coco_dataset",
+    "write_json_atomic",
+    "write_errors",
+]
+
+BOX_DECIMALS, SCORE_DECIMALS = 2, 5
+
+
+def label_record(file_name: str, width: int, height: int, output: Dict) -> Dict:
+    """
+    One image's part-file line from the model's output.
+
+    Args:
+        file_name: the image's name relative to the image root.
+        width, height: the image's size in pixels.
+        output: ``{"instances": Instances(pred_boxes xyxy, scores, pred_classes)}`` (after
+            NMS), ``pred_classes`` indexing the class list.
+    """
+    instances = output["instances"].to("cpu")
+    boxes = instances.pred_boxes.tensor.to(torch.float64)
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)
+    return {
+        "file_name": file_name,
+        "width": int(width),
+        "height": int(height),
+        "boxes": [[round(v, BOX_DECIMALS) for v in box] for box in xywh.tolist()],
+        "classes": [int(c) for c in instances.pred_classes.tolist()],
+        "scores": [round(float(s), SCORE_DECIMALS) for s in instances.scores.tolist()],
+    }
+
+
+def error_record(file_name: str, path: str, reason: str) -> Dict:
+    """An image that could not be labelled (the ``"error"`` key first: see parts.py)."""
+    prefix = f"{path}: "
+    if reason.startswith(prefix):
+        reason = reason[len(prefix) :]
+    return {"error": reason, "file_name": file_name, "path": path}
+
+
+def coco_dataset(
+    file_names: Sequence[str], records: Dict[str, Dict], classes: Sequence[str], info: Dict
+) -> Dict:
+    """
+    A COCO detection dataset of the labelled images.
+
+    Args:
+        file_names: the images in dataset order (those without a record are left out).
+        records: label records by file name (:func:`label_record`).
+        classes: the class names; category ids are 1..C in this order.
+        info: the dataset's ``info`` entry (how it was made).
+
+    Returns:
+        ``{"info", "images": [{id, file_name, width, height}], "annotations": [{id,
+        image_id, category_id, bbox (xywh), area, score, iscrowd: 0}], "categories":
+        [{id, name}]}``; image and annotation ids count from 1.
+    """
+    images, annotations = [], []
+    for name in file_names:
+        record = records.get(name)
+        if record is None:
+            continue
+        image_id = len(images) + 1
+        images.append(
+            {
+                "id": image_id,
+                "file_name": name,
+                "width": record["width"],
+                "height": record["height"],
+            }
+        )
+        for box, category, score in zip(record["boxes"], record["classes"], record["scores"]):
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": category + 1,
+                    "bbox": box,
+                    "area": round(box[2] * box[3], BOX_DECIMALS),
+                    "score": score,
+                    "iscrowd": 0,
+                }
+            )
+    categories = [{"id": i + 1, "name": name} for i, name in enumerate(classes)]
+    return {"info": info, "images": images, "annotations": annotations, "categories": categories}
+
+
+def write_json_atomic(path: str, data) -> None:
+    """Writes ``data`` to a temporary file next to ``path``, fsyncs it, renames it."""
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as f:
+        json.dump(data, f, separators=(",", ":"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def write_errors(path: str, failed: List[Dict]) -> None:
+    """
+    ``<output>.errors``: one ``path<TAB>reason`` line per image that failed; an earlier
+    run's file is removed when none failed.
+    """
+    if not failed:
+        if os.path.exists(path):
+            os.remove(path)
+        return
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as f:
+        for record in failed:
+            reason = " ".join(str(record["error"]).split())  # one line
+            f.write(f"{record['path']}\t{reason}\n")
+    os.replace(temporary, path)
+
+
+class JsonListWriter:
+    """
+    A JSON list written record by record: after every :meth:`extend` the file is a
+    complete JSON list of everything so far (flushed; fsynced at most once a second), so an
+    interrupted run keeps what it did.
+    """
+
+    def __init__(self, path: str):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path = path
+        self.count = 0
+        self._file = open(path, "wb")
+        self._file.write(b"[]")
+        self._end = 1  # where the closing bracket is
+        self._synced = 0.0
+        self._flush()
+
+    def _flush(self) -> None:
+        self._file.flush()
+        if time.monotonic() - self._synced > 1.0:
+            os.fsync(self._file.fileno())
+            self._synced = time.monotonic()
+
+    def extend(self, records: List[Dict]) -> None:
+        if not records:
+            return
+        text = ",\n".join(json.dumps(r) for r in records)
+        data = ((",\n" if self.count else "\n") + text).encode()
+        self._file.seek(self._end)
+        self._file.write(data + b"\n]")
+        self._end += len(data)
+        self.count += len(records)
+        self._flush()
+
+    def close(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()

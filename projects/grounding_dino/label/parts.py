@@ -1,0 +1,195 @@
+"""
+Part files: the durable record of a labelling run, from which it resumes.
+
+Next to ``--output labels.json`` lives ``labels.json.parts/``:
+
+* ``run.json``: what decides the labels (classes, config digest, weights digest, thresholds,
+  image root). A later run with the same ``--output`` must match it, or it stops with an
+  error naming the differences (a mix of two class lists in one dataset is never made).
+* ``part-<rank>.jsonl``: one JSON line per finished image, appended by the worker of that
+  global rank, flushed and fsynced after every batch. A label line is ``{"file_name",
+  "width", "height", "boxes" (xywh), "classes", "scores"}``, an error line ``{"error",
+  "file_name", "path"}``.
+
+A ``kill -9`` can only cut the last line of a file short; readers drop such a tail (it was not
+acknowledged by an fsync) and the next writer of the file truncates it before appending.
+"""
+
+import errno
+import fcntl
+import json
+import os
+from typing import Dict, Iterator, List, Tuple
+
+__all__ = [
+    "parts_dir",
+    "check_run",
+    "repair_tails",
+    "read_parts",
+    "PartWriter",
+    "ERROR_PREFIX",
+]
+
+RUN_FILE = "run.json"
+ERROR_PREFIX = '{"error":'
+
+
+def parts_dir(output: str) -> str:
+    """The part-file folder of ``--output``: ``<output>.parts``."""
+    return os.path.abspath(output) + ".parts"
+
+
+def part_files(folder: str) -> List[str]:
+    """The part files of a run folder, sorted."""
+    if not os.path.isdir(folder):
+        return []
+    names = sorted(n for n in os.listdir(folder) if n.startswith("part-") and n.endswith(".jsonl"))
+    return [os.path.join(folder, n) for n in names]
+
+
+def check_run(output: str, run: Dict) -> bool:
+    """
+    Creates ``<output>.parts/run.json`` for a new run, or checks that an existing run
+    matches ``run``.
+
+    Returns:
+        True when resuming an existing run.
+
+    Raises:
+        FileExistsError: ``output`` exists but no run of this tool made it.
+        ValueError: the existing run differs (class list, config, weights, thresholds, root).
+    """
+    folder = parts_dir(output)
+    path = os.path.join(folder, RUN_FILE)
+    if not os.path.isfile(path):
+        if os.path.exists(output):
+            raise FileExistsError(
+                f"--output {output} exists and no labelling run wrote it (there is no "
+                f"{path}); it is not overwritten: choose another --output"
+            )
+        os.makedirs(folder, exist_ok=True)
+        _write_atomic(path, json.dumps(run, indent=1, sort_keys=True))
+        return False
+    with open(path) as f:
+        previous = json.load(f)
+    differences = [
+        f"  {key}: was {previous.get(key)!r}, now {run.get(key)!r}"
+        for key in sorted(set(previous) | set(run))
+        if previous.get(key) != run.get(key)
+    ]
+    if differences:
+        raise ValueError(
+            f"--output {output} belongs to a run with other settings ({path}):\n"
+            + "\n".join(differences)
+            + f"\nUse another --output, or delete {output} and {folder} to start over."
+        )
+    return True
+
+
+def _write_atomic(path: str, text: str) -> None:
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def _complete_length(path: str) -> Tuple[int, int]:
+    """(length up to the last newline, file size)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        end = size
+        while end > 0:
+            start = max(0, end - 65536)
+            f.seek(start)
+            block = f.read(end - start)
+            newline = block.rfind(b"\n")
+            if newline >= 0:
+                return start + newline + 1, size
+            end = start
+    return 0, size
+
+
+def repair_tails(folder: str) -> int:
+    """
+    Truncates every part file after its last complete line (what a ``kill -9`` in the
+    middle of a write leaves). Returns how many files were cut.
+    """
+    cut = 0
+    for path in part_files(folder):
+        length, size = _complete_length(path)
+        if length < size:
+            os.truncate(path, length)
+            cut += 1
+    return cut
+
+
+def iter_records(folder: str) -> Iterator[Dict]:
+    """The complete lines of every part file, parsed (an unterminated last line is skipped)."""
+    for path in part_files(folder):
+        with open(path) as f:
+            for number, line in enumerate(f, 1):
+                if not line.endswith("\n"):
+                    break  # cut short by a kill: never acknowledged
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{number}: corrupt part-file line: {error}") from None
+
+
+def read_parts(folder: str) -> Tuple[Dict[str, Dict], Dict[str, Dict]]:
+    """
+    Returns:
+        (labelled, failed): label records by ``file_name`` (the first one of an image), and
+        the last error record of every image that has no label record.
+    """
+    labelled, failed = {}, {}
+    for record in iter_records(folder):
+        name = record["file_name"]
+        if "error" in record:
+            failed[name] = record
+        else:
+            labelled.setdefault(name, record)
+    return labelled, {k: v for k, v in failed.items() if k not in labelled}
+
+
+class PartWriter:
+    """
+    Appends finished images to ``part-<rank>.jsonl``: one ``write`` per batch, then flush
+    and ``fsync``, so what a crash leaves is every batch before it. The file is locked
+    (``flock``) while open: two runs writing the same part file is an error.
+    """
+
+    def __init__(self, folder: str, rank: int):
+        self.path = os.path.join(folder, f"part-{rank:05d}.jsonl")
+        self._file = open(self.path, "a")
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                self._file.close()
+                raise RuntimeError(
+                    f"{self.path} is being written by another labelling run of the same "
+                    "--output; wait for it to finish or stop it"
+                ) from None
+            # file systems without flock (some network mounts): go on unlocked
+        length, size = _complete_length(self.path)
+        if length < size:
+            self._file.truncate(length)
+
+    def append(self, records: List[Dict]) -> None:
+        if not records:
+            return
+        self._file.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "PartWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
