@@ -19,9 +19,7 @@ ground truth is every box whose ``tokens_positive`` holds one of its spans.
 
 import copy
 import itertools
-import json
 import logging
-import os
 from collections import OrderedDict
 from typing import Dict, List, Sequence
 
@@ -31,7 +29,6 @@ import torch
 from detectron2.data import DatasetCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import Boxes, BoxMode, pairwise_iou
-from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 from tabulate import tabulate
 
@@ -43,6 +40,7 @@ from ..text import (
     positive_map_from_spans,
 )
 from ..text.tokenizer import check_fast
+from .records import dump_records, group_by_split
 
 __all__ = ["Flickr30kEvaluator", "flickr_phrases", "recall_at_k"]
 
@@ -270,16 +268,10 @@ class Flickr30kEvaluator(DatasetEvaluator):
             self._logger.warning("[Flickr30kEvaluator] Did not receive valid predictions.")
             return {}
 
-        if self._output_dir:
-            PathManager.mkdirs(self._output_dir)
-            path = os.path.join(self._output_dir, "flickr30k_predictions.json")
-            with PathManager.open(path, "w") as f:
-                json.dump(records, f)
+        dump_records(records, self._output_dir, "flickr30k_predictions.json")
         self._report_coverage(records, seen)
 
-        groups = OrderedDict([(None, records)])
-        for split in sorted({r["split"] for r in records if r["split"] is not None}):
-            groups[split] = [r for r in records if r["split"] == split]
+        groups = group_by_split(records)
         results = OrderedDict()
         rows = []
         for split, group in groups.items():

@@ -10,9 +10,7 @@ answer. Reported, in percent, overall and per split:
 
 import copy
 import itertools
-import json
 import logging
-import os
 from collections import OrderedDict
 
 import detectron2.utils.comm as comm
@@ -20,9 +18,10 @@ import numpy as np
 import torch
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import Boxes, BoxMode, pairwise_iou
-from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 from tabulate import tabulate
+
+from .records import dump_records, group_by_split
 
 __all__ = ["RECEvaluator", "gt_box_from_input"]
 
@@ -145,15 +144,9 @@ class RECEvaluator(DatasetEvaluator):
             self._logger.warning("[RECEvaluator] Did not receive valid predictions.")
             return {}
 
-        if self._output_dir:
-            PathManager.mkdirs(self._output_dir)
-            path = os.path.join(self._output_dir, "rec_predictions.json")
-            with PathManager.open(path, "w") as f:
-                json.dump(records, f)
+        dump_records(records, self._output_dir, "rec_predictions.json")
 
-        groups = OrderedDict([(None, records)])
-        for split in sorted({r["split"] for r in records if r["split"] is not None}):
-            groups[split] = [r for r in records if r["split"] == split]
+        groups = group_by_split(records)
 
         results = OrderedDict()
         rows = []

@@ -1,0 +1,291 @@
+"""``demo/web.py``, the Gradio web demo, in a real browser and through ``gradio_client``.
+
+A server subprocess runs the tiny shapes model with random weights (saved with detectron2's
+checkpointer, so the strict loader accepts them); the expected boxes come from
+``GroundingDINOPredictor`` in this process. The browser is Debian's headless Chromium driven by
+Selenium through ``/usr/bin/chromedriver`` (``.ci/run`` and ``make setup`` install them); a
+missing browser fails the test, it is not skipped.
+"""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "shapes_tiny.py")
+OVERRIDES = ["model.max_detections=6", "train.device=cpu"]
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,1000",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _vm_hwm_kb(pid: int) -> int:
+    """Peak resident memory (VmHWM) of a process, in kB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmHWM in /proc/{pid}/status")
+
+
+def _scene(path: Path, seed: int, height: int = 192, width: int = 224) -> str:
+    """A PNG of coloured shapes on a noisy background."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(90, 140, (height, width, 3), dtype=np.uint8)
+    for _ in range(3):
+        x, y = int(rng.integers(10, width - 60)), int(rng.integers(10, height - 60))
+        color = tuple(int(c) for c in rng.integers(0, 255, 3))
+        cv2.rectangle(image, (x, y), (x + 40, y + 40), color, -1)
+    cv2.imwrite(str(path), image)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """Random weights of configs/shapes_tiny.py, saved as detectron2's checkpointer does."""
+    import torch
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.config import instantiate
+
+    from grounding_dino.model_zoo import get_config
+
+    torch.manual_seed(0)
+    model = instantiate(get_config("shapes_tiny.py").model)
+    folder = tmp_path_factory.mktemp("web_weights")
+    DetectionCheckpointer(model, save_dir=str(folder)).save("model")
+    return str(folder / "model.pth")
+
+
+@pytest.fixture(scope="module")
+def predictor(weights):
+    from grounding_dino.predictor import GroundingDINOPredictor
+
+    return GroundingDINOPredictor.from_config_file(CONFIG, weights=weights, overrides=OVERRIDES)
+
+
+@pytest.fixture(scope="module")
+def server(weights, tmp_path_factory):
+    """The web demo in a subprocess on a free port; yields (url, pid)."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("web_server") / "server.log"
+    env = dict(
+        os.environ,
+        GRADIO_ANALYTICS_ENABLED="False",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        CUDA_VISIBLE_DEVICES="",
+    )
+    command = [sys.executable, str(REPO / "demo" / "web.py"), "--config-file", CONFIG]
+    command += ["--weights", weights, "--port", str(port), "--box-threshold", "0"]
+    command += ["--opts", *OVERRIDES]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 180
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"the web demo exited with {process.returncode}:\n{log.read_text()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"the web demo did not answer on {url}:\n{log.read_text()}")
+            time.sleep(0.5)
+        yield url, process.pid
+        assert process.poll() is None, f"the web demo stopped:\n{log.read_text()}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def expected_rows(predictor, path: str, prompt, box_threshold=0.0, nms=0.5, rec=False):
+    """(phrase, score, x0, y0, x1, y1) rows of the predictor on the same file and settings."""
+    from grounding_dino.modeling.nms import nms_output
+    from grounding_dino.predictor import inference_knobs
+
+    image = cv2.imread(path)
+    with inference_knobs(predictor.model, box_threshold=box_threshold, text_threshold=0.25):
+        output = predictor.predict_rec(image, prompt) if rec else predictor(image, prompt)
+    output = nms_output(output, nms)
+    boxes = output["instances"].pred_boxes.tensor.tolist()
+    scores = output["instances"].scores.tolist()
+    return [(p, s, *b) for p, s, b in zip(output["phrases"], scores, boxes)]
+
+
+def assert_rows_equal(rows, expected):
+    """Same phrases, scores to the table's 3 decimals, boxes to 0.5 px (its 1 decimal)."""
+    assert len(rows) == len(expected) > 0, (rows, expected)
+    for row, want in zip(rows, expected):
+        assert row[0] == want[0], (row, want)
+        assert abs(float(row[1]) - want[1]) <= 1e-3, (row, want)
+        np.testing.assert_allclose([float(v) for v in row[2:]], want[2:], atol=0.5)
+
+
+def _chrome(user_data_dir: str):
+    os.environ.setdefault("SE_OFFLINE", "1")  # Selenium Manager must not download a driver
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not os.path.isfile(path)]
+    if missing:
+        pytest.fail(
+            f"{' and '.join(missing)} missing: the browser test needs Debian's chromium and "
+            f"chromium-driver; `.ci/run` installs them (apt-get install chromium "
+            f"chromium-driver, as root)"
+        )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={user_data_dir}"]:
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def _table(driver):
+    from selenium.webdriver.common.by import By
+
+    rows = driver.find_elements(By.CSS_SELECTOR, "#boxes .virtual-row")
+    return [
+        [cell.text for cell in row.find_elements(By.CSS_SELECTOR, ".body-cell")] for row in rows
+    ]
+
+
+def test_browser_upload_prompt_and_table_match_the_predictor(server, predictor, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = server
+    image = _scene(tmp_path / "scene.png", seed=1)
+    prompt = "red square, blue circle, green triangle"
+    driver = _chrome(tempfile.mkdtemp(dir=tmp_path))
+    try:
+        wait = WebDriverWait(driver, 60)
+        driver.get(url)
+        upload = wait.until(
+            lambda d: d.find_elements(By.CSS_SELECTOR, "#input-image input[type=file]")
+        )[0]
+        # Bad input first: no image gives a message in the page, and the server keeps serving.
+        driver.find_element(By.CSS_SELECTOR, "#detect").click()
+        wait.until(lambda d: "No image: upload one" in d.find_element(By.TAG_NAME, "body").text)
+
+        upload.send_keys(image)
+        driver.find_element(By.CSS_SELECTOR, "#prompt textarea").send_keys(prompt)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#input-image img"))
+        driver.find_element(By.CSS_SELECTOR, "#detect").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#result-image img"))
+        wait.until(lambda d: "boxes (" in d.find_element(By.CSS_SELECTOR, "#status").text)
+        wait.until(lambda d: any(cell for row in _table(d) for cell in row))
+        rows = _table(driver)
+        screenshot = tmp_path / "web_demo.png"
+        driver.save_screenshot(str(screenshot))
+        source = driver.find_element(By.CSS_SELECTOR, "#result-image img").get_attribute("src")
+        page = driver.find_element(By.TAG_NAME, "body").text
+    finally:
+        driver.quit()
+
+    assert screenshot.stat().st_size > 10_000
+    assert "/file=" in source or source.startswith("data:image"), source
+    assert "Traceback" not in page
+    expected = expected_rows(predictor, image, [n.strip() for n in prompt.split(",")])
+    assert_rows_equal(rows, expected)
+    assert f"{len(expected)} boxes" in page
+
+
+def test_eight_concurrent_clients_and_bad_inputs(server, predictor, tmp_path):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    url, pid = server
+    client = Client(url, verbose=False)
+    settings = (0.0, 0.25, False, 0.5)  # box threshold, text threshold, REC, NMS
+
+    def call(path, prompt, *overrides):
+        values = list(settings)
+        for index, value in overrides:
+            values[index] = value
+        return client.predict(handle_file(path), prompt, *values, api_name="/detect")
+
+    first = _scene(tmp_path / "warm.png", seed=0)
+    call(first, "red square")  # warm-up: the first request allocates the model's buffers
+    hwm_before = _vm_hwm_kb(pid)
+
+    requests = []
+    for i in range(8):
+        path = _scene(tmp_path / f"scene{i}.png", seed=10 + i, height=160 + 16 * i)
+        prompt = ["red square, blue circle", "green star . purple cross ."][i % 2]
+        requests.append((path, prompt, i == 7))  # the last one in REC mode
+    start = time.time()
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(call, path, prompt, (2, rec)) for path, prompt, rec in requests]
+        answers = [f.result(timeout=120) for f in futures]
+    elapsed = time.time() - start
+    hwm_after = _vm_hwm_kb(pid)
+
+    for (path, prompt, rec), (drawn, table, status) in zip(requests, answers):
+        parsed = prompt if rec or "," not in prompt else [p.strip() for p in prompt.split(",")]
+        expected = expected_rows(predictor, path, parsed, rec=rec)
+        assert_rows_equal(table["data"], expected)
+        assert cv2.imread(drawn).shape[:2] == cv2.imread(path).shape[:2]
+        assert status.startswith(f"{len(expected)} boxes")
+    assert len(answers[-1][1]["data"]) == 1  # REC: exactly one box
+
+    # Bad inputs: a message each, and the server keeps serving.
+    tiny = str(tmp_path / "tiny.png")
+    cv2.imwrite(tiny, np.zeros((20, 30, 3), np.uint8))
+    huge = str(tmp_path / "huge.png")
+    cv2.imwrite(huge, np.zeros((5200, 5000, 3), np.uint8))  # 26 megapixels, a small file
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not an image")
+    cases = [
+        (lambda: call(first, "   "), "The prompt is empty"),
+        (lambda: client.predict(None, "cat", *settings, api_name="/detect"), "No image"),
+        (lambda: call(tiny, "cat"), "30x20 pixels, smaller than 64"),
+        (lambda: call(huge, "cat"), "5000x5200 = 26.0 megapixels, more than"),
+        (lambda: call(str(not_an_image), "cat"), "cannot identify image file"),
+        (lambda: call(first, "cat", (0, 1.5)), "Value 1.5 is greater than maximum value 1"),
+    ]
+    for send, message in cases:
+        with pytest.raises(AppError, match=re.escape(message)):
+            send()
+    assert_rows_equal(
+        call(first, "red square")[1]["data"], expected_rows(predictor, first, "red square")
+    )
+
+    growth_mb = (hwm_after - hwm_before) / 1024
+    print(
+        f"\n8 concurrent requests in {elapsed:.1f} s; server peak RSS (VmHWM) "
+        f"{hwm_before / 1024:.0f} MB before, {hwm_after / 1024:.0f} MB after "
+        f"(+{growth_mb:.0f} MB)"
+    )
+    assert growth_mb < 1536, f"peak memory grew by {growth_mb:.0f} MB for 8 queued requests"
