@@ -20,7 +20,7 @@ from fvcore.common.checkpoint import _filter_reused_missing_keys, _strip_prefix_
 from torch import nn
 
 from .convert.checkpoint import load_checkpoint_file
-from .convert.partial import read_init_checkpoint
+from .convert.partial import drop_unused_source_keys, read_init_checkpoint
 
 __all__ = [
     "CheckpointMismatch",
@@ -300,12 +300,9 @@ class GroundingDINOCheckpointer(DetectionCheckpointer):
             )
         if info["converted"]:
             logger.info(f"{filename}: converted from the {info['source']} layout in memory")
-            if info["partial"]:
-                expected = self.model.state_dict()
-                unused = sorted(set(state) - set(expected))
-                for key in unused:
-                    logger.warning(f"{filename}: {key} has no counterpart in the model; skipped")
-                state = {k: v for k, v in state.items() if k in expected}
+        state, unused = drop_unused_source_keys(state, info, self.model.state_dict())
+        for key in unused:
+            logger.warning(f"{filename}: {key} has no counterpart in the model; skipped")
         for note in info.get("notes", []):
             logger.warning(f"{filename}: {note}")
         for entry in info.get("skipped_entries", []):

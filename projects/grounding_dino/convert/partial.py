@@ -24,6 +24,7 @@ from .sources import convert_state_dict, detect_source, unwrap_state_dict
 __all__ = [
     "PARTIAL_KEY",
     "convert_partial_checkpoint",
+    "drop_unused_source_keys",
     "load_init_checkpoint",
     "model_parameter_shapes",
     "read_init_checkpoint",
@@ -173,6 +174,24 @@ def read_init_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Dict]:
     return state, info
 
 
+def drop_unused_source_keys(
+    state: Dict[str, torch.Tensor], info: Mapping, model_keys: Iterable[str]
+) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """
+    For an unconverted partial source (``info`` of :func:`read_init_checkpoint`), the keys
+    with no counterpart in the model are skipped rather than unexpected (e.g. a DINO's extra
+    norm). Anything else is returned unchanged.
+
+    Returns:
+        (state without the skipped keys, the skipped keys sorted).
+    """
+    if not (info["partial"] and info["converted"]):
+        return state, []
+    model_keys = set(model_keys)
+    unused = sorted(set(state) - model_keys)
+    return {k: v for k, v in state.items() if k in model_keys}, unused
+
+
 def load_init_checkpoint(path: str, model: nn.Module) -> Dict:
     """
     Loads ``path`` into ``model`` for ``train.init_checkpoint``: a converted checkpoint (full
@@ -193,11 +212,8 @@ def load_init_checkpoint(path: str, model: nn.Module) -> Dict:
     state, info = read_init_checkpoint(path)
     partial = info["partial"]
     expected = model.state_dict()
+    state, unused = drop_unused_source_keys(state, info, expected)
     unexpected = sorted(set(state) - set(expected))
-    unused: List[str] = []
-    if unexpected and partial and info["converted"]:
-        unused, unexpected = unexpected, []
-        state = {k: v for k, v in state.items() if k in expected}
     if unexpected:
         raise ValueError(
             f"{path}: {len(unexpected)} keys the model does not have: {unexpected[:10]}"

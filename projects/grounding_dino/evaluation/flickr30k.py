@@ -40,7 +40,7 @@ from ..text import (
     positive_map_from_spans,
 )
 from ..text.tokenizer import check_fast
-from .records import dump_records, group_by_split
+from .records import check_ranking_args, dump_records, group_by_split
 
 __all__ = ["Flickr30kEvaluator", "flickr_phrases", "recall_at_k"]
 
@@ -160,11 +160,7 @@ class Flickr30kEvaluator(DatasetEvaluator):
             iou_threshold (float): IoU a box needs to count as a hit.
             merge_boxes (bool): "merged" ground truth instead of MDETR's default "any box".
         """
-        topk = tuple(int(k) for k in topk)
-        if not topk or min(topk) < 1:
-            raise ValueError(f"topk must be a non-empty list of positive ints, got {topk}.")
-        if not 0.0 < iou_threshold <= 1.0:
-            raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}.")
+        topk = check_ranking_args(topk, iou_threshold)
         self._dataset_name = dataset_name
         self._output_dir = output_dir
         self._tokenizer = _fast_tokenizer(tokenizer)

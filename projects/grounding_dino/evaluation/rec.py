@@ -21,7 +21,7 @@ from detectron2.structures import Boxes, BoxMode, pairwise_iou
 from detectron2.utils.logger import create_small_table
 from tabulate import tabulate
 
-from .records import dump_records, group_by_split
+from .records import check_ranking_args, dump_records, group_by_split
 
 __all__ = ["RECEvaluator", "gt_box_from_input"]
 
@@ -87,11 +87,7 @@ class RECEvaluator(DatasetEvaluator):
             topk (tuple[int]): the k of the reported P@k.
             iou_threshold (float): IoU a box needs to count as correct.
         """
-        topk = tuple(int(k) for k in topk)
-        if not topk or min(topk) < 1:
-            raise ValueError(f"topk must be a non-empty list of positive ints, got {topk}.")
-        if not 0.0 < iou_threshold <= 1.0:
-            raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}.")
+        topk = check_ranking_args(topk, iou_threshold)
         self._dataset_name = dataset_name
         self._output_dir = output_dir
         self._distributed = distributed

@@ -4,11 +4,21 @@ grouping them by split."""
 import json
 import os
 from collections import OrderedDict
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from detectron2.utils.file_io import PathManager
 
-__all__ = ["dump_records", "group_by_split"]
+__all__ = ["check_ranking_args", "dump_records", "group_by_split"]
+
+
+def check_ranking_args(topk: Sequence[int], iou_threshold: float) -> Tuple[int, ...]:
+    """Validates the k of R@k / P@k and the hit IoU; returns ``topk`` as a tuple of ints."""
+    topk = tuple(int(k) for k in topk)
+    if not topk or min(topk) < 1:
+        raise ValueError(f"topk must be a non-empty list of positive ints, got {topk}.")
+    if not 0.0 < iou_threshold <= 1.0:
+        raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}.")
+    return topk
 
 
 def dump_records(records: List[Dict], output_dir: Optional[str], filename: str) -> None:
