@@ -101,6 +101,11 @@ def test_first_run_trains_evaluates_and_draws(first_run):
     assert os.path.getsize(os.path.join(out, "det_0.png")) > 1000
     info = _read(os.path.join(out, "run_info.json"))
     assert info["iterations"] == 2 and info["reused_checkpoint"] is False
+    # The job picks its parallelism from the usable cores and says what it picked; with two
+    # or more cores the batch of 2 is trained by two data-parallel (gloo) processes.
+    workers = min(2, len(os.sched_getaffinity(0)))
+    assert info["workers"] == workers and info["cores"] == len(os.sched_getaffinity(0))
+    assert f"{workers} data-parallel process(es) x {info['threads']} thread(s)" in printed
     assert os.path.samefile(info["config_file"], REPO / "configs" / "shapes_tiny.py")
     # The saved config reloads (it stayed serialisable), with the command line's overrides.
     cfg = LazyConfig.load(os.path.join(out, "config.yaml"))
@@ -163,6 +168,21 @@ def test_bad_arguments_are_refused(demo_job):
         demo_job.parse_args(["--max-iter", "0"])
     with pytest.raises(SystemExit, match="--threads"):
         demo_job.parse_args(["--threads", "0"])
+    with pytest.raises(SystemExit, match="--workers"):
+        demo_job.parse_args(["--workers", "0"])
+
+
+def test_parallelism_defaults_use_every_core(demo_job):
+    plan = demo_job.plan_parallelism
+    # One data-parallel process per core, as many as divide the batch; leftover cores as threads.
+    assert plan(4, None, None, cores=2) == (2, 1)
+    assert plan(4, None, None, cores=8) == (4, 2)
+    assert plan(6, None, None, cores=4) == (3, 1)
+    assert plan(4, None, None, cores=1) == (1, 1)
+    assert plan(4, 1, None, cores=2) == (1, 2)
+    assert plan(4, 2, 3, cores=2) == (2, 3)
+    with pytest.raises(SystemExit, match="--workers 3 does not divide the batch size 4"):
+        plan(4, 3, None, cores=8)
 
 
 def test_config_record_is_resolved_and_flat(demo_job):

@@ -43,13 +43,14 @@ import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import hooks
 from detectron2.engine.train_loop import HookBase
+from detectron2.utils import comm
 from omegaconf import OmegaConf
 
 from grounding_dino import model_zoo
 from grounding_dino.checkpoint import CheckpointMismatchError, GroundingDINOCheckpointer
 from grounding_dino.convert.checkpoint import load_checkpoint_file
 from grounding_dino.data.synthetic import register_shapes_datasets
-from grounding_dino.engine import build_trainer
+from grounding_dino.engine import build_trainer, launch, wrap_ddp
 from grounding_dino.engine import evaluate as evaluate_model
 from grounding_dino.evaluation import build_evaluator
 
@@ -74,6 +75,7 @@ CONFIG_RECORD_KEY = "trained_config"  # in model_final.pth: config_record() of i
 IGNORED_CONFIG_KEYS = ("train.output_dir",)
 # Files of a run that training again replaces.
 RUN_FILES = (CHECKPOINT_NAME + ".pth", "config.yaml", "metrics.json", "run_info.json")
+TRAIN_INFO = "train_info.json"  # written by the main training process, read and removed
 # (dataset, key in results.json, key of the evaluator's results)
 EVALUATIONS = (
     ("shapes_val", "bbox", "bbox"),
@@ -100,19 +102,30 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--num-val", type=int, default=None, help="default: shapes.num_val")
     parser.add_argument("--num-draw", type=int, default=3, help="pictures per task")
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="training processes (data-parallel, gloo); default: one per usable core, at most "
+        "the batch size and a divisor of it",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="torch threads; 1 is fastest for this small model on a shared 2-core machine",
+        default=None,
+        help="torch threads per training process; default: usable cores // workers "
+        "(evaluation and drawing use all usable cores)",
     )
     parser.add_argument("--log-period", type=int, default=25, help="iterations between prints")
     parser.add_argument("--draw-threshold", type=float, default=0.3)
+    parser.add_argument(
+        "--draw-seed", type=int, default=0, help="seed of the random choice of drawn images"
+    )
     parser.add_argument(
         "--checkpoint-period", type=int, default=0, help="also save every N iterations (0: no)"
     )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
     args = parser.parse_args(argv)
-    for name in ("num_train", "num_val", "threads", "log_period"):
+    for name in ("num_train", "num_val", "threads", "workers", "log_period"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_iter is not None and args.max_iter < 1:
@@ -156,8 +169,12 @@ def _fmt(seconds: float) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}"
 
 
+def _seed_value(seed) -> int:
+    return int(seed) if seed is not None and int(seed) >= 0 else 0
+
+
 def _seed(seed: int) -> None:
-    seed = int(seed) if seed is not None and int(seed) >= 0 else 0
+    seed = _seed_value(seed)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -167,8 +184,11 @@ def train_model(
     cfg, model, output_dir: str, log_period: int, checkpoint_period: int = 0, record=None
 ) -> Dict:
     """
-    Trains ``model`` for ``cfg.train.max_iter`` iterations; saves ``model_final.pth`` with
-    ``record`` (:func:`config_record` of ``cfg``) under ``"trained_config"``.
+    Trains ``model`` for ``cfg.train.max_iter`` iterations in this process (one of the
+    data-parallel workers when a process group is initialised: ``model`` is then wrapped in
+    DistributedDataParallel here, and only the main process prints and writes); saves
+    ``model_final.pth`` with ``record`` (:func:`config_record` of ``cfg``) under
+    ``"trained_config"``.
     """
     from detectron2.utils.events import JSONWriter
 
@@ -176,9 +196,11 @@ def train_model(
     optimizer = instantiate(cfg.optimizer)
     del cfg.optimizer.params.model
     loader = instantiate(cfg.dataloader.train)
+    model = wrap_ddp(model, "cpu", **cfg.train.ddp)
     trainer = build_trainer(cfg.train, model, loader, optimizer)
     max_iter = int(cfg.train.max_iter)
     checkpointer = GroundingDINOCheckpointer(model, output_dir)
+    main_process = comm.is_main_process()
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
@@ -188,9 +210,13 @@ def train_model(
                 else None
             ),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-            ProgressPrinter(max_iter, log_period),
-            hooks.PeriodicWriter(
-                [JSONWriter(os.path.join(output_dir, "metrics.json"))], period=log_period
+            ProgressPrinter(max_iter, log_period) if main_process else None,
+            (
+                hooks.PeriodicWriter(
+                    [JSONWriter(os.path.join(output_dir, "metrics.json"))], period=log_period
+                )
+                if main_process
+                else None
             ),
         ]
     )
@@ -199,6 +225,83 @@ def train_model(
     seconds = time.perf_counter() - start
     checkpointer.save(CHECKPOINT_NAME, iteration=max_iter, **{CONFIG_RECORD_KEY: record})
     return {"iterations": max_iter, "train_seconds": round(seconds, 1)}
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), not all of the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def plan_parallelism(
+    batch_size: int, workers: Optional[int], threads: Optional[int], cores: int
+) -> Tuple[int, int]:
+    """
+    Training processes and torch threads per process. By default one process per core
+    (data-parallel training of this small model scales better than intra-op threads), as many
+    as divide the batch, and the remaining cores as threads.
+
+    Raises:
+        SystemExit: ``workers`` does not divide ``batch_size``.
+    """
+    if workers is None:
+        workers = max(w for w in range(1, min(cores, batch_size) + 1) if batch_size % w == 0)
+    elif batch_size % workers:
+        raise SystemExit(
+            f"--workers {workers} does not divide the batch size {batch_size} "
+            "(dataloader.train.total_batch_size); each process takes an equal share"
+        )
+    if threads is None:
+        threads = max(1, cores // workers)
+    return workers, threads
+
+
+def _train_worker(
+    cfg, output_dir: str, threads: int, log_period: int, checkpoint_period: int, record: Dict
+) -> None:
+    """One data-parallel training process (spawned by :func:`train_in_processes`)."""
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+    register_shapes_datasets(root=os.path.join(output_dir, "shapes"), generate=False, **cfg.shapes)
+    _seed(cfg.train.seed)  # the same initialisation everywhere (DDP also broadcasts rank 0's)
+    model = instantiate(cfg.model)
+    _seed(_seed_value(cfg.train.seed) + comm.get_rank())  # different augmentations per rank
+    info = train_model(cfg, model, output_dir, log_period, checkpoint_period, record=record)
+    if comm.is_main_process():
+        _write_json(os.path.join(output_dir, TRAIN_INFO), info)
+
+
+def train_in_processes(
+    cfg,
+    output_dir: str,
+    workers: int,
+    threads: int,
+    log_period: int,
+    checkpoint_period: int,
+    record: Dict,
+) -> Dict:
+    """Trains in ``workers`` spawned processes (gloo) and returns the main one's info; the
+    model is in ``output_dir/model_final.pth``."""
+    info_path = os.path.join(output_dir, TRAIN_INFO)
+    if os.path.isfile(info_path):
+        os.remove(info_path)
+    start = time.perf_counter()
+    launch(
+        _train_worker,
+        workers,
+        dist_url="auto",
+        args=(cfg, output_dir, threads, log_period, checkpoint_period, record),
+        device="cpu",
+    )
+    info = _read_json(info_path)
+    if not info:
+        raise RuntimeError(f"The training processes ended without writing {info_path}")
+    os.remove(info_path)
+    # The wall time of the whole launch (process start-up included).
+    info["train_seconds"] = round(time.perf_counter() - start, 1)
+    return info
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -343,7 +446,6 @@ def load_config(args: argparse.Namespace):
 def run_demo(args: argparse.Namespace) -> Dict:
     """The whole job; returns the content of ``results.json``."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     try:
         return _run(args)
     finally:
@@ -387,7 +489,11 @@ def _run(args: argparse.Namespace) -> Dict:
     model = instantiate(cfg.model)
     model.to("cpu")
     checkpoint = os.path.join(output_dir, CHECKPOINT_NAME + ".pth")
-    info = {"config_file": config_file, "threads": args.threads}
+    cores = usable_cores()
+    batch_size = int(cfg.dataloader.train.total_batch_size)
+    workers, threads = plan_parallelism(batch_size, args.workers, args.threads, cores)
+    torch.set_num_threads(cores)  # evaluation and drawing: one process, every core
+    info = {"config_file": config_file, "cores": cores}
     if reuse:
         try:
             GroundingDINOCheckpointer(model, output_dir).load(checkpoint)
@@ -401,25 +507,34 @@ def _run(args: argparse.Namespace) -> Dict:
             reused_checkpoint=True,
             iterations=previous.get("iterations"),
             train_seconds=previous.get("train_seconds"),
+            workers=previous.get("workers"),
+            threads=previous.get("threads"),
         )
     else:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(
             f"[train] training from scratch: {cfg.train.max_iter} iterations, batch "
             f"{cfg.dataloader.train.total_batch_size}, {trainable / 1e6:.2f}M trainable "
-            f"parameters, {args.threads} thread(s)",
+            f"parameters; {cores} usable core(s): {workers} data-parallel process(es) x "
+            f"{threads} thread(s) (--workers, --threads)",
             flush=True,
         )
         LazyConfig.save(cfg, os.path.join(output_dir, "config.yaml"))
         metrics = os.path.join(output_dir, "metrics.json")
         if os.path.isfile(metrics):  # JSONWriter appends: start the new run's log afresh
             os.remove(metrics)
-        info.update(
-            reused_checkpoint=False,
-            **train_model(
+        if workers > 1:
+            trained = train_in_processes(
+                cfg, output_dir, workers, threads, args.log_period, args.checkpoint_period, record
+            )
+            GroundingDINOCheckpointer(model, output_dir).load(checkpoint)
+        else:
+            torch.set_num_threads(threads)
+            trained = train_model(
                 cfg, model, output_dir, args.log_period, args.checkpoint_period, record=record
-            ),
-        )
+            )
+            torch.set_num_threads(cores)
+        info.update(reused_checkpoint=False, workers=workers, threads=threads, **trained)
 
     start = time.perf_counter()
     results = evaluate(cfg, model, output_dir)
@@ -427,7 +542,9 @@ def _run(args: argparse.Namespace) -> Dict:
     with open(os.path.join(output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
 
-    pictures = draw_predictions(cfg, model, output_dir, args.num_draw, args.draw_threshold)
+    pictures = draw_predictions(
+        cfg, model, output_dir, args.num_draw, args.draw_threshold, seed=args.draw_seed
+    )
     info["job_seconds"] = round(time.perf_counter() - job_start, 1)
     if not info["reused_checkpoint"]:
         _write_json(os.path.join(output_dir, "run_info.json"), info)
@@ -457,6 +574,8 @@ def _summary(results: Dict, info: Dict, output_dir: str, pictures: List[str]) ->
         if info["reused_checkpoint"]
         else f"trained {info['iterations']} iterations in {_fmt(info['train_seconds'])}"
     )
+    if info.get("workers"):
+        trained += f" ({info['workers']} process(es) x {info['threads']} thread(s))"
     lines = [
         "",
         "=" * 72,

@@ -11,11 +11,15 @@ from detectron2.data import DatasetCatalog
 from detectron2.structures import BoxMode
 from detectron2.utils.visualizer import Visualizer
 
-__all__ = ["draw_predictions"]
+__all__ = ["draw_predictions", "pick_records"]
 
 
-def _draw(image_rgb: np.ndarray, boxes, labels: List[str], path: str, title: str = "") -> None:
+def _draw(
+    image_rgb: np.ndarray, boxes, labels: List[str], path: str, title: str = "", gt_boxes=()
+) -> None:
     vis = Visualizer(image_rgb, scale=2.0)
+    for gt_box in gt_boxes:
+        vis.draw_box(gt_box, edge_color="w", line_style="--")
     if len(boxes):
         vis.overlay_instances(boxes=np.asarray(boxes, dtype=np.float32), labels=labels)
     if title:
@@ -24,17 +28,30 @@ def _draw(image_rgb: np.ndarray, boxes, labels: List[str], path: str, title: str
     cv2.imwrite(path, out[:, :, ::-1])
 
 
+def pick_records(records: List[dict], num: int, seed: int) -> List[dict]:
+    """``num`` records drawn at random with a fixed ``seed`` (the same pictures on every run,
+    and not chosen by hand), in dataset order."""
+    num = min(num, len(records))
+    chosen = np.random.default_rng(seed).choice(len(records), size=num, replace=False)
+    return [records[i] for i in sorted(chosen.tolist())]
+
+
 @torch.no_grad()
-def draw_predictions(cfg, model, output_dir: str, num: int, threshold: float) -> List[str]:
-    """Draws detections on ``shapes_val`` and top-1 REC boxes on ``shapes_rec_val``."""
+def draw_predictions(
+    cfg, model, output_dir: str, num: int, threshold: float, seed: int = 0
+) -> List[str]:
+    """
+    Draws detections on ``shapes_val`` and top-1 REC boxes on ``shapes_rec_val``, on ``num``
+    images of each picked by :func:`pick_records` with ``seed``; the ground truth boxes are
+    dashed white.
+    """
     model.eval()
     paths = []
     for dataset, prefix in (("shapes_val", "det"), ("shapes_rec_val", "rec")):
         cfg.dataloader.test.dataset.names = dataset
         mapper = instantiate(cfg.dataloader.test.mapper)
         records = DatasetCatalog.get(dataset)
-        step = max(1, len(records) // max(1, num))
-        for k, record in enumerate(records[::step][:num]):
+        for k, record in enumerate(pick_records(records, num, seed)):
             inputs = mapper(record)
             output = model([inputs])[0]
             instances = output["instances"]
@@ -56,7 +73,11 @@ def draw_predictions(cfg, model, output_dir: str, num: int, threshold: float) ->
                 boxes = instances.pred_boxes.tensor[keep].numpy()
                 labels = [f"{output['phrases'][i]} {float(instances.scores[i]):.2f}" for i in keep]
                 path = os.path.join(output_dir, f"{prefix}_{k}.png")
-                _draw(image, boxes, labels, path)
+                gt = [
+                    BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS)
+                    for a in record["annotations"]
+                ]
+                _draw(image, boxes, labels, path, gt_boxes=gt)
             paths.append(path)
     return paths
 

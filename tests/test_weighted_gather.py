@@ -1,0 +1,57 @@
+"""The deformable attention's weighted gather: its block-structured backward equals autograd's
+``embedding_bag`` backward, on both of its paths (dense per-block products and sparse)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from grounding_dino.modeling import weighted_gather as module
+from grounding_dino.modeling.weighted_gather import weighted_gather
+
+BATCH, HEADS, QUERIES, PIXELS, CORNERS, DIM = 3, 4, 7, 13, 10, 5
+
+
+def _inputs(seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    table = torch.randn(BATCH * PIXELS * HEADS, DIM, dtype=dtype, generator=gen)
+    pixel = torch.randint(0, PIXELS, (BATCH, QUERIES, HEADS, CORNERS), generator=gen)
+    image = torch.arange(BATCH).view(-1, 1, 1, 1)
+    head = torch.arange(HEADS).view(1, 1, -1, 1)
+    rows = ((image * PIXELS + pixel) * HEADS + head).view(-1, CORNERS).to(torch.int32)
+    weights = torch.rand(rows.shape, dtype=dtype, generator=gen)
+    probe = torch.randn(BATCH * QUERIES * HEADS, DIM, dtype=dtype, generator=gen)
+    return table, rows, weights, probe
+
+
+def _gradients(function, table, rows, weights, probe, which=(True, True)):
+    table = table.clone().requires_grad_(which[0])
+    weights = weights.clone().requires_grad_(which[1])
+    out = function(table, rows, weights)
+    wanted = [t for t in (table, weights) if t.requires_grad]
+    return (out,) + torch.autograd.grad((out * probe).sum(), wanted)
+
+
+def _reference(table, rows, weights):
+    """The sum written out (autograd's embedding_bag backward fails without table gradients)."""
+    return (table[rows.long()] * weights.unsqueeze(-1)).sum(1)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+@pytest.mark.parametrize("which", [(True, True), (True, False), (False, True)])
+def test_gradients_equal_embedding_bag(monkeypatch, dense, which):
+    monkeypatch.setattr(module, "DENSE_BACKWARD_LIMIT", 1 << 30 if dense else 0)
+    inputs = _inputs()
+    expected = _gradients(_reference, *inputs, which=which)
+    got = _gradients(lambda t, r, w: weighted_gather(t, r, w, BATCH, HEADS), *inputs, which=which)
+    assert len(got) == len(expected) == 1 + sum(which)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    assert all(g.abs().sum() > 0 for g in got[1:])
+
+
+def test_without_gradients_it_is_embedding_bag():
+    table, rows, weights, _ = _inputs(dtype=torch.float32)
+    with torch.no_grad():
+        out = weighted_gather(table, rows, weights, BATCH, HEADS)
+    assert torch.equal(out, F.embedding_bag(rows, table, mode="sum", per_sample_weights=weights))
+    torch.testing.assert_close(out, _reference(table, rows, weights))
