@@ -57,6 +57,7 @@ from grounding_dino.label.loader import read_bgr
 from grounding_dino.label.model import build_predictor as build_predictor_of
 from grounding_dino.label.model import load_model_config
 from grounding_dino.modeling.nms import nms_output
+from grounding_dino.precision import PRECISIONS
 from grounding_dino.predictor import GroundingDINOPredictor, check_token_spans
 
 
@@ -130,6 +131,13 @@ def get_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the config's)")
     parser.add_argument(
+        "--dtype",
+        choices=PRECISIONS,
+        default="fp32",
+        help="precision: fp32, bf16 (autocast; CPU or CUDA) or fp16 (autocast; CUDA only); "
+        "see the README's Precision modes",
+    )
+    parser.add_argument(
         "--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides"
     )
     return parser
@@ -142,7 +150,7 @@ def build_predictor(args) -> Tuple[GroundingDINOPredictor, Optional[object]]:
         the predictor, and the default prompt of a yacs config (None for lazy configs).
     """
     config = load_model_config(args.config_file, args.opts, args.weights)
-    predictor = build_predictor_of(config, args.device)
+    predictor = build_predictor_of(config, args.device, dtype=args.dtype)
     if args.box_threshold is not None:
         predictor.model.box_threshold = args.box_threshold
     if args.text_threshold is not None:

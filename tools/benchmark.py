@@ -28,6 +28,10 @@ What it does:
    ``/proc/self/status``: interpreter, libraries, weights and activations) is reported,
    with its resident size after loading the model.
 
+``--backend onnxruntime`` also exports our model with ``python -m grounding_dino.export onnx``
+(once per ``--workdir``) and times :class:`~grounding_dino.deploy.OnnxPredictor` in the same
+loop, its session on ``--threads`` intra-op threads; its detections are compared with ours.
+
 ``--dtype bf16`` also times our predictor under ``torch.autocast("cpu", torch.bfloat16)``
 and reports its speed-up over our fp32 run and its drift from the fp32 outputs (detections
 matched by IoU; this random model amplifies rounding, so the drift is an upper bound).
@@ -52,9 +56,17 @@ import torch
 
 # Modules next to this script (python puts the script's folder first on sys.path).
 from benchmark_check import check_outputs, drift, format_check
-from benchmark_reference import load_hf, load_ours, make_image, parse_size, prepare_models
+from benchmark_reference import (
+    export_onnx_model,
+    load_hf,
+    load_onnx,
+    load_ours,
+    make_image,
+    parse_size,
+    prepare_models,
+)
 
-__all__ = ["main", "run_benchmark", "peak_memory_mb"]
+__all__ = ["main", "run_benchmark", "peak_memory_mb", "compare_detections"]
 
 CAPTION = "a cat . a remote control . a person on the left ."
 
@@ -101,6 +113,8 @@ def _memory_child(args) -> None:
     image = make_image(args.size)
     if args.memory_child == "hf":
         pipeline = load_hf(args.hf_dir, parse_size(args.size))
+    elif args.memory_child == "onnxruntime":
+        pipeline = load_onnx(args.onnx, args.out_dir, parse_size(args.size), args.threads)
     else:
         pipeline = load_ours(args.out_dir, parse_size(args.size))
     loaded = peak_memory_mb()["rss_mb"]
@@ -109,7 +123,7 @@ def _memory_child(args) -> None:
     print(json.dumps({"loaded_mb": loaded, **peak_memory_mb()}))
 
 
-def _measure_memory(kind: str, args, hf_dir: str, out_dir: str) -> Dict[str, float]:
+def _measure_memory(kind: str, args, hf_dir: str, out_dir: str, onnx="") -> Dict[str, float]:
     command = [
         sys.executable,
         os.path.abspath(__file__),
@@ -123,12 +137,30 @@ def _measure_memory(kind: str, args, hf_dir: str, out_dir: str) -> Dict[str, flo
         str(args.threads),
         "--size",
         args.size,
+        "--onnx",
+        onnx,
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"memory child for {kind} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def compare_detections(ours: Dict, other: Dict) -> Dict:
+    """Detections of two runtimes on the same input: counts, whether phrases and classes are
+    equal, and the largest score and box (px) differences when the counts agree."""
+    a, b = ours["instances"], other["instances"]
+    result = {"count": len(a), "other_count": len(b)}
+    if len(a) == len(b):
+        result["same_phrases"] = ours["phrases"] == other["phrases"]
+        result["same_classes"] = bool(torch.equal(a.pred_classes, b.pred_classes))
+        if len(a):
+            result["max_score_diff"] = float((a.scores - b.scores).abs().max())
+            result["max_box_diff_px"] = float(
+                (a.pred_boxes.tensor - b.pred_boxes.tensor).abs().max()
+            )
+    return result
 
 
 # ---------------------------------------------------------------- main
@@ -143,12 +175,22 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--size", default="800x1333", help="image HEIGHTxWIDTH")
     parser.add_argument("--tiny", action="store_true", help="a tiny configuration (tests)")
+    parser.add_argument(
+        "--backend",
+        choices=["onnxruntime"],
+        action="append",
+        default=[],
+        help="also time this runtime on our exported model (same threads)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory children")
     parser.add_argument(
         "--workdir", default=None, help="keep the models here and reuse them (default: temp)"
     )
     # Internal: the per-implementation memory child.
-    parser.add_argument("--memory-child", choices=["hf", "ours"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--memory-child", choices=["hf", "ours", "onnxruntime"], help=argparse.SUPPRESS
+    )
+    parser.add_argument("--onnx", default="", help=argparse.SUPPRESS)
     parser.add_argument("--hf-dir", help=argparse.SUPPRESS)
     parser.add_argument("--out-dir", help=argparse.SUPPRESS)
     return parser
@@ -169,6 +211,13 @@ def run_benchmark(args, workdir: str) -> Dict:
         "transformers": lambda: hf(image, CAPTION),
         "ours": lambda: ours(image, CAPTION),
     }
+    onnx = None
+    if "onnxruntime" in args.backend:
+        onnx = export_onnx_model(workdir, out_dir)
+        runtime = load_onnx(onnx["path"], out_dir, size, args.threads)
+        onnx["check"] = compare_detections(ours(image, CAPTION), runtime(image, CAPTION))
+        print(f"onnxruntime vs ours: {onnx['check']}")
+        pipelines["onnxruntime"] = lambda: runtime(image, CAPTION)
     if args.dtype == "bf16":
 
         def ours_bf16():
@@ -192,15 +241,20 @@ def run_benchmark(args, workdir: str) -> Dict:
         "ratio": medians["transformers"] / medians["ours"],
         "load_average": loads,
     }
+    if onnx is not None:
+        result["onnx"] = onnx
     if args.dtype == "bf16":
         result["bf16_speedup"] = medians["ours"] / medians["ours bf16"]
         result["bf16_vs_transformers"] = medians["transformers"] / medians["ours bf16"]
         result["bf16_drift"] = drift(pipelines["ours"](), pipelines["ours bf16"]())
     if not args.no_memory:
         del hf, ours
+        kinds = [("transformers", "hf"), ("ours", "ours")]
+        if onnx is not None:
+            kinds.append(("onnxruntime", "onnxruntime"))
         result["memory"] = {
-            name: _measure_memory(kind, args, hf_dir, out_dir)
-            for name, kind in (("transformers", "hf"), ("ours", "ours"))
+            name: _measure_memory(kind, args, hf_dir, out_dir, onnx["path"] if onnx else "")
+            for name, kind in kinds
         }
     return result
 
@@ -226,6 +280,14 @@ def _report(args, result: Dict) -> None:
             f"bf16 autocast: {result['bf16_speedup']:.2f}x over our fp32, "
             f"{result['bf16_vs_transformers']:.2f}x over transformers; drift vs fp32: "
             f"{result['bf16_drift']}"
+        )
+    if "onnx" in result:
+        onnx = result["onnx"]
+        seconds = "reused" if onnx["seconds"] is None else f"{onnx['seconds']:.1f} s"
+        print(
+            f"ONNX: {onnx['path']} ({onnx['bytes'] / 2**20:.1f} MiB, export {seconds}); "
+            f"speed-up of onnxruntime over ours: "
+            f"{result['medians']['ours'] / result['medians']['onnxruntime']:.2f}x"
         )
     for name, values in memory.items():
         print(

@@ -13,7 +13,9 @@ import torch
 __all__ = [
     "HFPipeline",
     "build_hf_model",
+    "export_onnx_model",
     "load_hf",
+    "load_onnx",
     "load_ours",
     "make_image",
     "parse_size",
@@ -110,6 +112,45 @@ def load_ours(out_dir: str, size: Tuple[int, int]):
     from grounding_dino.resize import OfficialResize
 
     predictor = GroundingDINOPredictor(LazyConfig.load(os.path.join(out_dir, "config.yaml")))
+    predictor.resize = OfficialResize(min(size), max(size))
+    return predictor
+
+
+def export_onnx_model(workdir: str, out_dir: str) -> Dict:
+    """
+    Exports the converted model in ``out_dir`` to ``workdir/model.onnx`` with
+    ``python -m grounding_dino.export onnx`` (reused when an earlier run left it there).
+
+    Returns:
+        ``{"path", "seconds" (None when reused), "bytes"}``.
+
+    Raises:
+        RuntimeError: the export failed (its output attached).
+    """
+    import subprocess
+    import sys
+    import time
+
+    path = os.path.join(workdir, "model.onnx")
+    seconds = None
+    if not os.path.isfile(path):
+        start = time.perf_counter()
+        command = [sys.executable, "-m", "grounding_dino.export", "onnx"]
+        result = subprocess.run(
+            command + [os.path.join(out_dir, "config.yaml"), path], capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"ONNX export failed:\n{result.stdout}\n{result.stderr[-3000:]}")
+        seconds = time.perf_counter() - start
+    return {"path": path, "seconds": seconds, "bytes": os.path.getsize(path)}
+
+
+def load_onnx(onnx_path: str, out_dir: str, size: Tuple[int, int], threads: int):
+    """``OnnxPredictor`` on an exported model, ``threads`` ONNX Runtime intra-op threads."""
+    from grounding_dino.deploy import OnnxPredictor
+    from grounding_dino.resize import OfficialResize
+
+    predictor = OnnxPredictor(onnx_path, os.path.join(out_dir, "config.yaml"), threads=threads)
     predictor.resize = OfficialResize(min(size), max(size))
     return predictor
 

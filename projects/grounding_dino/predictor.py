@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from .checkpoint import GroundingDINOCheckpointer
+from .precision import check_precision, outputs_to_fp32, precision_context
 from .resize import official_resize_from_lazy_config
 from .text import normalize_caption_with_spans
 
@@ -19,6 +20,7 @@ __all__ = [
     "GroundingDINOPredictor",
     "inference_knobs",
     "prompt_to_input",
+    "model_input",
     "check_image",
     "check_token_spans",
 ]
@@ -70,6 +72,41 @@ def check_image(image, min_size: int = 32, name: str = "image") -> np.ndarray:
             f"backbone's stride {min_size}"
         )
     return image
+
+
+def model_input(
+    image: np.ndarray,
+    prompt: Prompt,
+    index: int,
+    *,
+    resize,
+    stride: int,
+    input_format: str,
+    model_input_format: str,
+) -> Dict:
+    """
+    One model input from an image array and a prompt (shared by the PyTorch and the ONNX
+    Runtime predictors).
+
+    Args:
+        image: HxWx3 uint8 array in ``input_format`` ("BGR" or "RGB").
+        prompt: a caption or a list of class names.
+        index: the image's index (named in errors).
+        resize: the test-time resize (``OfficialResize``).
+        stride: the backbone's size divisibility (smaller images are refused).
+        model_input_format: the channel order the model expects.
+
+    Returns:
+        ``{"image": [3, h, w] uint8 tensor (resized), "height": H, "width": W, "caption" or
+        "category_names": ...}``.
+    """
+    image = check_image(image, stride, name=f"image {index}")
+    if input_format != model_input_format:
+        image = image[:, :, ::-1]
+    height, width = image.shape[:2]
+    resized = resize.get_transform(image).apply_image(image)
+    tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+    return {"image": tensor, "height": height, "width": width, **prompt_to_input(prompt)}
 
 
 def check_token_spans(caption: str, token_spans) -> List[List[List[int]]]:
@@ -148,7 +185,13 @@ class GroundingDINOPredictor:
         out["instances"].pred_boxes, out["phrases"]
     """
 
-    def __init__(self, cfg, weights: Optional[str] = None, input_format: str = "BGR"):
+    def __init__(
+        self,
+        cfg,
+        weights: Optional[str] = None,
+        input_format: str = "BGR",
+        dtype: str = "fp32",
+    ):
         """
         Args:
             cfg: a lazy config with ``model`` and ``train.device`` entries (and
@@ -158,9 +201,12 @@ class GroundingDINOPredictor:
                 keys and shapes), else :class:`~grounding_dino.checkpoint.CheckpointMismatchError`
                 names the keys.
             input_format: channel order of the arrays given to ``__call__``.
+            dtype: precision mode (:mod:`grounding_dino.precision`): "fp32", "bf16" (autocast,
+                CPU or CUDA) or "fp16" (autocast, CUDA only). Outputs are float32 in every mode.
 
         Raises:
-            ValueError: no weights are given (a randomly initialised model is refused).
+            ValueError: no weights are given (a randomly initialised model is refused), or
+                ``dtype`` is unknown or not offered on the config's device (fp16 on the CPU).
         """
         self.cfg = cfg
         if weights is None:
@@ -171,8 +217,9 @@ class GroundingDINOPredictor:
                 "train.init_checkpoint); the model would predict with its random "
                 "initialisation. Pass a checkpoint, e.g. one written by grounding_dino.convert"
             )
-        self.model = instantiate(cfg.model)
         device = _config_device(cfg)
+        self.dtype = check_precision(dtype, device)
+        self.model = instantiate(cfg.model)
         self.model.to(device).eval()
         GroundingDINOCheckpointer(self.model).load(weights)
         self.input_format = input_format
@@ -182,20 +229,22 @@ class GroundingDINOPredictor:
     def from_config_file(
         cls, path: str, weights: Optional[str] = None, overrides: Sequence[str] = (), **kwargs
     ) -> "GroundingDINOPredictor":
-        """Loads a lazy config (``.py``/``.yaml``) and applies ``key=value`` overrides."""
+        """Loads a lazy config (``.py``/``.yaml``) and applies ``key=value`` overrides;
+        ``kwargs`` (``input_format``, ``dtype``) go to the constructor."""
         cfg = LazyConfig.load(path)
         cfg = LazyConfig.apply_overrides(cfg, list(overrides))
         return cls(cfg, weights=weights, **kwargs)
 
     def _input(self, image: np.ndarray, prompt: Prompt, index: int) -> Dict:
-        stride = self.model.backbone.size_divisibility
-        image = check_image(image, stride, name=f"image {index}")
-        if self.input_format != self.model.input_format:
-            image = image[:, :, ::-1]
-        height, width = image.shape[:2]
-        resized = self.resize.get_transform(image).apply_image(image)
-        tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
-        return {"image": tensor, "height": height, "width": width, **prompt_to_input(prompt)}
+        return model_input(
+            image,
+            prompt,
+            index,
+            resize=self.resize,
+            stride=self.model.backbone.size_divisibility,
+            input_format=self.input_format,
+            model_input_format=self.model.input_format,
+        )
 
     @torch.no_grad()
     def __call__(self, image: np.ndarray, prompt: Prompt) -> Dict:
@@ -207,7 +256,9 @@ class GroundingDINOPredictor:
         Returns:
             ``{"instances": Instances, "phrases": [str]}`` in the image's pixels.
         """
-        return self.model([self._input(image, prompt, 0)])[0]
+        inputs = [self._input(image, prompt, 0)]
+        with precision_context(self.dtype, self.model.device):
+            return outputs_to_fp32(self.model(inputs)[0])
 
     @torch.no_grad()
     def predict_batch(
@@ -225,7 +276,8 @@ class GroundingDINOPredictor:
         if len(prompts) != len(images):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         inputs = [self._input(im, p, i) for i, (im, p) in enumerate(zip(images, prompts))]
-        return self.model(inputs)
+        with precision_context(self.dtype, self.model.device):
+            return outputs_to_fp32(self.model(inputs))
 
     @torch.no_grad()
     def predict_rec(self, image: np.ndarray, expression: str) -> Dict:

@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..engine.launch import launch
+from ..precision import PRECISIONS, check_precision
 from .coco import coco_dataset, write_errors, write_json_atomic
 from .inputs import expand_inputs, input_root, relative_name
 from .model import config_digest, file_digest, load_model_config
@@ -74,6 +75,13 @@ def get_parser() -> argparse.ArgumentParser:
     add("--batch-size", type=int, default=1, help="images per forward of each worker")
     add("--decode-workers", type=int, default=2, help="image-decoding processes per worker")
     add("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    add(
+        "--dtype",
+        choices=PRECISIONS,
+        default="fp32",
+        help="precision: fp32, bf16 (autocast; CPU or CUDA) or fp16 (autocast; CUDA only); "
+        "see the README's Precision modes",
+    )
     add("--num-gpus", type=int, default=1, help="worker processes per machine (CPU: gloo workers)")
     add("--num-machines", type=int, default=1)
     add("--machine-rank", type=int, default=0, help="this machine's rank, 0..num-machines-1")
@@ -134,6 +142,7 @@ def _prepare(args, classes: List[str]) -> Dict:
         "box_threshold": args.box_threshold,
         "nms": args.nms,
         "max_per_image": args.max_per_image,
+        "dtype": args.dtype,
         "image_root": root,
     }
     return {"config": config, "names": names, "root": root, "run": settings}
@@ -188,9 +197,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         folder = parts_dir(args.output)
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         resuming = check_run(args.output, prepared["run"])
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        check_precision(args.dtype, device)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as error:
         parser.error(str(error))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     names = prepared["names"]
     repair_tails(folder)
     labelled, failed = read_parts(folder)

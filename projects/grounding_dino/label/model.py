@@ -86,13 +86,14 @@ def load_model_config(
     return result
 
 
-def build_predictor(config: ModelConfig, device: Optional[str] = None):
-    """A ``GroundingDINOPredictor`` of ``config`` on ``device`` (default: the config's)."""
+def build_predictor(config: ModelConfig, device: Optional[str] = None, dtype: str = "fp32"):
+    """A ``GroundingDINOPredictor`` of ``config`` on ``device`` (default: the config's) in
+    precision mode ``dtype`` (:mod:`grounding_dino.precision`)."""
     lazy = config.lazy
     device = device or config.device
     if device:
         lazy.train = dict(lazy.get("train", {}), device=device)
-    return GroundingDINOPredictor(lazy, weights=config.weights)
+    return GroundingDINOPredictor(lazy, weights=config.weights, dtype=dtype)
 
 
 def _callable_name(value) -> str:
@@ -107,8 +108,12 @@ def _plain(node):
 
 def config_digest(lazy) -> str:
     """SHA-256 of what decides a prediction: the ``model`` node and the test resize."""
+    model = _plain(lazy.model)
+    if isinstance(model, dict) and isinstance(model.get("text_encoder"), dict):
+        # The text cache's size does not change a prediction.
+        model["text_encoder"].pop("cache_size", None)
     content = {
-        "model": _plain(lazy.model),
+        "model": model,
         "test_resize": _plain(OmegaConf.select(lazy, "dataloader.test.mapper.augmentations")),
     }
     text = json.dumps(content, sort_keys=True, default=_callable_name)

@@ -84,7 +84,7 @@ def label_worker(settings: Dict, todo: Sequence[Tuple[str, str]]) -> None:
     rank, world_size = comm.get_rank(), comm.get_world_size()
     items = shard(todo, rank, world_size)
     config = load_model_config(settings["config_file"], settings["opts"], settings["weights"])
-    predictor = build_predictor(config, settings["device"])
+    predictor = build_predictor(config, settings["device"], dtype=settings["dtype"])
     model = predictor.model
     model.box_threshold = settings["box_threshold"]
     model.max_detections = max(model.max_detections, settings["max_per_image"])

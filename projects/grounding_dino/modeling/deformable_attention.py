@@ -12,25 +12,32 @@ stack of per-level samples and no ``[B*heads, D, Q, points]`` intermediate. It i
 differentiable with respect to the values, the sampling locations and the attention
 weights. :func:`ms_deform_attn_grid_sample` is the classic per-level ``grid_sample``
 formulation (the reference), kept for comparison and for devices without ``embedding_bag``
-support of per-sample weights.
+support of per-sample weights. :func:`ms_deform_attn_gather` is the ONNX export kernel (ONNX
+has no weighted ``EmbeddingBag``, and ONNX Runtime's ``GridSample`` is ~4x slower than its
+plain gathers): the exporter switches every module to it with :func:`deformable_kernel`.
 
 Both follow ``grid_sample(mode="bilinear", padding_mode="zeros", align_corners=False)``:
 a location ``(x, y)`` in ``[0, 1]`` maps to the pixel coordinate ``x * W - 0.5``, and
 corners outside the map contribute zero.
 """
 
+import contextlib
 import math
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .weighted_gather import weighted_gather
+
 __all__ = [
     "MultiScaleDeformableAttention",
     "ms_deform_attn_embedding_bag",
     "ms_deform_attn_grid_sample",
+    "ms_deform_attn_gather",
     "sample_pixels_embedding_bag",
+    "deformable_kernel",
 ]
 
 
@@ -147,11 +154,12 @@ def sample_pixels_embedding_bag(
         torch.mul(fy_a, wx0, out=weights[..., 2])
         torch.mul(fy_a, fx, out=weights[..., 3])
 
-    out = F.embedding_bag(
-        rows.view(batch * num_queries * num_heads, -1),
+    out = weighted_gather(
         table.view(batch * rows_per_image, head_dim),
-        mode="sum",
-        per_sample_weights=weights.view(batch * num_queries * num_heads, -1).to(value.dtype),
+        rows.view(batch * num_queries * num_heads, -1),
+        weights.view(batch * num_queries * num_heads, -1).to(value.dtype),
+        batch,
+        num_heads,
     )
     return out.view(batch, num_queries, num_heads * head_dim)
 
@@ -197,12 +205,15 @@ def ms_deform_attn_grid_sample(
     """
     _check_sampling_inputs(value, spatial_shapes, sampling_locations, attention_weights)
     batch, _, num_heads, head_dim = value.shape
-    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    num_queries = sampling_locations.shape[1]
     grids = 2 * sampling_locations - 1
     out = value.new_zeros(batch * num_heads, head_dim, num_queries)
-    for level, (h, w) in enumerate(shapes):
-        start = int(level_start_index[level])
+    # Level sizes and starts are read as tensors, not Python ints, so that a traced graph
+    # (ONNX export) keeps them as inputs of the slicing and reshapes: one graph serves every
+    # image size.
+    for level, (start, (h, w)) in enumerate(
+        zip(level_start_index.unbind(0), (s.unbind(0) for s in spatial_shapes.unbind(0)))
+    ):
         # [B, h*w, M, D] -> [B*M, D, h, w]
         value_l = value[:, start : start + h * w].permute(0, 2, 3, 1)
         value_l = value_l.reshape(batch * num_heads, head_dim, h, w)
@@ -216,6 +227,64 @@ def ms_deform_attn_grid_sample(
     return out.view(batch, num_heads * head_dim, num_queries).transpose(1, 2)
 
 
+def ms_deform_attn_gather(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Deformable sampling as four row gathers per level (one per bilinear corner).
+
+    The export kernel: plain ``Gather``, ``Mul`` and ``ReduceSum`` in a graph, which ONNX
+    Runtime runs several times faster than its ``GridSample``. Level sizes are read as
+    tensors, so a traced graph serves every image size. Args and returns as
+    :func:`ms_deform_attn_embedding_bag`.
+    """
+    _check_sampling_inputs(value, spatial_shapes, sampling_locations, attention_weights)
+    batch, _, num_heads, head_dim = value.shape
+    num_queries, num_points = sampling_locations.shape[1], sampling_locations.shape[4]
+    rows = batch * num_heads
+    out = value.new_zeros(rows, num_queries, head_dim)
+    # [B*M, 1, 1] offset of each (batch, head) block in the flattened per-level table
+    for level, (start, (h, w)) in enumerate(
+        zip(level_start_index.unbind(0), (s.unbind(0) for s in spatial_shapes.unbind(0)))
+    ):
+        # [B, h*w, M, D] -> [B*M, h*w + 1, D]: each (batch, head) block ends in a zero row that
+        # corners outside the map read (grid_sample's zero padding).
+        level_value = value[:, start : start + h * w].permute(0, 2, 1, 3)
+        level_value = level_value.reshape(rows, h * w, head_dim)
+        table = torch.cat([level_value, level_value.new_zeros(rows, 1, head_dim)], 1)
+        block = (torch.arange(rows, device=value.device) * (h * w + 1)).view(rows, 1, 1)
+        # [B, Q, M, P] -> [B*M, Q, P]
+        locations = sampling_locations[:, :, :, level].permute(0, 2, 1, 3, 4)
+        locations = locations.reshape(rows, num_queries, num_points, 2)
+        weights = attention_weights[:, :, :, level].permute(0, 2, 1, 3)
+        weights = weights.reshape(rows, num_queries, num_points)
+        x = locations[..., 0] * w - 0.5
+        y = locations[..., 1] * h - 0.5
+        x0, y0 = x.floor(), y.floor()
+        fx, fy = x - x0, y - y0
+        indices, corner_weights = [], []
+        for dx, dy, corner in (
+            (0, 0, (1 - fx) * (1 - fy)),
+            (1, 0, fx * (1 - fy)),
+            (0, 1, (1 - fx) * fy),
+            (1, 1, fx * fy),
+        ):
+            xi, yi = x0 + dx, y0 + dy
+            inside = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1)
+            indices.append(torch.where(inside, yi * w + xi, h * w))
+            corner_weights.append(corner * weights)
+        # One gather of the 4 corners x P points of every query, one weighted sum (a matmul).
+        index = torch.cat(indices, -1).to(torch.int64) + block  # [B*M, Q, 4P]
+        sampled = table.reshape(-1, head_dim).index_select(0, index.reshape(-1))
+        sampled = sampled.view(rows, num_queries, 4 * num_points, head_dim)
+        corner_weights = torch.cat(corner_weights, -1).unsqueeze(-2)  # [B*M, Q, 1, 4P]
+        out = out + torch.matmul(corner_weights, sampled).squeeze(-2)
+    return out.view(batch, num_heads, num_queries, head_dim).transpose(1, 2).flatten(2)
+
+
 class MultiScaleDeformableAttention(nn.Module):
     """Multi-scale deformable attention (Zhu et al., Deformable DETR).
 
@@ -227,6 +296,7 @@ class MultiScaleDeformableAttention(nn.Module):
     _KERNELS = {
         "embedding_bag": ms_deform_attn_embedding_bag,
         "grid_sample": ms_deform_attn_grid_sample,
+        "gather": ms_deform_attn_gather,
     }
 
     def __init__(
@@ -384,7 +454,33 @@ class MultiScaleDeformableAttention(nn.Module):
             )
         else:
             locations = self._locations(query, reference_points, spatial_shapes)
-            out = ms_deform_attn_grid_sample(
+            out = self._KERNELS[self.kernel](
                 value, spatial_shapes, level_start_index, locations, weights
             )
         return self.output_proj(out)
+
+
+@contextlib.contextmanager
+def deformable_kernel(model: nn.Module, kernel: str) -> Iterator[nn.Module]:
+    """
+    Temporarily sets the sampling kernel of every :class:`MultiScaleDeformableAttention` in
+    ``model`` (e.g. ``"grid_sample"`` while exporting to ONNX), restoring each module's own
+    kernel afterwards, also when the body raises. Both kernels give the same values.
+
+    Raises:
+        ValueError: ``kernel`` is not a known kernel (nothing is changed).
+    """
+    if kernel not in MultiScaleDeformableAttention._KERNELS:
+        raise ValueError(
+            f"kernel must be one of {sorted(MultiScaleDeformableAttention._KERNELS)}, "
+            f"got {kernel!r}"
+        )
+    modules = [m for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)]
+    saved = [m.kernel for m in modules]
+    try:
+        for module in modules:
+            module.kernel = kernel
+        yield model
+    finally:
+        for module, previous in zip(modules, saved):
+            module.kernel = previous

@@ -7,11 +7,12 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import Instances
 from torch import nn
 
+from ..text.structures import TokenizedText
 from .denoising import prepare_for_cdn, split_dn_outputs
-from .postprocessing import grounding_postprocess
-from .structures import MultiScaleFeatures
+from .postprocessing import detections_for_inputs, runs_for_inputs
+from .structures import ImageTokens, MultiScaleFeatures
 
-__all__ = ["GroundingDINO", "targets_from_instances"]
+__all__ = ["GroundingDINO", "normalize_image", "targets_from_instances"]
 
 
 @META_ARCH_REGISTRY.register()
@@ -146,10 +147,9 @@ class GroundingDINO(nn.Module):
                     f"Input {index}: image {tuple(image.shape[1:])} is smaller than "
                     f"the backbone's stride {stride}"
                 )
-            image = image.to(self.device, torch.float32)
-            if self.input_format == "BGR":
-                image = image.flip(0)
-            images.append((image - self.pixel_mean) / self.pixel_std)
+            images.append(
+                normalize_image(image, self.pixel_mean, self.pixel_std, self.input_format)
+            )
         return images
 
     # ------------------------------------------------------------------ forward
@@ -192,8 +192,27 @@ class GroundingDINO(nn.Module):
         index = torch.tensor([run.image_index for run in runs], device=self.device)
         if len(runs) != len(images) or any(r.image_index != i for i, r in enumerate(runs)):
             features = features.index_select(index)
-        text = self.text_encoder(self.prompt_encoder.batch(runs, self.device))
-        image, text = self.enhancer(features.flatten(), text)
+        tokens = self.prompt_encoder.batch(runs, self.device)
+        return self.forward_tokens(features.flatten(), tokens, targets)
+
+    def forward_tokens(
+        self, image: ImageTokens, tokens: TokenizedText, targets: Optional[List[Dict]] = None
+    ) -> Dict:
+        """
+        The network from flattened image features and tokenised text (one row per run): the
+        part of :meth:`forward_transformer` that holds no Python objects, so that it traces
+        (ONNX export, ``grounding_dino.export``).
+
+        Args:
+            image: [R, S, C] image tokens and their layout (``MultiScaleFeatures.flatten``).
+            tokens: R tokenised runs of L tokens (``PromptEncoder.batch``).
+            targets: as :meth:`forward_transformer`.
+
+        Returns:
+            as :meth:`forward_transformer`.
+        """
+        text = self.text_encoder(tokens)
+        image, text = self.enhancer(image, text)
         queries, reference, enc_outputs = self.query_selector(image, text)
 
         self_attention_mask = dn_meta = None
@@ -220,7 +239,7 @@ class GroundingDINO(nn.Module):
         outputs = _layer_outputs(logits, boxes)
         if dn_meta is not None:
             outputs["dn_outputs"] = _layer_outputs(dn_logits, dn_boxes)
-        text_mask = text.token_mask.new_zeros(len(runs), self.max_text_len)
+        text_mask = text.token_mask.new_zeros(text.token_mask.shape[0], self.max_text_len)
         text_mask[:, : text.token_mask.shape[1]] = text.token_mask
         outputs.update(enc_outputs=enc_outputs, text_mask=text_mask, dn_meta=dn_meta)
         return outputs
@@ -233,22 +252,14 @@ class GroundingDINO(nn.Module):
         ``"width"`` pixels (default: the image's own size).
         """
         images = self.preprocess_image(batched_inputs)
-        runs = [
-            run
-            for index, record in enumerate(batched_inputs)
-            for run in self.prompt_encoder.runs_for_input(index, record)
-        ]
+        runs = runs_for_inputs(self.prompt_encoder, batched_inputs)
         outputs = self.forward_transformer(images, runs)
-        output_sizes = [
-            (record.get("height", image.shape[1]), record.get("width", image.shape[2]))
-            for record, image in zip(batched_inputs, images)
-        ]
-        return grounding_postprocess(
-            outputs["pred_logits"].sigmoid(),
+        return detections_for_inputs(
+            batched_inputs,
+            [tuple(image.shape[1:]) for image in images],
+            outputs["pred_logits"],
             outputs["pred_boxes"],
             runs,
-            [record.get("category_names") for record in batched_inputs],
-            output_sizes,
             self.prompt_encoder,
             box_threshold=self.box_threshold,
             text_threshold=self.text_threshold,
@@ -281,6 +292,21 @@ class GroundingDINO(nn.Module):
             )
         outputs = self.forward_transformer(images, runs, targets)
         return self.criterion(outputs, targets, outputs.pop("dn_meta"))
+
+
+def normalize_image(
+    image: torch.Tensor, pixel_mean: torch.Tensor, pixel_std: torch.Tensor, input_format: str
+) -> torch.Tensor:
+    """
+    The network's input: a [3, H, W] 0-255 image in ``input_format`` ("RGB"/"BGR") order ->
+    float32 RGB (flipped when BGR), then normalised by the model's ``pixel_mean`` and
+    ``pixel_std`` ([3, 1, 1]), on their device. Shared by the model and the ONNX Runtime
+    predictor, whose graph takes the normalised image.
+    """
+    image = image.to(pixel_mean.device, torch.float32)
+    if input_format == "BGR":
+        image = image.flip(0)
+    return (image - pixel_mean) / pixel_std
 
 
 def targets_from_instances(

@@ -18,7 +18,81 @@ import torch
 from detectron2.structures import Boxes, Instances
 from torch.nn import functional as F
 
-__all__ = ["grounding_postprocess", "run_candidates", "merge_candidates"]
+__all__ = [
+    "runs_for_inputs",
+    "detections_for_inputs",
+    "grounding_postprocess",
+    "run_candidates",
+    "merge_candidates",
+]
+
+
+def runs_for_inputs(prompt_encoder, batched_inputs: Sequence[Dict]) -> List:
+    """
+    The transformer passes of a batch of model inputs (the first half of inference that every
+    runtime shares: the PyTorch model and the ONNX Runtime predictor).
+
+    Args:
+        prompt_encoder: the model's ``PromptEncoder``.
+        batched_inputs: model inputs, each with ``"caption"`` or ``"category_names"``.
+
+    Returns:
+        the ``PromptRun`` s of all inputs in order (a long prompt gives several, with the
+        input's index as ``image_index``).
+    """
+    return [
+        run
+        for index, record in enumerate(batched_inputs)
+        for run in prompt_encoder.runs_for_input(index, record)
+    ]
+
+
+def detections_for_inputs(
+    batched_inputs: Sequence[Dict],
+    image_sizes: Sequence[Tuple[int, int]],
+    logits: torch.Tensor,
+    boxes: torch.Tensor,
+    runs: Sequence,
+    prompt_encoder,
+    *,
+    box_threshold: float,
+    text_threshold: float,
+    max_detections: int,
+) -> List[Dict]:
+    """
+    The detections of a batch of model inputs from the raw outputs of their runs (the second
+    half of inference that every runtime shares).
+
+    Args:
+        batched_inputs: the model inputs (their ``"height"``, ``"width"`` and
+            ``"category_names"`` are read).
+        image_sizes: per input, the (height, width) of the image the network saw; boxes are
+            returned in ``"height"`` x ``"width"`` pixels, by default this size.
+        logits: [R, Q, max_text_len] token logits of the R runs (-inf past each caption).
+        boxes: [R, Q, 4] sigmoid cx, cy, w, h, normalised by the image size.
+        runs: the R runs (:func:`runs_for_inputs`).
+        prompt_encoder, box_threshold, text_threshold, max_detections: as
+            :func:`grounding_postprocess`.
+
+    Returns:
+        per input, ``{"instances": Instances, "phrases": [str]}`` (see
+        :func:`grounding_postprocess`).
+    """
+    output_sizes = [
+        (record.get("height", height), record.get("width", width))
+        for record, (height, width) in zip(batched_inputs, image_sizes)
+    ]
+    return grounding_postprocess(
+        logits.sigmoid(),
+        boxes,
+        runs,
+        [record.get("category_names") for record in batched_inputs],
+        output_sizes,
+        prompt_encoder,
+        box_threshold=box_threshold,
+        text_threshold=text_threshold,
+        max_detections=max_detections,
+    )
 
 
 def grounding_postprocess(

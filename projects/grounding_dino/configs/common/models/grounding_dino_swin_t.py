@@ -69,6 +69,9 @@ model = L(GroundingDINO)(
         bert_config=None,
         bert_position_offset=0,
         freeze=False,
+        # Text features of this many prompt runs are kept for reuse in eval mode without
+        # gradients (a fixed class list over many images is encoded once); 0 disables it.
+        cache_size=64,
     ),
     # ---- transformer
     enhancer=L(build_enhancer)(

@@ -1,0 +1,215 @@
+"""``OnnxPredictor``: the predictor's interface on an exported ONNX graph, run by ONNX Runtime.
+
+Python keeps what is not the network, shared with :class:`~grounding_dino.GroundingDINOPredictor`
+(not copied): the image checks and resize (``predictor.model_input``), the normalisation
+(``modeling.meta_arch.normalize_image``), tokenising and chunking a prompt into runs
+(``modeling.postprocessing.runs_for_inputs``, ``PromptEncoder.batch``) and the post-processing
+(``modeling.postprocessing.detections_for_inputs``). The graph (``grounding_dino.export``) gets
+one image and its runs and returns token logits and boxes of all queries.
+"""
+
+import logging
+import os
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from detectron2.config import LazyConfig, instantiate
+
+from ..export.graph import INPUT_NAMES, OUTPUT_NAMES, read_metadata
+from ..modeling.meta_arch import normalize_image
+from ..modeling.postprocessing import detections_for_inputs, runs_for_inputs
+from ..predictor import Prompt, inference_knobs, model_input
+from ..resize import official_resize_from_lazy_config
+
+__all__ = ["OnnxPredictor"]
+
+logger = logging.getLogger(__name__)
+
+
+class OnnxPredictor:
+    """
+    Runs an exported Grounding DINO (``python -m grounding_dino.export onnx``) with ONNX
+    Runtime on BGR images; returns what ``GroundingDINOPredictor`` returns.
+
+    Example::
+
+        predictor = OnnxPredictor("model.onnx", "configs/grounding_dino_swin_t_ogc.py")
+        out = predictor(image_bgr, "cat . remote control .")   # or ["cat", "remote control"]
+        out["instances"].pred_boxes, out["phrases"]
+
+    The inference knobs ``box_threshold``, ``text_threshold`` and ``max_detections`` come from
+    the config's model and are plain attributes.
+    """
+
+    def __init__(
+        self,
+        onnx_path: str,
+        config,
+        overrides: Sequence[str] = (),
+        *,
+        input_format: str = "BGR",
+        threads: Optional[int] = None,
+        providers: Optional[List[str]] = None,
+    ):
+        """
+        Args:
+            onnx_path: the exported graph.
+            config: the lazy config it was exported from (a path, .py/.yaml, or a loaded
+                config); only its prompt encoder (the tokenizer), normalisation, resize and
+                inference knobs are used, no torch weights.
+            overrides: ``key=value`` config overrides.
+            input_format: channel order of the arrays given to ``__call__``.
+            threads: ONNX Runtime intra-op threads (None: its default, all cores).
+            providers: ONNX Runtime execution providers (default: the CPU).
+
+        Raises:
+            FileNotFoundError: the graph or the config file does not exist.
+            ValueError: the graph's inputs, outputs or sizes do not match the config.
+        """
+        import onnxruntime as ort
+
+        if not os.path.isfile(onnx_path):
+            raise FileNotFoundError(f"ONNX file {onnx_path} does not exist")
+        if isinstance(config, str):
+            if not os.path.isfile(config):
+                raise FileNotFoundError(f"config file {config} does not exist")
+            config = LazyConfig.load(config)
+        cfg = LazyConfig.apply_overrides(config, list(overrides))
+        model_cfg = cfg.model
+        self.prompt_encoder = instantiate(model_cfg.prompt_encoder)
+        self.box_threshold = float(model_cfg.box_threshold)
+        self.text_threshold = float(model_cfg.text_threshold)
+        self.max_detections = int(model_cfg.max_detections)
+        self.model_input_format = str(model_cfg.input_format)
+        self.pixel_mean = torch.tensor(list(model_cfg.pixel_mean)).view(-1, 1, 1)
+        self.pixel_std = torch.tensor(list(model_cfg.pixel_std)).view(-1, 1, 1)
+        self.input_format = input_format
+        self.resize = official_resize_from_lazy_config(cfg)
+
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(
+            onnx_path, options, providers=providers or ["CPUExecutionProvider"]
+        )
+        self.metadata = read_metadata(self.session.get_modelmeta().custom_metadata_map)
+        self._check_graph(onnx_path)
+        self.stride = int(self.metadata.get("size_divisibility", 32))
+
+    def _check_graph(self, path: str) -> None:
+        inputs = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        if inputs != list(INPUT_NAMES) or outputs != list(OUTPUT_NAMES):
+            raise ValueError(
+                f"{path}: inputs {inputs} / outputs {outputs} are not a Grounding DINO graph's "
+                f"{list(INPUT_NAMES)} / {list(OUTPUT_NAMES)}; export it with "
+                f"python -m grounding_dino.export onnx"
+            )
+        expected = self.prompt_encoder.max_text_len
+        found = (
+            ("its logits output", self.session.get_outputs()[0].shape[2]),
+            ("its metadata", self.metadata.get("max_text_len")),
+        )
+        for where, value in found:
+            if isinstance(value, (int, str)) and str(value).isdigit() and int(value) != expected:
+                raise ValueError(
+                    f"{path} was exported with max_text_len={value} ({where}), but the "
+                    f"config's model.max_text_len is {expected}; use the config it was "
+                    f"exported from, or export again"
+                )
+
+    # ------------------------------------------------------------------ running
+    def _input(self, image: np.ndarray, prompt: Prompt, index: int) -> Dict:
+        return model_input(
+            image,
+            prompt,
+            index,
+            resize=self.resize,
+            stride=self.stride,
+            input_format=self.input_format,
+            model_input_format=self.model_input_format,
+        )
+
+    def _run(self, image: torch.Tensor, runs) -> List[np.ndarray]:
+        text = self.prompt_encoder.batch(runs)
+        feeds = {
+            "image": image[None].numpy(),
+            "input_ids": text.input_ids.numpy(),
+            "token_mask": text.token_mask.numpy(),
+            "self_attention_mask": text.self_attention_mask.numpy(),
+            "position_ids": text.position_ids.numpy(),
+        }
+        try:
+            return self.session.run(list(OUTPUT_NAMES), feeds)
+        except Exception as error:  # onnxruntime raises its own exception types
+            raise RuntimeError(
+                f"ONNX Runtime failed on an image of {tuple(image.shape[1:])} with "
+                f"{text.input_ids.shape[0]} run(s) of {text.input_ids.shape[1]} tokens (too small "
+                f"an image gives fewer feature positions than queries): {error}"
+            ) from error
+
+    def _predict(self, records: List[Dict]) -> List[Dict]:
+        runs = runs_for_inputs(self.prompt_encoder, records)
+        logits, boxes, sizes = [], [], []
+        for index, record in enumerate(records):
+            image = normalize_image(
+                record["image"], self.pixel_mean, self.pixel_std, self.model_input_format
+            )
+            image_logits, image_boxes = self._run(
+                image, [run for run in runs if run.image_index == index]
+            )
+            logits.append(torch.from_numpy(image_logits))
+            boxes.append(torch.from_numpy(image_boxes))
+            sizes.append(tuple(image.shape[1:]))
+        return detections_for_inputs(
+            records,
+            sizes,
+            torch.cat(logits),
+            torch.cat(boxes),
+            runs,
+            self.prompt_encoder,
+            box_threshold=self.box_threshold,
+            text_threshold=self.text_threshold,
+            max_detections=self.max_detections,
+        )
+
+    def __call__(self, image: np.ndarray, prompt: Prompt) -> Dict:
+        """
+        Args:
+            image: HxWx3 uint8 array in ``input_format`` (BGR by default).
+            prompt: a caption ("cat . remote control .") or a list of class names.
+
+        Returns:
+            ``{"instances": Instances, "phrases": [str]}`` in the image's pixels, as
+            ``GroundingDINOPredictor``.
+        """
+        return self._predict([self._input(image, prompt, 0)])[0]
+
+    def predict_batch(
+        self, images: Sequence[np.ndarray], prompts: Union[Prompt, Sequence[Prompt]]
+    ) -> List[Dict]:
+        """Several images, each with its own prompt (or one caption for all); one graph run
+        per image. Results equal one-by-one calls."""
+        images = list(images)
+        if isinstance(prompts, str):
+            prompts = [prompts] * len(images)
+        prompts = list(prompts)
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        return self._predict(
+            [self._input(im, p, i) for i, (im, p) in enumerate(zip(images, prompts))]
+        )
+
+    def predict_rec(self, image: np.ndarray, expression: str) -> Dict:
+        """The single best box for a referring expression, whatever its score (as
+        ``GroundingDINOPredictor.predict_rec``)."""
+        if not isinstance(expression, str) or not expression.strip():
+            raise ValueError(
+                f"The referring expression must be a non-empty string, got {expression!r}"
+            )
+        with inference_knobs(self, box_threshold=-1.0, max_detections=1):
+            output = self(image, expression)
+        output["phrases"] = [expression.strip()] * len(output["instances"])
+        return output

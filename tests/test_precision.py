@@ -1,0 +1,208 @@
+"""Precision modes (``grounding_dino.precision``): the predictor's ``dtype=`` (bf16 autocast on
+the CPU, fp16 refused there, float32 outputs), ``--dtype`` of the demo and labelling CLIs, and
+``tools/evaluate_precision.py`` run as a user runs it on a model trained for a few iterations."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from detectron2.config import instantiate
+from detectron2.structures import Boxes, Instances
+
+from grounding_dino import precision
+from grounding_dino.model_zoo import get_config, get_config_file
+from grounding_dino.precision import check_precision, outputs_to_fp32, precision_context
+from grounding_dino.predictor import GroundingDINOPredictor
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+OVERRIDES = [  # 128 px and 20 queries: fast on the CPU
+    "dataloader.test.mapper.augmentations.min_size=128",
+    "dataloader.test.mapper.augmentations.max_size=128",
+    "model.query_selector.num_queries=20",
+]
+CLASSES = ["red circle", "blue square", "green star"]
+
+
+def _image(seed: int, height: int = 96, width: int = 120) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Random weights of a small ``shapes_tiny.py`` model and a folder of two images."""
+    root = tmp_path_factory.mktemp("precision")
+    cfg = get_config("shapes_tiny.py")
+    cfg.model.query_selector.num_queries = 20
+    torch.manual_seed(0)
+    weights = root / "tiny.pth"
+    torch.save({"model": instantiate(cfg.model).state_dict()}, weights)
+    images = root / "photos"
+    images.mkdir()
+    for i in range(2):
+        cv2.imwrite(str(images / f"img{i}.png"), _image(i))
+    return {"root": root, "weights": str(weights), "images": images}
+
+
+def _predictor(tiny, dtype):
+    return GroundingDINOPredictor.from_config_file(
+        get_config_file("shapes_tiny.py"), tiny["weights"], OVERRIDES, dtype=dtype
+    )
+
+
+# ------------------------------------------------------------------------------ the module
+def test_modes_are_checked_against_the_device():
+    assert check_precision("fp32", "cpu") == "fp32"
+    assert check_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ValueError, match=r"dtype='fp16' is not offered on the CPU.*bf16"):
+        check_precision("fp16", "cpu")
+    with pytest.raises(ValueError, match=r"dtype='int8' is not a precision mode; choose one of"):
+        check_precision("int8", "cpu")
+    with pytest.raises(ValueError, match="needs a CPU or CUDA device, the model is on meta"):
+        check_precision("bf16", "meta")
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_logged(monkeypatch, caplog):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="grounding_dino.precision"):
+        check_precision("bf16", "cpu")
+    assert "without native bfloat16" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="grounding_dino.precision"):
+        check_precision("bf16", "cpu")
+    assert caplog.text == ""
+
+
+def test_outputs_are_cast_to_float32_and_integers_kept():
+    instances = Instances(
+        (10, 10),
+        pred_boxes=Boxes(torch.rand(3, 4).bfloat16()),
+        scores=torch.rand(3).bfloat16(),
+        token_scores=torch.rand(3, 5).half(),
+        pred_classes=torch.tensor([0, 2, 1]),
+    )
+    (output,) = outputs_to_fp32([{"instances": instances, "phrases": ["a", "b", "c"]}])
+    result = output["instances"]
+    assert result.pred_boxes.tensor.dtype == result.scores.dtype == torch.float32
+    assert result.token_scores.dtype == torch.float32
+    assert result.pred_classes.dtype == torch.int64
+
+
+def test_precision_context_is_autocast_for_bf16_only():
+    linear = torch.nn.Linear(4, 4)
+    with precision_context("bf16", "cpu"):
+        assert linear(torch.rand(2, 4)).dtype == torch.bfloat16
+    with precision_context("fp32", "cpu"):
+        assert linear(torch.rand(2, 4)).dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------ predictor
+def test_predictor_bf16_computes_in_bf16_and_returns_float32(tiny):
+    fp32, bf16 = _predictor(tiny, "fp32"), _predictor(tiny, "bf16")
+    seen = []
+    for module in bf16.model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    image = _image(0)
+    out, reference = bf16(image, CLASSES), fp32(image, CLASSES)
+    assert seen and set(seen) == {torch.bfloat16}
+    instances = out["instances"]
+    assert len(instances) == len(reference["instances"]) > 0
+    for field in ("scores", "token_scores"):
+        assert instances.get(field).dtype == torch.float32
+    assert instances.pred_boxes.tensor.dtype == torch.float32
+    # Rounded, not equal: bf16 keeps 8 bits of mantissa.
+    assert not torch.equal(instances.scores, reference["instances"].scores)
+    batch = bf16.predict_batch([image, _image(1)], [CLASSES, CLASSES])
+    assert all(o["instances"].scores.dtype == torch.float32 for o in batch)
+    # In bf16 a batch equals one-by-one calls only to bf16 rounding (fp32: exactly).
+    torch.testing.assert_close(batch[0]["instances"].scores, instances.scores, atol=0.01, rtol=0)
+
+
+def test_predictor_refuses_fp16_on_the_cpu(tiny):
+    with pytest.raises(ValueError, match="dtype='fp16' is not offered on the CPU"):
+        _predictor(tiny, "fp16")
+
+
+# ------------------------------------------------------------------------------ the CLIs
+def _demo(tiny, output, dtype):
+    command = [
+        sys.executable,
+        str(REPO / "demo" / "demo.py"),
+        "--config-file",
+        get_config_file("shapes_tiny.py"),
+        "--weights",
+        tiny["weights"],
+        "--input",
+        str(tiny["images"]),
+        "--prompt",
+        ", ".join(CLASSES),
+        "--json",
+        str(output),
+        "--box-threshold",
+        "0",
+        "--dtype",
+        dtype,
+        "--opts",
+        *OVERRIDES,
+    ]
+    return subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def test_demo_cli_dtype(tiny):
+    done = _demo(tiny, tiny["root"] / "bf16.json", "bf16")
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = json.loads((tiny["root"] / "bf16.json").read_text())
+    assert {r["file_name"].rsplit("/", 1)[-1] for r in records} == {"img0.png", "img1.png"}
+    refused = _demo(tiny, tiny["root"] / "fp16.json", "fp16")
+    assert refused.returncode == 2 and "dtype='fp16' is not offered on the CPU" in refused.stderr
+
+
+def _label(tiny, output, dtype):
+    command = [
+        sys.executable,
+        "-m",
+        "grounding_dino.label",
+        "--config-file",
+        get_config_file("shapes_tiny.py"),
+        "--weights",
+        tiny["weights"],
+        "--input",
+        str(tiny["images"]),
+        "--classes",
+        ", ".join(CLASSES),
+        "--output",
+        str(output),
+        "--box-threshold",
+        "0",
+        "--decode-workers",
+        "0",
+        "--device",
+        "cpu",
+        "--dtype",
+        dtype,
+        "--opts",
+        *OVERRIDES,
+    ]
+    return subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def test_label_cli_dtype_is_part_of_the_run(tiny):
+    output = tiny["root"] / "labels" / "labels.json"
+    done = _label(tiny, output, "bf16")
+    assert done.returncode == 0, done.stderr[-3000:]
+    dataset = json.loads(output.read_text())
+    assert len(dataset["images"]) == 2 and dataset["info"]["dtype"] == "bf16"
+    # Resuming with another precision would mix two models' labels: refused, saying why.
+    again = _label(tiny, output, "fp32")
+    assert again.returncode == 2 and "dtype: was 'bf16', now 'fp32'" in again.stderr
+    refused = _label(tiny, tiny["root"] / "fp16" / "labels.json", "fp16")
+    assert refused.returncode == 2 and "dtype='fp16' is not offered on the CPU" in refused.stderr
