@@ -162,3 +162,35 @@ def test_predictor_outputs_are_equal_with_the_cache(converted_tiny):
     info = cached.model.text_encoder.cache_info()
     assert info["misses"] >= 2 and info["hits"] == info["misses"]
     assert plain.model.text_encoder.cache_info()["size"] == 0
+
+
+def test_cache_benchmark_tool_on_a_class_list(converted_tiny, tmp_path):
+    """tools/benchmark_text_cache.py as a user runs it: equal outputs, a timed speed-up entry,
+    cache hits on the repeated list, and a result file that is never overwritten."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, out_dir, _ = converted_tiny
+    tool = Path(__file__).resolve().parents[1] / "tools" / "benchmark_text_cache.py"
+    output = tmp_path / "cache.json"
+    command = [sys.executable, str(tool), "--weights", str(out_dir / "model.pth")]
+    command += ["--classes", "coco", "--images", "2", "--size", "96", "--runs", "1"]
+    command += ["--threads", "1", "--output", str(output)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(output.read_text())
+    assert report["classes"] == 80 and report["images"] == 2
+    assert report["outputs"]["equal_count"] and report["outputs"]["same_phrases"]
+    assert report["outputs"].get("max_score_diff", 0.0) == 0.0
+    assert report["cache"]["hits"] >= report["passes_per_image"] * 2
+    assert report["speedup"] > 0
+    again = subprocess.run(command, capture_output=True, text=True)
+    assert again.returncode != 0 and "not overwritten" in again.stderr
+    missing = subprocess.run(
+        [sys.executable, str(tool), "--weights", str(tmp_path / "nope.pth")],
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode != 0 and "nope.pth does not exist" in missing.stderr
