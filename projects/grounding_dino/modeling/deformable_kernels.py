@@ -1,0 +1,271 @@
+"""The sampling kernels of multi-scale deformable attention, in pure PyTorch.
+
+Every kernel takes ``value`` [B, S, heads, head_dim], ``spatial_shapes`` [L, 2] (h, w),
+``level_start_index`` [L], ``sampling_locations`` [B, Q, heads, L, P, 2] in [0, 1] and
+``attention_weights`` [B, Q, heads, L, P], and returns [B, Q, heads * head_dim]. All follow
+``grid_sample(mode="bilinear", padding_mode="zeros", align_corners=False)``: a location
+``(x, y)`` in ``[0, 1]`` maps to the pixel coordinate ``x * W - 0.5``, and corners outside the
+map contribute zero.
+
+- :func:`ms_deform_attn_embedding_bag` (the default): one weighted gather-and-sum over the
+  rows of ``value`` (``embedding_bag``), in their natural layout.
+- :func:`ms_deform_attn_grid_sample`: the classic per-level ``grid_sample`` (the reference).
+- :func:`ms_deform_attn_gather`: the ONNX export kernel (plain gathers and a matmul; ONNX has
+  no weighted ``EmbeddingBag``).
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .weighted_gather import weighted_gather
+
+__all__ = [
+    "ms_deform_attn_embedding_bag",
+    "ms_deform_attn_grid_sample",
+    "ms_deform_attn_gather",
+    "sample_pixels_embedding_bag",
+]
+
+
+def _check_sampling_inputs(value, spatial_shapes, sampling_locations, attention_weights):
+    if value.dim() != 4:
+        raise ValueError(f"value must be [B, S, heads, head_dim], got shape {tuple(value.shape)}")
+    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
+        raise ValueError(
+            "sampling_locations must be [B, Q, heads, levels, points, 2], got shape "
+            f"{tuple(sampling_locations.shape)}"
+        )
+    if attention_weights.shape != sampling_locations.shape[:-1]:
+        raise ValueError(
+            f"attention_weights shape {tuple(attention_weights.shape)} does not match "
+            f"sampling_locations shape {tuple(sampling_locations.shape)} without its last dim"
+        )
+    if spatial_shapes.dim() != 2 or spatial_shapes.shape != (sampling_locations.shape[3], 2):
+        raise ValueError(
+            f"spatial_shapes must be [levels={sampling_locations.shape[3]}, 2], "
+            f"got shape {tuple(spatial_shapes.shape)}"
+        )
+
+
+def _level_sizes(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, num_values: int):
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    starts = [int(s) for s in level_start_index.tolist()]
+    if sum(h * w for h, w in shapes) != num_values:
+        raise ValueError(
+            f"spatial_shapes {shapes} cover {sum(h * w for h, w in shapes)} positions but "
+            f"value has {num_values}"
+        )
+    return shapes, starts
+
+
+def sample_pixels_embedding_bag(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Weighted bilinear sampling at pixel coordinates, as one ``embedding_bag``.
+
+    Args:
+        value: [B, S, M, D] projected values of all levels (M heads, D channels per head).
+        spatial_shapes: [L, 2] long, (H_l, W_l) of each level.
+        level_start_index: [L] long, first row of each level in S.
+        x, y: [B, Q, M, L, P] pixel coordinates (pixel centres at integers, i.e.
+            ``location * size - 0.5``). They may be overwritten.
+        attention_weights: [B, Q, M, L, P].
+
+    Returns:
+        [B, Q, M*D] the weighted sums, heads concatenated.
+    """
+    batch, num_values, num_heads, head_dim = value.shape
+    num_queries = x.shape[1]
+    shapes, starts = _level_sizes(spatial_shapes, level_start_index, num_values)
+    device, dtype = value.device, x.dtype
+
+    # Copy every level into a zero border of 1 pixel on the top/left and 2 on the
+    # bottom/right: both corners of a coordinate clamped to [-1, W] then lie in the
+    # table, and corners outside the map read zeros, as grid_sample's zero padding.
+    padded_starts, total = [], 0
+    for h, w in shapes:
+        padded_starts.append(total)
+        total += (h + 3) * (w + 3)
+    table = value.new_zeros(batch, total, num_heads * head_dim)
+    for (h, w), start, pstart in zip(shapes, starts, padded_starts):
+        level = table[:, pstart : pstart + (h + 3) * (w + 3)].view(batch, h + 3, w + 3, -1)
+        level[:, 1 : h + 1, 1 : w + 1] = value[:, start : start + h * w].view(batch, h, w, -1)
+
+    size = torch.tensor(shapes, dtype=dtype, device=device)
+    height = size[:, 0:1]  # [L, 1] broadcasts against [B, Q, M, L, P]
+    width = size[:, 1:2]
+    # Beyond [-1, W] all corners are outside and weigh nothing, as at -1 or W exactly.
+    minus_one = size.new_tensor(-1.0)
+    x = torch.clamp(x, min=minus_one, max=width)
+    y = torch.clamp(y, min=minus_one, max=height)
+    x0 = x.floor()
+    y0 = y.floor()
+    fx = x - x0
+    fy = y - y0
+
+    # Row of table.view(-1, D) of the top-left corner, within one batch element:
+    # (start_l + (y0 + 1) * (W_l + 3) + (x0 + 1)) * M + m. Exact in float32 below 2**24.
+    rows_per_image = total * num_heads
+    index_dtype = torch.int32 if batch * rows_per_image < 2**31 else torch.int64
+    exact = torch.float32 if rows_per_image < 2**24 else torch.float64
+    padded_width = torch.tensor([w + 3 for _, w in shapes], dtype=exact, device=device)
+    offset = (
+        (torch.tensor(padded_starts, dtype=exact, device=device) + padded_width + 1) * num_heads
+    ).view(1, 1, 1, -1, 1) + torch.arange(num_heads, dtype=exact, device=device).view(
+        1, 1, -1, 1, 1
+    )  # [1, 1, M, L, 1]
+    top_left = y0.to(exact) * (padded_width * num_heads).view(-1, 1)
+    top_left.add_(x0.to(exact), alpha=num_heads).add_(offset)
+    # Corner offsets (tl, tr, bl, br) per level plus the batch offset: [B, 1, 1, L, 1, 4].
+    row = (padded_width * num_heads).to(index_dtype).view(-1, 1, 1)
+    corners = torch.cat([row * 0, row * 0 + num_heads, row, row + num_heads], dim=-1)
+    batch_offset = torch.arange(batch, dtype=index_dtype, device=device) * rows_per_image
+    corners = corners + batch_offset.view(batch, 1, 1, 1, 1, 1)
+    rows = top_left.to(index_dtype).unsqueeze(-1) + corners  # [B, Q, M, L, P, 4]
+
+    fy_a = fy * attention_weights
+    wy0 = attention_weights - fy_a
+    wx0 = 1 - fx
+    if any(t.requires_grad for t in (wy0, fy_a, wx0, fx)):
+        weights = torch.stack((wy0 * wx0, wy0 * fx, fy_a * wx0, fy_a * fx), dim=-1)
+    else:  # inference: write the four products in place, no temporaries
+        weights = wy0.new_empty(wy0.shape + (4,))
+        torch.mul(wy0, wx0, out=weights[..., 0])
+        torch.mul(wy0, fx, out=weights[..., 1])
+        torch.mul(fy_a, wx0, out=weights[..., 2])
+        torch.mul(fy_a, fx, out=weights[..., 3])
+
+    out = weighted_gather(
+        table.view(batch * rows_per_image, head_dim),
+        rows.view(batch * num_queries * num_heads, -1),
+        weights.view(batch * num_queries * num_heads, -1).to(value.dtype),
+        batch,
+        num_heads,
+    )
+    return out.view(batch, num_queries, num_heads * head_dim)
+
+
+def ms_deform_attn_embedding_bag(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Deformable sampling as one weighted ``embedding_bag`` over the value rows.
+
+    Args:
+        value: [B, S, M, D] projected values of all levels (M heads, D channels per head).
+        spatial_shapes: [L, 2] long, (H_l, W_l) of each level.
+        level_start_index: [L] long, first row of each level in S.
+        sampling_locations: [B, Q, M, L, P, 2] normalised (x, y) in [0, 1].
+        attention_weights: [B, Q, M, L, P] weights (softmax over L*P per head).
+
+    Returns:
+        [B, Q, M*D] the attended values, heads concatenated.
+    """
+    _check_sampling_inputs(value, spatial_shapes, sampling_locations, attention_weights)
+    size = spatial_shapes.to(sampling_locations.dtype)
+    x = sampling_locations[..., 0] * size[:, 1:2] - 0.5
+    y = sampling_locations[..., 1] * size[:, 0:1] - 0.5
+    return sample_pixels_embedding_bag(
+        value, spatial_shapes, level_start_index, x, y, attention_weights
+    )
+
+
+def ms_deform_attn_grid_sample(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Deformable sampling with one ``grid_sample`` per level (the reference formulation).
+
+    Args and returns as :func:`ms_deform_attn_embedding_bag`.
+    """
+    _check_sampling_inputs(value, spatial_shapes, sampling_locations, attention_weights)
+    batch, _, num_heads, head_dim = value.shape
+    num_queries = sampling_locations.shape[1]
+    grids = 2 * sampling_locations - 1
+    out = value.new_zeros(batch * num_heads, head_dim, num_queries)
+    # Level sizes and starts are read as tensors, not Python ints, so that a traced graph
+    # (ONNX export) keeps them as inputs of the slicing and reshapes: one graph serves every
+    # image size.
+    for level, (start, (h, w)) in enumerate(
+        zip(level_start_index.unbind(0), (s.unbind(0) for s in spatial_shapes.unbind(0)))
+    ):
+        # [B, h*w, M, D] -> [B*M, D, h, w]
+        value_l = value[:, start : start + h * w].permute(0, 2, 3, 1)
+        value_l = value_l.reshape(batch * num_heads, head_dim, h, w)
+        # [B, Q, M, P, 2] -> [B*M, Q, P, 2]
+        grid_l = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        sampled = F.grid_sample(
+            value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False
+        )  # [B*M, D, Q, P]
+        weights_l = attention_weights[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        out += (sampled * weights_l.unsqueeze(1)).sum(-1)
+    return out.view(batch, num_heads * head_dim, num_queries).transpose(1, 2)
+
+
+def ms_deform_attn_gather(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Deformable sampling as four row gathers per level (one per bilinear corner).
+
+    The export kernel: plain ``Gather``, ``Mul`` and ``ReduceSum`` in a graph, which ONNX
+    Runtime runs several times faster than its ``GridSample``. Level sizes are read as
+    tensors, so a traced graph serves every image size. Args and returns as
+    :func:`ms_deform_attn_embedding_bag`.
+    """
+    _check_sampling_inputs(value, spatial_shapes, sampling_locations, attention_weights)
+    batch, _, num_heads, head_dim = value.shape
+    num_queries, num_points = sampling_locations.shape[1], sampling_locations.shape[4]
+    rows = batch * num_heads
+    out = value.new_zeros(rows, num_queries, head_dim)
+    # [B*M, 1, 1] offset of each (batch, head) block in the flattened per-level table
+    for level, (start, (h, w)) in enumerate(
+        zip(level_start_index.unbind(0), (s.unbind(0) for s in spatial_shapes.unbind(0)))
+    ):
+        # [B, h*w, M, D] -> [B*M, h*w + 1, D]: each (batch, head) block ends in a zero row that
+        # corners outside the map read (grid_sample's zero padding).
+        level_value = value[:, start : start + h * w].permute(0, 2, 1, 3)
+        level_value = level_value.reshape(rows, h * w, head_dim)
+        table = torch.cat([level_value, level_value.new_zeros(rows, 1, head_dim)], 1)
+        block = (torch.arange(rows, device=value.device) * (h * w + 1)).view(rows, 1, 1)
+        # [B, Q, M, P] -> [B*M, Q, P]
+        locations = sampling_locations[:, :, :, level].permute(0, 2, 1, 3, 4)
+        locations = locations.reshape(rows, num_queries, num_points, 2)
+        weights = attention_weights[:, :, :, level].permute(0, 2, 1, 3)
+        weights = weights.reshape(rows, num_queries, num_points)
+        x = locations[..., 0] * w - 0.5
+        y = locations[..., 1] * h - 0.5
+        x0, y0 = x.floor(), y.floor()
+        fx, fy = x - x0, y - y0
+        indices, corner_weights = [], []
+        for dx, dy, corner in (
+            (0, 0, (1 - fx) * (1 - fy)),
+            (1, 0, fx * (1 - fy)),
+            (0, 1, (1 - fx) * fy),
+            (1, 1, fx * fy),
+        ):
+            xi, yi = x0 + dx, y0 + dy
+            inside = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1)
+            indices.append(torch.where(inside, yi * w + xi, h * w))
+            corner_weights.append(corner * weights)
+        # One gather of the 4 corners x P points of every query, one weighted sum (a matmul).
+        index = torch.cat(indices, -1).to(torch.int64) + block  # [B*M, Q, 4P]
+        sampled = table.reshape(-1, head_dim).index_select(0, index.reshape(-1))
+        sampled = sampled.view(rows, num_queries, 4 * num_points, head_dim)
+        corner_weights = torch.cat(corner_weights, -1).unsqueeze(-2)  # [B*M, Q, 1, 4P]
+        out = out + torch.matmul(corner_weights, sampled).squeeze(-2)
+    return out.view(batch, num_heads, num_queries, head_dim).transpose(1, 2).flatten(2)
