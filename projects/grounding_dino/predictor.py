@@ -2,7 +2,7 @@
 
 import contextlib
 import logging
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ __all__ = [
     "inference_knobs",
     "prompt_to_input",
     "model_input",
+    "prompts_for_images",
     "check_image",
     "check_token_spans",
 ]
@@ -107,6 +108,26 @@ def model_input(
     resized = resize.get_transform(image).apply_image(image)
     tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
     return {"image": tensor, "height": height, "width": width, **prompt_to_input(prompt)}
+
+
+def prompts_for_images(
+    images: Sequence[np.ndarray], prompts: Union[Prompt, Sequence[Prompt]]
+) -> Tuple[List[np.ndarray], List[Prompt]]:
+    """
+    The images of a batch call and one prompt per image: ``prompts`` is a list with one
+    prompt (caption or class list) per image, or a single caption for all images (shared by
+    the PyTorch and the ONNX Runtime predictors).
+
+    Raises:
+        ValueError: the numbers of images and prompts differ.
+    """
+    images = list(images)
+    if isinstance(prompts, str):
+        prompts = [prompts] * len(images)
+    prompts = list(prompts)
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    return images, prompts
 
 
 def check_token_spans(caption: str, token_spans) -> List[List[List[int]]]:
@@ -269,12 +290,7 @@ class GroundingDINOPredictor:
         one prompt (caption or class list) per image, or a single caption for all images.
         Results equal one-by-one calls.
         """
-        images = list(images)
-        if isinstance(prompts, str):
-            prompts = [prompts] * len(images)
-        prompts = list(prompts)
-        if len(prompts) != len(images):
-            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        images, prompts = prompts_for_images(images, prompts)
         inputs = [self._input(im, p, i) for i, (im, p) in enumerate(zip(images, prompts))]
         with precision_context(self.dtype, self.model.device):
             return outputs_to_fp32(self.model(inputs))

@@ -19,7 +19,7 @@ from detectron2.config import LazyConfig, instantiate
 from ..export.graph import INPUT_NAMES, OUTPUT_NAMES, read_metadata
 from ..modeling.meta_arch import normalize_image
 from ..modeling.postprocessing import detections_for_inputs, runs_for_inputs
-from ..predictor import Prompt, inference_knobs, model_input
+from ..predictor import Prompt, inference_knobs, model_input, prompts_for_images
 from ..resize import official_resize_from_lazy_config
 
 __all__ = ["OnnxPredictor"]
@@ -192,12 +192,7 @@ class OnnxPredictor:
     ) -> List[Dict]:
         """Several images, each with its own prompt (or one caption for all); one graph run
         per image. Results equal one-by-one calls."""
-        images = list(images)
-        if isinstance(prompts, str):
-            prompts = [prompts] * len(images)
-        prompts = list(prompts)
-        if len(prompts) != len(images):
-            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        images, prompts = prompts_for_images(images, prompts)
         return self._predict(
             [self._input(im, p, i) for i, (im, p) in enumerate(zip(images, prompts))]
         )
