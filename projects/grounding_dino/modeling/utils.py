@@ -8,6 +8,7 @@ from torch import nn
 
 __all__ = [
     "MLP",
+    "rowwise_in_chunks",
     "inverse_sigmoid",
     "sine_embedding",
     "box_sine_embedding",
@@ -34,6 +35,35 @@ class MLP(nn.Module):
             if index < len(self.layers) - 1:
                 x = F.relu(x)
         return x
+
+
+def rowwise_in_chunks(fn, x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """
+    ``fn(x)`` computed on chunks of ``chunk`` rows of dimension 1, for an ``fn`` that treats
+    every row on its own (linear layers, activations, layer norms): equal to ``fn(x)``.
+
+    Wide hidden layers of many tokens (an FFN's [B, S, 2048]) are large fresh allocations,
+    whose first touch costs page faults; chunks of a few MB are recycled by the allocator and
+    stay in cache. While tracing (ONNX export) ``fn(x)`` runs whole, so that the graph keeps a
+    dynamic number of rows.
+
+    Args:
+        fn: [B, n, C] -> [B, n, C_out], row-wise.
+        x: [B, S, C].
+        chunk: rows per chunk (>= 1).
+
+    Returns:
+        [B, S, C_out].
+    """
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or x.shape[1] <= chunk:
+        return fn(x)
+    rows = x.shape[1]
+    first = fn(x[:, :chunk])
+    out = first.new_empty((x.shape[0], rows) + first.shape[2:])
+    out[:, :chunk] = first
+    for start in range(chunk, rows, chunk):
+        out[:, start : start + chunk] = fn(x[:, start : start + chunk])
+    return out
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
