@@ -1,13 +1,16 @@
-"""Inference runs the wide row-wise layers (the enhancer's image FFN, Swin's MLPs) on chunks of
-tokens (``rowwise_in_chunks``): the outputs equal the whole-tensor ones, training keeps the
-whole path, and a traced graph (ONNX export) keeps a dynamic number of tokens."""
+"""Inference runs the wide row-wise layers (the enhancer's image FFN, Swin's MLPs, the deformable
+attention's sampling) on chunks of tokens (``rowwise_in_chunks``): the outputs equal the
+whole-tensor ones, training keeps the whole path, and a traced graph (ONNX export) keeps a
+dynamic number of tokens."""
 
 import pytest
 import torch
 
 import grounding_dino.modeling.backbone.swin as swin_module
+import grounding_dino.modeling.deformable_attention as deformable_module
 import grounding_dino.modeling.enhancer as enhancer_module
 from grounding_dino.modeling.backbone import SwinBackbone
+from grounding_dino.modeling.deformable_attention import MultiScaleDeformableAttention
 from grounding_dino.modeling.enhancer import DeformableEncoderLayer
 from grounding_dino.modeling.utils import rowwise_in_chunks
 
@@ -97,3 +100,21 @@ def test_swin_mlp_chunks_equal_whole(monkeypatch):
         chunked = body(images)
     for name in whole:
         torch.testing.assert_close(chunked[name], whole[name], rtol=0, atol=1e-5)
+
+
+def test_deformable_attention_query_chunks_equal_whole(monkeypatch):
+    torch.manual_seed(0)
+    attention = MultiScaleDeformableAttention(
+        embed_dim=32, num_heads=4, num_levels=2, num_points=3
+    ).eval()
+    image, pos, reference, shapes, starts, mask = _encoder_layer_inputs()
+    mask[1, -5:] = False
+    boxes = torch.cat([reference, torch.rand_like(reference) * 0.3], -1)  # decoder-style boxes
+    for points in (reference, boxes):
+        args = (image + pos, points, image, shapes, starts, mask)
+        with torch.no_grad():
+            monkeypatch.setattr(deformable_module, "QUERY_CHUNK", WHOLE)
+            whole = attention(*args)
+            monkeypatch.setattr(deformable_module, "QUERY_CHUNK", 8)  # 54 queries: 7 chunks
+            chunked = attention(*args)
+        torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)

@@ -31,8 +31,11 @@ from .deformable_kernels import (
     ms_deform_attn_embedding_bag,
     ms_deform_attn_gather,
     ms_deform_attn_grid_sample,
+    padded_value_table,
+    sample_padded_table,
     sample_pixels_embedding_bag,
 )
+from .utils import rowwise_in_chunks
 
 __all__ = [
     "MultiScaleDeformableAttention",
@@ -42,6 +45,10 @@ __all__ = [
     "sample_pixels_embedding_bag",
     "deformable_kernel",
 ]
+
+# Queries per chunk of the inference sampling (rowwise_in_chunks): the enhancer has one query
+# per image token (22223 at 800x1333).
+QUERY_CHUNK = 2048
 
 
 class MultiScaleDeformableAttention(nn.Module):
@@ -202,21 +209,31 @@ class MultiScaleDeformableAttention(nn.Module):
             value = value.masked_fill(~value_mask[..., None], 0.0)
         value = value.view(batch, num_values, num_heads, self.embed_dim // num_heads)
 
-        weights = self.attention_weights(query).view(
-            batch, num_queries, num_heads, num_levels * num_points
-        )
-        weights = weights.softmax(-1).view(batch, num_queries, num_heads, num_levels, num_points)
         if self.kernel == "embedding_bag":
-            x, y = self._pixel_locations(query, reference_points, spatial_shapes)
-            out = sample_pixels_embedding_bag(
-                value, spatial_shapes, level_start_index, x, y, weights
-            )
-        else:
-            locations = self._locations(query, reference_points, spatial_shapes)
-            out = self._KERNELS[self.kernel](
-                value, spatial_shapes, level_start_index, locations, weights
-            )
+            table = padded_value_table(value, spatial_shapes, level_start_index)
+
+            def attend(query, reference_points):
+                x, y = self._pixel_locations(query, reference_points, spatial_shapes)
+                weights = self._weights(query)
+                return self.output_proj(sample_padded_table(table, x, y, weights))
+
+            if self.training and torch.is_grad_enabled():
+                return attend(query, reference_points)
+            # Inference: every query samples on its own; chunks of queries keep the
+            # [B, Q, M, L, P, 4] corner tensors small (see rowwise_in_chunks).
+            return rowwise_in_chunks(attend, query, QUERY_CHUNK, reference_points)
+        locations = self._locations(query, reference_points, spatial_shapes)
+        out = self._KERNELS[self.kernel](
+            value, spatial_shapes, level_start_index, locations, self._weights(query)
+        )
         return self.output_proj(out)
+
+    def _weights(self, query: torch.Tensor) -> torch.Tensor:
+        """[B, Q, C] -> [B, Q, M, L, P] attention weights (softmax over L * P per head)."""
+        batch, num_queries, _ = query.shape
+        m, n_lvl, p = self.num_heads, self.num_levels, self.num_points
+        weights = self.attention_weights(query).view(batch, num_queries, m, n_lvl * p)
+        return weights.softmax(-1).view(batch, num_queries, m, n_lvl, p)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,8 @@ map contribute zero.
   no weighted ``EmbeddingBag``).
 """
 
+from typing import List, NamedTuple, Tuple
+
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +26,9 @@ __all__ = [
     "ms_deform_attn_grid_sample",
     "ms_deform_attn_gather",
     "sample_pixels_embedding_bag",
+    "padded_value_table",
+    "sample_padded_table",
+    "PaddedValueTable",
 ]
 
 
@@ -58,6 +63,35 @@ def _level_sizes(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, 
     return shapes, starts
 
 
+class PaddedValueTable(NamedTuple):
+    """The values of all levels, each with a zero border (see :func:`padded_value_table`)."""
+
+    table: torch.Tensor  # [B, total, M * D]
+    shapes: List[Tuple[int, int]]  # (H_l, W_l)
+    padded_starts: List[int]  # first row of each padded level
+    num_heads: int
+
+
+def padded_value_table(
+    value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor
+) -> PaddedValueTable:
+    """Copies every level of ``value`` [B, S, M, D] into a zero border of 1 pixel on the
+    top/left and 2 on the bottom/right: both corners of a coordinate clamped to [-1, W] then
+    lie in the table, and corners outside the map read zeros, as grid_sample's zero padding.
+    Built once, it serves any number of query chunks (:func:`sample_padded_table`)."""
+    batch, num_values, num_heads, head_dim = value.shape
+    shapes, starts = _level_sizes(spatial_shapes, level_start_index, num_values)
+    padded_starts, total = [], 0
+    for h, w in shapes:
+        padded_starts.append(total)
+        total += (h + 3) * (w + 3)
+    table = value.new_zeros(batch, total, num_heads * head_dim)
+    for (h, w), start, pstart in zip(shapes, starts, padded_starts):
+        level = table[:, pstart : pstart + (h + 3) * (w + 3)].view(batch, h + 3, w + 3, -1)
+        level[:, 1 : h + 1, 1 : w + 1] = value[:, start : start + h * w].view(batch, h, w, -1)
+    return PaddedValueTable(table, shapes, padded_starts, num_heads)
+
+
 def sample_pixels_embedding_bag(
     value: torch.Tensor,
     spatial_shapes: torch.Tensor,
@@ -79,22 +113,28 @@ def sample_pixels_embedding_bag(
     Returns:
         [B, Q, M*D] the weighted sums, heads concatenated.
     """
-    batch, num_values, num_heads, head_dim = value.shape
-    num_queries = x.shape[1]
-    shapes, starts = _level_sizes(spatial_shapes, level_start_index, num_values)
-    device, dtype = value.device, x.dtype
+    table = padded_value_table(value, spatial_shapes, level_start_index)
+    return sample_padded_table(table, x, y, attention_weights)
 
-    # Copy every level into a zero border of 1 pixel on the top/left and 2 on the
-    # bottom/right: both corners of a coordinate clamped to [-1, W] then lie in the
-    # table, and corners outside the map read zeros, as grid_sample's zero padding.
-    padded_starts, total = [], 0
-    for h, w in shapes:
-        padded_starts.append(total)
-        total += (h + 3) * (w + 3)
-    table = value.new_zeros(batch, total, num_heads * head_dim)
-    for (h, w), start, pstart in zip(shapes, starts, padded_starts):
-        level = table[:, pstart : pstart + (h + 3) * (w + 3)].view(batch, h + 3, w + 3, -1)
-        level[:, 1 : h + 1, 1 : w + 1] = value[:, start : start + h * w].view(batch, h, w, -1)
+
+def sample_padded_table(
+    padded: PaddedValueTable, x: torch.Tensor, y: torch.Tensor, attention_weights: torch.Tensor
+) -> torch.Tensor:
+    """:func:`sample_pixels_embedding_bag` from a :func:`padded_value_table`.
+
+    Args:
+        padded: the values' table.
+        x, y: [B, Q, M, L, P] pixel coordinates. They may be overwritten.
+        attention_weights: [B, Q, M, L, P].
+
+    Returns:
+        [B, Q, M*D].
+    """
+    table, shapes, padded_starts, num_heads = padded
+    batch, total = table.shape[:2]
+    head_dim = table.shape[2] // num_heads
+    num_queries = x.shape[1]
+    device, dtype = table.device, x.dtype
 
     size = torch.tensor(shapes, dtype=dtype, device=device)
     height = size[:, 0:1]  # [L, 1] broadcasts against [B, Q, M, L, P]
@@ -143,7 +183,7 @@ def sample_pixels_embedding_bag(
     out = weighted_gather(
         table.view(batch * rows_per_image, head_dim),
         rows.view(batch * num_queries * num_heads, -1),
-        weights.view(batch * num_queries * num_heads, -1).to(value.dtype),
+        weights.view(batch * num_queries * num_heads, -1).to(table.dtype),
         batch,
         num_heads,
     )

@@ -37,7 +37,7 @@ class MLP(nn.Module):
         return x
 
 
-def rowwise_in_chunks(fn, x: torch.Tensor, chunk: int) -> torch.Tensor:
+def rowwise_in_chunks(fn, x: torch.Tensor, chunk: int, *more: torch.Tensor) -> torch.Tensor:
     """
     ``fn(x)`` computed on chunks of ``chunk`` rows of dimension 1, for an ``fn`` that treats
     every row on its own (linear layers, activations, layer norms): equal to ``fn(x)``.
@@ -48,21 +48,24 @@ def rowwise_in_chunks(fn, x: torch.Tensor, chunk: int) -> torch.Tensor:
     dynamic number of rows.
 
     Args:
-        fn: [B, n, C] -> [B, n, C_out], row-wise.
+        fn: [B, n, C] -> [B, n, C_out], row-wise; with ``more``, ``fn(x, *more)`` on the same
+            rows of every tensor.
         x: [B, S, C].
         chunk: rows per chunk (>= 1).
+        more: further [B, S, ...] inputs of ``fn``.
 
     Returns:
         [B, S, C_out].
     """
     if torch.jit.is_tracing() or torch.jit.is_scripting() or x.shape[1] <= chunk:
-        return fn(x)
+        return fn(x, *more)
     rows = x.shape[1]
-    first = fn(x[:, :chunk])
+    first = fn(x[:, :chunk], *(t[:, :chunk] for t in more))
     out = first.new_empty((x.shape[0], rows) + first.shape[2:])
     out[:, :chunk] = first
     for start in range(chunk, rows, chunk):
-        out[:, start : start + chunk] = fn(x[:, start : start + chunk])
+        part = slice(start, start + chunk)
+        out[:, part] = fn(x[:, part], *(t[:, part] for t in more))
     return out
 
 
