@@ -188,7 +188,7 @@ class MultiScaleDeformableAttention(nn.Module):
         """
         batch, num_queries, _ = query.shape
         num_values = value.shape[1]
-        num_levels, num_heads, num_points = self.num_levels, self.num_heads, self.num_points
+        num_levels, num_heads = self.num_levels, self.num_heads
         if spatial_shapes.shape != (num_levels, 2):
             raise ValueError(
                 f"spatial_shapes must be [{num_levels}, 2], got {tuple(spatial_shapes.shape)}"
