@@ -129,6 +129,13 @@ def test_detection_negatives_sampled_and_shuffled(tokenizer, image_file):
     assert fixed == " . ".join(CLASSES) + " ."
 
 
+@pytest.mark.parametrize("bad", ["None", 0, -2, 2.5, True])
+def test_max_categories_refused_with_a_message(tokenizer, bad):
+    # "None" is what a command-line override max_categories=None gives (hydra's null is None).
+    with pytest.raises(ValueError, match=r"max_categories must be a positive integer.*=null"):
+        _mapper(tokenizer, max_categories=bad)
+
+
 def test_detection_256_token_cap(tokenizer, image_file):
     many = [f"thermoregulation electroencephalography {i}" for i in range(300)]
     record = _det_record(image_file, [((2, 3, 30, 40), 5), ((9, 9, 60, 50), 299)])

@@ -217,6 +217,16 @@ class GroundingDatasetMapper:
         )
         self.max_text_len = max_text_len
         self.shuffle_categories = shuffle_categories
+        if max_categories is not None and (
+            isinstance(max_categories, bool)
+            or not isinstance(max_categories, (int, np.integer))
+            or max_categories < 1
+        ):
+            raise ValueError(
+                f"max_categories must be a positive integer or None (no limit), got "
+                f"{max_categories!r}; on the command line, write "
+                "dataloader.train.mapper.max_categories=null for no limit"
+            )
         self.max_categories = max_categories
         self.swap_left_right_on_flip = swap_left_right_on_flip
         self._class_costs: Optional[List[int]] = None
