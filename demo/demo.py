@@ -57,7 +57,7 @@ from grounding_dino.label.loader import read_bgr
 from grounding_dino.label.model import build_predictor as build_predictor_of
 from grounding_dino.label.model import load_model_config
 from grounding_dino.modeling.nms import nms_output
-from grounding_dino.precision import PRECISIONS
+from grounding_dino.precision import add_dtype_argument
 from grounding_dino.predictor import GroundingDINOPredictor, check_token_spans
 
 
@@ -130,13 +130,7 @@ def get_parser() -> argparse.ArgumentParser:
         '"[[[0,3]],[[4,8]]]" (one list of [beg, end] spans per phrase)',
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the config's)")
-    parser.add_argument(
-        "--dtype",
-        choices=PRECISIONS,
-        default="fp32",
-        help="precision: fp32, bf16 (autocast; CPU or CUDA) or fp16 (autocast; CUDA only); "
-        "see the README's Precision modes",
-    )
+    add_dtype_argument(parser.add_argument)
     parser.add_argument(
         "--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides"
     )

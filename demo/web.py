@@ -35,7 +35,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 from web_app import Detector, build_app  # noqa: E402  (demo/web_app.py)
 
 from grounding_dino.label.model import build_predictor, load_model_config  # noqa: E402
-from grounding_dino.precision import PRECISIONS  # noqa: E402
+from grounding_dino.precision import add_dtype_argument  # noqa: E402
 
 DEMO_WEIGHTS = os.path.join("output", "demo", "model_final.pth")
 DEMO_IMAGES = os.path.join("output", "demo", "shapes", "val-*", "images", "*.png")
@@ -82,13 +82,7 @@ def get_parser() -> argparse.ArgumentParser:
         "--queue-size", type=int, default=32, help="requests waiting at most; more are refused"
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the config's)")
-    parser.add_argument(
-        "--dtype",
-        choices=PRECISIONS,
-        default="fp32",
-        help="precision: fp32, bf16 (autocast; CPU or CUDA) or fp16 (autocast; CUDA only); "
-        "see the README's Precision modes",
-    )
+    add_dtype_argument(parser.add_argument)
     parser.add_argument(
         "--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides"
     )

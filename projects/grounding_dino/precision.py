@@ -23,6 +23,8 @@ from detectron2.structures import Boxes, Instances
 
 __all__ = [
     "PRECISIONS",
+    "DTYPE_HELP",
+    "add_dtype_argument",
     "check_precision",
     "precision_context",
     "outputs_to_fp32",
@@ -35,6 +37,17 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 """The values of ``dtype=`` / ``--dtype``."""
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+DTYPE_HELP = (
+    "precision: fp32, bf16 (autocast; CPU or CUDA) or fp16 (autocast; CUDA only); "
+    "see the README's Precision modes"
+)
+
+
+def add_dtype_argument(add_argument) -> None:
+    """Adds the command lines' ``--dtype {fp32,bf16,fp16}`` (default fp32) through
+    ``add_argument`` (an ``argparse`` parser's or group's ``add_argument``)."""
+    add_argument("--dtype", choices=PRECISIONS, default="fp32", help=DTYPE_HELP)
 
 
 @functools.lru_cache(maxsize=None)

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..engine.launch import launch
-from ..precision import PRECISIONS, check_precision
+from ..precision import add_dtype_argument, check_precision
 from .coco import coco_dataset, write_errors, write_json_atomic
 from .inputs import expand_inputs, input_root, relative_name
 from .model import config_digest, file_digest, load_model_config
@@ -75,13 +75,7 @@ def get_parser() -> argparse.ArgumentParser:
     add("--batch-size", type=int, default=1, help="images per forward of each worker")
     add("--decode-workers", type=int, default=2, help="image-decoding processes per worker")
     add("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    add(
-        "--dtype",
-        choices=PRECISIONS,
-        default="fp32",
-        help="precision: fp32, bf16 (autocast; CPU or CUDA) or fp16 (autocast; CUDA only); "
-        "see the README's Precision modes",
-    )
+    add_dtype_argument(add)
     add("--num-gpus", type=int, default=1, help="worker processes per machine (CPU: gloo workers)")
     add("--num-machines", type=int, default=1)
     add("--machine-rank", type=int, default=0, help="this machine's rank, 0..num-machines-1")
