@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from grounding_dino.deploy import OnnxPredictor
+from grounding_dino.deploy import OnnxPredictor, onnx_feeds
 from grounding_dino.export import export_mode
 from grounding_dino.export.cli import main as export_main
 from grounding_dino.export.swin import swin_export_forwards
@@ -52,14 +52,7 @@ def exported(converted_tiny, load_converted, tmp_path_factory):
 
 def _raw_outputs(session, model, image, runs):
     text = model.prompt_encoder.batch(runs)
-    feeds = {
-        "image": image[None].numpy(),
-        "input_ids": text.input_ids.numpy(),
-        "token_mask": text.token_mask.numpy(),
-        "self_attention_mask": text.self_attention_mask.numpy(),
-        "position_ids": text.position_ids.numpy(),
-    }
-    logits, boxes = session.run(None, feeds)
+    logits, boxes = session.run(None, onnx_feeds(image, text))
     with torch.no_grad():
         ref = model.forward_transformer([image], runs)
     return (torch.from_numpy(logits), torch.from_numpy(boxes)), (

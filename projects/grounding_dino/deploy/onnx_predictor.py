@@ -22,9 +22,29 @@ from ..modeling.postprocessing import detections_for_inputs, runs_for_inputs
 from ..predictor import Prompt, inference_knobs, model_input, prompts_for_images
 from ..resize import official_resize_from_lazy_config
 
-__all__ = ["OnnxPredictor"]
+__all__ = ["OnnxPredictor", "onnx_feeds"]
 
 logger = logging.getLogger(__name__)
+
+
+def onnx_feeds(image: torch.Tensor, text) -> Dict[str, np.ndarray]:
+    """The exported graph's inputs (``INPUT_NAMES``) for one image and its runs.
+
+    Args:
+        image: [3, H, W] normalised float image.
+        text: the prompt encoder's ``TokenizedText`` of the R runs (``batch(runs)``).
+
+    Returns:
+        ``{"image": [1, 3, H, W], "input_ids", "token_mask", "position_ids": [R, L],
+        "self_attention_mask": [R, L, L]}`` as numpy arrays.
+    """
+    return {
+        "image": image[None].numpy(),
+        "input_ids": text.input_ids.numpy(),
+        "token_mask": text.token_mask.numpy(),
+        "self_attention_mask": text.self_attention_mask.numpy(),
+        "position_ids": text.position_ids.numpy(),
+    }
 
 
 class OnnxPredictor:
@@ -134,13 +154,7 @@ class OnnxPredictor:
 
     def _run(self, image: torch.Tensor, runs) -> List[np.ndarray]:
         text = self.prompt_encoder.batch(runs)
-        feeds = {
-            "image": image[None].numpy(),
-            "input_ids": text.input_ids.numpy(),
-            "token_mask": text.token_mask.numpy(),
-            "self_attention_mask": text.self_attention_mask.numpy(),
-            "position_ids": text.position_ids.numpy(),
-        }
+        feeds = onnx_feeds(image, text)
         try:
             return self.session.run(list(OUTPUT_NAMES), feeds)
         except Exception as error:  # onnxruntime raises its own exception types
