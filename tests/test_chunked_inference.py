@@ -41,6 +41,20 @@ def test_rowwise_in_chunks_runs_whole_while_tracing():
     torch.testing.assert_close(traced(x), x * 2)
 
 
+def test_rowwise_in_chunks_chunks_only_on_the_cpu():
+    calls = []
+
+    def fn(x):
+        calls.append(x.shape[1])
+        return x
+
+    rowwise_in_chunks(fn, torch.empty(1, 10, 3), 4)
+    assert calls == [4, 4, 2]
+    calls.clear()
+    rowwise_in_chunks(fn, torch.empty(1, 10, 3, device="meta"), 4)  # stands in for CUDA
+    assert calls == [10]
+
+
 def _encoder_layer_inputs(seed=0):
     gen = torch.Generator().manual_seed(seed)
     shapes = torch.tensor([[6, 7], [3, 4]])

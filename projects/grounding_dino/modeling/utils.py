@@ -43,9 +43,10 @@ def rowwise_in_chunks(fn, x: torch.Tensor, chunk: int, *more: torch.Tensor) -> t
     every row on its own (linear layers, activations, layer norms): equal to ``fn(x)``.
 
     Wide hidden layers of many tokens (an FFN's [B, S, 2048]) are large fresh allocations,
-    whose first touch costs page faults; chunks of a few MB are recycled by the allocator and
-    stay in cache. While tracing (ONNX export) ``fn(x)`` runs whole, so that the graph keeps a
-    dynamic number of rows.
+    whose first touch costs page faults on the CPU; chunks of a few MB are recycled by the
+    allocator and stay in cache. On other devices (CUDA's caching allocator has no such cost;
+    not measured) and while tracing (ONNX export: the graph keeps a dynamic number of rows)
+    ``fn(x)`` runs whole.
 
     Args:
         fn: [B, n, C] -> [B, n, C_out], row-wise; with ``more``, ``fn(x, *more)`` on the same
@@ -57,7 +58,9 @@ def rowwise_in_chunks(fn, x: torch.Tensor, chunk: int, *more: torch.Tensor) -> t
     Returns:
         [B, S, C_out].
     """
-    if torch.jit.is_tracing() or torch.jit.is_scripting() or x.shape[1] <= chunk:
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or x.device.type != "cpu":
+        return fn(x, *more)
+    if x.shape[1] <= chunk:
         return fn(x, *more)
     rows = x.shape[1]
     first = fn(x[:, :chunk], *(t[:, :chunk] for t in more))
