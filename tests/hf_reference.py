@@ -8,7 +8,18 @@ import torch
 
 from grounding_dino.testing import tiny_hf_config
 
-__all__ = ["tiny_hf_config", "perturbed_hf_model", "convert_hf_folder"]
+__all__ = ["TINY_BERT", "tiny_hf_config", "perturbed_hf_model", "convert_hf_folder"]
+
+# A random BERT with the bert-base-uncased vocabulary (``BertConfig`` kwargs, the text
+# encoder's ``bert_config``).
+TINY_BERT = dict(
+    vocab_size=30522,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=512,
+)
 
 
 def perturbed_hf_model(seed=0, **config_overrides):

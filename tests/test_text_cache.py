@@ -10,14 +10,8 @@ from grounding_dino.modeling.text_encoder import BertTextEncoder
 from grounding_dino.predictor import GroundingDINOPredictor
 from grounding_dino.text import PromptEncoder
 
-TINY_BERT = dict(
-    vocab_size=30522,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    max_position_embeddings=512,
-)
+from hf_reference import TINY_BERT
+
 CLASSES = [f"object number {i} with a long name" for i in range(40)]  # several 256-token runs
 
 

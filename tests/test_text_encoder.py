@@ -9,14 +9,7 @@ from grounding_dino.modeling.structures import EncodedText
 from grounding_dino.modeling.text_encoder import BertTextEncoder
 from grounding_dino.text import PromptEncoder, normalize_caption
 
-TINY_BERT = dict(
-    vocab_size=30522,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    max_position_embeddings=512,
-)
+from hf_reference import TINY_BERT
 
 
 def _encoder(name_or_path, **kwargs):
