@@ -67,17 +67,26 @@ def _encoder_layer_inputs(seed=0):
     return image, pos, reference, shapes, starts, mask
 
 
+def _whole_and_chunked(monkeypatch, module, constant: str, chunk: int, run):
+    """``run()`` without gradients with ``module.<constant>`` so large that nothing is
+    chunked, then with ``chunk``."""
+    with torch.no_grad():
+        monkeypatch.setattr(module, constant, WHOLE)
+        whole = run()
+        monkeypatch.setattr(module, constant, chunk)
+        chunked = run()
+    return whole, chunked
+
+
 def test_enhancer_ffn_chunks_equal_whole(monkeypatch):
     torch.manual_seed(0)
     layer = DeformableEncoderLayer(
         d_model=32, ffn_dim=64, num_heads=4, num_levels=2, num_points=2, dropout=0.0
     ).eval()
     inputs = _encoder_layer_inputs()
-    with torch.no_grad():
-        monkeypatch.setattr(enhancer_module, "FFN_CHUNK_TOKENS", WHOLE)
-        whole = layer(*inputs)
-        monkeypatch.setattr(enhancer_module, "FFN_CHUNK_TOKENS", 5)  # 54 tokens: 11 chunks
-        chunked = layer(*inputs)
+    whole, chunked = _whole_and_chunked(  # 54 tokens: 11 chunks of 5
+        monkeypatch, enhancer_module, "FFN_CHUNK_TOKENS", 5, lambda: layer(*inputs)
+    )
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
 
 
@@ -107,11 +116,9 @@ def test_swin_mlp_chunks_equal_whole(monkeypatch):
     # The checkpoint keys stay detectron2's (mlp.fc1, mlp.fc2).
     assert "layers.0.blocks.0.mlp.fc1.weight" in body.state_dict()
     images = torch.randn(1, 3, 96, 128)
-    with torch.no_grad():
-        monkeypatch.setattr(swin_module, "MLP_CHUNK_TOKENS", WHOLE)
-        whole = body(images)
-        monkeypatch.setattr(swin_module, "MLP_CHUNK_TOKENS", 37)  # 768 first-stage tokens
-        chunked = body(images)
+    whole, chunked = _whole_and_chunked(  # 768 first-stage tokens: 21 chunks of 37
+        monkeypatch, swin_module, "MLP_CHUNK_TOKENS", 37, lambda: body(images)
+    )
     for name in whole:
         torch.testing.assert_close(chunked[name], whole[name], rtol=0, atol=1e-5)
 
@@ -126,9 +133,7 @@ def test_deformable_attention_query_chunks_equal_whole(monkeypatch):
     boxes = torch.cat([reference, torch.rand_like(reference) * 0.3], -1)  # decoder-style boxes
     for points in (reference, boxes):
         args = (image + pos, points, image, shapes, starts, mask)
-        with torch.no_grad():
-            monkeypatch.setattr(deformable_module, "QUERY_CHUNK", WHOLE)
-            whole = attention(*args)
-            monkeypatch.setattr(deformable_module, "QUERY_CHUNK", 8)  # 54 queries: 7 chunks
-            chunked = attention(*args)
+        whole, chunked = _whole_and_chunked(  # 54 queries: 7 chunks of 8
+            monkeypatch, deformable_module, "QUERY_CHUNK", 8, lambda args=args: attention(*args)
+        )
         torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
