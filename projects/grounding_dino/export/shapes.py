@@ -3,7 +3,8 @@
 ``encoder_reference_points`` (the enhancer) and ``encoder_proposals`` (the query selector)
 loop over ``spatial_shapes.tolist()``: traced, the level sizes become constants of the export
 image. The versions here read the sizes as tensors and give the same values (``arange + 0.5``
-equals ``linspace(0.5, n - 0.5, n)`` exactly, as the step is 1). :func:`dynamic_shape_helpers`
+equals ``linspace(0.5, n - 0.5, n)`` exactly, as the step is 1); the proposals run the query
+selector's own body (``proposals_for_levels``) on those sizes. :func:`dynamic_shape_helpers`
 installs them in their modules while exporting and restores the originals afterwards.
 """
 
@@ -57,29 +58,7 @@ def encoder_reference_points(spatial_shapes, valid_ratios) -> torch.Tensor:
 
 def encoder_proposals(memory, image_mask, spatial_shapes):
     """As ``modeling.query_selector.encoder_proposals``, sizes read as tensors."""
-    batch = memory.shape[0]
-    proposals = []
-    start = 0
-    for level, (height, width) in enumerate(_level_sizes(spatial_shapes)):
-        level_mask = image_mask[:, start : start + height * width].view(batch, height, width)
-        valid_h = level_mask[:, :, 0].sum(1)
-        valid_w = level_mask[:, 0, :].sum(1)
-        ys = torch.arange(height, device=memory.device).to(torch.float32)
-        xs = torch.arange(width, device=memory.device).to(torch.float32)
-        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-        grid = torch.stack([grid_x, grid_y], -1)[None] + 0.5
-        scale = torch.stack([valid_w, valid_h], -1).view(batch, 1, 1, 2).to(grid.dtype)
-        centres = grid / scale
-        sizes = torch.full_like(centres, 0.05 * 2.0**level)
-        proposals.append(torch.cat([centres, sizes], -1).view(batch, -1, 4))
-        start = start + height * width
-    proposals = torch.cat(proposals, 1)
-    valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
-    proposals = torch.log(proposals / (1 - proposals))
-    invalid = ~image_mask[..., None] | ~valid
-    proposals = proposals.masked_fill(invalid, float("inf"))
-    memory = memory.masked_fill(invalid, 0.0)
-    return memory, proposals
+    return selector_module.proposals_for_levels(memory, image_mask, _level_sizes(spatial_shapes))
 
 
 @contextlib.contextmanager

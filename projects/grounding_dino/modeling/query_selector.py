@@ -1,7 +1,7 @@
 """Language-guided query selection: the encoder positions that best match the text become
 the decoder's anchor boxes."""
 
-from typing import Dict, Tuple
+from typing import Dict, Iterable, Tuple
 
 import torch
 from torch import nn
@@ -10,7 +10,7 @@ from .registry import QUERY_SELECTOR_REGISTRY
 from .structures import EncodedText, ImageTokens
 from .utils import MLP
 
-__all__ = ["encoder_proposals", "LanguageGuidedQuerySelector"]
+__all__ = ["encoder_proposals", "proposals_for_levels", "LanguageGuidedQuerySelector"]
 
 
 def encoder_proposals(memory, image_mask, spatial_shapes) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -25,22 +25,31 @@ def encoder_proposals(memory, image_mask, spatial_shapes) -> Tuple[torch.Tensor,
         memory [B, S, C] zeroed at padding and at invalid proposals;
         proposals [B, S, 4] unsigmoided (cx, cy, w, h), +inf where invalid.
     """
+    return proposals_for_levels(memory, image_mask, spatial_shapes.tolist())
+
+
+def proposals_for_levels(
+    memory, image_mask, level_sizes: Iterable[Tuple]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`encoder_proposals` with the level sizes given as (height, width) pairs: Python
+    ints, or 0-dim tensors while tracing (the ONNX export's dynamic sizes)."""
     batch = memory.shape[0]
     proposals = []
     start = 0
-    for level, (height, width) in enumerate(spatial_shapes.tolist()):
+    for level, (height, width) in enumerate(level_sizes):
         level_mask = image_mask[:, start : start + height * width].view(batch, height, width)
         valid_h = level_mask[:, :, 0].sum(1)
         valid_w = level_mask[:, 0, :].sum(1)
-        ys = torch.linspace(0, height - 1, height, device=memory.device)
-        xs = torch.linspace(0, width - 1, width, device=memory.device)
+        # Cell centres 0.5, 1.5, ... (equal to the official linspace(0, n - 1, n) + 0.5).
+        ys = torch.arange(height, device=memory.device).to(torch.float32)
+        xs = torch.arange(width, device=memory.device).to(torch.float32)
         grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
         grid = torch.stack([grid_x, grid_y], -1)[None] + 0.5
         scale = torch.stack([valid_w, valid_h], -1).view(batch, 1, 1, 2).to(grid.dtype)
         centres = grid / scale
         sizes = torch.full_like(centres, 0.05 * 2.0**level)
         proposals.append(torch.cat([centres, sizes], -1).view(batch, -1, 4))
-        start += height * width
+        start = start + height * width
     proposals = torch.cat(proposals, 1)
     valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
     proposals = torch.log(proposals / (1 - proposals))
