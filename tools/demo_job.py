@@ -49,6 +49,7 @@ from omegaconf import OmegaConf
 from grounding_dino import model_zoo
 from grounding_dino.checkpoint import CheckpointMismatchError, GroundingDINOCheckpointer
 from grounding_dino.convert.checkpoint import load_checkpoint_file
+from grounding_dino.data.samplers import describe_shares, kind_shares
 from grounding_dino.data.synthetic import register_shapes_datasets
 from grounding_dino.engine import build_trainer, launch, wrap_ddp
 from grounding_dino.engine import evaluate as evaluate_model
@@ -225,6 +226,20 @@ def train_model(
     seconds = time.perf_counter() - start
     checkpointer.save(CHECKPOINT_NAME, iteration=max_iter, **{CONFIG_RECORD_KEY: record})
     return {"iterations": max_iter, "train_seconds": round(seconds, 1)}
+
+
+def print_sampling_mix(cfg) -> None:
+    """Says how often each record kind is drawn when the config sets a kind sampler."""
+    sampler = cfg.dataloader.train.get("sampler")
+    if sampler is None or "repeat_factors" not in sampler:
+        return
+    factors = dict(sampler.repeat_factors)
+    shares = kind_shares(instantiate(cfg.dataloader.train.dataset), factors)
+    print(
+        f"[data] training samples: {describe_shares(shares)} (repeat factors {factors}, "
+        "dataloader.train.sampler)",
+        flush=True,
+    )
 
 
 def usable_cores() -> int:
@@ -519,6 +534,7 @@ def _run(args: argparse.Namespace) -> Dict:
             f"{threads} thread(s) (--workers, --threads)",
             flush=True,
         )
+        print_sampling_mix(cfg)
         LazyConfig.save(cfg, os.path.join(output_dir, "config.yaml"))
         metrics = os.path.join(output_dir, "metrics.json")
         if os.path.isfile(metrics):  # JSONWriter appends: start the new run's log afresh

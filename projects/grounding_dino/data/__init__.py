@@ -14,6 +14,7 @@ from .datasets import (
     register_odvg,
 )
 from .mapper import GroundingDatasetMapper, record_kind
+from .samplers import build_kind_sampler, kind_repeat_factors, kind_shares
 from .transforms import (
     RandomSelect,
     build_test_augmentations,
@@ -24,10 +25,13 @@ from .transforms import (
 __all__ = [
     "GroundingDatasetMapper",
     "RandomSelect",
+    "build_kind_sampler",
     "build_test_augmentations",
     "build_train_augmentations",
     "count_hflips",
     "get_thing_classes",
+    "kind_repeat_factors",
+    "kind_shares",
     "load_mdetr_json",
     "load_odvg_jsonl",
     "record_kind",
