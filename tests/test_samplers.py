@@ -70,7 +70,7 @@ def test_shapes_config_samples_detection_more_often(tmp_path):
     assert isinstance(sampler, RepeatFactorTrainingSampler)
     records = instantiate(cfg.dataloader.train.dataset)
     kinds = [record_kind(r) for r in records]
-    assert set(kinds) == {"detection", "rec"}
+    assert set(kinds) == {"detection", "grounding"}
     detection_factor = cfg.dataloader.train.sampler.repeat_factors["detection"]
     assert detection_factor > 1
     factors = kind_repeat_factors(records, cfg.dataloader.train.sampler.repeat_factors)

@@ -19,6 +19,7 @@ from grounding_dino.data.synthetic import (
     SHAPES_DIR_ENV,
     ShapesConfig,
     generate_shapes_split,
+    load_shapes_grounding,
     load_shapes_rec,
     load_shapes_scenes,
     register_shapes_datasets,
@@ -240,6 +241,45 @@ def test_rec_expressions_unique_and_describe_their_box(shapes_root):
     assert "relation" in kinds and kinds & set(synthetic.SUPERLATIVES)
 
 
+def test_grounding_records_join_one_checked_expression_per_object(shapes_root):
+    config, dirs = shapes_root
+    data = load_shapes_scenes(dirs["train"])
+    scenes = {s["file_name"]: s for s in data["images"]}
+    dicts = load_shapes_grounding(dirs["train"], variants=2, seed=config.seed)
+    assert os.path.isfile(os.path.join(dirs["train"], f"grounding-2x-seed{config.seed}.json"))
+    assert len({d["file_name"] for d in dicts}) == len(scenes)  # every image has some
+    assert len({d["image_id"] for d in dicts}) == len(dicts)
+    assert len(dicts) <= 2 * len(scenes)
+    phrases_per_record, kinds = [], set()
+    for d in dicts:
+        assert "task" not in d  # a grounding record, not REC
+        scene = scenes[os.path.basename(d["file_name"])]
+        objects = scene["objects"]
+        phrases = d["caption"].split(" . ")
+        assert len(phrases) == len(d["annotations"])
+        phrases_per_record.append(len(phrases))
+        targets = []
+        for phrase_id, (phrase, ann) in enumerate(zip(phrases, d["annotations"])):
+            ((begin, end),) = ann["tokens_positive"]
+            assert d["caption"][begin:end] == phrase and ann["phrase_id"] == phrase_id
+            assert ann["bbox_mode"] == BoxMode.XYWH_ABS
+            target = [i for i, o in enumerate(objects) if o["bbox"] == ann["bbox"]]
+            assert len(target) == 1
+            assert resolve_expression(phrase, objects, SIZE, strict=True) == target
+            _check_expression(phrase, objects, target[0], SIZE)
+            assert data["classes"][ann["category_id"]] == _pair(objects[target[0]])
+            targets += target
+            kinds.add("relation" if " the " in phrase[4:] else phrase.split()[1])
+        assert len(set(targets)) == len(targets)  # one expression per object
+    assert max(phrases_per_record) >= 3
+    assert "relation" in kinds and kinds & set(synthetic.SUPERLATIVES)
+    # The cache gives the same records; the variants differ.
+    assert load_shapes_grounding(dirs["train"], variants=2, seed=config.seed) == dicts
+    assert any(a["caption"] != b["caption"] for a, b in zip(dicts[::2], dicts[1::2]))
+    with pytest.raises(ValueError, match="variants must be >= 1"):
+        load_shapes_grounding(dirs["train"], variants=0)
+
+
 def test_expression_generator_on_many_scenes():
     config = ShapesConfig(**{**TINY, "refs_per_image": 5})
     count = 0
@@ -253,7 +293,8 @@ def test_expression_generator_on_many_scenes():
 
 def test_registration_twice_and_coco_json(tmp_path):
     names = register_shapes_datasets(str(tmp_path / "a"), 6, 4, SIZE, prefix="tshapes", seed=1)
-    expected = {f"tshapes_{s}" for s in ("train", "val", "val_unseen", "rec_train", "rec_val")}
+    splits_ = ("train", "val", "val_unseen", "rec_train", "rec_val", "grounding_train")
+    expected = {f"tshapes_{s}" for s in splits_}
     assert set(names) == expected
     again = register_shapes_datasets(str(tmp_path / "b"), 6, 4, SIZE, prefix="tshapes", seed=1)
     assert all(again[n].startswith(str(tmp_path / "b")) for n in expected)
@@ -261,6 +302,10 @@ def test_registration_twice_and_coco_json(tmp_path):
         meta = MetadataCatalog.get(name)
         dicts = DatasetCatalog.get(name)
         assert dicts and all(os.path.isfile(d["file_name"]) for d in dicts)
+        if name.endswith("grounding_train"):  # training only: captions, no evaluator
+            assert "evaluator_type" not in meta.as_dict()
+            assert all(d["caption"] and "task" not in d for d in dicts)
+            continue
         assert meta.evaluator_type == ("rec" if "rec" in name else "coco")
         if meta.evaluator_type == "coco":
             assert meta.json_file.startswith(str(tmp_path / "b"))
@@ -319,6 +364,7 @@ def test_generate_shapes_tool_writes_every_split(tmp_path):
         if split != "val_unseen":
             assert int(printed[f"shapes_rec_{split}"]) == sum(map(len, refs))
     assert images == {"train": 3, "val": 2, "val_unseen": 2}
+    assert 1 <= int(printed.pop("shapes_grounding_train")) <= 2 * 3  # two captions an image
     assert {k: int(v) for k, v in printed.items() if "rec" not in k} == {
         "shapes_train": 3,
         "shapes_val": 2,

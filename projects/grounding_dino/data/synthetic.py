@@ -17,6 +17,8 @@ name                        dicts (see docs/interfaces.md)              evaluato
 ``{prefix}_val_unseen``     detection, held-out pairs only              "coco"
 ``{prefix}_rec_train``      REC, on the train images                    "rec"
 ``{prefix}_rec_val``        REC, on the val images                      "rec"
+``{prefix}_grounding_train``  grounding: the REC expressions of an     (training only)
+                            image joined into one caption
 ==========================  =========================================  ===============
 
 * ``thing_classes`` of the seen splits (train, val, rec_*) are the seen pairs; those of
@@ -33,6 +35,10 @@ name                        dicts (see docs/interfaces.md)              evaluato
   ``category_id`` (its pair in ``thing_classes``) so that detectron2's class histogram works
   when REC and detection splits are trained together. ``image_id`` is unique per expression;
   expressions on the same image share ``file_name``.
+* Grounding records (:func:`load_shapes_grounding`): one expression for every object of an
+  image that has one, joined with " . " into one caption, each expression one phrase
+  (``tokens_positive``, ``phrase_id``); spatial expressions are drawn as often as attribute
+  ones. Two records per train image (``grounding_variants``), each with its own draw.
 
 The parts live in ``grounding_dino.data.shapes`` (parameters, drawing, layouts, expressions,
 splits on disk); this module registers the datasets and re-exports the public names.
@@ -74,6 +80,7 @@ from .shapes.sampling import sample_scene
 from .shapes.splits import (
     SHAPES_DIR_ENV,
     generate_shapes_split,
+    load_shapes_grounding,
     load_shapes_rec,
     load_shapes_scenes,
     resolve_root,
@@ -101,11 +108,14 @@ __all__ = [
     "generate_shapes_split",
     "load_shapes_scenes",
     "load_shapes_rec",
+    "load_shapes_grounding",
     "register_shapes_datasets",
 ]
 
 # REC dataset -> the detection split whose images (and expressions) it uses.
 REC_SPLITS = {"rec_train": "train", "rec_val": "val"}
+# Grounding dataset -> the detection split whose images it uses.
+GROUNDING_SPLITS = {"grounding_train": "train"}
 
 
 def _load_detection(config: ShapesConfig, split: str, root: str, name: str) -> List[dict]:
@@ -117,6 +127,11 @@ def _load_rec(config: ShapesConfig, split: str, root: str) -> List[dict]:
     return load_shapes_rec(generate_shapes_split(config, split, root))
 
 
+def _load_grounding(config: ShapesConfig, split: str, root: str, variants: int) -> List[dict]:
+    folder = generate_shapes_split(config, split, root)
+    return load_shapes_grounding(folder, variants=variants, seed=config.seed)
+
+
 def register_shapes_datasets(
     root: Optional[str] = None,
     num_train: int = 2000,
@@ -125,6 +140,7 @@ def register_shapes_datasets(
     *,
     prefix: str = "shapes",
     generate: bool = True,
+    grounding_variants: int = 2,
     **config_kwargs,
 ) -> Dict[str, str]:
     """
@@ -140,8 +156,9 @@ def register_shapes_datasets(
             ``num_val``).
         image_size: side of the square images in pixels.
         prefix: dataset name prefix.
-        generate: write the images now (so ``json_file`` exists for ``COCOEvaluator``);
-            False defers it to the first ``DatasetCatalog.get``.
+        generate: write the images (and the grounding captions) now, so that ``json_file``
+            exists for ``COCOEvaluator``; False defers it to the first ``DatasetCatalog.get``.
+        grounding_variants: records per train image in ``{prefix}_grounding_train``.
         config_kwargs: other :class:`ShapesConfig` fields (seed, colors, shapes,
             unseen_pairs, unseen_fraction, min_objects, max_objects, refs_per_image,
             num_val_unseen).
@@ -156,13 +173,16 @@ def register_shapes_datasets(
     root = resolve_root(root)
     seen, unseen = config.pairs()
     splits = list(DETECTION_SPLITS if unseen else DETECTION_SPLITS[:2]) + list(REC_SPLITS)
+    splits += list(GROUNDING_SPLITS)
     registered = {}
     for split in splits:
         name = f"{prefix}_{split}"
-        base = REC_SPLITS.get(split, split)
+        base = {**REC_SPLITS, **GROUNDING_SPLITS}.get(split, split)
         split_dir = split_folder(config, base, root)
         if generate:
             generate_shapes_split(config, base, root)
+            if split in GROUNDING_SPLITS:  # draws and caches the merged captions
+                load_shapes_grounding(split_dir, variants=grounding_variants, seed=config.seed)
         if name in DatasetCatalog.list():
             DatasetCatalog.remove(name)
         if name in MetadataCatalog.list():
@@ -178,6 +198,11 @@ def register_shapes_datasets(
         if split in REC_SPLITS:
             DatasetCatalog.register(name, functools.partial(_load_rec, config, base, root))
             meta.update(evaluator_type="rec")
+        elif split in GROUNDING_SPLITS:
+            DatasetCatalog.register(
+                name,
+                functools.partial(_load_grounding, config, base, root, grounding_variants),
+            )
         else:
             DatasetCatalog.register(
                 name, functools.partial(_load_detection, config, split, root, name)

@@ -11,9 +11,18 @@ import numpy as np
 
 from .config import COLOR_RGB, SHAPES
 
-__all__ = ["resolve_expression", "make_expression", "SUPERLATIVES", "RELATIONS", "SPATIAL_MARGIN"]
+__all__ = [
+    "resolve_expression",
+    "make_expression",
+    "KIND_WEIGHTS",
+    "SUPERLATIVES",
+    "RELATIONS",
+    "SPATIAL_MARGIN",
+]
 
 SPATIAL_MARGIN = 0.06  # fraction of the image side that separates "left of", "leftmost", ...
+# Default chance of each kind of expression (see make_expression).
+KIND_WEIGHTS = {"attribute": 0.5, "superlative": 0.25, "relation": 0.25}
 SUPERLATIVES = ("leftmost", "rightmost", "topmost", "bottommost")
 RELATIONS = ("to the left of", "to the right of", "above", "below")
 
@@ -162,7 +171,11 @@ def _noun_phrases(obj: dict) -> List[tuple]:
 
 
 def make_expression(
-    objects: Sequence[dict], target: int, image_size: int, rng: np.random.Generator
+    objects: Sequence[dict],
+    target: int,
+    image_size: int,
+    rng: np.random.Generator,
+    kind_weights: Optional[Dict[str, float]] = None,
 ) -> Optional[str]:
     """
     A referring expression that picks ``objects[target]`` and nothing else.
@@ -170,8 +183,9 @@ def make_expression(
     Candidates of three kinds are built from the scene: attributes ("the large red circle",
     "the blue shape"), superlatives over two or more look-alikes ("the leftmost square"), and
     relations to a uniquely described object ("the green star below the circle"). One kind is
-    drawn (weights 0.5 / 0.25 / 0.25 among the kinds that have candidates), then one
-    candidate; the chosen text is parsed back and checked with :func:`resolve_expression`.
+    drawn (``kind_weights``, by default :data:`KIND_WEIGHTS`: 0.5 / 0.25 / 0.25, among the
+    kinds that have candidates), then one candidate; the chosen text is parsed back and
+    checked with :func:`resolve_expression`.
 
     Returns:
         The expression, or None if no candidate is unambiguous (identical twins side by side).
@@ -207,7 +221,7 @@ def make_expression(
                 query = (None, np1, relation, np2)
                 if unique(query):
                     kinds["relation"].append(query)
-    weights = {"attribute": 0.5, "superlative": 0.25, "relation": 0.25}
+    weights = KIND_WEIGHTS if kind_weights is None else kind_weights
     available = [k for k in kinds if kinds[k]]
     if not available:
         return None

@@ -27,6 +27,8 @@ __all__ = [
     "generate_shapes_split",
     "load_shapes_scenes",
     "load_shapes_rec",
+    "load_shapes_grounding",
+    "GROUNDING_KIND_WEIGHTS",
     "resolve_root",
     "split_classes",
     "split_folder",
@@ -37,6 +39,10 @@ logger = logging.getLogger(__name__)
 SHAPES_DIR_ENV = "GROUNDING_DINO_SHAPES_DIR"
 DEFAULT_SHAPES_DIR = os.path.join("output", "demo", "shapes")
 _SPLIT_CODES = {"train": 0, "val": 1, "val_unseen": 2}
+# Seed stream of the expressions of load_shapes_grounding (apart from the scenes' own).
+_GROUNDING_CODE = 3
+# The merged grounding captions draw spatial expressions as often as attribute ones.
+GROUNDING_KIND_WEIGHTS = {"attribute": 1.0, "superlative": 1.0, "relation": 1.0}
 
 
 def generate_scene(config: ShapesConfig, split: str, index: int) -> dict:
@@ -203,3 +209,93 @@ def load_shapes_rec(split_dir: str, classes: Optional[Sequence[str]] = None) -> 
                 }
             )
     return dicts
+
+
+def load_shapes_grounding(
+    split_dir: str,
+    classes: Optional[Sequence[str]] = None,
+    variants: int = 2,
+    seed: int = 0,
+) -> List[dict]:
+    """
+    Grounding dataset dicts (docs/interfaces.md, no ``"task"``) of a split: each record holds
+    one referring expression for every object of its image that has one, joined into one
+    caption with " . " ("the leftmost square . the red circle above the blue star . the small
+    shape"). The sub-sentence masks keep the expressions apart in the text encoder, so one
+    record teaches what several REC records teach, for one pass over the image. Expressions are
+    drawn with :data:`GROUNDING_KIND_WEIGHTS` and checked like the REC splits' (each picks
+    exactly one object); objects no expression names stay unannotated (negatives).
+
+    Args:
+        split_dir: folder written by :func:`generate_shapes_split` (normally "train").
+        classes: thing_classes for the informational ``category_id``; defaults to the split's.
+        variants: records per image, each with its own draw of expressions and order.
+        seed: seed of the draws (with the image index and the variant).
+
+    The records are cached as ``grounding-<variants>x-seed<seed>.json`` in ``split_dir`` (the
+    expressions take seconds to draw and check; every training process loads them).
+    """
+    if variants < 1:
+        raise ValueError(f"load_shapes_grounding: variants must be >= 1, got {variants}")
+    cache = os.path.join(split_dir, f"grounding-{variants}x-seed{seed}.json")
+    if os.path.isfile(cache):
+        with open(cache) as f:
+            data = json.load(f)
+    else:
+        data = _grounding_records(split_dir, variants, seed)
+        tmp = f"{cache}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, cache)  # atomic: a concurrent process writes the same content
+    cat_index = {name: i for i, name in enumerate(classes or data["classes"])}
+    dicts = data["records"]
+    for record in dicts:
+        record["file_name"] = os.path.join(split_dir, "images", record["file_name"])
+        for annotation in record["annotations"]:
+            annotation["bbox_mode"] = BoxMode.XYWH_ABS
+            annotation["category_id"] = cat_index[annotation.pop("category")]
+    return dicts
+
+
+def _grounding_records(split_dir: str, variants: int, seed: int) -> dict:
+    """load_shapes_grounding's cache: {"classes", "records"}, records with bare file names and
+    category names."""
+    data = load_shapes_scenes(split_dir)
+    dicts = []
+    for scene in data["images"]:
+        objects = scene["objects"]
+        for variant in range(variants):
+            rng = np.random.default_rng([seed, _GROUNDING_CODE, scene["id"], variant])
+            phrases = []
+            for target in rng.permutation(len(objects)).tolist():
+                expression = make_expression(
+                    objects, target, scene["width"], rng, GROUNDING_KIND_WEIGHTS
+                )
+                if expression is not None:
+                    phrases.append((expression, target))
+            if not phrases:
+                continue
+            caption, annotations = "", []
+            for phrase_id, (expression, target) in enumerate(phrases):
+                caption += " . " if caption else ""
+                obj = objects[target]
+                annotations.append(
+                    {
+                        "bbox": list(obj["bbox"]),
+                        "tokens_positive": [[len(caption), len(caption) + len(expression)]],
+                        "phrase_id": phrase_id,
+                        "category": f"{obj['color']} {obj['shape']}",
+                    }
+                )
+                caption += expression
+            dicts.append(
+                {
+                    "file_name": scene["file_name"],
+                    "height": scene["height"],
+                    "width": scene["width"],
+                    "image_id": len(dicts) + 1,
+                    "caption": caption,
+                    "annotations": annotations,
+                }
+            )
+    return {"classes": data["classes"], "records": dicts}
