@@ -62,9 +62,13 @@ def _coco_ap(gt_file: str, results_json: str, max_dets: int = 300) -> float:
 def test_first_run_trains_evaluates_and_draws(first_run):
     out, printed, results = first_run
     assert "[train] iter 2/2" in printed
-    # The config's kind sampler: the job says how often detection and REC records are drawn.
-    assert "[data] training samples: detection " in printed
-    assert "(repeat factors {'detection': 2.5}, dataloader.train.sampler)" in printed
+    # The config's kind sampler: the job says how often detection and grounding records are
+    # drawn, with the factors of the saved config.
+    factors = dict(
+        LazyConfig.load(os.path.join(out, "config.yaml")).dataloader.train.sampler.repeat_factors
+    )
+    assert "[data] training samples: detection " in printed and "grounding " in printed
+    assert f"(repeat factors {factors}, dataloader.train.sampler)" in printed
     assert set(results) == {"bbox", "bbox_unseen", "rec"}
     # The detection APs equal pycocotools' on the evaluators' dumped detections and the
     # generated ground truth (at most 300 detections per image, as the evaluator).
