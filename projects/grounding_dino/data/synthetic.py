@@ -116,6 +116,8 @@ __all__ = [
 REC_SPLITS = {"rec_train": "train", "rec_val": "val"}
 # Grounding dataset -> the detection split whose images it uses.
 GROUNDING_SPLITS = {"grounding_train": "train"}
+# Every dataset on another split's images -> that split.
+_IMAGE_SPLITS = {**REC_SPLITS, **GROUNDING_SPLITS}
 
 
 def _load_detection(config: ShapesConfig, split: str, root: str, name: str) -> List[dict]:
@@ -177,7 +179,7 @@ def register_shapes_datasets(
     registered = {}
     for split in splits:
         name = f"{prefix}_{split}"
-        base = {**REC_SPLITS, **GROUNDING_SPLITS}.get(split, split)
+        base = _IMAGE_SPLITS.get(split, split)
         split_dir = split_folder(config, base, root)
         if generate:
             generate_shapes_split(config, base, root)

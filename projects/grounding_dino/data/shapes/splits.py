@@ -45,6 +45,11 @@ _GROUNDING_CODE = 3
 GROUNDING_KIND_WEIGHTS = {"attribute": 1.0, "superlative": 1.0, "relation": 1.0}
 
 
+def _class_of(obj: dict) -> str:
+    """The class name of a scene object: its colour-shape pair ("red circle")."""
+    return f"{obj['color']} {obj['shape']}"
+
+
 def generate_scene(config: ShapesConfig, split: str, index: int) -> dict:
     """
     Scene (with referring expressions for train/val) of image ``index`` of ``split``; it
@@ -86,7 +91,7 @@ def _coco_json(scenes: List[dict], classes: List[str]) -> dict:
                 {
                     "id": len(annotations) + 1,
                     "image_id": scene["id"],
-                    "category_id": cat_ids[f"{obj['color']} {obj['shape']}"],
+                    "category_id": cat_ids[_class_of(obj)],
                     "bbox": obj["bbox"],
                     "area": float(obj["area"]),
                     "iscrowd": 0,
@@ -195,7 +200,7 @@ def load_shapes_rec(split_dir: str, classes: Optional[Sequence[str]] = None) -> 
                 "bbox_mode": BoxMode.XYWH_ABS,
                 "tokens_positive": [[0, len(caption)]],
                 "phrase_id": 0,
-                "category_id": cat_index[f"{obj['color']} {obj['shape']}"],
+                "category_id": cat_index[_class_of(obj)],
             }
             dicts.append(
                 {
@@ -284,7 +289,7 @@ def _grounding_records(split_dir: str, variants: int, seed: int) -> dict:
                         "bbox": list(obj["bbox"]),
                         "tokens_positive": [[len(caption), len(caption) + len(expression)]],
                         "phrase_id": phrase_id,
-                        "category": f"{obj['color']} {obj['shape']}",
+                        "category": _class_of(obj),
                     }
                 )
                 caption += expression
