@@ -5,12 +5,17 @@ PYTHON := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: setup test demo lint format benchmark
+.PHONY: setup test-deps test demo lint format benchmark
 
 setup:
 	@VENV="$(VENV)" bash scripts/setup_env.sh
 
-test: setup
+# System packages the tests need beyond the environment (Debian's chromium and chromium-driver
+# for tests/test_web_demo.py); installs them with apt-get as root or through sudo, else says how.
+test-deps:
+	@bash scripts/setup_test_deps.sh
+
+test: setup test-deps
 	$(PYTHON) -m pytest -q tests $(PYTEST_ARGS)
 
 demo: setup
