@@ -59,11 +59,12 @@ model.neck.in_channels = (64, 128, 192)  # the three returned stages
 model.text_encoder.name_or_path = local_bert_dir()  # a plain path string, computed at load
 model.text_encoder.pretrained = True
 # MiniLM at the official sub-sentence position ids (every phrase's first word at [CLS]'s
-# position 0) gives "red" and "blue" features with cosine 0.999: BERT gets ids + 1 instead.
+# position 0) gives nearly the same feature to every phrase's first word ("red" and "blue"
+# alike): BERT gets ids + 1 instead.
 model.text_encoder.bert_position_offset = 1
 # Frozen (and so in eval mode, without dropout): with the position offset MiniLM's features
-# already tell colours and shapes apart, and a frozen BERT makes an iteration 30% cheaper.
-# Measured at 1300 iterations: frozen 49.3 AP50 / REC 63.6; trained at 0.5x lr, 0.75 s/it.
+# already tell colours and shapes apart, and a frozen BERT needs no backward pass, which makes
+# an iteration cheaper (docs/benchmarks.md).
 model.text_encoder.freeze = True
 model.enhancer.num_layers = 2
 model.enhancer.ffn_dim = 512
@@ -75,9 +76,7 @@ model.decoder.num_layers = 3
 model.decoder.ffn_dim = 512
 # Learned logit scale (logits / sqrt(C), so about +-1 at init) and bias starting every token
 # score at the focal-loss prior of 1% (-log(99)): from scratch, the parameter-free official
-# head spends its first hundreds of iterations only pushing its +-10 logits down. With both,
-# 4 training images are fitted (IoU > 0.9, class loss 0.02) in 100 iterations; without, the
-# class loss is still 1.5 at 150 (lead's overfit check).
+# head spends its first hundreds of iterations only pushing its +-10 logits down.
 model.head.update(bias_init=-4.6, log_scale_init=0.0)
 model.query_selector.head.update(bias_init=-4.6, log_scale_init=0.0)
 model.dn_number = 20  # denoising queries per polarity (DINO's budget, scaled down)
@@ -94,7 +93,7 @@ dataloader.train.mapper.update(
 # one caption joining a checked referring expression for every object it can name). A
 # grounding sample teaches several expressions, spatial ones as often as attributes, where a
 # REC record (shapes_rec_train) teaches one; detection records are drawn twice as often, so
-# that half of the samples are detection (README, make-demo section, for the measurements).
+# that half of the samples are detection (docs/benchmarks.md compares the recipes).
 dataloader.train.sampler = L(build_kind_sampler)(
     dataset_dicts="${..dataset}", repeat_factors={"detection": 2.0}
 )
@@ -106,7 +105,7 @@ dataloader.test.update(batch_size=8, num_workers=0)
 # ------------------------------------------------------------------------------ training
 train.output_dir = "./output/shapes_tiny"
 train.device = "cpu"
-train.max_iter = 2150  # about 9 minutes on 2 cores (2 processes x 1 thread, 0.245 s/it)
+train.max_iter = 2150  # the budget of a short CPU job; accuracy still grows with more
 train.eval_period = 0
 train.checkpointer.period = 500
 train.checkpointer.max_to_keep = 2
