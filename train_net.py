@@ -42,12 +42,13 @@ import logging
 import os
 
 import torch
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from grounding_dino.checkpoint import GroundingDINOCheckpointer, check_partial
+from grounding_dino.model_zoo import get_config
 from grounding_dino.engine import (
     build_hooks,
     build_trainer,
@@ -172,9 +173,9 @@ def check_init_checkpoint(cfg, resume: bool, eval_only: bool = False) -> None:
 
 
 def load_config(args):
-    """``LazyConfig.load(--config-file)`` then the ``key=value`` overrides, checked."""
-    cfg = LazyConfig.load(args.config_file)
-    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    """``--config-file`` (a file or a packaged config's name) with the ``key=value`` overrides,
+    checked."""
+    cfg = get_config(args.config_file, args.opts)
     for key in ("model", "train", "dataloader"):
         if key not in cfg:
             raise KeyError(f"{args.config_file} defines no '{key}'")

@@ -45,6 +45,7 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 from tqdm import tqdm
 
+from grounding_dino import GroundingDINOPredictor, InferenceSettings
 from grounding_dino.label.coco import JsonListWriter
 from grounding_dino.label.inputs import (
     IMAGE_EXTENSIONS,
@@ -54,27 +55,13 @@ from grounding_dino.label.inputs import (
     plan_outputs,
 )
 from grounding_dino.label.loader import read_bgr
-from grounding_dino.label.model import build_predictor as build_predictor_of
-from grounding_dino.label.model import load_model_config
-from grounding_dino.modeling.nms import nms_output
-from grounding_dino.precision import add_dtype_argument
-from grounding_dino.predictor import GroundingDINOPredictor, check_token_spans
+from grounding_dino.model_zoo import add_model_arguments, load_config
+from grounding_dino.preprocessing import check_token_spans
 
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--config-file",
-        required=True,
-        metavar="FILE",
-        help="lazy config (.py / converter's config.yaml) or thin yacs .yaml",
-    )
-    parser.add_argument(
-        "--weights",
-        default=None,
-        help="checkpoint (default: the config's init_checkpoint / MODEL.WEIGHTS)",
     )
     parser.add_argument(
         "--input",
@@ -129,11 +116,7 @@ def get_parser() -> argparse.ArgumentParser:
         help="phrases to ground as character spans of --prompt, e.g. "
         '"[[[0,3]],[[4,8]]]" (one list of [beg, end] spans per phrase)',
     )
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: the config's)")
-    add_dtype_argument(parser.add_argument)
-    parser.add_argument(
-        "--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides"
-    )
+    add_model_arguments(parser)
     return parser
 
 
@@ -143,13 +126,22 @@ def build_predictor(args) -> Tuple[GroundingDINOPredictor, Optional[object]]:
     Returns:
         the predictor, and the default prompt of a yacs config (None for lazy configs).
     """
-    config = load_model_config(args.config_file, args.opts, args.weights)
-    predictor = build_predictor_of(config, args.device, dtype=args.dtype)
-    if args.box_threshold is not None:
-        predictor.model.box_threshold = args.box_threshold
-    if args.text_threshold is not None:
-        predictor.model.text_threshold = args.text_threshold
+    config = load_config(args.config_file, args.opts, args.weights)
+    predictor = GroundingDINOPredictor.from_model_config(
+        config, device=args.device, dtype=args.dtype
+    )
     return predictor, config.default_prompt
+
+
+def demo_settings(defaults: InferenceSettings, args) -> InferenceSettings:
+    """The predictor's settings with ``--box-threshold``, ``--text-threshold`` (when given)
+    and ``--nms``."""
+    changes = {"nms_threshold": args.nms}
+    if args.box_threshold is not None:
+        changes["box_threshold"] = args.box_threshold
+    if args.text_threshold is not None:
+        changes["text_threshold"] = args.text_threshold
+    return defaults.replace(**changes)
 
 
 def parse_prompt(text: Optional[str], rec: bool, token_spans: bool):
@@ -244,6 +236,7 @@ class Runner:
         json_writer: Optional[JsonListWriter] = None,
     ):
         self.predictor = predictor
+        self.settings = demo_settings(predictor.settings, args)
         self.prompt = prompt
         self.args = args
         self.token_spans = token_spans
@@ -253,12 +246,12 @@ class Runner:
 
     def predict(self, image_bgr: np.ndarray) -> Dict:
         if self.args.rec:
-            output = self.predictor.predict_rec(image_bgr, self.prompt)
-        elif self.token_spans is not None:
-            output = self.predictor.predict_token_spans(image_bgr, self.prompt, self.token_spans)
-        else:
-            output = self.predictor(image_bgr, self.prompt)
-        return nms_output(output, self.args.nms)
+            return self.predictor.predict_rec(image_bgr, self.prompt, self.settings)
+        if self.token_spans is not None:
+            return self.predictor.predict_token_spans(
+                image_bgr, self.prompt, self.token_spans, self.settings
+            )
+        return self.predictor(image_bgr, self.prompt, self.settings)
 
     def record(self, output: Dict, path: str, frame: Optional[int] = None) -> None:
         if self.json_writer is not None:

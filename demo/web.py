@@ -34,8 +34,8 @@ import torch  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from web_app import Detector, build_app  # noqa: E402  (demo/web_app.py)
 
-from grounding_dino.label.model import build_predictor, load_model_config  # noqa: E402
-from grounding_dino.precision import add_dtype_argument  # noqa: E402
+from grounding_dino import GroundingDINOPredictor  # noqa: E402
+from grounding_dino.model_zoo import add_model_arguments, load_config  # noqa: E402
 
 DEMO_WEIGHTS = os.path.join("output", "demo", "model_final.pth")
 DEMO_IMAGES = os.path.join("output", "demo", "shapes", "val-*", "images", "*.png")
@@ -49,19 +49,6 @@ DEMO_PROMPTS = [
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--config-file",
-        required=True,
-        metavar="FILE",
-        help="lazy config (.py / converter's config.yaml, e.g. output/demo/config.yaml) or a "
-        "thin yacs .yaml",
-    )
-    parser.add_argument(
-        "--weights",
-        default=None,
-        help=f"checkpoint (default: the config's init_checkpoint / MODEL.WEIGHTS, else "
-        f"{DEMO_WEIGHTS} from `make demo`)",
     )
     parser.add_argument("--port", type=int, default=7860, help="port to listen on")
     parser.add_argument(
@@ -81,10 +68,10 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--queue-size", type=int, default=32, help="requests waiting at most; more are refused"
     )
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: the config's)")
-    add_dtype_argument(parser.add_argument)
-    parser.add_argument(
-        "--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides"
+    add_model_arguments(
+        parser,
+        weights_help=f"checkpoint (default: the config's init_checkpoint / MODEL.WEIGHTS, else "
+        f"{DEMO_WEIGHTS} from `make demo`)",
     )
     return parser
 
@@ -97,7 +84,7 @@ def demo_examples(count: int = 3):
 
 def resolve_weights(args, parser):
     """--weights, else the config's, else the demo model; an error saying what to do."""
-    config = load_model_config(args.config_file, args.opts, args.weights)
+    config = load_config(args.config_file, args.opts, args.weights)
     if not config.weights:
         if not os.path.isfile(DEMO_WEIGHTS):
             parser.error(
@@ -120,7 +107,9 @@ def main(argv=None) -> int:
         parser.error("--max-pixels and --queue-size must be positive")
     try:
         config = resolve_weights(args, parser)
-        predictor = build_predictor(config, args.device, dtype=args.dtype)
+        predictor = GroundingDINOPredictor.from_model_config(
+            config, device=args.device, dtype=args.dtype
+        )
     except (FileNotFoundError, ValueError, KeyError) as error:
         parser.error(str(error))
     detector = Detector(predictor=predictor, max_pixels=int(args.max_pixels))

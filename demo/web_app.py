@@ -15,8 +15,7 @@ from PIL import Image
 
 from demo import draw, parse_prompt  # demo/demo.py: the CLI's drawing and prompt parsing
 from grounding_dino.label.loader import read_bgr
-from grounding_dino.modeling.nms import nms_output
-from grounding_dino.predictor import GroundingDINOPredictor, inference_knobs
+from grounding_dino import GroundingDINOPredictor
 
 __all__ = ["TABLE_HEADERS", "Detector", "build_app", "table_rows"]
 
@@ -115,16 +114,15 @@ class Detector:
                 raise gr.Error(f"The {name} must be a number in [0, 1], got {value!r}.")
         try:
             parsed = parse_prompt(prompt, bool(rec), token_spans=False)
-            with inference_knobs(
-                self.predictor.model,
+            settings = self.predictor.settings.replace(
                 box_threshold=float(box_threshold),
                 text_threshold=float(text_threshold),
-            ):
-                if rec:
-                    output = self.predictor.predict_rec(image, parsed)
-                else:
-                    output = self.predictor(image, parsed)
-            output = nms_output(output, float(nms))
+                nms_threshold=float(nms),
+            )
+            if rec:
+                output = self.predictor.predict_rec(image, parsed, settings)
+            else:
+                output = self.predictor(image, parsed, settings)
         except ValueError as error:
             raise gr.Error(str(error)) from None
         except Exception as error:  # the message only; the traceback goes to the server's log

@@ -38,16 +38,25 @@ def converted_tiny(tmp_path_factory, minilm_dir):
 
 @pytest.fixture(scope="session")
 def load_converted():
-    """Instantiates a converted model (config.yaml + model.pth) in eval mode."""
+    """A converted model (config.yaml + model.pth, with ``key=value`` overrides) on the CPU in
+    eval mode, through the project's one loader (``model_zoo.get``)."""
 
-    def load(out_dir):
-        from detectron2.config import LazyConfig, instantiate
+    def load(out_dir, overrides=()):
+        from grounding_dino import model_zoo
 
-        from grounding_dino.checkpoint import GroundingDINOCheckpointer
-
-        cfg = LazyConfig.load(str(out_dir / "config.yaml"))
-        model = instantiate(cfg.model).eval()
-        GroundingDINOCheckpointer(model).load(cfg.train.init_checkpoint)
-        return model
+        return model_zoo.get(str(out_dir / "config.yaml"), overrides=overrides, device="cpu")
 
     return load
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The random-weight model of ``configs/shapes_tiny.py`` on the CPU in eval mode: the one
+    small model of the tests that need a Grounding DINO but no particular weights. Tests must
+    not change it (it is shared by the session)."""
+    from detectron2.config import instantiate
+
+    from grounding_dino.model_zoo import get_config
+
+    torch.manual_seed(0)
+    return instantiate(get_config("shapes_tiny.py").model).eval()

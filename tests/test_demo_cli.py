@@ -12,6 +12,9 @@ import pytest
 import torch
 from detectron2.structures import Boxes, Instances
 
+from grounding_dino import InferenceSettings
+from grounding_dino.modeling.nms import nms_output
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -27,14 +30,19 @@ def demo(monkeypatch):
 
 
 class StubPredictor:
-    """Three boxes per image: two of class 0 overlapping (IoU 0.9), one of class 1."""
+    """Three boxes per image: two of class 0 overlapping (IoU 0.9), one of class 1. Applies
+    the settings' NMS as the predictor's post-processing does (that equality is tested in
+    test_inference_api.py), and records the settings of the last call."""
 
     def __init__(self):
         self.calls = 0
         self.interrupt_at = None
+        self.settings = InferenceSettings()
+        self.last_settings = None
 
-    def __call__(self, image, prompt):
+    def __call__(self, image, prompt, settings=None):
         self.calls += 1
+        self.last_settings = settings
         if self.calls == self.interrupt_at:
             raise KeyboardInterrupt
         height, width = image.shape[:2]
@@ -45,7 +53,8 @@ class StubPredictor:
             scores=torch.tensor([0.9, 0.8, 0.7]),
             pred_classes=torch.tensor([0, 0, 1]),
         )
-        return {"instances": instances, "phrases": ["cat", "cat", "dog"]}
+        output = {"instances": instances, "phrases": ["cat", "cat", "dog"]}
+        return nms_output(output, settings.nms_threshold, settings.max_detections)
 
 
 def _write(path: Path, seed: int, height: int = 64, width: int = 80) -> bytes:
@@ -124,6 +133,7 @@ def test_nms_removes_duplicates_per_class(demo, tmp_path):
     for nms in (0.5, 0.95, 0):
         results = tmp_path / f"nms{nms}.json"
         assert demo.main(_args(tmp_path / "a.png", json=results, nms=nms)) == 0
+        assert demo.stub.last_settings.nms_threshold == nms
         kept[nms] = [(r["phrase"], r["score"]) for r in json.loads(results.read_text())]
     approx = pytest.approx
     # IoU of the two "cat" boxes is 0.9; the "dog" box overlaps them but is another class.

@@ -21,7 +21,8 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.structures import BoxMode
 from torch import nn
 
-from grounding_dino.engine import evaluation_knobs
+from grounding_dino import InferenceSettings
+from grounding_dino.engine import InferenceWithSettings, evaluation_settings
 from grounding_dino.engine.evaluation import EVAL_MAX_DETECTIONS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -171,9 +172,10 @@ def _predict(model, config: str, name: str):
     cfg = LazyConfig.load(config)
     cfg.dataloader.test.dataset.names = name
     outputs = {}
-    with evaluation_knobs(model), torch.no_grad():
+    evaluated = InferenceWithSettings(model, evaluation_settings(model))
+    with torch.no_grad():
         for inputs in instantiate(cfg.dataloader.test):
-            for record, output in zip(inputs, model(inputs)):
+            for record, output in zip(inputs, evaluated(inputs)):
                 outputs[record["image_id"]] = output["instances"]
     return outputs
 
@@ -311,45 +313,61 @@ def test_periodic_evaluation_ignores_the_threshold_and_writes_metrics_json(known
     assert lines[0]["rec/Acc@0.5"] == pytest.approx(100.0)
 
 
-# ---------------------------------------------------------------- the knobs themselves
-class _Knobs(nn.Module):
-    def __init__(self):
+# ---------------------------------------------------------------- the evaluation's settings
+class _RecordsSettings(nn.Module):
+    """Stands for a Grounding DINO: configured settings, and an inference that records the
+    settings each call passes."""
+
+    def __init__(self, max_detections=100):
         super().__init__()
-        self.box_threshold, self.max_detections = 0.35, 100
+        self.inference_settings = InferenceSettings(
+            box_threshold=0.35, max_detections=max_detections
+        )
         self.layer = nn.Linear(1, 1)
+        self.calls = []
 
-    def forward(self, x):
-        return self.layer(x)
+    def inference(self, inputs, settings=None):
+        self.calls.append((settings, self.training))
+        return inputs
 
 
-def test_evaluation_knobs_are_set_and_restored_also_through_ddp(tmp_path):
+def test_evaluation_passes_its_settings_and_leaves_the_model_alone_also_through_ddp(tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    model = _Knobs()
-    with evaluation_knobs(model) as inner:
-        assert inner is model
-        assert model.box_threshold == -math.inf
-        assert model.max_detections == EVAL_MAX_DETECTIONS
-    assert (model.box_threshold, model.max_detections) == (0.35, 100)
+    model = _RecordsSettings()
+    evaluated = InferenceWithSettings(model, evaluation_settings(model))
+    model.train()
+    with torch.no_grad():
+        assert evaluated(["x"]) == ["x"]
+    settings, _ = model.calls[-1]
+    assert settings.box_threshold == -math.inf
+    assert settings.max_detections == EVAL_MAX_DETECTIONS
+    assert model.inference_settings == InferenceSettings(box_threshold=0.35, max_detections=100)
 
-    model.max_detections = 1000  # a larger budget (LVIS fixed AP) is kept
-    with pytest.raises(RuntimeError, match="boom"), evaluation_knobs(model):
-        assert model.max_detections == 1000
-        raise RuntimeError("boom")
-    assert (model.box_threshold, model.max_detections) == (0.35, 1000)
+    larger = _RecordsSettings(max_detections=1000)  # a larger budget (LVIS fixed AP) is kept
+    assert evaluation_settings(larger).max_detections == 1000
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
-        wrapped = DistributedDataParallel(_Knobs())
-        with evaluation_knobs(wrapped):
-            assert wrapped.module.box_threshold == -math.inf
-        assert wrapped.module.box_threshold == 0.35
+        wrapped = DistributedDataParallel(_RecordsSettings())
+        InferenceWithSettings(wrapped, evaluation_settings(wrapped))(["y"])
+        assert wrapped.module.calls[-1][0].box_threshold == -math.inf
+        assert wrapped.module.inference_settings.box_threshold == 0.35
     finally:
         dist.destroy_process_group()
 
-    with pytest.raises(AttributeError, match="max_detections"), evaluation_knobs(nn.Linear(1, 1)):
-        pass
+    with pytest.raises(AttributeError, match="inference_settings"):
+        evaluation_settings(nn.Linear(1, 1))
+
+
+def test_a_model_refuses_an_assigned_threshold(tiny_model):
+    model = tiny_model
+    with pytest.raises(AttributeError, match="settings"):
+        model.box_threshold = 0.1
+    with pytest.raises(AttributeError, match="settings"):
+        model.max_detections = 5
+    assert model.box_threshold == model.inference_settings.box_threshold
 
 
 def test_mistyped_train_key_is_an_error_not_a_default(tmp_path):

@@ -17,16 +17,19 @@ from detectron2.data import MetadataCatalog
 from detectron2.data.transforms import ResizeShortestEdge
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
+from detectron2.structures import pairwise_iou
 from omegaconf import OmegaConf
 
+from grounding_dino import GroundingDINO, InferenceSettings
+from grounding_dino.modeling.nms import nms_output
+from grounding_dino.modeling.settings import NMS_CANDIDATES
 from grounding_dino.config import (
-    GroundingDINOFromYacs,
     add_grounding_dino_config,
-    build_lazy_model_from_yacs,
     default_prompt_from_yacs,
     resolve_config_file,
 )
-from grounding_dino.predictor import GroundingDINOPredictor, check_token_spans
+from grounding_dino.predictor import GroundingDINOPredictor
+from grounding_dino.preprocessing import check_token_spans
 from grounding_dino.resize import (
     OfficialResize,
     official_output_size,
@@ -124,7 +127,7 @@ def test_yaml_names_the_lazy_configs():
         cfg = get_cfg()
         add_grounding_dino_config(cfg)
         cfg.merge_from_file(str(REPO / "configs" / f"{name}.yaml"))
-        assert cfg.MODEL.META_ARCHITECTURE == "GroundingDINOFromYacs"
+        assert cfg.MODEL.META_ARCHITECTURE == "GroundingDINO"
         assert cfg.INPUT.FORMAT == "RGB" and cfg.INPUT.MIN_SIZE_TEST == 0
         assert Path(resolve_config_file(cfg.MODEL.GROUNDING_DINO.CONFIG_FILE)).name == f"{name}.py"
 
@@ -137,11 +140,11 @@ def default_predictor(converted):
     cfg = _yacs_cfg(converted)
     cfg.DATASETS.TEST = (METADATA_NAME,)
     predictor = DefaultPredictor(cfg)
-    assert type(predictor.model) is GroundingDINOFromYacs
+    assert type(predictor.model) is GroundingDINO
     return predictor
 
 
-def test_default_predictor_equals_predictor(default_predictor, predictor):
+def test_default_predictor_equals_predictor(default_predictor, predictor, converted):
     assert default_predictor.model.default_prompt == CLASSES  # from the dataset's metadata
     # (97, 203): detectron2's ResizeShortestEdge rounds to 61x128, the official rule to 61x127.
     assert ResizeShortestEdge.get_output_shape(97, 203, TEST_SIZE, TEST_MAX_SIZE) != (
@@ -152,16 +155,25 @@ def test_default_predictor_equals_predictor(default_predictor, predictor):
         out = default_predictor(image)
         _assert_same(out, predictor(image, CLASSES))
         assert set(out["phrases"]) <= set(CLASSES)
-    model = default_predictor.model
-    try:
-        model.default_prompt = CAPTION
-        image = _image(5, 90, 140)
-        _assert_same(default_predictor(image), predictor(image, CAPTION))
-        model.default_prompt = None  # no PROMPT and no dataset: the input lacks a prompt
-        with pytest.raises(ValueError, match="prompt"):
-            default_predictor(image)
-    finally:
-        model.default_prompt = CLASSES
+    image = _image(5, 90, 140)
+    with_caption = DefaultPredictor(_yacs_cfg(converted, PROMPT=CAPTION))
+    _assert_same(with_caption(image), predictor(image, CAPTION))
+    without = DefaultPredictor(_yacs_cfg(converted))  # no PROMPT and no dataset: no prompt
+    with pytest.raises(ValueError, match="prompt"):
+        without(image)
+
+
+@pytest.mark.parametrize("name", ["GroundingDINO", "GroundingDINOFromYacs"])
+def test_registered_names_build_through_default_predictor(converted, predictor, name):
+    """The name users write in a yacs config (and the earlier yamls' name) build the same
+    model, with outputs equal to GroundingDINOPredictor's."""
+    cfg = _yacs_cfg(converted, PROMPT=CAPTION)
+    cfg.MODEL.META_ARCHITECTURE = name
+    default_predictor = DefaultPredictor(cfg)
+    assert type(default_predictor.model).__name__ == name
+    assert isinstance(default_predictor.model, GroundingDINO)
+    image = _image(6, 120, 100)
+    _assert_same(default_predictor(image), predictor(image, CAPTION))
 
 
 def test_yacs_prompt_thresholds_and_overrides(converted):
@@ -170,7 +182,8 @@ def test_yacs_prompt_thresholds_and_overrides(converted):
     cfg.MODEL.GROUNDING_DINO.PROMPT = CAPTION
     assert default_prompt_from_yacs(cfg) == CAPTION
     model = build_model(cfg).eval()  # what DefaultPredictor builds
-    assert model.box_threshold == 0.6 and model.max_detections == 4
+    assert model.inference_settings.box_threshold == 0.6
+    assert model.inference_settings.max_detections == 4
     assert model.default_prompt == CAPTION
     image = torch.as_tensor(_image(2, 110, 150)[:, :, ::-1].transpose(2, 0, 1).copy())
     out = model([{"image": image.float(), "height": 110, "width": 150}])[0]
@@ -207,13 +220,13 @@ def test_yacs_errors_name_the_problem(converted):
     cfg = _yacs_cfg(converted)
     cfg.MODEL.GROUNDING_DINO.CONFIG_FILE = "configs/no_such_config.py"
     with pytest.raises(FileNotFoundError, match="no_such_config.py"):
-        build_lazy_model_from_yacs(cfg)
+        GroundingDINO(cfg)
     cfg = _yacs_cfg(converted, PROMPT=["cat", " "])
     with pytest.raises(ValueError, match="Class name 1"):
         DefaultPredictor(cfg)
     cfg = _yacs_cfg(converted, OVERRIDES=["model.box_threshold"])
     with pytest.raises(ValueError, match="not 'key=value'"):
-        build_lazy_model_from_yacs(cfg)
+        GroundingDINO(cfg)
 
 
 class _RunsCode:
@@ -248,21 +261,57 @@ def test_predict_batch_equals_one_by_one(predictor):
     assert set(batched[1]["phrases"]) <= set(CLASSES)
 
 
+def test_settings_are_per_call_checked_and_leave_the_predictor_alone(predictor):
+    image = _image(7, 100, 120)
+    before = predictor.settings
+    assert before == predictor.model.inference_settings  # the config's values
+    few = predictor(image, CAPTION, settings=before.replace(box_threshold=0.0, max_detections=5))
+    assert len(few["instances"]) == 5
+    assert predictor.settings == before and predictor.model.inference_settings == before
+    with pytest.raises(ValueError, match="max_detections"):
+        InferenceSettings(max_detections=0)
+    with pytest.raises(ValueError, match="nms_threshold"):
+        before.replace(nms_threshold=1.5)
+    with pytest.raises(TypeError, match="box_treshold"):
+        before.replace(box_treshold=0.1)
+    with pytest.raises(TypeError, match="InferenceSettings"):
+        predictor(image, CAPTION, settings={"box_threshold": 0.0})
+
+
+def _nms_threshold_that_suppresses(instances) -> float:
+    """Half the largest IoU of two boxes of one class (so class-wise NMS removes some)."""
+    iou = pairwise_iou(instances.pred_boxes, instances.pred_boxes)
+    same_class = instances.pred_classes[:, None] == instances.pred_classes[None]
+    iou = iou.masked_fill(~same_class, 0).fill_diagonal_(0)
+    assert float(iou.max()) > 0, "no two boxes of a class overlap: nothing to test"
+    return float(iou.max()) / 2
+
+
+def test_nms_setting_equals_classwise_nms_of_the_output(predictor):
+    image = _image(9, 120, 120)
+    loose = predictor.settings.replace(box_threshold=0.0, max_detections=NMS_CANDIDATES)
+    for prompt in (CLASSES, CAPTION):
+        # With NMS, the candidates are the best NMS_CANDIDATES; the cap comes after NMS.
+        plain = predictor(image, prompt, settings=loose)
+        threshold = _nms_threshold_that_suppresses(plain["instances"])
+        kept = len(nms_output(plain, threshold)["instances"])
+        assert kept < len(plain["instances"])
+        cap = kept - 1
+        got = predictor(
+            image, prompt, settings=loose.replace(nms_threshold=threshold, max_detections=cap)
+        )
+        assert len(got["instances"]) == cap
+        _assert_same(got, nms_output(plain, threshold, cap))
+
+
 def test_rec_returns_exactly_one_box(predictor):
     image = _image(3, 110, 140)
-    saved = predictor.model.box_threshold
-    predictor.model.box_threshold = 0.99  # REC ignores the threshold
-    try:
-        out = predictor.predict_rec(image, "the cat on the left")
-    finally:
-        predictor.model.box_threshold = saved
-    assert predictor.model.box_threshold == saved
+    strict = predictor.settings.replace(box_threshold=0.99)  # REC ignores the threshold
+    out = predictor.predict_rec(image, "the cat on the left", settings=strict)
     assert len(out["instances"]) == 1 and out["phrases"] == ["the cat on the left"]
-    predictor.model.box_threshold = -1.0
-    try:
-        everything = predictor(image, "the cat on the left")
-    finally:
-        predictor.model.box_threshold = saved
+    everything = predictor(
+        image, "the cat on the left", settings=predictor.settings.replace(box_threshold=-1.0)
+    )
     assert float(out["instances"].scores[0]) == float(everything["instances"].scores.max())
     with pytest.raises(ValueError, match="expression"):
         predictor.predict_rec(image, "  ")
@@ -272,12 +321,8 @@ def test_token_spans_ground_selected_phrases(predictor):
     image = _image(4, 100, 150)
     caption = "a cat and a remote"
     spans = [[[2, 5]], [[12, 18]]]  # "cat", "remote"
-    saved = predictor.model.box_threshold
-    predictor.model.box_threshold = 0.55
-    try:
-        out = predictor.predict_token_spans(image, caption, spans)
-    finally:
-        predictor.model.box_threshold = saved
+    settings = predictor.settings.replace(box_threshold=0.55)
+    out = predictor.predict_token_spans(image, caption, spans, settings=settings)
     instances = out["instances"]
     assert len(instances) > 0 and set(out["phrases"]) <= {"cat", "remote"}
     assert bool((instances.scores > 0.55).all())
@@ -291,11 +336,8 @@ def test_token_spans_ground_selected_phrases(predictor):
         assert abs(float(instances.scores[k]) - float(expected)) < 1e-5
         assert int(instances.pred_classes[k]) == ["cat", "remote"].index(phrase)
     # Complete: every (box, phrase) pair above the threshold is there.
-    predictor.model.box_threshold = -1.0
-    try:
-        allq = predictor(image, caption)["instances"].token_scores
-    finally:
-        predictor.model.box_threshold = saved
+    every_query = predictor.settings.replace(box_threshold=-1.0)
+    allq = predictor(image, caption, settings=every_query)["instances"].token_scores
     wanted = int((allq[:, [columns["cat"], columns["remote"]]] / (1 + 1e-6) > 0.55).sum())
     assert len(instances) == wanted
 

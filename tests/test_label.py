@@ -205,10 +205,11 @@ def _expected(setup, name):
 
         cfg = LazyConfig.apply_overrides(cfg, OVERRIDES)
         predictor = GroundingDINOPredictor(cfg, weights=setup["weights"])
-        predictor.model.box_threshold = 0.0
         setup["predictor"] = predictor
     image = cv2.imread(os.path.join(setup["images"], name))
-    instances = setup["predictor"](image, CLASSES)["instances"]
+    predictor = setup["predictor"]
+    every_box = predictor.settings.replace(box_threshold=0.0)
+    instances = predictor(image, CLASSES, settings=every_box)["instances"]
     boxes, scores, classes = instances.pred_boxes.tensor, instances.scores, instances.pred_classes
     kept = torch.cat(
         [

@@ -7,9 +7,7 @@ import torch
 @pytest.fixture(scope="module")
 def model(converted_tiny, load_converted):
     _, out_dir, _ = converted_tiny
-    model = load_converted(out_dir)
-    model.box_threshold = 0.0
-    return model
+    return load_converted(out_dir, overrides=["model.box_threshold=0.0"])
 
 
 def _image(seed=0):

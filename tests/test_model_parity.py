@@ -90,14 +90,14 @@ def test_batch_of_different_sizes_equals_one_by_one(hf_pair):
         {"category_names": ["dog", "traffic light", "person"]},
         {"caption": "the man on the left"},
     ]
-    model.box_threshold = 0.0
+    every_box = model.inference_settings.replace(box_threshold=0.0)
     inputs = [
         {"image": im, "height": im.shape[1], "width": im.shape[2], **p}
         for im, p in zip(images, prompts)
     ]
-    batched = model(inputs)
+    batched = model.inference(inputs, settings=every_box)
     for record, together in zip(inputs, batched):
-        alone = model([record])[0]
+        alone = model.inference([record], settings=every_box)[0]
         a, b = alone["instances"], together["instances"]
         assert len(a) == len(b) > 0
         assert torch.allclose(a.scores, b.scores, atol=1e-5)
@@ -118,10 +118,10 @@ def test_batch_of_different_sizes_equals_one_by_one(hf_pair):
 
 def test_category_prompt_scores_are_token_scores_through_positive_maps(hf_pair):
     _, model, *_ = hf_pair
-    model.box_threshold = 0.0
+    every_box = model.inference_settings.replace(box_threshold=0.0)
     image = (torch.rand(3, 96, 128) * 255).to(torch.uint8)
     names = ["cat", "remote control"]
-    out = model([{"image": image, "category_names": names}])[0]
+    out = model.inference([{"image": image, "category_names": names}], settings=every_box)[0]
     instances = out["instances"]
     assert len(instances) == min(model.max_detections, 2 * model.query_selector.num_queries)
     # "remote control" spans two tokens (ids at 4, 5): its score is their mean.

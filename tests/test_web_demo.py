@@ -133,12 +133,13 @@ def server(weights, tmp_path_factory):
 def expected_rows(predictor, path: str, prompt, box_threshold=0.0, nms=0.5, rec=False):
     """(phrase, score, x0, y0, x1, y1) rows of the predictor on the same file and settings."""
     from grounding_dino.modeling.nms import nms_output
-    from grounding_dino.predictor import inference_knobs
 
     image = cv2.imread(path)
-    with inference_knobs(predictor.model, box_threshold=box_threshold, text_threshold=0.25):
-        output = predictor.predict_rec(image, prompt) if rec else predictor(image, prompt)
-    output = nms_output(output, nms)
+    settings = predictor.settings.replace(box_threshold=box_threshold, text_threshold=0.25)
+    if rec:
+        output = predictor.predict_rec(image, prompt, settings=settings)
+    else:
+        output = nms_output(predictor(image, prompt, settings=settings), nms)
     boxes = output["instances"].pred_boxes.tensor.tolist()
     scores = output["instances"].scores.tolist()
     return [(p, s, *b) for p, s, b in zip(output["phrases"], scores, boxes)]

@@ -2,13 +2,13 @@
 Output checks of ``tools/benchmark.py``: our predictor against transformers' model on the same
 image and caption, and the drift of another run (bf16) from the fp32 one.
 
-Only public API is used: the predictor's call and its output ``Instances``, the model's
-``box_threshold`` / ``max_detections`` attributes, and forward hooks on two components of the
+Only public API is used: the predictor's call with its ``settings`` and its output
+``Instances``, and forward hooks on two components of the
 documented model tree (``model.enhancer``: (image tokens, text features);
 ``model.query_selector``: (queries, reference, enc_outputs)).
 """
 
-import contextlib
+import math
 from typing import Dict
 
 import numpy as np
@@ -18,17 +18,6 @@ __all__ = ["TOKEN_TOL", "BOX_TOL_PX", "check_outputs", "format_check", "drift"]
 
 TOKEN_TOL = 1e-4
 BOX_TOL_PX = 0.05
-
-
-@contextlib.contextmanager
-def _keep_every_query(model, num_queries: int):
-    """Sets the model to return all ``num_queries`` queries (no score threshold)."""
-    saved = model.box_threshold, model.max_detections
-    model.box_threshold, model.max_detections = -1.0, num_queries
-    try:
-        yield
-    finally:
-        model.box_threshold, model.max_detections = saved
 
 
 def _tensor(value, field: str) -> torch.Tensor:
@@ -93,9 +82,10 @@ def check_outputs(hf, ours, image_bgr: np.ndarray, caption: str) -> Dict:
     ]
     num_queries = hf.model.config.num_queries
     try:
-        with torch.no_grad(), _keep_every_query(model, num_queries):
+        every_query = ours.settings.replace(box_threshold=-math.inf, max_detections=num_queries)
+        with torch.no_grad():
             ref = hf.model(**inputs)
-            out = ours(image_bgr, caption)["instances"].to("cpu")
+            out = ours(image_bgr, caption, settings=every_query)["instances"].to("cpu")
     finally:
         for hook in hooks:
             hook.remove()

@@ -26,13 +26,11 @@ import sys
 from typing import Optional, Sequence
 
 import torch
-from detectron2.config import LazyConfig, instantiate
 from detectron2.utils.logger import setup_logger
 
-from grounding_dino.checkpoint import GroundingDINOCheckpointer
 from grounding_dino.data.datasets.odinw import ODINW_SUITES, register_odinw_suite
-from grounding_dino.engine import is_cpu_device
 from grounding_dino.evaluation.odinw import evaluate_datasets, format_suite_table, summarize_suite
+from grounding_dino.model_zoo import build_model, get_config
 
 __all__ = ["main", "parse_args"]
 
@@ -63,8 +61,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def _load_config(args):
-    cfg = LazyConfig.load(args.config_file)
-    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    cfg = get_config(args.config_file, args.opts)
     for key in ("model", "dataloader"):
         if key not in cfg:
             raise SystemExit(f"{args.config_file} defines no '{key}'")
@@ -75,30 +72,12 @@ def _load_config(args):
 
 
 def _build_model(cfg, weights: Optional[str]):
-    train = cfg.get("train", {})
-    device = train.get("device", "cuda")
-    if not is_cpu_device(device) and not torch.cuda.is_available():
-        raise SystemExit(
-            f"train.device={device} but CUDA is not available here; add train.device=cpu"
-        )
-    weights = weights if weights is not None else train.get("init_checkpoint", "")
-    if weights and "://" not in weights and not os.path.isfile(weights):
-        raise SystemExit(f"--weights {weights} does not exist")
-    model = instantiate(cfg.model)
-    model.to(device).eval()
-    if getattr(model, "box_threshold", 0.0) > 0:
-        # AP counts every detection: the display threshold must not hide the low-scored ones.
-        logger.info(f"Evaluating with box_threshold 0 (the config has {model.box_threshold})")
-        model.box_threshold = 0.0
-    if weights:
-        GroundingDINOCheckpointer(model).load(weights)
-        logger.info(f"Loaded {weights}")
-    else:
-        logger.warning(
-            "No --weights and train.init_checkpoint is empty: evaluating the model's own "
-            "initialisation (random weights)"
-        )
-    return model
+    """The model with its weights (``--weights``, else ``train.init_checkpoint``); the
+    evaluation runs it without its display threshold (``evaluation_settings``)."""
+    try:
+        return build_model(cfg, weights)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(str(error)) from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

@@ -18,11 +18,13 @@ How the results equal :class:`~grounding_dino.GroundingDINOPredictor`:
 
 * The structure comes from the lazy config only (``MODEL.GROUNDING_DINO.CONFIG_FILE`` with
   ``MODEL.GROUNDING_DINO.OVERRIDES``); yacs keys such as ``MODEL.PIXEL_MEAN`` are not used.
-* ``MODEL.META_ARCHITECTURE`` is ``GroundingDINOFromYacs``: a :class:`GroundingDINO` whose
-  ``from_config`` instantiates the lazy config's ``model`` and whose ``inference`` first fills
-  what ``DefaultPredictor`` cannot pass (the meta-architecture itself knows nothing of yacs).
+* ``MODEL.META_ARCHITECTURE`` is ``GroundingDINO`` (the registered meta-architecture;
+  ``GroundingDINOFromYacs``, the name earlier yamls use, is the same model). Its
+  ``from_config`` (detectron2's ``@configurable``) calls :func:`yacs_model_kwargs`, which
+  instantiates the lazy config's ``model`` arguments and adds what ``DefaultPredictor`` cannot
+  pass: the default prompt and the official test resize.
 * ``INPUT.MIN_SIZE_TEST`` is 0, which turns ``DefaultPredictor``'s ``ResizeShortestEdge`` off
-  (it rounds sizes differently from the official rule). ``GroundingDINOFromYacs`` resizes each
+  (it rounds sizes differently from the official rule). The model resizes each
   CPU image itself with :class:`~grounding_dino.resize.OfficialResize`, on the same uint8
   pixels and before anything moves to the device, exactly as ``GroundingDINOPredictor`` does.
 * ``DefaultPredictor`` passes no prompt, so the model uses its ``default_prompt``:
@@ -38,42 +40,35 @@ How the results equal :class:`~grounding_dino.GroundingDINOPredictor`:
 import logging
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Optional
 
-import numpy as np
-import torch
 from detectron2.config import CfgNode as CN
-from detectron2.config import LazyConfig, configurable, instantiate
+from detectron2.config import LazyConfig, instantiate
 from detectron2.data import MetadataCatalog
-from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.registry import locate
+from torch import nn
 
 from .checkpoint import verify_checkpoint
-from .model_zoo import configs_dir
-from .modeling import GroundingDINO
-from .predictor import prompt_to_input
-from .resize import OfficialResize, official_resize_from_lazy_config
+from .packaged_configs import configs_dir
+from .preprocessing import Prompt, prompt_to_input
+from .resize import official_resize_from_lazy_config
 
 __all__ = [
-    "GroundingDINOFromYacs",
     "add_grounding_dino_config",
     "resolve_config_file",
     "load_lazy_config_from_yacs",
     "default_prompt_from_yacs",
-    "lazy_model_kwargs_from_yacs",
-    "build_lazy_model_from_yacs",
+    "yacs_model_kwargs",
 ]
 
 logger = logging.getLogger(__name__)
-
-Prompt = Union[str, Sequence[str]]
 
 
 def add_grounding_dino_config(cfg: CN) -> None:
     """
     Adds ``MODEL.GROUNDING_DINO`` to a detectron2 yacs config, and sets the defaults the
-    bridge needs (``MODEL.META_ARCHITECTURE = "GroundingDINOFromYacs"``, ``INPUT.FORMAT =
+    bridge needs (``MODEL.META_ARCHITECTURE = "GroundingDINO"``, ``INPUT.FORMAT =
     "RGB"``, ``INPUT.MIN_SIZE_TEST = 0``: see the module doc).
 
     Keys:
@@ -95,7 +90,7 @@ def add_grounding_dino_config(cfg: CN) -> None:
     cfg.MODEL.GROUNDING_DINO.BOX_THRESHOLD = None
     cfg.MODEL.GROUNDING_DINO.TEXT_THRESHOLD = None
     cfg.MODEL.GROUNDING_DINO.MAX_DETECTIONS = None
-    cfg.MODEL.META_ARCHITECTURE = "GroundingDINOFromYacs"
+    cfg.MODEL.META_ARCHITECTURE = "GroundingDINO"
     cfg.INPUT.FORMAT = "RGB"
     cfg.INPUT.MIN_SIZE_TEST = 0
 
@@ -200,27 +195,37 @@ def _check_weights_name(path: str) -> None:
         )
 
 
-def _verify_weights(model: "GroundingDINOFromYacs", path: str) -> None:
+def _verify_weights(kwargs: Dict, path: str) -> None:
     """
     Reads ``MODEL.WEIGHTS`` safely (a file holding code fails before detectron2 opens it) and
-    checks that it matches ``model`` exactly (see
-    :func:`~grounding_dino.checkpoint.verify_checkpoint`).
+    checks that it matches the model the keyword arguments build exactly (see
+    :func:`~grounding_dino.checkpoint.verify_checkpoint`). The model's state is its
+    components' states (it has no parameters of its own), so they are checked before it is
+    built.
     """
     local = PathManager.get_local_path(path)
     if not os.path.isfile(local):
         raise FileNotFoundError(f"MODEL.WEIGHTS={path} does not exist")
-    verify_checkpoint(model, local)
+    components = nn.Module()
+    for name, value in kwargs.items():
+        if isinstance(value, nn.Module):
+            components.add_module(name, value)
+    verify_checkpoint(components, local)
 
 
-def lazy_model_kwargs_from_yacs(cfg: CN) -> Dict:
+def yacs_model_kwargs(cfg: CN, model_class: type) -> Dict:
     """
-    Keyword arguments of :class:`GroundingDINOFromYacs` for a yacs config: the lazy config's
-    ``model`` entry instantiated, plus ``input_format`` (``INPUT.FORMAT``), ``default_prompt``,
-    ``test_resize`` and ``weights`` (``MODEL.WEIGHTS``). This is
-    ``GroundingDINOFromYacs.from_config``.
+    Keyword arguments of ``model_class`` (``GroundingDINO``) for a yacs config: the lazy
+    config's ``model`` arguments instantiated, with ``input_format`` (``INPUT.FORMAT``),
+    ``default_prompt`` and ``test_resize``. This is ``GroundingDINO.from_config``.
+
+    ``MODEL.WEIGHTS`` is checked here, before ``DefaultPredictor`` loads it: it must match the
+    model exactly, else :class:`~grounding_dino.checkpoint.CheckpointMismatchError` names the
+    missing, unexpected and wrong-shape keys. An empty ``MODEL.WEIGHTS`` builds the model with
+    its own initialisation (as detectron2's ``build_model``), with a warning.
 
     Raises:
-        ValueError: the lazy model is not a GroundingDINO, the prompt is invalid, or
+        ValueError: the lazy model is not a ``model_class``, the prompt is invalid, or
             ``MODEL.WEIGHTS`` is a ``.pkl`` / ``.safetensors`` file.
     """
     _check_weights_name(cfg.MODEL.WEIGHTS)
@@ -229,10 +234,10 @@ def lazy_model_kwargs_from_yacs(cfg: CN) -> Dict:
     target = lazy.model.get("_target_")
     if isinstance(target, str):
         target = locate(target)
-    if target is not GroundingDINO:
+    if not (isinstance(target, type) and issubclass(model_class, target)):
         raise ValueError(
             f"{cfg.MODEL.GROUNDING_DINO.CONFIG_FILE}: model._target_ is {target!r}; the yacs "
-            "bridge builds GroundingDINOFromYacs from the arguments of a GroundingDINO"
+            f"bridge builds {model_class.__name__} from the arguments of a GroundingDINO"
         )
     model_cfg = lazy.model
     model_cfg._target_ = _capture_kwargs
@@ -244,108 +249,16 @@ def lazy_model_kwargs_from_yacs(cfg: CN) -> Dict:
             "GroundingDINOPredictor",
             cfg.INPUT.MIN_SIZE_TEST,
         )
+    if cfg.MODEL.WEIGHTS:
+        _verify_weights(kwargs, cfg.MODEL.WEIGHTS)
+    else:
+        logger.warning(
+            "MODEL.WEIGHTS is empty: the model keeps its own (random) initialisation; set "
+            "MODEL.WEIGHTS to a converted checkpoint for predictions"
+        )
     kwargs.update(
         input_format=cfg.INPUT.FORMAT,
         default_prompt=default_prompt,
         test_resize=official_resize_from_lazy_config(lazy),
-        weights=cfg.MODEL.WEIGHTS,
     )
     return kwargs
-
-
-@META_ARCH_REGISTRY.register()
-class GroundingDINOFromYacs(GroundingDINO):
-    """
-    :class:`GroundingDINO` for ``build_model(cfg)`` and ``DefaultPredictor`` (the thin yamls'
-    ``MODEL.META_ARCHITECTURE``). Its parameters are GroundingDINO's (same checkpoints).
-
-    At inference it first fills what ``DefaultPredictor`` cannot pass: inputs without
-    ``"caption"`` or ``"category_names"`` get ``default_prompt``, and each image is resized
-    with ``test_resize`` on the CPU, on uint8 pixels, before it moves to the device
-    (``"height"`` / ``"width"`` default to the size before the resize).
-
-    ``weights`` (``MODEL.WEIGHTS``) is checked when the model is built, before
-    ``DefaultPredictor`` loads it: it must match the model exactly, else
-    :class:`~grounding_dino.checkpoint.CheckpointMismatchError` names the missing,
-    unexpected and wrong-shape keys. An empty ``MODEL.WEIGHTS`` builds the model with its
-    own initialisation (as detectron2's ``build_model``), with a warning.
-    """
-
-    @configurable
-    def __init__(
-        self,
-        *,
-        default_prompt: Optional[Prompt],
-        test_resize: Optional[OfficialResize],
-        weights: str,
-        **kwargs,
-    ):
-        """
-        Args:
-            default_prompt: caption (str) or class names (list of str) of inputs without a
-                prompt; None: inputs must carry their own.
-            test_resize: resize of inference images (None: used as given).
-            weights: the checkpoint that will be loaded into the model (checked here, not
-                loaded); "" for none.
-            kwargs: the arguments of :class:`GroundingDINO`.
-        """
-        super().__init__(**kwargs)
-        self.default_prompt = default_prompt
-        self.test_resize = test_resize
-        if weights:
-            _verify_weights(self, weights)
-        else:
-            logger.warning(
-                "MODEL.WEIGHTS is empty: GroundingDINOFromYacs keeps its own (random) "
-                "initialisation; set MODEL.WEIGHTS to a converted checkpoint for predictions"
-            )
-
-    @classmethod
-    def from_config(cls, cfg: CN) -> Dict:
-        return lazy_model_kwargs_from_yacs(cfg)
-
-    def inference(self, batched_inputs: List[Dict]) -> List[Dict]:
-        return super().inference([self._with_defaults(r) for r in batched_inputs])
-
-    def _with_defaults(self, record: Dict) -> Dict:
-        record = dict(record)
-        if (
-            self.default_prompt is not None
-            and "caption" not in record
-            and "category_names" not in record
-        ):
-            record.update(prompt_to_input(self.default_prompt))
-        image = record.get("image")
-        if self.test_resize is not None and isinstance(image, torch.Tensor) and image.dim() == 3:
-            if image.device.type != "cpu":
-                raise ValueError(
-                    f"GroundingDINOFromYacs resizes images on the CPU (the official PIL "
-                    f"resize) before moving them to the model's device; got an image on "
-                    f"{image.device}. Pass CPU tensors, as DefaultPredictor does."
-                )
-            record.setdefault("height", image.shape[-2])
-            record.setdefault("width", image.shape[-1])
-            record["image"] = _resize_image(image, self.test_resize)
-        return record
-
-
-def build_lazy_model_from_yacs(cfg: CN) -> GroundingDINOFromYacs:
-    """
-    The model a yacs config describes (what ``build_model(cfg)`` returns, without moving it
-    to ``MODEL.DEVICE`` and without loading weights; a non-empty ``MODEL.WEIGHTS`` is checked
-    against it).
-    """
-    return GroundingDINOFromYacs(cfg)
-
-
-def _resize_image(image: torch.Tensor, augmentation) -> torch.Tensor:
-    """
-    Applies a detectron2 augmentation to a CPU [3, H, W] image with 0-255 values (uint8, or
-    float as ``DefaultPredictor`` gives), on uint8 pixels as the dataset mappers and
-    ``GroundingDINOPredictor`` do. Returns a uint8 [3, H', W'] tensor.
-    """
-    if image.dtype != torch.uint8:
-        image = image.round().clamp(0, 255).to(torch.uint8)
-    array = image.permute(1, 2, 0).numpy()
-    resized = augmentation.get_transform(array).apply_image(array)
-    return torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))

@@ -5,12 +5,18 @@ import logging
 from typing import Sequence, Tuple
 
 import numpy as np
+import torch
 from detectron2.config import instantiate
 from detectron2.data import transforms as T
 from omegaconf import OmegaConf
 from PIL import Image
 
-__all__ = ["official_output_size", "OfficialResize", "official_resize_from_lazy_config"]
+__all__ = [
+    "official_output_size",
+    "OfficialResize",
+    "official_resize_from_lazy_config",
+    "resize_uint8_image",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -77,3 +83,16 @@ def official_resize_from_lazy_config(cfg) -> OfficialResize:
             f"max_size=1333)), got {augmentations!r}"
         )
     return augmentations[0]
+
+
+def resize_uint8_image(image: torch.Tensor, augmentation) -> torch.Tensor:
+    """
+    Applies a detectron2 augmentation to a CPU [3, H, W] image with 0-255 values (uint8, or
+    float as ``DefaultPredictor`` gives), on uint8 pixels as the dataset mappers and
+    ``GroundingDINOPredictor`` do. Returns a uint8 [3, H', W'] tensor.
+    """
+    if image.dtype != torch.uint8:
+        image = image.round().clamp(0, 255).to(torch.uint8)
+    array = image.permute(1, 2, 0).numpy()
+    resized = augmentation.get_transform(array).apply_image(array)
+    return torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))

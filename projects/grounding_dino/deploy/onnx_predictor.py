@@ -1,25 +1,28 @@
 """``OnnxPredictor``: the predictor's interface on an exported ONNX graph, run by ONNX Runtime.
 
 Python keeps what is not the network, shared with :class:`~grounding_dino.GroundingDINOPredictor`
-(not copied): the image checks and resize (``predictor.model_input``), the normalisation
-(``modeling.meta_arch.normalize_image``), tokenising and chunking a prompt into runs
-(``modeling.postprocessing.runs_for_inputs``, ``PromptEncoder.batch``) and the post-processing
-(``modeling.postprocessing.detections_for_inputs``). The graph (``grounding_dino.export``) gets
-one image and its runs and returns token logits and boxes of all queries.
+(not copied): the calls, checks and settings
+(:class:`~grounding_dino.predictor_core.PredictorCore`), the pre-processing
+(:mod:`grounding_dino.preprocessing`: resize, normalisation, prompt runs) and the
+post-processing (``modeling.postprocessing.detections_for_inputs``). The graph
+(``grounding_dino.export``) gets one image and its runs and returns token logits and boxes of
+all queries.
 """
 
 import logging
 import os
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 from detectron2.config import LazyConfig, instantiate
 
 from ..export.graph import INPUT_NAMES, OUTPUT_NAMES, read_metadata
-from ..modeling.meta_arch import normalize_image
-from ..modeling.postprocessing import detections_for_inputs, runs_for_inputs
-from ..predictor import Prompt, inference_knobs, model_input, prompts_for_images
+from ..model_zoo import get_config
+from ..modeling.postprocessing import detections_for_inputs
+from ..modeling.settings import InferenceSettings
+from ..predictor_core import PredictorCore
+from ..preprocessing import normalize_image, runs_for_inputs
 from ..resize import official_resize_from_lazy_config
 
 __all__ = ["OnnxPredictor", "onnx_feeds"]
@@ -47,7 +50,7 @@ def onnx_feeds(image: torch.Tensor, text) -> Dict[str, np.ndarray]:
     }
 
 
-class OnnxPredictor:
+class OnnxPredictor(PredictorCore):
     """
     Runs an exported Grounding DINO (``python -m grounding_dino.export onnx``) with ONNX
     Runtime on BGR images; returns what ``GroundingDINOPredictor`` returns.
@@ -58,8 +61,8 @@ class OnnxPredictor:
         out = predictor(image_bgr, "cat . remote control .")   # or ["cat", "remote control"]
         out["instances"].pred_boxes, out["phrases"]
 
-    The inference knobs ``box_threshold``, ``text_threshold`` and ``max_detections`` come from
-    the config's model and are plain attributes.
+    The default settings (``box_threshold``, ``text_threshold``, ``max_detections``) come from
+    the config's model; every call takes ``settings=`` as ``GroundingDINOPredictor``'s.
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class OnnxPredictor:
         input_format: str = "BGR",
         threads: Optional[int] = None,
         providers: Optional[List[str]] = None,
+        settings: Optional[InferenceSettings] = None,
     ):
         """
         Args:
@@ -82,6 +86,7 @@ class OnnxPredictor:
             input_format: channel order of the arrays given to ``__call__``.
             threads: ONNX Runtime intra-op threads (None: its default, all cores).
             providers: ONNX Runtime execution providers (default: the CPU).
+            settings: the default settings of the calls (None: the config model's).
 
         Raises:
             FileNotFoundError: the graph or the config file does not exist.
@@ -94,13 +99,19 @@ class OnnxPredictor:
         if isinstance(config, str):
             if not os.path.isfile(config):
                 raise FileNotFoundError(f"config file {config} does not exist")
-            config = LazyConfig.load(config)
-        cfg = LazyConfig.apply_overrides(config, list(overrides))
+            cfg = get_config(config, overrides)
+        else:
+            cfg = LazyConfig.apply_overrides(config, list(overrides))
         model_cfg = cfg.model
         self.prompt_encoder = instantiate(model_cfg.prompt_encoder)
-        self.box_threshold = float(model_cfg.box_threshold)
-        self.text_threshold = float(model_cfg.text_threshold)
-        self.max_detections = int(model_cfg.max_detections)
+        self._settings = self._settings_of_call(
+            settings
+            or InferenceSettings(
+                box_threshold=model_cfg.box_threshold,
+                text_threshold=model_cfg.text_threshold,
+                max_detections=model_cfg.max_detections,
+            )
+        )
         self.model_input_format = str(model_cfg.input_format)
         self.pixel_mean = torch.tensor(list(model_cfg.pixel_mean)).view(-1, 1, 1)
         self.pixel_std = torch.tensor(list(model_cfg.pixel_std)).view(-1, 1, 1)
@@ -141,17 +152,6 @@ class OnnxPredictor:
                 )
 
     # ------------------------------------------------------------------ running
-    def _input(self, image: np.ndarray, prompt: Prompt, index: int) -> Dict:
-        return model_input(
-            image,
-            prompt,
-            index,
-            resize=self.resize,
-            stride=self.stride,
-            input_format=self.input_format,
-            model_input_format=self.model_input_format,
-        )
-
     def _run(self, image: torch.Tensor, runs) -> List[np.ndarray]:
         text = self.prompt_encoder.batch(runs)
         feeds = onnx_feeds(image, text)
@@ -164,7 +164,7 @@ class OnnxPredictor:
                 f"an image gives fewer feature positions than queries): {error}"
             ) from error
 
-    def _predict(self, records: List[Dict]) -> List[Dict]:
+    def _predict(self, records: List[Dict], settings: InferenceSettings) -> List[Dict]:
         runs = runs_for_inputs(self.prompt_encoder, records)
         logits, boxes, sizes = [], [], []
         for index, record in enumerate(records):
@@ -184,41 +184,5 @@ class OnnxPredictor:
             torch.cat(boxes),
             runs,
             self.prompt_encoder,
-            box_threshold=self.box_threshold,
-            text_threshold=self.text_threshold,
-            max_detections=self.max_detections,
+            settings,
         )
-
-    def __call__(self, image: np.ndarray, prompt: Prompt) -> Dict:
-        """
-        Args:
-            image: HxWx3 uint8 array in ``input_format`` (BGR by default).
-            prompt: a caption ("cat . remote control .") or a list of class names.
-
-        Returns:
-            ``{"instances": Instances, "phrases": [str]}`` in the image's pixels, as
-            ``GroundingDINOPredictor``.
-        """
-        return self._predict([self._input(image, prompt, 0)])[0]
-
-    def predict_batch(
-        self, images: Sequence[np.ndarray], prompts: Union[Prompt, Sequence[Prompt]]
-    ) -> List[Dict]:
-        """Several images, each with its own prompt (or one caption for all); one graph run
-        per image. Results equal one-by-one calls."""
-        images, prompts = prompts_for_images(images, prompts)
-        return self._predict(
-            [self._input(im, p, i) for i, (im, p) in enumerate(zip(images, prompts))]
-        )
-
-    def predict_rec(self, image: np.ndarray, expression: str) -> Dict:
-        """The single best box for a referring expression, whatever its score (as
-        ``GroundingDINOPredictor.predict_rec``)."""
-        if not isinstance(expression, str) or not expression.strip():
-            raise ValueError(
-                f"The referring expression must be a non-empty string, got {expression!r}"
-            )
-        with inference_knobs(self, box_threshold=-1.0, max_detections=1):
-            output = self(image, expression)
-        output["phrases"] = [expression.strip()] * len(output["instances"])
-        return output

@@ -2,7 +2,13 @@
 evaluation of ``train_net.py``."""
 
 from .defaults import build_hooks, build_trainer, train_value, use_amp, wrap_ddp
-from .evaluation import EVAL_MAX_DETECTIONS, evaluate, evaluation_knobs, write_eval_metrics
+from .evaluation import (
+    EVAL_MAX_DETECTIONS,
+    InferenceWithSettings,
+    evaluate,
+    evaluation_settings,
+    write_eval_metrics,
+)
 from .hooks import LastGoodCheckpointer
 from .launch import is_cpu_device, launch
 from .optimizer import (
@@ -26,7 +32,8 @@ __all__ = [
     "build_trainer",
     "clip_gradients",
     "evaluate",
-    "evaluation_knobs",
+    "evaluation_settings",
+    "InferenceWithSettings",
     "get_param_groups",
     "is_cpu_device",
     "launch",

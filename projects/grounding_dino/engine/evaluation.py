@@ -1,17 +1,17 @@
 """
 Evaluation of ``train_net.py`` (periodic and ``--eval-only``): detections independent of the
-model's display knobs, results printed and written to ``metrics.json``.
+model's display settings, results printed and written to ``metrics.json``.
 
 ``model.box_threshold`` and ``model.max_detections`` decide what a user sees (the demo, the
 predictors). The evaluation must not depend on them: a box under the display threshold still
 counts for AP, and REC scores the best box of an expression whatever its score. So the
-evaluation runs the model without a score threshold and with at least
+evaluation passes the model :func:`evaluation_settings`: no score threshold and at least
 ``EVAL_MAX_DETECTIONS`` (300, as the official COCO evaluation) detections per image; each
-evaluator then keeps what its protocol keeps (COCO ``max_dets_per_image``, REC top-k).
+evaluator then keeps what its protocol keeps (COCO ``max_dets_per_image``, REC top-k). The
+model itself is not changed.
 """
 
 import logging
-import math
 import os
 from typing import Dict, Mapping
 
@@ -20,45 +20,30 @@ from detectron2.evaluation.testing import flatten_results_dict
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage, JSONWriter
 from torch import nn
-from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-from ..predictor import inference_knobs
+from ..evaluation.inference import EVAL_MAX_DETECTIONS, InferenceWithSettings, evaluation_settings
 
-__all__ = ["EVAL_MAX_DETECTIONS", "evaluation_knobs", "evaluate", "write_eval_metrics"]
+__all__ = [
+    "EVAL_MAX_DETECTIONS",
+    "evaluation_settings",
+    "InferenceWithSettings",
+    "evaluate",
+    "write_eval_metrics",
+]
 
 logger = logging.getLogger(__name__)
-
-EVAL_MAX_DETECTIONS = 300
-"""Detections per image the evaluation asks for (more when ``model.max_detections`` is larger,
-e.g. for LVIS fixed AP)."""
-
-
-def evaluation_knobs(model: nn.Module):
-    """
-    Context manager: the model (or the module a DDP wrapper holds) without a box threshold
-    (``box_threshold=-inf``) and with ``max(EVAL_MAX_DETECTIONS, model.max_detections)``
-    detections per image; the user's values are restored afterwards, also after an error.
-    """
-    module = model.module if isinstance(model, (DataParallel, DistributedDataParallel)) else model
-    if not hasattr(module, "max_detections"):
-        raise AttributeError(
-            f"{type(module).__name__} has no max_detections: train_net evaluates Grounding DINO "
-            "models (box_threshold, max_detections)"
-        )
-    budget = max(EVAL_MAX_DETECTIONS, int(module.max_detections))
-    return inference_knobs(module, box_threshold=-math.inf, max_detections=budget)
 
 
 def evaluate(model: nn.Module, data_loader, evaluator) -> Dict:
     """
-    :func:`~detectron2.evaluation.inference_on_dataset` under :func:`evaluation_knobs`; the
+    :func:`~detectron2.evaluation.inference_on_dataset` with :func:`evaluation_settings`; the
     main process prints the results (``print_csv_format``; the evaluators log their tables).
 
     Returns:
         the evaluator's results (``{}`` on the other processes).
     """
-    with evaluation_knobs(model):
-        results = inference_on_dataset(model, data_loader, evaluator)
+    wrapped = InferenceWithSettings(model, evaluation_settings(model))
+    results = inference_on_dataset(wrapped, data_loader, evaluator)
     if comm.is_main_process():
         if results:
             print_csv_format(results)

@@ -19,6 +19,7 @@ from detectron2.evaluation import inference_on_dataset
 from tabulate import tabulate
 
 from ..data.datasets import get_thing_classes
+from .inference import InferenceWithSettings, evaluation_settings
 
 __all__ = ["evaluate_datasets", "summarize_suite", "format_suite_table"]
 
@@ -51,7 +52,8 @@ def evaluate_datasets(cfg, model, names: Sequence[str], output_dir: str) -> Dict
         evaluator.dataset_name = name
         evaluator.output_dir = os.path.join(output_dir, name)
         logger.info(f"Evaluating {name} ({len(classes)} classes: {', '.join(classes)})")
-        out = inference_on_dataset(model, instantiate(test), instantiate(evaluator))
+        wrapped = InferenceWithSettings(model, evaluation_settings(model))
+        out = inference_on_dataset(wrapped, instantiate(test), instantiate(evaluator))
         if "bbox" not in out:
             raise KeyError(f"The evaluator of {name} returned {sorted(out)}, no 'bbox' results")
         results[name] = {

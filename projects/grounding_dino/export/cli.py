@@ -42,14 +42,14 @@ def load_model_for_export(config: str, weights=None, overrides=(), random_weight
         FileNotFoundError: the config or the weights file does not exist.
         ValueError: no weights and no ``random_weights``, or both.
     """
-    from detectron2.config import LazyConfig, instantiate
+    from detectron2.config import instantiate
     from omegaconf import OmegaConf
 
-    from ..checkpoint import GroundingDINOCheckpointer
+    from ..model_zoo import build_model, get_config
 
     if not os.path.isfile(config):
         raise FileNotFoundError(f"config file {config} does not exist")
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(config), list(overrides))
+    cfg = get_config(config, overrides)
     if random_weights:
         if weights:
             raise ValueError("--random-weights and --weights exclude each other")
@@ -64,13 +64,11 @@ def load_model_for_export(config: str, weights=None, overrides=(), random_weight
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"weights file {weights} does not exist")
     logger.info("Building the model of %s", config)
-    model = instantiate(cfg.model).eval()
     if random_weights:
         logger.warning("Exporting the RANDOM initialisation (--random-weights): not for use")
-    else:
-        logger.info("Loading %s", weights)
-        GroundingDINOCheckpointer(model).load(weights)
-    return model, cfg
+        return instantiate(cfg.model).eval(), cfg
+    logger.info("Loading %s", weights)
+    return build_model(cfg, weights, device="cpu"), cfg
 
 
 def _parser() -> argparse.ArgumentParser:

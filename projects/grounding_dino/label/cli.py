@@ -26,10 +26,11 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..engine.launch import launch
-from ..precision import add_dtype_argument, check_precision
+from ..model_zoo import add_model_arguments, load_config
+from ..precision import check_precision
 from .coco import coco_dataset, write_errors, write_json_atomic
 from .inputs import expand_inputs, input_root, relative_name
-from .model import config_digest, file_digest, load_model_config
+from .model import config_digest, file_digest
 from .parts import check_run, parts_dir, read_parts, repair_tails
 from .progress import PartsProgress
 from .worker import label_worker
@@ -46,13 +47,6 @@ def get_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
-    add(
-        "--config-file",
-        required=True,
-        metavar="FILE",
-        help="lazy config (.py/.yaml) or thin yacs .yaml",
-    )
-    add("--weights", default=None, help="checkpoint (default: the config's)")
     add(
         "--input",
         nargs="+",
@@ -74,13 +68,15 @@ def get_parser() -> argparse.ArgumentParser:
     add("--max-per-image", type=int, default=100, help="at most this many boxes per image")
     add("--batch-size", type=int, default=1, help="images per forward of each worker")
     add("--decode-workers", type=int, default=2, help="image-decoding processes per worker")
-    add("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    add_dtype_argument(add)
+    add_model_arguments(
+        parser,
+        weights_help="checkpoint (default: the config's)",
+        device_help="cuda or cpu (default: cuda when available)",
+    )
     add("--num-gpus", type=int, default=1, help="worker processes per machine (CPU: gloo workers)")
     add("--num-machines", type=int, default=1)
     add("--machine-rank", type=int, default=0, help="this machine's rank, 0..num-machines-1")
     add("--dist-url", default="auto", help="tcp://HOST:PORT of machine 0 for several machines")
-    add("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     return parser
 
 
@@ -121,7 +117,7 @@ def _check_args(args) -> None:
 def _prepare(args, classes: List[str]) -> Dict:
     """Lists the inputs and checks the run (before any worker starts)."""
     _check_args(args)
-    config = load_model_config(args.config_file, args.opts, args.weights)
+    config = load_config(args.config_file, args.opts, args.weights)
     paths, errors = expand_inputs(args.input, recursive=True, list_files=True)
     if errors:
         raise FileNotFoundError("\n".join(errors))

@@ -14,13 +14,14 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from detectron2.utils import comm
 
-from ..modeling.nms import nms_output
+from ..model_zoo import load_config
+from ..modeling.settings import InferenceSettings
+from ..predictor import GroundingDINOPredictor
 from .coco import error_record, label_record
 from .loader import build_image_loader
-from .model import build_predictor, load_model_config
 from .parts import PartWriter
 
-__all__ = ["shard", "label_worker", "label_batch"]
+__all__ = ["shard", "label_worker", "label_batch", "labelling_settings"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +33,14 @@ def shard(items: Sequence, rank: int, world_size: int) -> List:
     return list(items[rank::world_size])
 
 
-def _predict(predictor, images: List, classes: List[str]) -> List:
-    return predictor.predict_batch(images, [classes] * len(images))
+def labelling_settings(defaults: InferenceSettings, settings: Dict) -> InferenceSettings:
+    """The model's settings with the run's ``box_threshold``, ``nms`` (IoU, 0 = off) and
+    ``max_per_image``."""
+    return defaults.replace(
+        box_threshold=settings["box_threshold"],
+        max_detections=settings["max_per_image"],
+        nms_threshold=settings["nms"],
+    )
 
 
 def label_batch(predictor, batch: List[Dict], settings: Dict) -> List[Dict]:
@@ -43,7 +50,7 @@ def label_batch(predictor, batch: List[Dict], settings: Dict) -> List[Dict]:
     Args:
         predictor: a ``GroundingDINOPredictor``.
         batch: the loader's dicts (``image`` or ``error``).
-        settings: ``classes``, ``nms`` (IoU, 0 = off), ``max_per_image``.
+        settings: ``classes``, ``box_threshold``, ``nms`` (IoU, 0 = off), ``max_per_image``.
 
     Returns:
         one part-file record per image of the batch, in order. An image the model refuses
@@ -51,14 +58,19 @@ def label_batch(predictor, batch: List[Dict], settings: Dict) -> List[Dict]:
         rest of its batch is labelled one by one.
     """
     classes = settings["classes"]
+    inference = labelling_settings(predictor.settings, settings)
+
+    def _predict(images: List) -> List:
+        return predictor.predict_batch(images, [classes] * len(images), settings=inference)
+
     good = [item for item in batch if "image" in item]
     try:
-        outputs = _predict(predictor, [item["image"] for item in good], classes) if good else []
+        outputs = _predict([item["image"] for item in good]) if good else []
     except ValueError:
         outputs = []
         for item in good:
             try:
-                outputs.extend(_predict(predictor, [item["image"]], classes))
+                outputs.extend(_predict([item["image"]]))
             except ValueError as error:
                 item["error"] = f"{item['path']}: {error}"
                 outputs.append(None)
@@ -69,7 +81,6 @@ def label_batch(predictor, batch: List[Dict], settings: Dict) -> List[Dict]:
         if "error" in item:
             records.append(error_record(item["file_name"], item["path"], item["error"]))
             continue
-        output = nms_output(output, settings["nms"], settings["max_per_image"])
         height, width = item["image"].shape[:2]
         records.append(label_record(item["file_name"], width, height, output))
     return records
@@ -83,11 +94,10 @@ def label_worker(settings: Dict, todo: Sequence[Tuple[str, str]]) -> None:
     torch.set_grad_enabled(False)
     rank, world_size = comm.get_rank(), comm.get_world_size()
     items = shard(todo, rank, world_size)
-    config = load_model_config(settings["config_file"], settings["opts"], settings["weights"])
-    predictor = build_predictor(config, settings["device"], dtype=settings["dtype"])
-    model = predictor.model
-    model.box_threshold = settings["box_threshold"]
-    model.max_detections = max(model.max_detections, settings["max_per_image"])
+    config = load_config(settings["config_file"], settings["opts"], settings["weights"])
+    predictor = GroundingDINOPredictor.from_model_config(
+        config, device=settings["device"], dtype=settings["dtype"]
+    )
     loader = build_image_loader(
         items, batch_size=settings["batch_size"], num_workers=settings["decode_workers"]
     )

@@ -8,7 +8,7 @@ enhancer, query selector, decoder) in their registries and ``GroundingDINO`` in 
 from . import backbone  # noqa: F401  (registers the image bodies)
 from .decoder import CrossModalityDecoder
 from .enhancer import FeatureEnhancer
-from .meta_arch import GroundingDINO
+from .meta_arch import GroundingDINO, GroundingDINOFromYacs
 from .postprocessing import grounding_postprocess
 from .query_selector import LanguageGuidedQuerySelector
 from .registry import (
@@ -24,11 +24,14 @@ from .registry import (
     build_query_selector,
     build_text_encoder,
 )
+from .settings import InferenceSettings
 from .structures import EncodedText, ImageTokens, MultiScaleFeatures
 from .text_encoder import BertTextEncoder
 
 __all__ = [
     "GroundingDINO",
+    "GroundingDINOFromYacs",
+    "InferenceSettings",
     "grounding_postprocess",
     "BertTextEncoder",
     "FeatureEnhancer",

@@ -3,16 +3,21 @@
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import Instances
 from torch import nn
 
+from ..config import yacs_model_kwargs
+from ..preprocessing import Prompt, normalize_image, prompt_to_input, runs_for_inputs
+from ..resize import resize_uint8_image
 from ..text.structures import TokenizedText
 from .denoising import prepare_for_cdn, split_dn_outputs
-from .postprocessing import detections_for_inputs, runs_for_inputs
+from .postprocessing import detections_for_inputs
+from .settings import InferenceSettings
 from .structures import ImageTokens, MultiScaleFeatures
 
-__all__ = ["GroundingDINO", "normalize_image", "targets_from_instances"]
+__all__ = ["GroundingDINO", "GroundingDINOFromYacs", "targets_from_instances"]
 
 
 @META_ARCH_REGISTRY.register()
@@ -32,10 +37,17 @@ class GroundingDINO(nn.Module):
     head give token logits and boxes; :func:`grounding_postprocess` turns them into
     detections.
 
-    The inference knobs ``box_threshold``, ``text_threshold`` and ``max_detections`` are plain
-    attributes and may be changed at any time.
+    The inference settings (``box_threshold``, ``text_threshold``, ``max_detections``) are
+    fixed at construction (``inference_settings``); a call that wants others passes them:
+    ``model.inference(inputs, settings=model.inference_settings.replace(box_threshold=0.3))``.
+
+    Built from a yacs config (``build_model(cfg)`` or ``DefaultPredictor`` with
+    ``MODEL.META_ARCHITECTURE: "GroundingDINO"``, see :mod:`grounding_dino.config`), the
+    model also holds a ``default_prompt`` for inputs without one and the official
+    ``test_resize``, which it applies to each CPU image as ``GroundingDINOPredictor`` does.
     """
 
+    @configurable
     def __init__(
         self,
         *,
@@ -61,6 +73,8 @@ class GroundingDINO(nn.Module):
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
         input_format: str,
+        default_prompt: Optional[Prompt] = None,
+        test_resize=None,
     ):
         """
         Args:
@@ -84,6 +98,11 @@ class GroundingDINO(nn.Module):
             dn_label_noise_ratio, dn_box_noise_scale: DINO's CDN noise.
             pixel_mean, pixel_std: normalisation, 0-255 scale, in ``input_format`` order.
             input_format: channel order of input images, "RGB" or "BGR".
+            default_prompt: caption (str) or class names (list of str) of inputs that carry
+                no prompt (``DefaultPredictor`` passes none); None: inputs must carry one.
+            test_resize: a detectron2 augmentation applied at inference to each uint8 CPU
+                image before anything else (the yacs bridge's official resize); None: images
+                are used as given.
         """
         super().__init__()
         if input_format not in ("RGB", "BGR"):
@@ -99,9 +118,15 @@ class GroundingDINO(nn.Module):
         self.decoder = decoder
         self.head = head
         self.criterion = criterion
-        self.box_threshold = box_threshold
-        self.text_threshold = text_threshold
-        self.max_detections = max_detections
+        self._inference_settings = InferenceSettings(
+            box_threshold=box_threshold,
+            text_threshold=text_threshold,
+            max_detections=max_detections,
+        )
+        if default_prompt is not None:
+            prompt_to_input(default_prompt)  # validates
+        self.default_prompt = default_prompt
+        self.test_resize = test_resize
         self.max_text_len = max_text_len
         self.dn_number = dn_number
         self.dn_label_noise_ratio = dn_label_noise_ratio
@@ -110,9 +135,40 @@ class GroundingDINO(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
+    @classmethod
+    def from_config(cls, cfg) -> Dict:
+        """The keyword arguments a yacs config describes (see :mod:`grounding_dino.config`)."""
+        return yacs_model_kwargs(cfg, cls)
+
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
+
+    @property
+    def inference_settings(self) -> InferenceSettings:
+        """The configured defaults of :meth:`inference` (read-only)."""
+        return self._inference_settings
+
+    @property
+    def box_threshold(self) -> float:
+        return self._inference_settings.box_threshold
+
+    @property
+    def text_threshold(self) -> float:
+        return self._inference_settings.text_threshold
+
+    @property
+    def max_detections(self) -> int:
+        return self._inference_settings.max_detections
+
+    def __setattr__(self, name, value):
+        if name in ("box_threshold", "text_threshold", "max_detections", "inference_settings"):
+            raise AttributeError(
+                f"GroundingDINO.{name} is set at construction (the config's model.{name}); "
+                f"pass other values per call: model.inference(inputs, "
+                f"settings=model.inference_settings.replace(...)), or a predictor's settings="
+            )
+        super().__setattr__(name, value)
 
     @property
     def tokenizer(self):
@@ -120,6 +176,35 @@ class GroundingDINO(nn.Module):
         return self.prompt_encoder.tokenizer
 
     # ------------------------------------------------------------------ inputs
+    def with_defaults(self, record: Dict) -> Dict:
+        """
+        An inference input with what the caller could not pass: ``default_prompt`` when it has
+        no prompt, and the image resized with ``test_resize`` (on the CPU, uint8 pixels;
+        ``"height"`` / ``"width"`` default to the size before the resize). Unchanged when the
+        model has neither.
+        """
+        if self.default_prompt is None and self.test_resize is None:
+            return record
+        record = dict(record)
+        if (
+            self.default_prompt is not None
+            and "caption" not in record
+            and "category_names" not in record
+        ):
+            record.update(prompt_to_input(self.default_prompt))
+        image = record.get("image")
+        if self.test_resize is not None and isinstance(image, torch.Tensor) and image.dim() == 3:
+            if image.device.type != "cpu":
+                raise ValueError(
+                    f"{type(self).__name__} resizes images on the CPU (the official PIL "
+                    f"resize) before moving them to the model's device; got an image on "
+                    f"{image.device}. Pass CPU tensors, as DefaultPredictor does."
+                )
+            record.setdefault("height", image.shape[-2])
+            record.setdefault("width", image.shape[-1])
+            record["image"] = resize_uint8_image(image, self.test_resize)
+        return record
+
     def preprocess_image(self, batched_inputs: List[Dict]) -> List[torch.Tensor]:
         """
         Checks and normalises each input's image.
@@ -246,11 +331,23 @@ class GroundingDINO(nn.Module):
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def inference(self, batched_inputs: List[Dict]) -> List[Dict]:
+    def inference(
+        self, batched_inputs: List[Dict], settings: Optional[InferenceSettings] = None
+    ) -> List[Dict]:
         """
         Detections of each input (see docs/interfaces.md), boxes in ``"height"`` x
         ``"width"`` pixels (default: the image's own size).
+
+        Args:
+            batched_inputs: detectron2's list of input dicts.
+            settings: thresholds, detection budget, NMS and REC mode of this call; None: the
+                model's ``inference_settings``.
         """
+        if settings is None:
+            settings = self._inference_settings
+        elif not isinstance(settings, InferenceSettings):
+            raise TypeError(f"settings must be an InferenceSettings, got {type(settings).__name__}")
+        batched_inputs = [self.with_defaults(record) for record in batched_inputs]
         images = self.preprocess_image(batched_inputs)
         runs = runs_for_inputs(self.prompt_encoder, batched_inputs)
         outputs = self.forward_transformer(images, runs)
@@ -261,9 +358,7 @@ class GroundingDINO(nn.Module):
             outputs["pred_boxes"],
             runs,
             self.prompt_encoder,
-            box_threshold=self.box_threshold,
-            text_threshold=self.text_threshold,
-            max_detections=self.max_detections,
+            settings,
         )
 
     # ------------------------------------------------------------------ training
@@ -292,21 +387,6 @@ class GroundingDINO(nn.Module):
             )
         outputs = self.forward_transformer(images, runs, targets)
         return self.criterion(outputs, targets, outputs.pop("dn_meta"))
-
-
-def normalize_image(
-    image: torch.Tensor, pixel_mean: torch.Tensor, pixel_std: torch.Tensor, input_format: str
-) -> torch.Tensor:
-    """
-    The network's input: a [3, H, W] 0-255 image in ``input_format`` ("RGB"/"BGR") order ->
-    float32 RGB (flipped when BGR), then normalised by the model's ``pixel_mean`` and
-    ``pixel_std`` ([3, 1, 1]), on their device. Shared by the model and the ONNX Runtime
-    predictor, whose graph takes the normalised image.
-    """
-    image = image.to(pixel_mean.device, torch.float32)
-    if input_format == "BGR":
-        image = image.flip(0)
-    return (image - pixel_mean) / pixel_std
 
 
 def targets_from_instances(
@@ -358,3 +438,12 @@ def _check_sizes(backbone, neck, prompt_encoder, hidden_dim, num_levels, max_tex
     ):
         if value != expected:
             raise ValueError(f"{name}={value} but the model has {name.split('.')[1]}={expected}")
+
+
+@META_ARCH_REGISTRY.register()
+class GroundingDINOFromYacs(GroundingDINO):
+    """
+    The name the thin yamls have used for ``MODEL.META_ARCHITECTURE``: the same model as
+    :class:`GroundingDINO` (same arguments, checkpoints and outputs), kept so that existing
+    yacs configs keep working.
+    """

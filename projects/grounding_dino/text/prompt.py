@@ -10,7 +10,7 @@ from typing import Dict, List, Sequence, Union
 
 import torch
 
-from .captions import caption_from_categories, normalize_caption
+from .captions import caption_from_categories, normalize_caption, normalize_caption_with_spans
 from .chunking import chunk_caption, chunk_categories
 from .masks import sub_sentence_masks
 from .phrases import phrases_from_token_scores
@@ -167,18 +167,23 @@ class PromptEncoder:
             record: a model input with ``"caption"`` (str) or ``"category_names"`` (list of
                 str). Category lists are chunked into groups that fit, each with its
                 positive map; captions are normalised and split at phrase boundaries when
-                too long. A caption may come with the mapper's ``"input_ids"`` (list of ints
-                or 1-D tensor, the caption's whole tokenisation): they are used as they are
-                and make one run, cut at ``max_text_len`` by :meth:`batch` as in training
-                (the mapper's positive maps are built on the same cut).
+                too long. A caption with ``"token_spans"`` (official ``--token_spans``: per
+                phrase, a list of ``[beg, end)`` character spans of the caption) makes one
+                run whose "categories" are those phrases, scored through their positive
+                map as class lists are. A caption may come with the mapper's
+                ``"input_ids"`` (list of ints or 1-D tensor, the caption's whole
+                tokenisation): they are used as they are and make one run, cut at
+                ``max_text_len`` by :meth:`batch` as in training (the mapper's positive maps
+                are built on the same cut).
 
         Returns:
             The runs, in order.
 
         Raises:
             ValueError: no prompt, both prompts, an empty category list, an empty caption,
-                a phrase or category longer than ``max_text_len``, or ``input_ids`` that are
-                not a tokenised normalised caption.
+                a phrase or category longer than ``max_text_len``, a caption with token spans
+                longer than ``max_text_len``, or ``input_ids`` that are not a tokenised
+                normalised caption.
         """
         names = record.get("category_names")
         caption = record.get("caption")
@@ -190,6 +195,8 @@ class PromptEncoder:
             return self._category_runs(index, list(names))
         if caption is None:
             raise ValueError(f"Input {index}: no prompt; give 'caption' or 'category_names'")
+        if record.get("token_spans") is not None:
+            return [self._token_span_run(index, caption, record["token_spans"])]
         normalized = normalize_caption(caption)
         if record.get("input_ids") is not None:
             ids = self._check_input_ids(index, record["input_ids"], caption, normalized)
@@ -206,6 +213,18 @@ class PromptEncoder:
                 PromptRun(index, caption, list(encoding["input_ids"]), list(group), positive_map)
             )
         return runs
+
+    def _token_span_run(self, index: int, caption: str, token_spans) -> PromptRun:
+        normalized, spans = normalize_caption_with_spans(caption, token_spans)
+        encoding = self.tokenize(normalized)
+        if len(encoding["input_ids"]) > self._max_text_len:
+            raise ValueError(
+                f"Input {index}: token spans need the caption in one pass: it has "
+                f"{len(encoding['input_ids'])} tokens, more than {self._max_text_len}"
+            )
+        positive_map = self.positive_map(normalized, spans, encoding)
+        phrases = list(range(len(spans)))
+        return PromptRun(index, normalized, list(encoding["input_ids"]), phrases, positive_map)
 
     def _caption_runs(self, index: int, caption: str) -> List[PromptRun]:
         ids = self._tokenizer(caption)["input_ids"]

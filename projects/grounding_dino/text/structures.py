@@ -21,8 +21,10 @@ class PromptRun:
             ``max_text_len`` only for a training caption (see
             :meth:`PromptEncoder.runs_for_input`); :meth:`PromptEncoder.batch` cuts it.
         category_indices: for category prompts, the global indices of the categories in this
-            caption (None for free captions).
-        positive_map: for category prompts, [C_run, max_text_len] normalised token map.
+            caption; for a caption with token spans, the phrase indices (None for free
+            captions).
+        positive_map: for category and token-span prompts, [C_run, max_text_len] normalised
+            token map.
         phrase_offset: index of the run's first phrase in the whole caption.
     """
 
