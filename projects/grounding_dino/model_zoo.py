@@ -183,7 +183,7 @@ def build_model(cfg, weights: Optional[str] = None, device: Optional[str] = None
         weights = OmegaConf.select(cfg, "train.init_checkpoint", default=None)
     if not weights:
         raise ValueError(
-            "No weights: none are given and the config's train.init_checkpoint is empty; the "
+            "no weights: none are given and the config's train.init_checkpoint is empty; the "
             "model would predict with its random initialisation. Pass a checkpoint, e.g. one "
             "written by python -m grounding_dino.convert"
         )
