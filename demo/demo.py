@@ -32,31 +32,19 @@ rest and exits with status 1 at the end.
 """
 
 import argparse
-import ast
 import os
 import sys
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Optional, Tuple
 
-import cv2
-import numpy as np
 import torch
-from detectron2.utils.colormap import colormap
 from detectron2.utils.logger import setup_logger
-from detectron2.utils.visualizer import Visualizer
-from tqdm import tqdm
 
 from grounding_dino import GroundingDINOPredictor, InferenceSettings
-from grounding_dino.label.coco import JsonListWriter
-from grounding_dino.label.inputs import (
-    IMAGE_EXTENSIONS,
-    VIDEO_EXTENSIONS,
-    expand_inputs,
-    is_video,
-    plan_outputs,
-)
-from grounding_dino.label.loader import read_bgr
+from grounding_dino.io.coco_files import JsonListWriter
+from grounding_dino.io.detect_files import FileDetector, report_error
+from grounding_dino.io.inputs import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, expand_inputs, plan_outputs
 from grounding_dino.model_zoo import add_model_arguments, load_config
-from grounding_dino.preprocessing import check_token_spans
+from grounding_dino.preprocessing import parse_prompt, parse_token_spans
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -120,7 +108,6 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ---------------------------------------------------------------- config and predictor
 def build_predictor(args) -> Tuple[GroundingDINOPredictor, Optional[object]]:
     """
     Returns:
@@ -134,178 +121,14 @@ def build_predictor(args) -> Tuple[GroundingDINOPredictor, Optional[object]]:
 
 
 def demo_settings(defaults: InferenceSettings, args) -> InferenceSettings:
-    """The predictor's settings with ``--box-threshold``, ``--text-threshold`` (when given)
-    and ``--nms``."""
-    changes = {"nms_threshold": args.nms}
+    """The predictor's settings with ``--box-threshold``, ``--text-threshold`` (when given),
+    ``--nms`` and ``--rec``."""
+    changes = {"nms_threshold": args.nms, "rec": args.rec}
     if args.box_threshold is not None:
         changes["box_threshold"] = args.box_threshold
     if args.text_threshold is not None:
         changes["text_threshold"] = args.text_threshold
     return defaults.replace(**changes)
-
-
-def parse_prompt(text: Optional[str], rec: bool, token_spans: bool):
-    """A caption stays a string; text with commas becomes class names (not for --rec/spans)."""
-    if text is None:
-        return None
-    if rec or token_spans or "," not in text:
-        return text
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
-        raise ValueError(f"--prompt {text!r} holds no class names")
-    return names
-
-
-def parse_token_spans(text: str, caption: str):
-    try:
-        spans = ast.literal_eval(text)
-    except (ValueError, SyntaxError) as error:
-        raise ValueError(f"--token-spans {text!r} is not a list literal: {error}") from error
-    return check_token_spans(caption, spans)
-
-
-# ---------------------------------------------------------------- inputs
-def video_frames(path: str) -> Iterator[np.ndarray]:
-    capture = cv2.VideoCapture(path)
-    if not capture.isOpened():
-        raise ValueError(f"{path}: cannot open the video")
-    try:
-        while True:
-            ok, frame = capture.read()
-            if not ok:
-                break
-            yield frame
-    finally:
-        capture.release()
-
-
-# ---------------------------------------------------------------- outputs
-def draw(image_bgr: np.ndarray, output: Dict) -> np.ndarray:
-    """Boxes with "phrase score" labels, drawn by detectron2's Visualizer. Returns RGB."""
-    instances = output["instances"].to("cpu")
-    visualizer = Visualizer(image_bgr[:, :, ::-1])
-    palette = colormap(rgb=True, maximum=1)
-    phrases = output["phrases"]
-    color_of = {p: palette[i % len(palette)] for i, p in enumerate(dict.fromkeys(phrases))}
-    labels = [f"{p} {s:.2f}" for p, s in zip(phrases, instances.scores.tolist())]
-    drawn = visualizer.overlay_instances(
-        boxes=instances.pred_boxes.tensor.numpy(),
-        labels=labels,
-        assigned_colors=[color_of[p] for p in phrases],
-    )
-    return drawn.get_image()
-
-
-def coco_results(output: Dict, image_id: int, file_name: str, frame: Optional[int]) -> List[Dict]:
-    """COCO-results records (bbox xywh in pixels) with the phrase and source file added."""
-    instances = output["instances"].to("cpu")
-    records = []
-    boxes = instances.pred_boxes.tensor.tolist()
-    for box, score, cls, phrase in zip(
-        boxes, instances.scores.tolist(), instances.pred_classes.tolist(), output["phrases"]
-    ):
-        x0, y0, x1, y1 = box
-        record = {
-            "image_id": image_id,
-            "category_id": int(cls),
-            "bbox": [x0, y0, x1 - x0, y1 - y0],
-            "score": float(score),
-            "phrase": phrase,
-            "file_name": file_name,
-        }
-        if frame is not None:
-            record["frame"] = frame
-        records.append(record)
-    return records
-
-
-# ---------------------------------------------------------------- main loop
-def report_error(message: str) -> None:
-    """Prints an error line to stderr without breaking the progress bar."""
-    tqdm.write(f"ERROR {message}", file=sys.stderr)
-
-
-class Runner:
-    def __init__(
-        self,
-        predictor: GroundingDINOPredictor,
-        prompt,
-        args,
-        token_spans=None,
-        targets: Optional[Dict[str, str]] = None,
-        json_writer: Optional[JsonListWriter] = None,
-    ):
-        self.predictor = predictor
-        self.settings = demo_settings(predictor.settings, args)
-        self.prompt = prompt
-        self.args = args
-        self.token_spans = token_spans
-        self.targets = targets or {}
-        self.json_writer = json_writer
-        self.next_image_id = 0
-
-    def predict(self, image_bgr: np.ndarray) -> Dict:
-        if self.args.rec:
-            return self.predictor.predict_rec(image_bgr, self.prompt, self.settings)
-        if self.token_spans is not None:
-            return self.predictor.predict_token_spans(
-                image_bgr, self.prompt, self.token_spans, self.settings
-            )
-        return self.predictor(image_bgr, self.prompt, self.settings)
-
-    def record(self, output: Dict, path: str, frame: Optional[int] = None) -> None:
-        if self.json_writer is not None:
-            self.json_writer.extend(coco_results(output, self.next_image_id, path, frame))
-        self.next_image_id += 1
-
-    def _target(self, path: str) -> Optional[str]:
-        target = self.targets.get(path)
-        if target:
-            os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-        return target
-
-    def image(self, path: str) -> str:
-        image = read_bgr(path)
-        output = self.predict(image)
-        self.record(output, path)
-        target = self._target(path)
-        if target:
-            if not cv2.imwrite(target, draw(image, output)[:, :, ::-1]):
-                raise ValueError(f"{target}: cannot write the picture")
-        phrases = ", ".join(dict.fromkeys(output["phrases"])) or "-"
-        return f"{path}: {len(output['instances'])} boxes ({phrases})"
-
-    def video(self, path: str) -> str:
-        capture = cv2.VideoCapture(path)
-        if not capture.isOpened():
-            raise ValueError(f"{path}: cannot open the video")
-        fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
-        total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
-        capture.release()
-        target = self._target(path)
-        writer, count, boxes = None, 0, 0
-        try:
-            for frame in tqdm(
-                video_frames(path), total=total, desc=os.path.basename(path), leave=False
-            ):
-                output = self.predict(frame)
-                self.record(output, path, count)
-                boxes += len(output["instances"])
-                if target:
-                    drawn = draw(frame, output)[:, :, ::-1]
-                    if writer is None:
-                        height, width = drawn.shape[:2]
-                        writer = cv2.VideoWriter(
-                            target, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height)
-                        )
-                    writer.write(np.ascontiguousarray(drawn))
-                count += 1
-        finally:
-            if writer is not None:
-                writer.release()
-        if count == 0:
-            raise ValueError(f"{path}: no frames could be read")
-        return f"{path}: {count} frames, {boxes} boxes"
 
 
 def main(argv=None) -> int:
@@ -321,7 +144,8 @@ def main(argv=None) -> int:
         if args.json and os.path.realpath(args.json) in {os.path.realpath(p) for p in paths}:
             raise ValueError(f"--json {args.json} is one of the inputs; it is not overwritten")
         predictor, default_prompt = build_predictor(args)
-        prompt = parse_prompt(args.prompt, args.rec, args.token_spans is not None)
+        split_commas = not (args.rec or args.token_spans is not None)
+        prompt = parse_prompt(args.prompt, split_commas)
         if prompt is None:
             prompt = default_prompt
         if prompt is None:
@@ -334,22 +158,22 @@ def main(argv=None) -> int:
 
     for message in errors:
         report_error(message)
+    settings = demo_settings(predictor.settings, args)
     json_writer = JsonListWriter(args.json) if args.json else None
-    runner = Runner(predictor, prompt, args, token_spans, targets, json_writer)
-    progress = tqdm(paths, desc="images", unit="file", disable=len(paths) < 2)
+    detector = FileDetector(
+        predictor,
+        prompt,
+        settings,
+        token_spans=token_spans,
+        targets=targets,
+        json_writer=json_writer,
+    )
     try:
-        for path in progress:
-            try:
-                summary = runner.video(path) if is_video(path) else runner.image(path)
-                tqdm.write(summary)
-            except (OSError, ValueError) as error:
-                message = str(error) if path in str(error) else f"{path}: {error}"
-                report_error(message)
-                errors.append(message)
+        errors += detector.run(paths)
     finally:
         if json_writer is not None:
             json_writer.close()
-            tqdm.write(f"Wrote {json_writer.count} detections to {args.json}")
+            print(f"Wrote {json_writer.count} detections to {args.json}")
     if errors:
         report_error(f"{len(errors)} input(s) failed:\n  " + "\n  ".join(errors))
         return 1

@@ -32,10 +32,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
-from web_app import Detector, build_app  # noqa: E402  (demo/web_app.py)
 
 from grounding_dino import GroundingDINOPredictor  # noqa: E402
 from grounding_dino.model_zoo import add_model_arguments, load_config  # noqa: E402
+from grounding_dino.web.app import Detector, build_app  # noqa: E402
 
 DEMO_WEIGHTS = os.path.join("output", "demo", "model_final.pth")
 DEMO_IMAGES = os.path.join("output", "demo", "shapes", "val-*", "images", "*.png")

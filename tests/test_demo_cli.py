@@ -1,9 +1,12 @@
-"""``demo/demo.py``: never writes over an input, keeps relative paths, writes ``--json`` as it
-goes, and removes duplicate boxes with ``--nms``. A stub predictor stands in for the model
-(what is tested is the CLI's file handling; the model's outputs are tested elsewhere)."""
+"""``demo/demo.py`` and the library it runs on (:mod:`grounding_dino.io`): never writes over an
+input, keeps relative paths, writes ``--json`` as it goes, and removes duplicate boxes with
+``--nms``. A stub predictor stands in for the model in the library tests (what is tested is the
+file handling; the model's outputs are tested elsewhere); the script itself runs as a user runs
+it, in a subprocess."""
 
-import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -13,20 +16,14 @@ import torch
 from detectron2.structures import Boxes, Instances
 
 from grounding_dino import InferenceSettings
+from grounding_dino.io.coco_files import JsonListWriter
+from grounding_dino.io.detect_files import FileDetector
+from grounding_dino.io.inputs import expand_inputs, plan_outputs
 from grounding_dino.modeling.nms import nms_output
+from grounding_dino.preprocessing import parse_prompt
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def demo(monkeypatch):
-    spec = importlib.util.spec_from_file_location("gdino_demo_cli", REPO / "demo" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    stub = StubPredictor()
-    monkeypatch.setattr(module, "build_predictor", lambda args: (stub, None))
-    module.stub = stub
-    return module
+PROMPT = ["cat", "dog"]
 
 
 class StubPredictor:
@@ -64,57 +61,65 @@ def _write(path: Path, seed: int, height: int = 64, width: int = 80) -> bytes:
     return path.read_bytes()
 
 
-def _args(*inputs, **flags):
-    argv = ["--config-file", "stubbed.py", "--prompt", "cat, dog", "--input", *map(str, inputs)]
-    for key, value in flags.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
-    return argv
+def _detect(inputs, output=None, json_path=None, stub=None, settings=None) -> list:
+    """What ``demo/demo.py --input INPUTS [--output] [--json]`` does, with ``stub`` as the
+    model. Returns the error messages."""
+    inputs = [str(p) for p in inputs]
+    paths, errors = expand_inputs(inputs)
+    targets = plan_outputs(str(output) if output else None, inputs, paths)
+    stub = stub or StubPredictor()
+    if json_path is None:
+        return errors + FileDetector(stub, PROMPT, settings, targets=targets).run(paths)
+    with JsonListWriter(str(json_path)) as writer:
+        detector = FileDetector(stub, PROMPT, settings, targets=targets, json_writer=writer)
+        return errors + detector.run(paths)
 
 
-def test_output_inside_the_input_folder_never_overwrites_an_input(demo, tmp_path, capsys):
+def test_output_inside_the_input_folder_never_overwrites_an_input(tmp_path):
     photos = tmp_path / "photos"
     originals = {name: _write(photos / name, i) for i, name in enumerate(["a.png", "b.jpg"])}
-    with pytest.raises(SystemExit) as stop:
-        demo.main(_args(photos, output=photos))
-    assert stop.value.code == 2
-    assert "would overwrite the input" in capsys.readouterr().err
-    assert demo.stub.calls == 0  # refused before any work
+    # The script refuses before it loads a model (the config file does not even exist).
+    command = [sys.executable, str(REPO / "demo" / "demo.py"), "--config-file", "missing.py"]
+    command += ["--prompt", "cat, dog", "--input", str(photos), "--output", str(photos)]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "would overwrite the input" in done.stderr
     assert {p.name: p.read_bytes() for p in photos.glob("*.*")} == originals
-    with pytest.raises(SystemExit):  # a single image drawn onto itself
-        demo.main(_args(photos / "a.png", output=photos / "a.png"))
-    assert (photos / "a.png").read_bytes() == originals["a.png"]
+    image = str(photos / "a.png")
+    with pytest.raises(ValueError, match="would overwrite the input"):  # drawn onto itself
+        plan_outputs(image, [image], [image])
 
     # A subfolder of the inputs is fine: nothing collides (folders are not searched in depth).
     for _ in range(2):
-        assert demo.main(_args(photos, output=photos / "drawn")) == 0
+        assert _detect([photos], output=photos / "drawn") == []
     assert sorted(p.name for p in (photos / "drawn").iterdir()) == ["a.png", "b.jpg"]
     assert {p.name: p.read_bytes() for p in photos.glob("*.*")} == originals
 
 
-def test_same_names_in_different_folders_keep_their_relative_paths(demo, tmp_path):
+def test_same_names_in_different_folders_keep_their_relative_paths(tmp_path):
     _write(tmp_path / "in" / "x" / "a.png", 0, 64, 80)
     _write(tmp_path / "in" / "y" / "a.png", 1, 72, 96)
     out = tmp_path / "out"
-    code = demo.main(_args(tmp_path / "in" / "x" / "a.png", tmp_path / "in/y/*.png", output=out))
-    assert code == 0
+    assert _detect([tmp_path / "in" / "x" / "a.png", tmp_path / "in/y/*.png"], output=out) == []
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == ["x/a.png", "y/a.png"]
     assert cv2.imread(str(out / "x" / "a.png")).shape == (64, 80, 3)
     assert cv2.imread(str(out / "y" / "a.png")).shape == (72, 96, 3)
 
 
-def test_json_is_written_image_by_image(demo, tmp_path):
+def test_json_is_written_image_by_image(tmp_path):
     for i in range(4):
         _write(tmp_path / "in" / f"{i}.png", i)
     results = tmp_path / "results.json"
-    demo.stub.interrupt_at = 3  # Ctrl-C while the third image runs
+    stub = StubPredictor()
+    stub.interrupt_at = 3  # Ctrl-C while the third image runs
+    every_box = InferenceSettings(nms_threshold=0)
     with pytest.raises(KeyboardInterrupt):
-        demo.main(_args(tmp_path / "in", json=results, nms=0))
+        _detect([tmp_path / "in"], json_path=results, stub=stub, settings=every_box)
     records = json.loads(results.read_text())
     assert [r["image_id"] for r in records] == [0, 0, 0, 1, 1, 1]
     assert {Path(r["file_name"]).name for r in records} == {"0.png", "1.png"}
 
-    demo.stub.calls, demo.stub.interrupt_at = 0, None
-    assert demo.main(_args(tmp_path / "in", json=results, nms=0)) == 0
+    assert _detect([tmp_path / "in"], json_path=results, settings=every_box) == []
     full = json.loads(results.read_text())
     assert full[:6] == records and len(full) == 12
     assert full[0] == {
@@ -127,13 +132,14 @@ def test_json_is_written_image_by_image(demo, tmp_path):
     }
 
 
-def test_nms_removes_duplicates_per_class(demo, tmp_path):
+def test_nms_removes_duplicates_per_class(tmp_path):
     _write(tmp_path / "a.png", 0)
     kept = {}
     for nms in (0.5, 0.95, 0):
-        results = tmp_path / f"nms{nms}.json"
-        assert demo.main(_args(tmp_path / "a.png", json=results, nms=nms)) == 0
-        assert demo.stub.last_settings.nms_threshold == nms
+        results, stub = tmp_path / f"nms{nms}.json", StubPredictor()
+        settings = stub.settings.replace(nms_threshold=nms)
+        assert _detect([tmp_path / "a.png"], json_path=results, stub=stub, settings=settings) == []
+        assert stub.last_settings.nms_threshold == nms
         kept[nms] = [(r["phrase"], r["score"]) for r in json.loads(results.read_text())]
     approx = pytest.approx
     # IoU of the two "cat" boxes is 0.9; the "dog" box overlaps them but is another class.
@@ -141,3 +147,22 @@ def test_nms_removes_duplicates_per_class(demo, tmp_path):
     assert (
         kept[0.95] == kept[0] == [("cat", approx(0.9)), ("cat", approx(0.8)), ("dog", approx(0.7))]
     )
+
+
+def test_unreadable_files_are_errors_and_the_rest_go_on(tmp_path):
+    _write(tmp_path / "in" / "a.png", 0)
+    (tmp_path / "in" / "b.jpg").write_bytes(b"not a picture")
+    errors = _detect([tmp_path / "in", tmp_path / "missing*.png"], output=tmp_path / "out")
+    assert len(errors) == 2
+    assert "missing*.png" in errors[0] and "b.jpg: cannot read the image" in errors[1]
+    # The glob's folder is part of the inputs' common folder: drawings go to out/in/.
+    assert [str(p.relative_to(tmp_path)) for p in tmp_path.glob("out/**/*.png")] == ["out/in/a.png"]
+
+
+def test_parse_prompt():
+    assert parse_prompt("cat . remote control .") == "cat . remote control ."
+    assert parse_prompt(" cat, remote control ,") == ["cat", "remote control"]
+    assert parse_prompt("the cat, on the left", split_commas=False) == "the cat, on the left"
+    assert parse_prompt(None) is None
+    with pytest.raises(ValueError, match="holds no class names"):
+        parse_prompt(" , ")

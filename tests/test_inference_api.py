@@ -1,7 +1,6 @@
 """Inference for users: DefaultPredictor through the yacs bridge, GroundingDINOPredictor
 (batches, REC, token spans, input checks) and the demo CLI, on a tiny converted model."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,24 +17,27 @@ from detectron2.data.transforms import ResizeShortestEdge
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 from detectron2.structures import pairwise_iou
+from hf_reference import tiny_hf_config
 from omegaconf import OmegaConf
 
 from grounding_dino import GroundingDINO, InferenceSettings
-from grounding_dino.modeling.nms import nms_output
-from grounding_dino.modeling.settings import NMS_CANDIDATES
 from grounding_dino.config import (
     add_grounding_dino_config,
     default_prompt_from_yacs,
     resolve_config_file,
 )
+from grounding_dino.io.coco_files import JsonListWriter
+from grounding_dino.io.detect_files import FileDetector
+from grounding_dino.io.inputs import VIDEO_EXTENSIONS, expand_inputs, plan_outputs
+from grounding_dino.modeling.nms import nms_output
+from grounding_dino.modeling.settings import NMS_CANDIDATES
 from grounding_dino.predictor import GroundingDINOPredictor
-from grounding_dino.preprocessing import check_token_spans
+from grounding_dino.preprocessing import check_token_spans, parse_token_spans
 from grounding_dino.resize import (
     OfficialResize,
     official_output_size,
     official_resize_from_lazy_config,
 )
-from hf_reference import tiny_hf_config
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_SIZE, TEST_MAX_SIZE = 96, 128  # the official rule at a small scale, for speed
@@ -380,14 +382,6 @@ def test_bad_inputs_raise_clear_errors(predictor):
 
 
 # ---------------------------------------------------------------- demo CLI
-@pytest.fixture(scope="module")
-def demo_module():
-    spec = importlib.util.spec_from_file_location("gdino_demo", REPO / "demo" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture
 def image_folder(tmp_path):
     folder = tmp_path / "inputs"
@@ -402,27 +396,30 @@ def image_folder(tmp_path):
 THRESHOLD = 0.3
 
 
-def test_demo_cli_folder_with_a_corrupt_file(converted, image_folder, tmp_path):
+def _demo(*argv, **kwargs):
+    """``python demo/demo.py ARGV`` as a user runs it."""
+    command = [sys.executable, str(REPO / "demo" / "demo.py"), *map(str, argv)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def test_demo_cli_folder_with_a_corrupt_file(converted, predictor, image_folder, tmp_path):
     out_dir, results = tmp_path / "drawn", tmp_path / "results.json"
-    command = [
-        sys.executable,
-        str(REPO / "demo" / "demo.py"),
+    done = _demo(
         "--config-file",
         converted["lazy"],
         "--weights",
         converted["weights"],
         "--input",
-        str(image_folder),
+        image_folder,
         "--prompt",
         "cat, remote control",
         "--output",
-        str(out_dir),
+        out_dir,
         "--json",
-        str(results),
+        results,
         "--box-threshold",
-        str(THRESHOLD),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        THRESHOLD,
+    )
     assert done.returncode == 1, done.stderr  # one input failed, the others were processed
     assert "broken.jpg" in done.stderr and "cannot read" in done.stderr
     assert "3/3" in done.stderr  # the progress bar went over every file
@@ -438,53 +435,44 @@ def test_demo_cli_folder_with_a_corrupt_file(converted, image_folder, tmp_path):
     for record in records:
         assert record["phrase"] in CLASSES and record["category_id"] in (0, 1)
         assert record["score"] > THRESHOLD and len(record["bbox"]) == 4 and record["bbox"][2] >= 0
+    # The flags reach the settings: the predictor with --box-threshold and the default --nms.
+    settings = predictor.settings.replace(box_threshold=THRESHOLD, nms_threshold=0.5)
+    for name in ("a.jpg", "b.png"):
+        path = str(image_folder / name)
+        output = predictor(cv2.imread(path), CLASSES, settings=settings)
+        mine = [r for r in records if r["file_name"] == path]
+        assert [r["phrase"] for r in mine] == output["phrases"]
+        np.testing.assert_allclose(
+            [r["score"] for r in mine], output["instances"].scores.tolist(), atol=1e-5
+        )
 
 
-def test_demo_rec_and_token_spans(
-    converted, predictor, demo_module, image_folder, tmp_path, capsys, monkeypatch
-):
-    monkeypatch.setattr(demo_module, "build_predictor", lambda args: (predictor, None))
-    base = [
-        "--config-file",
-        converted["lazy"],
-        "--weights",
-        converted["weights"],
-        "--input",
-        str(image_folder / "a.jpg"),
-        str(image_folder / "b.png"),
-    ]
+def test_demo_rec_and_token_spans(predictor, image_folder, tmp_path):
+    paths = [str(image_folder / "a.jpg"), str(image_folder / "b.png")]
     rec_json = tmp_path / "rec.json"
-    code = demo_module.main(
-        base + ["--prompt", "the cat on the left", "--rec", "--json", str(rec_json)]
-    )
-    assert code == 0
+    rec = predictor.settings.replace(rec=True)
+    with JsonListWriter(str(rec_json)) as writer:
+        detector = FileDetector(predictor, "the cat on the left", rec, json_writer=writer)
+        assert detector.run(paths) == []
     records = json.loads(rec_json.read_text())
     assert [r["image_id"] for r in records] == [0, 1]  # exactly one box per image
     assert all(r["phrase"] == "the cat on the left" for r in records)
 
     spans_json = tmp_path / "spans.json"
-    code = demo_module.main(
-        base
-        + [
-            "--prompt",
-            "a cat and a remote",
-            "--token-spans",
-            "[[[2,5]],[[12,18]]]",
-            "--json",
-            str(spans_json),
-        ]
-    )
-    assert code == 0
+    caption = "a cat and a remote"
+    spans = parse_token_spans("[[[2,5]],[[12,18]]]", caption)
+    with JsonListWriter(str(spans_json)) as writer:
+        detector = FileDetector(predictor, caption, token_spans=spans, json_writer=writer)
+        assert detector.run(paths) == []
     assert {r["phrase"] for r in json.loads(spans_json.read_text())} <= {"cat", "remote"}
 
-    with pytest.raises(SystemExit) as stop:
-        demo_module.main(base + ["--prompt", "a cat", "--token-spans", "[[[2,50]]]"])
-    assert stop.value.code == 2 and "outside" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="outside"):
+        parse_token_spans("[[[2,50]]]", "a cat")
+    with pytest.raises(ValueError, match="not a list literal"):
+        parse_token_spans("[[2,", "a cat")
 
 
-def test_demo_yacs_config_and_missing_inputs(
-    converted, demo_module, image_folder, tmp_path, capsys
-):
+def test_demo_yacs_config_and_missing_inputs(converted, image_folder, tmp_path):
     yacs_file = tmp_path / "thin.yaml"
     yacs_file.write_text(
         "MODEL:\n  META_ARCHITECTURE: GroundingDINO\n  DEVICE: cpu\n"
@@ -492,48 +480,41 @@ def test_demo_yacs_config_and_missing_inputs(
         f"  GROUNDING_DINO:\n    CONFIG_FILE: {converted['lazy']}\n    PROMPT: {CAPTION}\n"
     )
     out_file = tmp_path / "one.jpg"
-    code = demo_module.main(
-        [
-            "--config-file",
-            str(yacs_file),
-            "--input",
-            str(image_folder / "a.jpg"),
-            str(tmp_path / "missing*.jpg"),
-            "--output",
-            str(out_file),
-            "--opts",
-            "MODEL.GROUNDING_DINO.BOX_THRESHOLD=0.6",
-        ]
+    done = _demo(
+        "--config-file",
+        yacs_file,
+        "--input",
+        image_folder / "a.jpg",
+        tmp_path / "missing*.jpg",
+        "--output",
+        out_file,
+        "--opts",
+        "MODEL.GROUNDING_DINO.BOX_THRESHOLD=0.6",
     )
-    err = capsys.readouterr().err
-    assert code == 1 and "missing*.jpg" in err
+    assert done.returncode == 1 and "missing*.jpg" in done.stderr
     assert out_file.is_file()
 
+    spans = ["--prompt", "a cat", "--token-spans", "[[[2,50]]]"]
+    done = _demo("--config-file", yacs_file, "--input", image_folder / "a.jpg", *spans)
+    assert done.returncode == 2 and "outside" in done.stderr
 
-def test_demo_video(predictor, demo_module, tmp_path, monkeypatch):
-    monkeypatch.setattr(demo_module, "build_predictor", lambda args: (predictor, None))
+
+def test_demo_video(predictor, tmp_path):
     video = tmp_path / "clip.mp4"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 5, (96, 72))
     for k in range(3):
         writer.write(_image(30 + k, 72, 96))
     writer.release()
     results, out_dir = tmp_path / "video.json", tmp_path / "drawn"
-    code = demo_module.main(
-        [
-            "--config-file",
-            "stubbed.py",  # build_predictor is stubbed
-            "--input",
-            str(video),
-            "--prompt",
-            "the cat on the left",
-            "--rec",
-            "--output",
-            str(out_dir),
-            "--json",
-            str(results),
-        ]
-    )
-    assert code == 0
+    paths, errors = expand_inputs([str(video)], extensions=VIDEO_EXTENSIONS)
+    assert paths == [str(video)] and errors == []
+    targets = plan_outputs(str(out_dir), [str(video)], paths)
+    rec = predictor.settings.replace(rec=True)
+    with JsonListWriter(str(results)) as json_writer:
+        detector = FileDetector(
+            predictor, "the cat on the left", rec, targets=targets, json_writer=json_writer
+        )
+        assert detector.run(paths) == []
     assert [r["frame"] for r in json.loads(results.read_text())] == [0, 1, 2]  # one box a frame
     capture = cv2.VideoCapture(str(out_dir / "clip.mp4"))
     assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 3

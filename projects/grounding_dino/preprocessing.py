@@ -5,7 +5,8 @@ The PyTorch model, :class:`~grounding_dino.GroundingDINOPredictor` and the ONNX 
 predictor all go through these functions, so that they see the same inputs.
 """
 
-from typing import Dict, List, Sequence, Tuple, Union
+import ast
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -15,6 +16,8 @@ __all__ = [
     "prompt_to_input",
     "check_image",
     "check_token_spans",
+    "parse_prompt",
+    "parse_token_spans",
     "model_input",
     "prompts_for_images",
     "normalize_image",
@@ -107,6 +110,41 @@ def check_token_spans(caption: str, token_spans) -> List[List[List[int]]]:
             spans.append([beg, end])
         result.append(spans)
     return result
+
+
+def parse_prompt(text: Optional[str], split_commas: bool = True) -> Optional[Prompt]:
+    """
+    A prompt as a user types it -> a caption or class names: text with commas is a list of
+    class names (``"cat, remote control"`` -> ``["cat", "remote control"]``, empty names
+    skipped) unless ``split_commas`` is False (a referring expression, or a caption that token
+    spans index into); other text stays a caption. None stays None.
+
+    Raises:
+        ValueError: the text has commas and no class names.
+    """
+    if text is None:
+        return None
+    if not split_commas or "," not in text:
+        return text
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ValueError(f"The prompt {text!r} holds no class names")
+    return names
+
+
+def parse_token_spans(text: str, caption: str) -> List[List[List[int]]]:
+    """
+    Token spans typed as a list literal (``"[[[0,3]],[[4,8]]]"``), checked against
+    ``caption`` (:func:`check_token_spans`).
+
+    Raises:
+        ValueError: the text is not a list literal, or the spans are malformed.
+    """
+    try:
+        spans = ast.literal_eval(text)
+    except (ValueError, SyntaxError) as error:
+        raise ValueError(f"The token spans {text!r} are not a list literal: {error}") from error
+    return check_token_spans(caption, spans)
 
 
 def model_input(

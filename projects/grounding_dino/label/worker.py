@@ -14,12 +14,12 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from detectron2.utils import comm
 
+from ..io.coco_files import error_record, label_record
+from ..io.images import build_image_loader
+from ..io.parts import PartWriter
 from ..model_zoo import load_config
 from ..modeling.settings import InferenceSettings
 from ..predictor import GroundingDINOPredictor
-from .coco import error_record, label_record
-from .loader import build_image_loader
-from .parts import PartWriter
 
 __all__ = ["shard", "label_worker", "label_batch", "labelling_settings"]
 

@@ -23,10 +23,9 @@ its config node. The interfaces each kind of component must implement are in
 docs/interfaces.md.
 """
 
-import importlib
 from typing import Any
 
-from detectron2.utils.registry import Registry
+from detectron2.utils.registry import Registry, locate
 
 IMAGE_BACKBONE_REGISTRY = Registry("GROUNDING_DINO_IMAGE_BACKBONE")
 IMAGE_BACKBONE_REGISTRY.__doc__ = """Image bodies: detectron2 ``Backbone``s, [B,3,H,W] -> dict of
@@ -73,15 +72,16 @@ def build_from_registry(registry: Registry, name: str, **kwargs) -> Any:
         kwargs: the component's keyword arguments.
 
     Raises:
-        ValueError: ``name`` is empty, its module cannot be imported, or nothing is registered
-            under it (the message lists what is).
+        ValueError: ``name`` is empty, its module cannot be found, or nothing is registered
+            under it (the message lists what is). An error raised while the module is
+            imported propagates (detectron2's ``locate`` names the module).
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"{registry._name}: the component name must be a non-empty string")
     module_name, _, short_name = name.rpartition(".")
     if module_name:
         try:
-            importlib.import_module(module_name)
+            locate(module_name)  # imports it (detectron2's locate, as LazyConfig's _target_)
         except ImportError as error:
             raise ValueError(
                 f"{registry._name}: cannot import module {module_name!r} of component "

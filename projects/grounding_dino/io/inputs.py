@@ -1,4 +1,5 @@
-"""Input listing: folders, globs and list files -> image paths and their names under a root."""
+"""Listing inputs: folders, globs and list files -> image (and video) paths, their names under a
+root folder, and the files their drawings go to."""
 
 import glob
 import os

@@ -23,13 +23,16 @@ class PartsProgress:
     Use as a context manager around the launch of the workers.
     """
 
-    def __init__(self, folder: str, total: int, initial: int, interval: float = 0.5):
+    def __init__(
+        self, folder: str, total: int, initial: int, interval: float = 0.5, desc: str = "images"
+    ):
         """
         Args:
             folder: the run's part-file folder.
             total: images of the run, done or not.
             initial: images already done before this run.
             interval: seconds between two looks at the files.
+            desc: the bar's title.
         """
         self.folder = folder
         self.interval = interval
@@ -40,7 +43,7 @@ class PartsProgress:
         self._bar = tqdm(
             total=total,
             initial=initial,
-            desc="labelling",
+            desc=desc,
             unit="img",
             file=sys.stderr,
             dynamic_ncols=True,
@@ -48,7 +51,7 @@ class PartsProgress:
             mininterval=interval,
         )
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._follow, name="label-progress", daemon=True)
+        self._thread = threading.Thread(target=self._follow, name="parts-progress", daemon=True)
 
     def _poll(self) -> None:
         done = 0

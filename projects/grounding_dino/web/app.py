@@ -1,4 +1,5 @@
-"""The Gradio app of ``demo/web.py``: one image and a prompt in, boxes and a table out.
+"""The Gradio app of the web demo (``demo/web.py``): one image and a prompt in, boxes and a
+table out.
 
 ``Detector`` does the work of one request (checks, model, NMS, drawing) and turns every bad
 input into a message (:class:`gradio.Error`, shown in the page and raised by ``gradio_client``
@@ -13,13 +14,14 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from demo import draw, parse_prompt  # demo/demo.py: the CLI's drawing and prompt parsing
-from grounding_dino.label.loader import read_bgr
-from grounding_dino import GroundingDINOPredictor
+from ..io.images import read_bgr
+from ..predictor import GroundingDINOPredictor
+from ..preprocessing import parse_prompt
+from ..visualization import draw
 
 __all__ = ["TABLE_HEADERS", "Detector", "build_app", "table_rows"]
 
-logger = logging.getLogger("grounding_dino.web")
+logger = logging.getLogger(__name__)
 
 TABLE_HEADERS = ["phrase", "score", "x0", "y0", "x1", "y1"]
 
@@ -113,7 +115,7 @@ class Detector:
             if value is None or not 0 <= float(value) <= 1:
                 raise gr.Error(f"The {name} must be a number in [0, 1], got {value!r}.")
         try:
-            parsed = parse_prompt(prompt, bool(rec), token_spans=False)
+            parsed = parse_prompt(prompt, split_commas=not rec)
             settings = self.predictor.settings.replace(
                 box_threshold=float(box_threshold),
                 text_threshold=float(text_threshold),

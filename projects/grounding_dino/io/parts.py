@@ -1,5 +1,6 @@
 """
-Part files: the durable record of a labelling run, from which it resumes.
+Part files: the durable record of a run sharded over workers, from which it resumes (the
+labeller's: ``python -m grounding_dino.label``).
 
 Next to ``--output labels.json`` lives ``labels.json.parts/``:
 

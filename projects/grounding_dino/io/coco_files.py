@@ -1,17 +1,23 @@
-"""COCO writing: part-file records -> a COCO detection dataset, written atomically."""
+"""
+COCO files from predictor outputs: the records of labelled images and the COCO detection
+dataset made of them, COCO results (the demo's ``--json``), JSON written atomically, and a JSON
+list written record by record.
+"""
 
 import json
 import os
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
 __all__ = [
     "JsonListWriter",
+    "xywh_boxes",
     "label_record",
     "error_record",
     "coco_dataset",
+    "coco_results",
     "write_json_atomic",
     "write_errors",
 ]
@@ -19,9 +25,15 @@ __all__ = [
 BOX_DECIMALS, SCORE_DECIMALS = 2, 5
 
 
+def xywh_boxes(instances) -> List[List[float]]:
+    """The ``pred_boxes`` (xyxy) of ``Instances`` on the CPU as COCO ``[x, y, w, h]`` lists."""
+    boxes = instances.pred_boxes.tensor.to(torch.float64)
+    return torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+
+
 def label_record(file_name: str, width: int, height: int, output: Dict) -> Dict:
     """
-    One image's part-file line from the model's output.
+    One labelled image's record (a part-file line of the labeller) from the model's output.
 
     Args:
         file_name: the image's name relative to the image root.
@@ -30,20 +42,19 @@ def label_record(file_name: str, width: int, height: int, output: Dict) -> Dict:
             NMS), ``pred_classes`` indexing the class list.
     """
     instances = output["instances"].to("cpu")
-    boxes = instances.pred_boxes.tensor.to(torch.float64)
-    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)
     return {
         "file_name": file_name,
         "width": int(width),
         "height": int(height),
-        "boxes": [[round(v, BOX_DECIMALS) for v in box] for box in xywh.tolist()],
+        "boxes": [[round(v, BOX_DECIMALS) for v in box] for box in xywh_boxes(instances)],
         "classes": [int(c) for c in instances.pred_classes.tolist()],
         "scores": [round(float(s), SCORE_DECIMALS) for s in instances.scores.tolist()],
     }
 
 
 def error_record(file_name: str, path: str, reason: str) -> Dict:
-    """An image that could not be labelled (the ``"error"`` key first: see parts.py)."""
+    """An image that could not be labelled (the ``"error"`` key first: see
+    :mod:`grounding_dino.io.parts`)."""
     prefix = f"{path}: "
     if reason.startswith(prefix):
         reason = reason[len(prefix) :]
@@ -97,6 +108,44 @@ def coco_dataset(
     return {"info": info, "images": images, "annotations": annotations, "categories": categories}
 
 
+def coco_results(
+    output: Dict, image_id: int, file_name: str, frame: Optional[int] = None
+) -> List[Dict]:
+    """
+    COCO-results records of one image (or video frame), with its phrases and file added.
+
+    Args:
+        output: a predictor's ``{"instances", "phrases"}``.
+        image_id: the records' ``image_id``.
+        file_name: the image or video file.
+        frame: the frame's index in a video (None for an image: no ``"frame"`` key).
+
+    Returns:
+        ``[{"image_id", "category_id" (pred_classes), "bbox" (xywh pixels), "score",
+        "phrase", "file_name"[, "frame"]}]``, one per box.
+    """
+    instances = output["instances"].to("cpu")
+    records = []
+    for box, score, cls, phrase in zip(
+        xywh_boxes(instances),
+        instances.scores.tolist(),
+        instances.pred_classes.tolist(),
+        output["phrases"],
+    ):
+        record = {
+            "image_id": image_id,
+            "category_id": int(cls),
+            "bbox": box,
+            "score": float(score),
+            "phrase": phrase,
+            "file_name": file_name,
+        }
+        if frame is not None:
+            record["frame"] = frame
+        records.append(record)
+    return records
+
+
 def write_json_atomic(path: str, data) -> None:
     """Writes ``data`` to a temporary file next to ``path``, fsyncs it, renames it."""
     temporary = f"{path}.tmp-{os.getpid()}"
@@ -128,7 +177,7 @@ class JsonListWriter:
     """
     A JSON list written record by record: after every :meth:`extend` the file is a
     complete JSON list of everything so far (flushed; fsynced at most once a second), so an
-    interrupted run keeps what it did.
+    interrupted run keeps what it did. A context manager (closes the file).
     """
 
     def __init__(self, path: str):
@@ -162,3 +211,9 @@ class JsonListWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
+
+    def __enter__(self) -> "JsonListWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

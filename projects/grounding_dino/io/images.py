@@ -1,12 +1,14 @@
-"""The image DataLoader: worker processes decode images while the model runs."""
+"""Reading images and videos: an image file as a BGR array (as detectron2's datasets read it), a
+video's frames, and the DataLoader whose worker processes decode images while the model runs."""
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
+import cv2
 import numpy as np
 from detectron2.data.detection_utils import read_image
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["read_bgr", "ImageFiles", "build_image_loader"]
+__all__ = ["read_bgr", "video_info", "video_frames", "ImageFiles", "build_image_loader"]
 
 
 def read_bgr(path: str) -> np.ndarray:
@@ -22,6 +24,46 @@ def read_bgr(path: str) -> np.ndarray:
     except (OSError, ValueError, SyntaxError) as error:  # PIL's errors for bad files
         raise ValueError(f"{path}: cannot read the image ({error})") from error
     return np.ascontiguousarray(image)
+
+
+def _open_video(path: str) -> cv2.VideoCapture:
+    capture = cv2.VideoCapture(path)
+    if not capture.isOpened():
+        raise ValueError(f"{path}: cannot open the video")
+    return capture
+
+
+def video_info(path: str) -> Tuple[float, int]:
+    """
+    Returns:
+        (frames per second, 25 when the file does not say; the number of frames the file
+        declares, 0 when it does not say).
+
+    Raises:
+        ValueError: naming the file, when it cannot be opened.
+    """
+    capture = _open_video(path)
+    try:
+        return capture.get(cv2.CAP_PROP_FPS) or 25.0, int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    finally:
+        capture.release()
+
+
+def video_frames(path: str) -> Iterator[np.ndarray]:
+    """The frames of a video file as HxWx3 uint8 BGR arrays, until one cannot be read.
+
+    Raises:
+        ValueError: naming the file, when it cannot be opened.
+    """
+    capture = _open_video(path)
+    try:
+        while True:
+            ok, frame = capture.read()
+            if not ok:
+                break
+            yield frame
+    finally:
+        capture.release()
 
 
 class ImageFiles(Dataset):

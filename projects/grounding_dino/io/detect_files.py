@@ -1,0 +1,154 @@
+"""
+A predictor over image and video files (the work of ``demo/demo.py``): each file's detections
+drawn to its target file (:func:`~grounding_dino.io.inputs.plan_outputs`) and appended to a
+COCO-results list (:class:`~grounding_dino.io.coco_files.JsonListWriter`).
+
+Example::
+
+    paths, errors = expand_inputs(["photos/", "clip.mp4"], extensions=IMAGE_EXTENSIONS
+                                  + VIDEO_EXTENSIONS)
+    with JsonListWriter("out/results.json") as results:
+        detector = FileDetector(predictor, ["cat", "remote control"],
+                                targets=plan_outputs("out/", ["photos/", "clip.mp4"], paths),
+                                json_writer=results)
+        errors += detector.run(paths)
+"""
+
+import os
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from ..modeling.settings import InferenceSettings
+from ..preprocessing import Prompt
+from ..visualization import draw
+from .coco_files import JsonListWriter, coco_results
+from .images import read_bgr, video_frames, video_info
+from .inputs import is_video
+
+__all__ = ["FileDetector", "report_error"]
+
+
+def report_error(message: str) -> None:
+    """Prints an ``ERROR`` line to stderr without breaking a progress bar."""
+    tqdm.write(f"ERROR {message}", file=sys.stderr)
+
+
+class FileDetector:
+    """
+    Runs a predictor on image and video files with one prompt and one set of settings.
+
+    Args:
+        predictor: a ``GroundingDINOPredictor`` (or anything with its call, ``predict_rec``
+            and ``predict_token_spans``).
+        prompt: a caption or a list of class names; the expression when ``settings.rec``.
+        settings: the calls' settings (None: the predictor's). ``rec=True`` finds exactly
+            one box, the best one, for the expression.
+        token_spans: phrases of the caption to ground, as character spans (checked ones:
+            :func:`~grounding_dino.preprocessing.parse_token_spans`), or None.
+        targets: the drawing's file of an input path (inputs not in it are not drawn).
+        json_writer: where every detection goes as a COCO result (or None); image ids count
+            images and video frames from 0 in the order they are processed.
+    """
+
+    def __init__(
+        self,
+        predictor,
+        prompt: Prompt,
+        settings: Optional[InferenceSettings] = None,
+        *,
+        token_spans=None,
+        targets: Optional[Dict[str, str]] = None,
+        json_writer: Optional[JsonListWriter] = None,
+    ):
+        self.predictor = predictor
+        self.prompt = prompt
+        self.settings = settings or predictor.settings
+        self.token_spans = token_spans
+        self.targets = targets or {}
+        self.json_writer = json_writer
+        self.next_image_id = 0
+
+    def predict(self, image_bgr: np.ndarray) -> Dict:
+        """The predictor's output on one BGR image."""
+        if self.settings.rec:
+            return self.predictor.predict_rec(image_bgr, self.prompt, self.settings)
+        if self.token_spans is not None:
+            return self.predictor.predict_token_spans(
+                image_bgr, self.prompt, self.token_spans, self.settings
+            )
+        return self.predictor(image_bgr, self.prompt, self.settings)
+
+    def _record(self, output: Dict, path: str, frame: Optional[int] = None) -> None:
+        if self.json_writer is not None:
+            self.json_writer.extend(coco_results(output, self.next_image_id, path, frame))
+        self.next_image_id += 1
+
+    def _target(self, path: str) -> Optional[str]:
+        target = self.targets.get(path)
+        if target:
+            os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+        return target
+
+    def image(self, path: str) -> str:
+        """Detects in an image file (drawn when it has a target). Returns a summary line."""
+        image = read_bgr(path)
+        output = self.predict(image)
+        self._record(output, path)
+        target = self._target(path)
+        if target:
+            if not cv2.imwrite(target, draw(image, output)[:, :, ::-1]):
+                raise ValueError(f"{target}: cannot write the picture")
+        phrases = ", ".join(dict.fromkeys(output["phrases"])) or "-"
+        return f"{path}: {len(output['instances'])} boxes ({phrases})"
+
+    def video(self, path: str) -> str:
+        """Detects in every frame of a video file (drawn to an mp4 when it has a target).
+        Returns a summary line."""
+        fps, total = video_info(path)
+        target = self._target(path)
+        writer, count, boxes = None, 0, 0
+        try:
+            for frame in tqdm(
+                video_frames(path), total=total or None, desc=os.path.basename(path), leave=False
+            ):
+                output = self.predict(frame)
+                self._record(output, path, count)
+                boxes += len(output["instances"])
+                if target:
+                    drawn = draw(frame, output)[:, :, ::-1]
+                    if writer is None:
+                        height, width = drawn.shape[:2]
+                        writer = cv2.VideoWriter(
+                            target, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height)
+                        )
+                    writer.write(np.ascontiguousarray(drawn))
+                count += 1
+        finally:
+            if writer is not None:
+                writer.release()
+        if count == 0:
+            raise ValueError(f"{path}: no frames could be read")
+        return f"{path}: {count} frames, {boxes} boxes"
+
+    def run(self, paths: Sequence[str]) -> List[str]:
+        """
+        Every file in order (videos by their ending), with a progress bar over the files; a
+        summary line per file. A file that cannot be read, processed or written gets an
+        ``ERROR`` line naming it, and the rest go on.
+
+        Returns:
+            the error messages, one per file that failed.
+        """
+        errors = []
+        for path in tqdm(paths, desc="images", unit="file", disable=len(paths) < 2):
+            try:
+                tqdm.write(self.video(path) if is_video(path) else self.image(path))
+            except (OSError, ValueError) as error:
+                message = str(error) if path in str(error) else f"{path}: {error}"
+                report_error(message)
+                errors.append(message)
+        return errors

@@ -1,0 +1,163 @@
+"""
+A labelling run: what it labels and with which settings (checked before any worker starts),
+its workers over the images still to do, and the COCO file made of their part files.
+"""
+
+import os
+import sys
+import time
+from typing import Dict, List
+
+import torch
+
+from ..engine.launch import launch
+from ..io.coco_files import coco_dataset, write_errors, write_json_atomic
+from ..io.inputs import expand_inputs, input_root, relative_name
+from ..io.parts import check_run, parts_dir, read_parts, repair_tails
+from ..io.progress import PartsProgress
+from ..model_zoo import load_config
+from ..precision import check_precision
+from .digests import config_digest, file_digest
+from .worker import label_worker
+
+__all__ = ["prepare_run", "run_labelling"]
+
+
+def prepare_run(args, classes: List[str]) -> Dict:
+    """
+    Lists the inputs, loads the config and checks the run against an earlier one of the same
+    ``--output`` (before any worker starts).
+
+    Args:
+        args: the parsed command line (:func:`grounding_dino.label.cli.get_parser`).
+        classes: the class list.
+
+    Returns:
+        ``{"config": ModelConfig, "names": {file name under the root: absolute path}, "root",
+        "run": the settings that decide the labels (run.json), "resuming", "device"}``.
+
+    Raises:
+        FileNotFoundError, FileExistsError, ValueError, KeyError: with a message for the user.
+    """
+    config = load_config(args.config_file, args.opts, args.weights)
+    paths, errors = expand_inputs(args.input, recursive=True, list_files=True)
+    if errors:
+        raise FileNotFoundError("\n".join(errors))
+    root = os.path.abspath(args.image_root) if args.image_root else input_root(args.input, paths)
+    names = {}
+    for path in paths:
+        names.setdefault(relative_name(path, root), os.path.abspath(path))
+    run = {
+        "classes": classes,
+        "config_digest": config_digest(config.lazy),
+        "weights_digest": file_digest(config.weights),
+        "box_threshold": args.box_threshold,
+        "nms": args.nms,
+        "max_per_image": args.max_per_image,
+        "dtype": args.dtype,
+        "image_root": root,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    resuming = check_run(args.output, run)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_precision(args.dtype, device)
+    return {
+        "config": config,
+        "names": names,
+        "root": root,
+        "run": run,
+        "resuming": resuming,
+        "device": device,
+    }
+
+
+def run_labelling(args, prepared: Dict) -> int:
+    """
+    Labels the images no part file holds yet, on ``--num-gpus`` workers of this machine, then
+    writes the COCO file when every image of the run is done.
+
+    Args:
+        args: the parsed command line.
+        prepared: :func:`prepare_run`'s result.
+
+    Returns:
+        the exit status: 0 when every image was labelled, 1 when some failed.
+    """
+    folder = parts_dir(args.output)
+    names, device = prepared["names"], prepared["device"]
+    repair_tails(folder)
+    labelled, _ = read_parts(folder)
+    todo = [(names[n], n) for n in sorted(names) if n not in labelled]
+    done = len(names) - len(todo)
+    print(
+        f"{len(names)} images under {prepared['root']}: {done} already labelled"
+        + (f", {len(todo)} to do" if prepared["resuming"] else "")
+        + f" ({args.num_gpus * args.num_machines} worker(s), {device})."
+    )
+    settings = {
+        **prepared["run"],
+        "parts_dir": folder,
+        "config_file": args.config_file,
+        "opts": list(args.opts),
+        "weights": prepared["config"].weights,
+        "device": device,
+        "batch_size": args.batch_size,
+        "decode_workers": args.decode_workers,
+    }
+    if todo:
+        start = time.perf_counter()
+        with PartsProgress(folder, total=len(names), initial=done, desc="labelling"):
+            launch(
+                label_worker,
+                args.num_gpus,
+                num_machines=args.num_machines,
+                machine_rank=args.machine_rank,
+                dist_url=args.dist_url,
+                args=(settings, todo),
+                device=device,
+            )
+        seconds = time.perf_counter() - start
+        print(
+            f"Labelled {len(todo)} images in {seconds:.1f} s ({len(todo) / seconds:.2f} images/s)."
+        )
+    return _merge(args, names, prepared["run"])
+
+
+def _merge(args, names: Dict[str, str], run: Dict) -> int:
+    """Writes the COCO file when every image is done; returns the exit status."""
+    classes = run["classes"]
+    labelled, failed = read_parts(parts_dir(args.output))
+    order = sorted(names)
+    missing = [n for n in order if n not in labelled and n not in failed]
+    if missing:
+        print(
+            f"{len(missing)} of {len(order)} images are not done yet (other machines may still "
+            f"be at work); the last run to finish writes {args.output}. Run the same command "
+            "again to finish an interrupted run."
+        )
+        return 0
+    stale = len(set(labelled) - set(names))
+    if stale:
+        print(f"{stale} labelled images are no longer in --input: left out of {args.output}")
+    info = {
+        "description": "labels by python -m grounding_dino.label",
+        "config_file": args.config_file,
+        "weights": args.weights,
+        **{k: v for k, v in run.items() if k != "classes"},
+    }
+    dataset = coco_dataset(order, labelled, classes, info)
+    write_json_atomic(args.output, dataset)
+    failures = [failed[n] for n in order if n in failed]
+    write_errors(args.output + ".errors", failures)
+    print(
+        f"Wrote {args.output}: {len(dataset['images'])} images, "
+        f"{len(dataset['annotations'])} boxes, {len(classes)} classes."
+    )
+    if failures:
+        print(
+            f"{len(failures)} images could not be labelled: see {args.output}.errors "
+            "(they are tried again when the command is run again)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
