@@ -70,9 +70,16 @@ def get_config(name_or_path: str, overrides: Sequence[str] = ()):
 
     Raises:
         FileNotFoundError: neither a file nor a packaged config (the message lists them).
+        ValueError: a thin yacs ``.yaml`` (load it with :func:`load_config`).
     """
-    cfg = LazyConfig.load(_config_path(name_or_path))
-    return LazyConfig.apply_overrides(cfg, list(overrides))
+    path = _config_path(name_or_path)
+    if _is_yacs_file(path):
+        raise ValueError(
+            f"{name_or_path} is a thin yacs config (MODEL: ...), not a lazy config; load it "
+            f"with grounding_dino.model_zoo.load_config, or use detectron2's get_cfg() after "
+            f"add_grounding_dino_config(cfg)"
+        )
+    return LazyConfig.apply_overrides(LazyConfig.load(path), list(overrides))
 
 
 @dataclass
