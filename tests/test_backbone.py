@@ -6,6 +6,14 @@ import pytest
 import torch
 from torch import nn
 
+from grounding_dino.convert.keys import (
+    convert_hf_input_proj_state_dict,
+    convert_official_input_proj_state_dict,
+)
+from grounding_dino.convert.swin_sources import (
+    convert_hf_swin_state_dict,
+    convert_official_swin_state_dict,
+)
 from grounding_dino.modeling.backbone import (
     SWIN_VARIANTS,
     InputProjectionNeck,
@@ -13,12 +21,10 @@ from grounding_dino.modeling.backbone import (
     ResNetBackbone,
     SwinBackbone,
     TinyCNNBackbone,
-    convert_hf_input_proj_state_dict,
-    convert_hf_swin_state_dict,
-    convert_official_input_proj_state_dict,
-    convert_official_swin_state_dict,
 )
 from grounding_dino.modeling.registry import IMAGE_BACKBONE_REGISTRY, build_image_backbone
+
+from padded_reference import forward_padded
 
 TINY = dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=7)
 ATOL = 1e-5
@@ -166,7 +172,7 @@ def test_image_side_matches_transformers_padded_batch():
     images[1][:, ~pixel_mask[1]] = 0
     with torch.no_grad():
         expected = _hf_image_features(hf, images, pixel_mask.long())
-        maps, masks = neck.forward_padded(body, images, pixel_mask)
+        maps, masks = forward_padded(neck, body, images, pixel_mask)
         got = (maps, masks, [position(m) for m in masks])
     for exp_list, got_list in zip(expected, got):
         assert len(got_list) == 4
@@ -256,7 +262,7 @@ def test_forward_images_is_batch_invariant():
         padded = torch.zeros(2, 3, 130, 130)
         padded[0, :, :, :75] = small
         padded[1, :, :100] = large
-        ref_maps, _ = neck.forward_padded(body, padded, torch.ones(2, 130, 130, dtype=torch.bool))
+        ref_maps, _ = forward_padded(neck, body, padded, torch.ones(2, 130, 130, dtype=torch.bool))
         assert (ref_maps[0][0, :, :17, :10] - maps[0][0, :, :17, :10]).abs().max() > 1e-3
 
 
@@ -283,8 +289,8 @@ def test_variants_registry_and_errors():
         InputProjectionNeck(in_channels=(64, 128, 256), hidden_dim=64, num_feature_levels=2)
     body, neck = _swin().eval(), _neck()
     with pytest.raises(ValueError, match="pixel_mask"):
-        neck.forward_padded(
-            body, torch.zeros(1, 3, 32, 32), torch.ones(1, 16, 16, dtype=torch.bool)
+        forward_padded(
+            neck, body, torch.zeros(1, 3, 32, 32), torch.ones(1, 16, 16, dtype=torch.bool)
         )
     wrong = InputProjectionNeck(in_channels=(192, 384, 768), hidden_dim=64, num_feature_levels=4)
     with pytest.raises(ValueError, match=r"in_channels \(192, 384, 768\).*\(64, 128, 256\)"):

@@ -16,8 +16,8 @@ import torch
 from grounding_dino.deploy import OnnxPredictor, onnx_feeds
 from grounding_dino.export import export_mode
 from grounding_dino.export.cli import main as export_main
-from grounding_dino.export.swin import swin_export_forwards
 from grounding_dino.modeling.deformable_attention import deformable_kernel
+from grounding_dino.modeling.switches import tracing_mode
 from grounding_dino.predictor import GroundingDINOPredictor
 from grounding_dino.resize import OfficialResize
 
@@ -203,7 +203,7 @@ def test_swin_export_forwards_equal_detectron2s(exported, size):
     images = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         default = model.backbone(images)
-        with swin_export_forwards(model) as count:
+        with tracing_mode(model) as count:
             patched = model.backbone(images)
     assert count > 0
     assert not any("forward" in vars(m) for m in model.modules())

@@ -1,9 +1,10 @@
 """Key renaming from the official and the Hugging Face state dicts to this project's model.
 
-Both functions return ``(state_dict, ignored)``: the renamed tensors, and the source keys
-dropped on purpose: copies of a kept tensor (shared box heads) and BERT's unused pooler.
-Anything else that does not map stays under its own name, so that loading reports it as
-unexpected.
+:func:`convert_official_state_dict` and :func:`convert_hf_state_dict` return
+``(state_dict, ignored)``: the renamed tensors, and the source keys dropped on purpose: copies
+of a kept tensor (shared box heads) and BERT's unused pooler. Anything else that does not map
+stays under its own name, so that loading reports it as unexpected. The input projections'
+converters map the references' ``input_proj`` layout onto the neck's.
 """
 
 import re
@@ -11,14 +12,15 @@ from typing import Callable, Dict, List, Tuple, Union
 
 import torch
 
-from ..modeling.backbone import (
-    convert_hf_input_proj_state_dict,
-    convert_hf_swin_state_dict,
-    convert_official_input_proj_state_dict,
-    convert_official_swin_state_dict,
-)
+from .swin_sources import convert_hf_swin_state_dict, convert_official_swin_state_dict
 
-__all__ = ["convert_official_state_dict", "convert_hf_state_dict", "rename"]
+__all__ = [
+    "convert_official_state_dict",
+    "convert_hf_state_dict",
+    "convert_official_input_proj_state_dict",
+    "convert_hf_input_proj_state_dict",
+    "rename",
+]
 
 Rules = List[Tuple[str, Union[str, Callable]]]
 
@@ -185,6 +187,30 @@ def _convert(
             raise ValueError(f"Incomplete attention projections for {key}: {sorted(parts)}")
         converted[key] = torch.cat([parts["query"], parts["key"], parts["value"]])
     return converted, ignored
+
+
+def _rename_input_proj(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for key, value in sd.items():
+        m = re.match(r"^(\d+)\.([01])\.(weight|bias)$", key)
+        if not m:
+            raise KeyError(f"Unexpected input projection key {key!r} (expected '<l>.<0|1>.*')")
+        level, part, name = m.groups()
+        prefix = f"projections.{level}." + ("" if part == "0" else "norm.")
+        out[prefix + name] = value
+    return out
+
+
+def convert_official_input_proj_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Official keys after ``input_proj.`` (``<l>.0.*`` conv, ``<l>.1.*`` GroupNorm) ->
+    :class:`InputProjectionNeck`'s (``projections.<l>.*``, ``projections.<l>.norm.*``)."""
+    return _rename_input_proj(sd)
+
+
+def convert_hf_input_proj_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """transformers' keys after ``model.input_proj_vision.`` (the official layout) ->
+    :class:`InputProjectionNeck`'s."""
+    return _rename_input_proj(sd)
 
 
 def convert_official_state_dict(state: Dict[str, torch.Tensor]) -> Tuple[Dict, List[str]]:

@@ -1,5 +1,8 @@
 """Swin weights from other code bases -> :class:`SwinBackbone`'s keys (the official Swin layout).
 
+- The official Grounding DINO's body (``backbone.0.*``): the same names.
+- transformers' ``SwinBackbone`` (inside ``GroundingDinoForObjectDetection``): its own names,
+  query/key/value as separate projections, the stage norms as ``hidden_states_norms.stage<k>``.
 - ImageNet classification releases of the official Swin repository
   (``swin_tiny_patch4_window7_224.pth``: ``{"model": {patch_embed.*, layers.<i>.blocks.<j>.*,
   layers.<i>.downsample.* (end of stages 0..n-2), norm.*, head.*}}``): the same names as ours.
@@ -23,6 +26,8 @@ import torch
 from ..modeling.backbone import SWIN_VARIANTS
 
 __all__ = [
+    "convert_official_swin_state_dict",
+    "convert_hf_swin_state_dict",
     "convert_imagenet_swin_state_dict",
     "convert_mmdet_swin_state_dict",
     "imagenet_swin_layout",
@@ -30,6 +35,60 @@ __all__ = [
 ]
 
 _BUFFERS = re.compile(r"(relative_position_index|attn_mask)$")
+
+
+def convert_official_swin_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Official Grounding DINO Swin keys (after ``backbone.0.``) -> :class:`SwinBackbone`'s:
+    the same names, without the ``relative_position_index`` buffers (rebuilt)."""
+    return {k: v for k, v in sd.items() if not k.endswith("relative_position_index")}
+
+
+_HF_RENAMES = [
+    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"^embeddings\.norm\.", "patch_embed.norm."),
+    (r"^encoder\.layers\.", "layers."),
+    (r"\.layernorm_before\.", ".norm1."),
+    (r"\.layernorm_after\.", ".norm2."),
+    (r"\.attention\.self\.relative_position_bias_table$", ".attn.relative_position_bias_table"),
+    (r"\.attention\.output\.dense\.", ".attn.proj."),
+    (r"\.intermediate\.dense\.", ".mlp.fc1."),
+    (r"\.blocks\.(\d+)\.output\.dense\.", r".blocks.\1.mlp.fc2."),
+]
+
+
+def convert_hf_swin_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """transformers' ``SwinBackbone`` keys (after ``model.backbone.conv_encoder.model.``) ->
+    :class:`SwinBackbone`'s.
+
+    Renames as ``_HF_RENAMES``, concatenates query/key/value into ``attn.qkv``, and maps
+    ``hidden_states_norms.stage<k>`` to ``norm<k-1>`` (transformers counts the stem as stage
+    0); ``relative_position_index`` buffers are dropped.
+    """
+    out: Dict[str, torch.Tensor] = {}
+    qkv: Dict[str, Dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        if key.endswith("relative_position_index"):
+            continue
+        m = re.match(r"^hidden_states_norms\.stage(\d+)\.(.*)$", key)
+        if m:
+            out[f"norm{int(m.group(1)) - 1}.{m.group(2)}"] = value
+            continue
+        new = key
+        for pattern, replacement in _HF_RENAMES:
+            new = re.sub(pattern, replacement, new)
+        m = re.match(
+            r"^(layers\.\d+\.blocks\.\d+\.)attention\.self\.(query|key|value)\.(\w+)$", new
+        )
+        if m:
+            qkv.setdefault(f"{m.group(1)}attn.qkv.{m.group(3)}", {})[m.group(2)] = value
+            continue
+        out[new] = value
+    for key, parts in qkv.items():
+        if set(parts) != {"query", "key", "value"}:
+            missing = sorted({"query", "key", "value"} - set(parts))
+            raise KeyError(f"HF Swin state dict lacks {missing} for {key}")
+        out[key] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
+    return out
 
 
 def imagenet_swin_layout(state: Mapping[str, torch.Tensor]) -> str:

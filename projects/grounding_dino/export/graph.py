@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from ..modeling.deformable_attention import deformable_kernel
+from ..modeling.switches import switched, tracing_mode
 from ..text.structures import TokenizedText
-from .shapes import dynamic_shape_helpers, with_level_layout
-from .swin import swin_export_forwards
+from .shapes import with_level_layout
 
 __all__ = [
     "INPUT_NAMES",
@@ -44,9 +44,9 @@ _METADATA_PREFIX = "grounding_dino."
 INPUT_NAMES = ("image", "input_ids", "token_mask", "self_attention_mask", "position_ids")
 OUTPUT_NAMES = ("logits", "boxes")
 # 17: LayerNormalization is one op from opset 17 on, which ONNX Runtime runs as its fused
-# kernel (the model has ~60 layer norms; before 17 each is ~9 elementwise ops). The graph
-# uses nothing newer; MIN_OPSET is the lowest opset the export was checked with (outputs
-# equal to the model's at 16 too).
+# kernel; before 17 every layer norm of the model becomes a chain of elementwise ops. The graph
+# uses nothing newer. MIN_OPSET: the oldest opset whose graph has been compared with the model;
+# export_onnx refuses older ones rather than write a graph nobody has checked.
 DEFAULT_OPSET = 17
 MIN_OPSET = 16
 _DYNAMIC_AXES = {
@@ -97,31 +97,18 @@ class GroundingDINOGraph(nn.Module):
 @contextlib.contextmanager
 def export_mode(model: nn.Module) -> Iterator[nn.Module]:
     """
-    The model in its traceable form, for export only: deformable attention on its
-    ``gather`` kernel (ONNX Runtime runs it ~4x faster than its ``GridSample``), detectron2's
-    Swin modules and the level-size helpers on shape-agnostic code, the text encoder's
-    feature cache off. Values equal the default paths (tests/test_onnx_export.py); all is
-    restored on exit.
+    The model in its traceable form, for export only, through the modules' own switches:
+    deformable attention on its ``gather`` kernel (ONNX has no weighted ``EmbeddingBag``, and
+    ONNX Runtime's ``GridSample`` is slower than plain gathers), sizes from tensors
+    (``traceable``, see ``grounding_dino.modeling.switches``), the text encoder's feature
+    cache off (``cache_size``: a Python-side lookup that would trace into constants). Values
+    equal the default paths (tests/test_onnx_export.py); all is restored on exit.
     """
-    with deformable_kernel(model, "gather"), swin_export_forwards(model) as n:
-        with dynamic_shape_helpers(), _text_cache_off(model):
-            logger.debug("export mode: %d Swin modules on shape-agnostic forwards", n)
+    text_caches = (m for m in model.modules() if isinstance(getattr(m, "cache_size", None), int))
+    with deformable_kernel(model, "gather"), tracing_mode(model) as n:
+        with switched(text_caches, "cache_size", 0):
+            logger.debug("export mode: %d modules on traceable size arithmetic", n)
             yield model
-
-
-@contextlib.contextmanager
-def _text_cache_off(model: nn.Module) -> Iterator[None]:
-    """Turns off the text encoder's feature cache (``cache_size``, a Python-side lookup that
-    would trace into constants) and restores it."""
-    modules = [m for m in model.modules() if isinstance(getattr(m, "cache_size", None), int)]
-    saved = [m.cache_size for m in modules]
-    try:
-        for module in modules:
-            module.cache_size = 0
-        yield
-    finally:
-        for module, size in zip(modules, saved):
-            module.cache_size = size
 
 
 def example_inputs(model: nn.Module, height: int = 203, width: int = 317, length: int = 7):

@@ -4,11 +4,11 @@ and refine their boxes layer by layer."""
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .attention import MultiheadAttention
 from .deformable_attention import MultiScaleDeformableAttention
+from .ffn import PostNormFFNLayer
 from .registry import DECODER_REGISTRY
 from .structures import EncodedText, ImageTokens
 from .utils import MLP, box_sine_embedding, inverse_sigmoid
@@ -16,7 +16,7 @@ from .utils import MLP, box_sine_embedding, inverse_sigmoid
 __all__ = ["CrossModalityDecoderLayer", "CrossModalityDecoder"]
 
 
-class CrossModalityDecoderLayer(nn.Module):
+class CrossModalityDecoderLayer(PostNormFFNLayer):
     """Self-attention -> text cross-attention -> deformable image cross-attention -> FFN,
     each followed by a residual and LayerNorm."""
 
@@ -40,10 +40,8 @@ class CrossModalityDecoderLayer(nn.Module):
             embed_dim=d_model, num_heads=num_heads, num_levels=num_levels, num_points=num_points
         )
         self.norm1 = nn.LayerNorm(d_model)
-        self.linear1 = nn.Linear(d_model, ffn_dim)
-        self.linear2 = nn.Linear(ffn_dim, d_model)
+        self._build_ffn(d_model, ffn_dim, dropout)
         self.norm3 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
 
     def forward(
         self,
@@ -84,8 +82,7 @@ class CrossModalityDecoderLayer(nn.Module):
             memory_mask,
         )
         queries = self.norm1(queries + self.dropout(attended))
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(queries), inplace=True)))
-        return self.norm3(queries + self.dropout(ffn))
+        return self.ffn(queries, self.norm3)
 
 
 @DECODER_REGISTRY.register()

@@ -13,8 +13,8 @@ differentiable with respect to the values, the sampling locations and the attent
 weights. :func:`ms_deform_attn_grid_sample` is the classic per-level ``grid_sample``
 formulation (the reference), kept for comparison and for devices without ``embedding_bag``
 support of per-sample weights. :func:`ms_deform_attn_gather` is the ONNX export kernel (ONNX
-has no weighted ``EmbeddingBag``, and ONNX Runtime's ``GridSample`` is ~4x slower than its
-plain gathers): the exporter switches every module to it with :func:`deformable_kernel`.
+has no weighted ``EmbeddingBag``, and ONNX Runtime's ``GridSample`` is slower than its plain
+gathers): the exporter switches every module to it with :func:`deformable_kernel`.
 
 The kernels live in :mod:`.deformable_kernels`.
 """
@@ -35,6 +35,7 @@ from .deformable_kernels import (
     sample_padded_table,
     sample_pixels_embedding_bag,
 )
+from .switches import switched
 from .utils import rowwise_in_chunks
 
 __all__ = [
@@ -251,12 +252,6 @@ def deformable_kernel(model: nn.Module, kernel: str) -> Iterator[nn.Module]:
             f"kernel must be one of {sorted(MultiScaleDeformableAttention._KERNELS)}, "
             f"got {kernel!r}"
         )
-    modules = [m for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)]
-    saved = [m.kernel for m in modules]
-    try:
-        for module in modules:
-            module.kernel = kernel
+    modules = (m for m in model.modules() if isinstance(m, MultiScaleDeformableAttention))
+    with switched(modules, "kernel", kernel):
         yield model
-    finally:
-        for module, previous in zip(modules, saved):
-            module.kernel = previous

@@ -4,17 +4,19 @@ Each layer runs (a) bi-directional image<->text cross-attention, (b) text self-a
 under the sub-sentence mask and (c) multi-scale deformable self-attention on image tokens.
 """
 
-from typing import Tuple
+import functools
+from typing import Iterable, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
 from .attention import BiMultiHeadAttention, MultiheadAttention
 from .deformable_attention import MultiScaleDeformableAttention
+from .ffn import PostNormFFNLayer
 from .registry import FEATURE_ENHANCER_REGISTRY
 from .structures import EncodedText, ImageTokens
+from .switches import level_sizes_of
 from .utils import rowwise_in_chunks, sine_embedding
 
 __all__ = [
@@ -26,8 +28,9 @@ __all__ = [
     "encoder_reference_points",
 ]
 
-# Image tokens per chunk of the inference FFN (rowwise_in_chunks). Measured on the Swin-T
-# benchmark (800x1333, 22223 tokens, ffn_dim 2048): see the README's CPU speed section.
+# Image tokens per chunk of the inference FFN (rowwise_in_chunks): each chunk is still a large
+# matrix product, and its [chunk, ffn_dim] hidden layer is small next to the [S, ffn_dim] one of
+# all the tokens of a large image.
 FFN_CHUNK_TOKENS = 2048
 
 
@@ -72,17 +75,15 @@ class BiAttentionBlock(nn.Module):
         return image, text
 
 
-class TextEnhancerLayer(nn.Module):
+class TextEnhancerLayer(PostNormFFNLayer):
     """Post-norm text self-attention (sub-sentence masked) and FFN."""
 
     def __init__(self, *, d_model: int, num_heads: int, ffn_dim: int, dropout: float):
         super().__init__()
         self.self_attn = MultiheadAttention(embed_dim=d_model, num_heads=num_heads, dropout=dropout)
-        self.linear1 = nn.Linear(d_model, ffn_dim)
-        self.linear2 = nn.Linear(ffn_dim, d_model)
+        self._build_ffn(d_model, ffn_dim, dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
 
     def forward(self, text, text_pos, self_attention_mask):
         """text, text_pos: [B, L, C]; self_attention_mask: [B, L, L] bool (True = allowed)."""
@@ -90,11 +91,10 @@ class TextEnhancerLayer(nn.Module):
         text = self.norm1(
             text + self.dropout(self.self_attn(query, query, text, self_attention_mask[:, None]))
         )
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(text), inplace=True)))
-        return self.norm2(text + self.dropout(ffn))
+        return self.ffn(text, self.norm2)
 
 
-class DeformableEncoderLayer(nn.Module):
+class DeformableEncoderLayer(PostNormFFNLayer):
     """Post-norm multi-scale deformable self-attention and FFN on image tokens."""
 
     def __init__(
@@ -112,10 +112,8 @@ class DeformableEncoderLayer(nn.Module):
             embed_dim=d_model, num_heads=num_heads, num_levels=num_levels, num_points=num_points
         )
         self.norm1 = nn.LayerNorm(d_model)
-        self.linear1 = nn.Linear(d_model, ffn_dim)
-        self.linear2 = nn.Linear(ffn_dim, d_model)
+        self._build_ffn(d_model, ffn_dim, dropout)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
 
     def forward(
         self, image, image_pos, reference_points, spatial_shapes, level_start_index, image_mask
@@ -130,15 +128,11 @@ class DeformableEncoderLayer(nn.Module):
         )
         image = self.norm1(image + self.dropout(attended))
         if self.training and torch.is_grad_enabled():
-            return self._ffn(image)
-        # Inference: the [B, S, ffn_dim] hidden layer is the enhancer's largest tensor (182 MB
-        # at 800x1333); row chunks reuse one small buffer (see rowwise_in_chunks).
-        return rowwise_in_chunks(self._ffn, image, FFN_CHUNK_TOKENS)
-
-    def _ffn(self, image: torch.Tensor) -> torch.Tensor:
-        """[B, S, C] -> [B, S, C]: norm2(image + FFN(image)), row by row."""
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(image), inplace=True)))
-        return self.norm2(image + self.dropout(ffn))
+            return self.ffn(image, self.norm2)
+        # Inference: the [B, S, ffn_dim] hidden layer, one row per image token, is the
+        # enhancer's largest tensor; row chunks reuse one small buffer (see rowwise_in_chunks).
+        ffn = functools.partial(self.ffn, norm=self.norm2)
+        return rowwise_in_chunks(ffn, image, FFN_CHUNK_TOKENS)
 
 
 class FeatureEnhancerLayer(nn.Module):
@@ -182,21 +176,26 @@ class FeatureEnhancerLayer(nn.Module):
         )
 
 
-def encoder_reference_points(spatial_shapes, valid_ratios) -> torch.Tensor:
+def encoder_reference_points(
+    level_sizes: Iterable[Sequence], valid_ratios: torch.Tensor
+) -> torch.Tensor:
     """
     Centres of the valid feature cells, normalised by each image's valid size.
 
     Args:
-        spatial_shapes: [num_levels, 2] (H, W) of the padded maps.
+        level_sizes: (H, W) of each padded map: Python ints, or 0-dim tensors while tracing
+            (see :func:`~.switches.level_sizes_of`).
         valid_ratios: [B, num_levels, 2] (w, h) valid fraction of each map.
 
     Returns:
         [B, S, num_levels, 2] reference points (x, y) for every token of every level.
     """
     points = []
-    for level, (height, width) in enumerate(spatial_shapes.tolist()):
-        ys = torch.linspace(0.5, height - 0.5, height, device=valid_ratios.device)
-        xs = torch.linspace(0.5, width - 0.5, width, device=valid_ratios.device)
+    for level, (height, width) in enumerate(level_sizes):
+        # Cell centres 0.5, 1.5, ... (the official linspace(0.5, n - 0.5, n); equal, as the
+        # step is 1), from an arange that also takes a traced size.
+        ys = torch.arange(height, device=valid_ratios.device).to(torch.float32) + 0.5
+        xs = torch.arange(width, device=valid_ratios.device).to(torch.float32) + 0.5
         ref_y, ref_x = torch.meshgrid(ys, xs, indexing="ij")
         ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)
         ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * width)
@@ -212,6 +211,9 @@ class FeatureEnhancer(nn.Module):
     Each layer fuses image and text tokens (bi-directional cross-attention), then runs text
     self-attention under the sub-sentence mask and deformable self-attention on the image.
     """
+
+    # Level sizes as tensors rather than Python ints (see modeling.switches); same values.
+    traceable = False
 
     def __init__(
         self,
@@ -286,7 +288,9 @@ class FeatureEnhancer(nn.Module):
             torch.arange(len(spatial_shapes), device=memory.device), spatial_shapes.prod(1)
         )
         image_pos = image.positions + self.level_embed[level_ids][None].to(image.positions.dtype)
-        reference_points = encoder_reference_points(spatial_shapes, image.valid_ratios)
+        reference_points = encoder_reference_points(
+            level_sizes_of(spatial_shapes, self.traceable), image.valid_ratios
+        )
         features = text.features
         text_pos = sine_embedding(text.position_ids.float(), num_feats=features.shape[-1])
         for layer in self.layers:

@@ -8,24 +8,28 @@ from torch import nn
 
 from .registry import QUERY_SELECTOR_REGISTRY
 from .structures import EncodedText, ImageTokens
+from .switches import level_sizes_of
 from .utils import MLP
 
 __all__ = ["encoder_proposals", "proposals_for_levels", "LanguageGuidedQuerySelector"]
 
 
-def encoder_proposals(memory, image_mask, spatial_shapes) -> Tuple[torch.Tensor, torch.Tensor]:
+def encoder_proposals(
+    memory, image_mask, spatial_shapes, traceable: bool = False
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """
     One proposal box per encoder token: its cell centre with size 0.05 * 2^level.
 
     Args:
         memory: [B, S, C]; image_mask: [B, S] bool, True on valid tokens;
-        spatial_shapes: [num_levels, 2].
+        spatial_shapes: [num_levels, 2];
+        traceable: level sizes as tensors (see :func:`~.switches.level_sizes_of`).
 
     Returns:
         memory [B, S, C] zeroed at padding and at invalid proposals;
         proposals [B, S, 4] unsigmoided (cx, cy, w, h), +inf where invalid.
     """
-    return proposals_for_levels(memory, image_mask, spatial_shapes.tolist())
+    return proposals_for_levels(memory, image_mask, level_sizes_of(spatial_shapes, traceable))
 
 
 def proposals_for_levels(
@@ -66,6 +70,9 @@ class LanguageGuidedQuerySelector(nn.Module):
     ``num_queries``, and gives the decoder their refined proposal boxes as anchors and a learned
     content embedding as queries (two-stage "standard" with ``embed_init_tgt``).
     """
+
+    # Level sizes as tensors rather than Python ints (see modeling.switches); same values.
+    traceable = False
 
     def __init__(self, *, d_model: int, num_queries: int, head: nn.Module):
         """
@@ -110,7 +117,9 @@ class LanguageGuidedQuerySelector(nn.Module):
                 f"An image gives {int(num_valid.min())} feature positions, fewer than "
                 f"num_queries={self.num_queries}; use a larger image or fewer queries."
             )
-        output_memory, proposals = encoder_proposals(memory, image_mask, image.spatial_shapes)
+        output_memory, proposals = encoder_proposals(
+            memory, image_mask, image.spatial_shapes, self.traceable
+        )
         output_memory = self.enc_output_norm(self.enc_output(output_memory))
         logits = output_memory @ text_features.transpose(-1, -2)
         scores = logits.masked_fill(~text_mask[:, None, :], float("-inf")).max(-1).values

@@ -4,8 +4,8 @@ that uses its block structure.
 Forward, ``out[n] = sum_k weights[n, k] * table[rows[n, k]]`` is one
 :func:`torch.nn.functional.embedding_bag`, which is fast. Its autograd backward is not: on the
 CPU it sorts all ``N * K`` row indices to sum the table's gradient, and computes the weights'
-gradient row by row (about 85% of the deformable attention's training time at the sizes of
-``make demo``).
+gradient row by row, so that it, not the forward, dominates the deformable attention's
+training time.
 
 Here every bag ``n = (b, q, m)`` (image, query, head) reads only rows of its own image and head
 (``rows = (b * T + t) * M + m`` for a pixel ``t`` of the image's padded table of ``T`` pixels),

@@ -1,39 +1,29 @@
 """Input projections of the body's maps to the transformer's width (Grounding DINO's
-``input_proj``), and the two ways of running body + projections on a batch.
+``input_proj``), and body + projections on a list of images.
 
 Every body level gets a 1x1 conv + GroupNorm(32) to ``hidden_dim`` channels; the levels
 beyond the body's are 3x3 stride-2 convs + GroupNorm(32), the first on the body's last map,
 the following ones on the previous extra level.
 
-- :meth:`InputProjectionNeck.forward_padded` runs a padded batch like the official and
-  transformers' code (every level's mask is the pixel mask resized by nearest interpolation).
-  Use it for parity with them.
-- :meth:`InputProjectionNeck.forward_images` runs a list of images of any sizes, computing the
-  body and the projections per group of equal-size images and zero-padding the results
-  afterwards. Its output for an image does not depend on the other images of the batch (the
-  padded batch of the references does: Swin sees the padding and GroupNorm takes statistics
-  over it).
+:meth:`InputProjectionNeck.forward_images` runs a list of images of any sizes, computing the
+body and the projections per group of equal-size images and zero-padding the results
+afterwards. Its output for an image does not depend on the other images of the batch (the
+padded batch of the official and transformers' code does: Swin sees the padding and GroupNorm
+takes statistics over it).
 
 Parameters: ``projections.<l>.{weight,bias}`` and ``projections.<l>.norm.{weight,bias}``
-(detectron2 ``Conv2d`` with a norm); :func:`convert_official_input_proj_state_dict` and
-:func:`convert_hf_input_proj_state_dict` map the references' ``<l>.0.*`` (conv) / ``<l>.1.*``
-(GroupNorm) layout onto them.
+(detectron2 ``Conv2d`` with a norm); ``grounding_dino.convert.keys`` maps the references'
+``<l>.0.*`` (conv) / ``<l>.1.*`` (GroupNorm) layout onto them.
 """
 
-import re
 from typing import Dict, List, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from detectron2.layers import Conv2d
 from detectron2.modeling import Backbone
 from torch import nn
 
-__all__ = [
-    "InputProjectionNeck",
-    "convert_official_input_proj_state_dict",
-    "convert_hf_input_proj_state_dict",
-]
+__all__ = ["InputProjectionNeck"]
 
 MapsAndMasks = Tuple[List[torch.Tensor], List[torch.Tensor]]
 
@@ -115,33 +105,6 @@ class InputProjectionNeck(nn.Module):
         """Body + projections of a [B, 3, H, W] batch."""
         return self(list(backbone(images).values()))
 
-    def forward_padded(
-        self, backbone: Backbone, images: torch.Tensor, pixel_mask: torch.Tensor
-    ) -> MapsAndMasks:
-        """Runs a padded batch the way the official and transformers' code do.
-
-        Args:
-            backbone: the body.
-            images: [B, 3, H, W] normalised images.
-            pixel_mask: [B, H, W] bool, True on valid pixels.
-
-        Returns:
-            maps: ``num_feature_levels`` maps [B, hidden_dim, H_l, W_l].
-            masks: [B, H_l, W_l] bool, True on valid positions (the pixel mask resized by
-                nearest interpolation).
-        """
-        if images.dim() != 4:
-            raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
-        if pixel_mask.shape != (images.shape[0],) + images.shape[-2:]:
-            raise ValueError(
-                f"pixel_mask shape {tuple(pixel_mask.shape)} does not match images "
-                f"{tuple(images.shape)}"
-            )
-        maps = self._project(backbone, images)
-        mask = pixel_mask[None].float()
-        masks = [F.interpolate(mask, size=m.shape[-2:]).to(torch.bool)[0] for m in maps]
-        return maps, masks
-
     def forward_images(self, backbone: Backbone, images: Sequence[torch.Tensor]) -> MapsAndMasks:
         """Runs images of any sizes so that each result equals the image run alone.
 
@@ -187,27 +150,3 @@ class InputProjectionNeck(nn.Module):
             maps.append(level_map)
             masks.append(mask)
         return maps, masks
-
-
-def _rename_input_proj(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    out = {}
-    for key, value in sd.items():
-        m = re.match(r"^(\d+)\.([01])\.(weight|bias)$", key)
-        if not m:
-            raise KeyError(f"Unexpected input projection key {key!r} (expected '<l>.<0|1>.*')")
-        level, part, name = m.groups()
-        prefix = f"projections.{level}." + ("" if part == "0" else "norm.")
-        out[prefix + name] = value
-    return out
-
-
-def convert_official_input_proj_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Official keys after ``input_proj.`` (``<l>.0.*`` conv, ``<l>.1.*`` GroupNorm) ->
-    :class:`InputProjectionNeck`'s (``projections.<l>.*``, ``projections.<l>.norm.*``)."""
-    return _rename_input_proj(sd)
-
-
-def convert_hf_input_proj_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """transformers' keys after ``model.input_proj_vision.`` (the official layout) ->
-    :class:`InputProjectionNeck`'s."""
-    return _rename_input_proj(sd)

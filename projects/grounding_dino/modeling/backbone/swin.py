@@ -1,16 +1,11 @@
 """The Swin Transformer body: detectron2's ``SwinTransformer`` with Grounding DINO's variants.
 
 detectron2's Swin (``detectron2.modeling.backbone.SwinTransformer``, from mmdet's, as the
-official Grounding DINO's) computes exactly what the official model does and uses its key
-layout (``patch_embed.*``, ``layers.<i>.blocks.<j>.*``, ``norm<i>.*`` on returned stages), so
-an official checkpoint loads after dropping its ``backbone.0.`` prefix.
-
-Measured before choosing it over this project's former SDPA-based Swin (same weights, random
-inputs up to 800x1333): detectron2's output equals the official Swin-T's exactly (max abs
-difference 0.0), the SDPA one's differed by 3.6e-6. Forward of Swin-T at 800x1333 on 2 threads,
-the two alternating, quiet machine: fp32 median 1.96 s vs 1.88 s (19 pairs: median paired
-ratio 1.02-1.03, single runs spread +-5%; CPU time 3.7 s vs 4.1 s per forward); bf16 autocast
-0.99 s vs 0.97 s. So at most ~3% on the body, ~1% of a whole-model forward: within the noise.
+official Grounding DINO's) computes exactly what the official model does, in the same order (a
+re-implementation on fused attention kernels differs in the last bits, and is not faster on
+the CPU), and uses its key layout (``patch_embed.*``, ``layers.<i>.blocks.<j>.*``, ``norm<i>.*``
+on returned stages), so an official checkpoint loads after dropping its ``backbone.0.`` prefix
+(the converters are in :mod:`grounding_dino.convert.swin_sources`).
 
 :class:`SwinBackbone` adds the named variants of the official model, makes
 ``relative_position_index`` a non-persistent buffer (it is rebuilt from the window size, and
@@ -18,10 +13,10 @@ transformers' checkpoints do not store it), keeps frozen stages in eval mode und
 ``train()`` (as the official model does: no stochastic depth in frozen stages) and replaces
 detectron2's reentrant block checkpointing (which gives a block no gradients when its input
 requires none: after a frozen patch embedding, the 13 parameters of Swin-T's first block) by
-non-reentrant checkpointing of each stage, in training only.
+non-reentrant checkpointing of each stage, in training only. With ``traceable`` on (see
+:mod:`..switches`), the stages run on the shape-agnostic forwards of :mod:`.swin_traceable`.
 """
 
-import re
 import warnings
 from typing import Dict, Mapping, Sequence, Tuple, Union
 
@@ -32,14 +27,9 @@ from detectron2.modeling.backbone.swin import Mlp
 
 from ..registry import IMAGE_BACKBONE_REGISTRY
 from ..utils import rowwise_in_chunks
+from .swin_traceable import basic_layer_forward, patch_embed_forward
 
-__all__ = [
-    "SWIN_VARIANTS",
-    "SwinBackbone",
-    "convert_official_swin_state_dict",
-    "convert_hf_swin_state_dict",
-    "swin_variant_from_sizes",
-]
+__all__ = ["SWIN_VARIANTS", "SwinBackbone", "swin_variant_from_sizes"]
 
 # name -> (embed_dim, depths, num_heads, window_size); the official model's table.
 SWIN_VARIANTS: Dict[str, Tuple[int, Tuple[int, ...], Tuple[int, ...], int]] = {
@@ -54,7 +44,7 @@ SWIN_VARIANTS["swin_L"] = SWIN_VARIANTS["swin_L_384_22k"]
 _VARIANT_FIELDS = ("embed_dim", "depths", "num_heads", "window_size")
 
 # Tokens per chunk of the blocks' MLPs in inference (rowwise_in_chunks): the [B, N, 4C] hidden
-# layer of the first stage is 102 MB at 800x1333.
+# layer of the first stage, one row per stride-4 pixel, is the body's largest tensor.
 MLP_CHUNK_TOKENS = 4096
 
 
@@ -102,6 +92,9 @@ class SwinBackbone(SwinTransformer):
             and stay in eval mode.
         use_checkpoint: gradient checkpointing of every stage in training.
     """
+
+    # Shape-agnostic forwards (see modeling.switches); values equal detectron2's.
+    traceable = False
 
     def __init__(
         self,
@@ -160,72 +153,27 @@ class SwinBackbone(SwinTransformer):
         """
         if images.dim() != 4:
             raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
-        if not (self.use_checkpoint and self.training and torch.is_grad_enabled()):
+        checkpointed = self.use_checkpoint and self.training and torch.is_grad_enabled()
+        if not (checkpointed or self.traceable):
             return super().forward(images)
-        x = self.patch_embed(images)
+        if self.traceable:
+            x = patch_embed_forward(self.patch_embed, images)
+        else:
+            x = self.patch_embed(images)
         h, w = x.shape[-2:]
         x = self.pos_drop(x.flatten(2).transpose(1, 2))
         outputs = {}
         for i, layer in enumerate(self.layers):
-            out, h_out, w_out, x, h, w = checkpoint.checkpoint(layer, x, h, w, use_reentrant=False)
+            if self.traceable:
+                out, h_out, w_out, x, h, w = basic_layer_forward(layer, x, h, w)
+            else:
+                out, h_out, w_out, x, h, w = checkpoint.checkpoint(
+                    layer, x, h, w, use_reentrant=False
+                )
             if i in self.out_indices:
                 out = getattr(self, f"norm{i}")(out).view(-1, h_out, w_out, self.num_features[i])
                 outputs[f"p{i}"] = out.permute(0, 3, 1, 2).contiguous()
         return outputs
-
-
-def convert_official_swin_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Official Grounding DINO Swin keys (after ``backbone.0.``) -> :class:`SwinBackbone`'s:
-    the same names, without the ``relative_position_index`` buffers (rebuilt)."""
-    return {k: v for k, v in sd.items() if not k.endswith("relative_position_index")}
-
-
-_HF_RENAMES = [
-    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
-    (r"^embeddings\.norm\.", "patch_embed.norm."),
-    (r"^encoder\.layers\.", "layers."),
-    (r"\.layernorm_before\.", ".norm1."),
-    (r"\.layernorm_after\.", ".norm2."),
-    (r"\.attention\.self\.relative_position_bias_table$", ".attn.relative_position_bias_table"),
-    (r"\.attention\.output\.dense\.", ".attn.proj."),
-    (r"\.intermediate\.dense\.", ".mlp.fc1."),
-    (r"\.blocks\.(\d+)\.output\.dense\.", r".blocks.\1.mlp.fc2."),
-]
-
-
-def convert_hf_swin_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """transformers' ``SwinBackbone`` keys (after ``model.backbone.conv_encoder.model.``) ->
-    :class:`SwinBackbone`'s.
-
-    Renames as ``_HF_RENAMES``, concatenates query/key/value into ``attn.qkv``, and maps
-    ``hidden_states_norms.stage<k>`` to ``norm<k-1>`` (transformers counts the stem as stage
-    0); ``relative_position_index`` buffers are dropped.
-    """
-    out: Dict[str, torch.Tensor] = {}
-    qkv: Dict[str, Dict[str, torch.Tensor]] = {}
-    for key, value in sd.items():
-        if key.endswith("relative_position_index"):
-            continue
-        m = re.match(r"^hidden_states_norms\.stage(\d+)\.(.*)$", key)
-        if m:
-            out[f"norm{int(m.group(1)) - 1}.{m.group(2)}"] = value
-            continue
-        new = key
-        for pattern, replacement in _HF_RENAMES:
-            new = re.sub(pattern, replacement, new)
-        m = re.match(
-            r"^(layers\.\d+\.blocks\.\d+\.)attention\.self\.(query|key|value)\.(\w+)$", new
-        )
-        if m:
-            qkv.setdefault(f"{m.group(1)}attn.qkv.{m.group(3)}", {})[m.group(2)] = value
-            continue
-        out[new] = value
-    for key, parts in qkv.items():
-        if set(parts) != {"query", "key", "value"}:
-            missing = sorted({"query", "key", "value"} - set(parts))
-            raise KeyError(f"HF Swin state dict lacks {missing} for {key}")
-        out[key] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
-    return out
 
 
 def swin_variant_from_sizes(embed_dim: int, depths: Sequence[int], window_size: int) -> str:
