@@ -9,8 +9,8 @@ from typing import Dict, List, Optional
 import torch
 from detectron2.config import LazyConfig, instantiate
 
-from ..model_zoo import get_config_file
 from ..modeling.backbone import SWIN_VARIANTS, swin_variant_from_sizes
+from ..packaged_configs import get_config_file
 from .checkpoint import load_checkpoint_file, load_training_checkpoint
 from .partial import convert_partial_checkpoint
 from .sources import PARTIAL_SOURCES, convert_state_dict, detect_source, unwrap_state_dict

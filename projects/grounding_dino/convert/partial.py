@@ -17,7 +17,7 @@ import torch
 from detectron2.config import LazyConfig, instantiate
 from torch import nn
 
-from ..model_zoo import get_config_file
+from ..packaged_configs import get_config_file
 from .checkpoint import load_training_checkpoint
 from .sources import convert_state_dict, detect_source, unwrap_state_dict
 
