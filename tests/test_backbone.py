@@ -178,7 +178,11 @@ def test_image_side_matches_transformers_padded_batch():
         assert len(got_list) == 4
         for e, g in zip(exp_list, got_list):
             assert g.shape == e.shape
-            torch.testing.assert_close(g, e.to(g.dtype), atol=ATOL, rtol=0)
+            # Instruction set, not logic: AVX2 kernels sum Swin's matmuls and the 256x3x3 conv in
+            # another order than AVX-512's; GroupNorm'd maps have |x| up to ~6. Max |diff| over 20
+            # image seeds: 7.4e-6 on AVX-512, 1.15e-5 (at |x| = 0.51, level 3) on AVX2 (a fresh
+            # AVX2 machine measured the same 1.15e-5); atol 1e-5 + rtol 2e-5 leaves 1.75x there.
+            torch.testing.assert_close(g, e.to(g.dtype), atol=ATOL, rtol=2e-5)
     assert [tuple(f.shape[-2:]) for f in maps] == [(13, 17), (7, 9), (4, 5), (2, 3)]
 
 
