@@ -13,28 +13,17 @@ import pytest
 import torch
 from detectron2.structures import Boxes, Instances
 
+from grounding_dino.comparison import checks as check
+from grounding_dino.comparison import reference
+
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
 TINY_SIZE = "96x128"
 
 
 @pytest.fixture(scope="module")
-def tools(tmp_path_factory):
-    """The benchmark's modules (tools/ is a folder of scripts, so it goes on sys.path)."""
-    sys.path.insert(0, str(TOOLS))
-    try:
-        import benchmark
-        import benchmark_check
-        import benchmark_reference
-    finally:
-        sys.path.remove(str(TOOLS))
-    return benchmark, benchmark_check, benchmark_reference
-
-
-@pytest.fixture(scope="module")
-def workdir(tools, tmp_path_factory):
+def workdir(tmp_path_factory):
     """The tiny transformers model and its conversion, as ``--workdir`` keeps them."""
-    _, _, reference = tools
     folder = tmp_path_factory.mktemp("benchmark")
     reference.prepare_models(str(folder), tiny=True)
     return folder
@@ -77,8 +66,7 @@ def test_tiny_benchmark_prints_check_times_ratio_and_memory(workdir):
     assert "1 threads" in out and f"image {TINY_SIZE}" in out
 
 
-def test_check_outputs_fails_when_the_models_differ(tools, workdir):
-    _, check, reference = tools
+def test_check_outputs_fails_when_the_models_differ(workdir):
     size = reference.parse_size(TINY_SIZE)
     image = reference.make_image(TINY_SIZE)
     hf = reference.load_hf(str(workdir / "hf"), size)
@@ -107,8 +95,7 @@ def _output(boxes, scores):
     return {"instances": instances}
 
 
-def test_drift_on_hand_made_detections(tools):
-    _, check, _ = tools
+def test_drift_on_hand_made_detections():
     fp32 = _output([[0, 0, 10, 10], [50, 50, 70, 70]], [0.9, 0.5])
     # IoU by hand: [0,0,10,9.5] in [0,0,10,10] is 95/100; [60,50,80,70] against
     # [50,50,70,70] overlaps 10x20 = 200 of 400 + 400 - 200 = 600, so 1/3.
@@ -132,7 +119,6 @@ def test_drift_on_hand_made_detections(tools):
         (["--runs", "0"], "--threads and --runs must be at least 1"),
     ],
 )
-def test_bad_options_get_a_clear_error(tools, argv, message, capsys):
-    benchmark, _, _ = tools
-    assert benchmark.main(argv) == 1
-    assert message in capsys.readouterr().err
+def test_bad_options_get_a_clear_error(argv, message):
+    run = _run_tool(*argv)
+    assert run.returncode == 1 and message in run.stderr, run.stderr[-3000:]

@@ -102,7 +102,11 @@ def test_first_run_trains_evaluates_and_draws(first_run):
     top1 = np.mean([r["ious"][0] >= 0.5 if r["ious"] else False for r in records])
     assert results["rec"]["Acc@0.5"] == pytest.approx(100.0 * top1)
 
-    assert os.path.isfile(os.path.join(out, "model_final.pth"))
+    # Trained through train_net.py's driver: the checkpoint holds the trainer state that
+    # train_net.py --resume reads, beside the record of the config.
+    saved = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu", weights_only=True)
+    assert {"model", "trainer", "trained_config", "iteration"} <= set(saved)
+    assert saved["trainer"]["iteration"] == 1 and "optimizer" in saved["trainer"]
     pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))
     assert pngs == ["det_0.png", "rec_0.png"]
     assert os.path.getsize(os.path.join(out, "det_0.png")) > 1000
@@ -162,12 +166,10 @@ def test_changed_override_trains_again_and_says_why(first_run):
 
 @pytest.fixture(scope="module")
 def demo_job():
-    sys.path.insert(0, str(TOOLS))
-    try:
-        import demo_job
-    finally:
-        sys.path.remove(str(TOOLS))
-    return demo_job
+    """The job's library (``tools/demo_job.py`` is its command line)."""
+    from grounding_dino import shapes_demo
+
+    return shapes_demo
 
 
 def test_bad_arguments_are_refused(demo_job):
@@ -197,6 +199,9 @@ def test_config_record_is_resolved_and_flat(demo_job):
     cfg, _ = demo_job.load_config(args)
     record = demo_job.config_record(cfg)
     assert record["model.query_selector.num_queries"] == 20 and record["train.max_iter"] == 7
+    # The job's options reach train_net's driver as config values; it evaluates after training.
+    assert record["train.log_period"] == 25 and record["train.checkpointer.period"] == 0
+    assert record["train.eval_period"] == -1
     # Interpolations are resolved: the mapper's token limit is the model's.
     assert record["dataloader.train.mapper.max_text_len"] == record["model.max_text_len"] == 256
     assert record["dataloader.train.mapper.augmentations.0.prob"] == 0.5
@@ -220,6 +225,10 @@ def test_reuse_decision(demo_job, tmp_path):
     )
     reuse, message = demo_job.reuse_decision(str(tmp_path), record, retrain=False)
     assert reuse and "reusing the trained model" in message  # the output folder does not count
+    # Nor do the log, checkpoint and evaluation periods.
+    periods = {"train.log_period": 5, "train.checkpointer.period": 0, "train.eval_period": -1}
+    reuse, _ = demo_job.reuse_decision(str(tmp_path), dict(record, **periods), retrain=False)
+    assert reuse
     reuse, message = demo_job.reuse_decision(str(tmp_path), record, retrain=True)
     assert not reuse and message.startswith("[train] training: --retrain.")
 

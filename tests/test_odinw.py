@@ -10,6 +10,7 @@ import sys
 import cv2
 import numpy as np
 import pytest
+import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -103,6 +104,19 @@ def _coco_ap(json_file, results_file, max_dets):
     return 100 * float(precision[precision > -1].mean())
 
 
+def _random_weights(path):
+    """A checkpoint of shapes_tiny.py's model at its initialisation (the tool refuses to run
+    a model without weights)."""
+    from detectron2.config import instantiate
+
+    from grounding_dino.model_zoo import get_config
+
+    torch.manual_seed(0)
+    model = instantiate(get_config("shapes_tiny.py").model)
+    torch.save({"model": model.state_dict()}, path)
+    return str(path)
+
+
 def test_evaluate_odinw_command(tmp_path):
     root, output = tmp_path / "odinw", tmp_path / "out"
     _write_odinw(str(root))
@@ -111,6 +125,8 @@ def test_evaluate_odinw_command(tmp_path):
         os.path.join(REPO, "tools", "evaluate_odinw.py"),
         "--config-file",
         os.path.join(REPO, "configs", "shapes_tiny.py"),
+        "--weights",
+        _random_weights(tmp_path / "random.pth"),
         "--root",
         str(root),
         "--suite",

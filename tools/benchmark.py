@@ -10,12 +10,13 @@ What it does:
 1. Builds transformers' ``GroundingDinoForObjectDetection`` with grounding-dino-tiny sizes
    (``GroundingDinoConfig`` defaults: Swin-T, 900 queries, 6 + 6 layers; the text encoder is
    a ``BertConfig()``, bert-base-uncased sizes) and random weights (the model's own
-   initialisation plus small noise, see ``benchmark_reference.build_hf_model``), saves it
-   and converts it with ``grounding_dino.convert`` in a temporary folder (``--workdir``
-   keeps and reuses them). ``--tiny`` uses a small configuration instead (for tests).
+   initialisation plus small noise, see ``build_hf_model`` in
+   ``grounding_dino.comparison.reference``), saves it and converts it with
+   ``grounding_dino.convert`` in a temporary folder (``--workdir`` keeps and reuses them).
+   ``--tiny`` uses a small configuration instead (for tests).
 2. Checks that both models give the same token scores (1e-4) and boxes (0.05 px) for
-   every query on the same image and caption (see ``benchmark_check.check_outputs`` for
-   near-tied top-k scores of the random model).
+   every query on the same image and caption (see ``check_outputs`` in
+   ``grounding_dino.comparison.checks`` for near-tied top-k scores of the random model).
 3. Times both pipelines alternately in this process, end to end from a uint8 BGR image:
    transformers' ``GroundingDinoProcessor`` steps (resize + normalise and tokenise,
    forward, ``post_process_grounded_object_detection``) and our
@@ -54,19 +55,16 @@ from typing import Callable, Dict, List
 
 import torch
 
-# Modules next to this script (python puts the script's folder first on sys.path).
-from benchmark_check import check_outputs, drift, format_check
-from benchmark_reference import (
-    export_onnx_model,
+from grounding_dino.comparison import checks, reference
+from grounding_dino.comparison.reference import (
     load_hf,
     load_onnx,
     load_ours,
     make_image,
     parse_size,
-    prepare_models,
 )
 
-__all__ = ["main", "run_benchmark", "peak_memory_mb", "compare_detections"]
+__all__ = ["main", "run_benchmark", "peak_memory_mb"]
 
 CAPTION = "a cat . a remote control . a person on the left ."
 
@@ -147,22 +145,6 @@ def _measure_memory(kind: str, args, hf_dir: str, out_dir: str, onnx="") -> Dict
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def compare_detections(ours: Dict, other: Dict) -> Dict:
-    """Detections of two runtimes on the same input: counts, whether phrases and classes are
-    equal, and the largest score and box (px) differences when the counts agree."""
-    a, b = ours["instances"], other["instances"]
-    result = {"count": len(a), "other_count": len(b)}
-    if len(a) == len(b):
-        result["same_phrases"] = ours["phrases"] == other["phrases"]
-        result["same_classes"] = bool(torch.equal(a.pred_classes, b.pred_classes))
-        if len(a):
-            result["max_score_diff"] = float((a.scores - b.scores).abs().max())
-            result["max_box_diff_px"] = float(
-                (a.pred_boxes.tensor - b.pred_boxes.tensor).abs().max()
-            )
-    return result
-
-
 # ---------------------------------------------------------------- main
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -201,11 +183,11 @@ def run_benchmark(args, workdir: str) -> Dict:
     torch.set_num_threads(args.threads)
     image = make_image(args.size)
     print(f"Building and converting the {'tiny' if args.tiny else 'Swin-T + BERT-base'} model")
-    hf_dir, out_dir = prepare_models(workdir, args.tiny)
+    hf_dir, out_dir = reference.prepare_models(workdir, args.tiny)
     size = parse_size(args.size)
     hf, ours = load_hf(hf_dir, size), load_ours(out_dir, size)
-    check = check_outputs(hf, ours, image, CAPTION)
-    print(format_check(check))
+    check = checks.check_outputs(hf, ours, image, CAPTION)
+    print(checks.format_check(check))
 
     pipelines: Dict[str, Callable[[], object]] = {
         "transformers": lambda: hf(image, CAPTION),
@@ -213,9 +195,9 @@ def run_benchmark(args, workdir: str) -> Dict:
     }
     onnx = None
     if "onnxruntime" in args.backend:
-        onnx = export_onnx_model(workdir, out_dir)
+        onnx = reference.export_onnx_model(workdir, out_dir)
         runtime = load_onnx(onnx["path"], out_dir, size, args.threads)
-        onnx["check"] = compare_detections(ours(image, CAPTION), runtime(image, CAPTION))
+        onnx["check"] = checks.compare_detections(ours(image, CAPTION), runtime(image, CAPTION))
         print(f"onnxruntime vs ours: {onnx['check']}")
         pipelines["onnxruntime"] = lambda: runtime(image, CAPTION)
     if args.dtype == "bf16":
@@ -246,7 +228,7 @@ def run_benchmark(args, workdir: str) -> Dict:
     if args.dtype == "bf16":
         result["bf16_speedup"] = medians["ours"] / medians["ours bf16"]
         result["bf16_vs_transformers"] = medians["transformers"] / medians["ours bf16"]
-        result["bf16_drift"] = drift(pipelines["ours"](), pipelines["ours bf16"]())
+        result["bf16_drift"] = checks.drift(pipelines["ours"](), pipelines["ours bf16"]())
     if not args.no_memory:
         del hf, ours
         kinds = [("transformers", "hf"), ("ours", "ours")]

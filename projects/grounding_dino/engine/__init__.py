@@ -1,7 +1,8 @@
-"""Training engine: trainers, hooks, optimizer groups, LR schedule, a CPU-aware launch and the
-evaluation of ``train_net.py``."""
+"""Training engine: the driver of ``train_net.py`` and the demo job (:mod:`.driver`), trainers,
+hooks, optimizer groups, LR schedule, a CPU-aware launch and the evaluation."""
 
 from .defaults import build_hooks, build_trainer, train_value, use_amp, wrap_ddp
+from .driver import check_init_checkpoint, do_eval_only, do_test, do_train, init_partial
 from .evaluation import (
     EVAL_MAX_DETECTIONS,
     InferenceWithSettings,
@@ -9,7 +10,7 @@ from .evaluation import (
     evaluation_settings,
     write_eval_metrics,
 )
-from .hooks import LastGoodCheckpointer
+from .hooks import LastGoodCheckpointer, ProgressPrinter, format_duration
 from .launch import is_cpu_device, launch
 from .optimizer import (
     BACKBONE_PREFIXES,
@@ -28,13 +29,20 @@ __all__ = [
     "GroundingAMPTrainer",
     "GroundingTrainer",
     "LastGoodCheckpointer",
+    "ProgressPrinter",
     "build_hooks",
     "build_trainer",
+    "check_init_checkpoint",
     "clip_gradients",
+    "do_eval_only",
+    "do_test",
+    "do_train",
     "evaluate",
     "evaluation_settings",
+    "format_duration",
     "InferenceWithSettings",
     "get_param_groups",
+    "init_partial",
     "is_cpu_device",
     "launch",
     "lr_factor_of",

@@ -86,7 +86,8 @@ def build_hooks(
 ) -> List[Optional[hooks.HookBase]]:
     """
     The hooks of detectron2's ``lazyconfig_train_net.py`` plus :class:`LastGoodCheckpointer`:
-    iteration timer (ETA), LR scheduler, periodic checkpoints, evaluation every
+    iteration timer (ETA), LR scheduler, checkpoints every ``train.checkpointer.period``
+    iterations (``<= 0``: only ``model_final.pth`` after the last), evaluation every
     ``train.eval_period`` and the console / ``metrics.json`` / TensorBoard writers every
     ``train.log_period``. Checkpoint and writer hooks run on the main process only.
 
@@ -97,14 +98,13 @@ def build_hooks(
         eval_function: returns the evaluation results; None: no evaluation hook.
     """
     main = comm.is_main_process()
+    checkpoints = dict(train_value(train_cfg, "checkpointer"))
+    if checkpoints["period"] <= 0:  # only model_final.pth, after the last iteration
+        checkpoints["period"] = int(train_value(train_cfg, "max_iter")) + 1
     result: List[Optional[hooks.HookBase]] = [
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=lr_scheduler),
-        (
-            hooks.PeriodicCheckpointer(checkpointer, **train_value(train_cfg, "checkpointer"))
-            if main
-            else None
-        ),
+        hooks.PeriodicCheckpointer(checkpointer, **checkpoints) if main else None,
         LastGoodCheckpointer(checkpointer) if train_value(train_cfg, "save_last_good") else None,
     ]
     if eval_function is not None:

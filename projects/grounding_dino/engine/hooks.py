@@ -1,11 +1,12 @@
 """Training hooks of Grounding DINO."""
 
 import logging
+import time
 
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-__all__ = ["LastGoodCheckpointer"]
+__all__ = ["LastGoodCheckpointer", "ProgressPrinter", "format_duration"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,4 +45,48 @@ class LastGoodCheckpointer(HookBase):
         logger.error(
             f"Non-finite loss at iteration {iteration}: saved the last good state ({state}) as "
             f"{self.name}.pth in {self.checkpointer.save_dir}; --resume continues from it"
+        )
+
+
+def format_duration(seconds: float) -> str:
+    """``"m:ss"`` of a number of seconds (rounded)."""
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class ProgressPrinter(HookBase):
+    """
+    Prints one line every ``period`` iterations and after the last: the iteration, the
+    median ``total_loss`` of the period, the learning rate, the seconds per iteration since
+    the training (re)started, the elapsed time and the ETA. Register it on the main process
+    only. Example line::
+
+        [train] iter 50/2150  loss 3.217  lr 2.00e-04  0.27 s/it  elapsed 0:14  ETA 9:27
+    """
+
+    def __init__(self, max_iter: int, period: int, prefix: str = "[train]"):
+        self.max_iter = max_iter
+        self.period = period
+        self.prefix = prefix
+        self._start = None
+        self._start_iter = 0
+
+    def before_train(self):
+        self._start = time.perf_counter()
+        self._start_iter = self.trainer.iter
+
+    def after_step(self):
+        done = self.trainer.iter + 1
+        if done % self.period and done != self.max_iter:
+            return
+        elapsed = time.perf_counter() - self._start
+        per_iter = elapsed / max(1, done - self._start_iter)
+        eta = per_iter * (self.max_iter - done)
+        loss = self.trainer.storage.history("total_loss").median(min(self.period, done))
+        lr = self.trainer.optimizer.param_groups[0]["lr"]
+        print(
+            f"{self.prefix} iter {done}/{self.max_iter}  loss {loss:.3f}  lr {lr:.2e}  "
+            f"{per_iter:.2f} s/it  elapsed {format_duration(elapsed)}  "
+            f"ETA {format_duration(eta)}",
+            flush=True,
         )

@@ -1,7 +1,7 @@
 """
-The two pipelines of ``tools/benchmark.py``: transformers' Grounding DINO (the reference, with
-random weights) and this project's predictor on the converted weights, plus the benchmark's
-input image.
+The two pipelines that ``tools/benchmark.py`` compares and times: transformers' Grounding DINO
+(the reference, with random weights) and this project's predictor on the converted weights
+(and its ONNX Runtime export), plus the benchmark's input image.
 """
 
 import os
@@ -26,7 +26,7 @@ __all__ = [
 def _hf_config(tiny: bool):
     from transformers import BertConfig, GroundingDinoConfig
 
-    from grounding_dino.testing import tiny_hf_config
+    from ..testing import tiny_hf_config
 
     return tiny_hf_config() if tiny else GroundingDinoConfig(text_config=BertConfig())
 
@@ -75,7 +75,7 @@ class HFPipeline:
         """
         from transformers import GroundingDinoImageProcessor, GroundingDinoProcessor
 
-        from grounding_dino.text.tokenizer import load_tokenizer, local_bert_dir
+        from ..text.tokenizer import load_tokenizer, local_bert_dir
 
         self.model = model
         self.processor = GroundingDinoProcessor(
@@ -106,12 +106,11 @@ class HFPipeline:
 
 def load_ours(out_dir: str, size: Tuple[int, int]):
     """The project's predictor on a converted model (``config.yaml`` + weights in ``out_dir``)."""
-    from detectron2.config import LazyConfig
+    from ..model_zoo import get_config
+    from ..predictor import GroundingDINOPredictor
+    from ..resize import OfficialResize
 
-    from grounding_dino import GroundingDINOPredictor
-    from grounding_dino.resize import OfficialResize
-
-    predictor = GroundingDINOPredictor(LazyConfig.load(os.path.join(out_dir, "config.yaml")))
+    predictor = GroundingDINOPredictor(get_config(os.path.join(out_dir, "config.yaml")))
     predictor.resize = OfficialResize(min(size), max(size))
     return predictor
 
@@ -147,8 +146,8 @@ def export_onnx_model(workdir: str, out_dir: str) -> Dict:
 
 def load_onnx(onnx_path: str, out_dir: str, size: Tuple[int, int], threads: int):
     """``OnnxPredictor`` on an exported model, ``threads`` ONNX Runtime intra-op threads."""
-    from grounding_dino.deploy import OnnxPredictor
-    from grounding_dino.resize import OfficialResize
+    from ..deploy import OnnxPredictor
+    from ..resize import OfficialResize
 
     predictor = OnnxPredictor(onnx_path, os.path.join(out_dir, "config.yaml"), threads=threads)
     predictor.resize = OfficialResize(min(size), max(size))
@@ -174,8 +173,8 @@ def prepare_models(workdir: str, tiny: bool) -> Tuple[str, str]:
     Raises:
         RuntimeError: the conversion left missing or unexpected keys.
     """
-    from grounding_dino.convert.build import convert_checkpoint
-    from grounding_dino.text.tokenizer import local_bert_dir
+    from ..convert.build import convert_checkpoint
+    from ..text.tokenizer import local_bert_dir
 
     hf_dir, out_dir = os.path.join(workdir, "hf"), os.path.join(workdir, "converted")
     marker = os.path.join(workdir, "tiny" if tiny else "full")

@@ -1,6 +1,7 @@
 """
 Output checks of ``tools/benchmark.py``: our predictor against transformers' model on the same
-image and caption, and the drift of another run (bf16) from the fp32 one.
+image and caption, the drift of another run (bf16) from the fp32 one, and the detections of
+two runtimes (PyTorch, ONNX Runtime) on the same input.
 
 Only public API is used: the predictor's call with its ``settings`` and its output
 ``Instances``, and forward hooks on two components of the
@@ -14,7 +15,14 @@ from typing import Dict
 import numpy as np
 import torch
 
-__all__ = ["TOKEN_TOL", "BOX_TOL_PX", "check_outputs", "format_check", "drift"]
+__all__ = [
+    "TOKEN_TOL",
+    "BOX_TOL_PX",
+    "check_outputs",
+    "format_check",
+    "drift",
+    "compare_detections",
+]
 
 TOKEN_TOL = 1e-4
 BOX_TOL_PX = 0.05
@@ -52,7 +60,7 @@ def check_outputs(hf, ours, image_bgr: np.ndarray, caption: str) -> Dict:
     ties differs, it reports that instead of failing.
 
     Args:
-        hf: a :class:`benchmark_reference.HFPipeline`.
+        hf: a :class:`~grounding_dino.comparison.reference.HFPipeline`.
         ours: a ``GroundingDINOPredictor`` whose resize leaves ``image_bgr`` as it is.
         image_bgr: uint8 [H, W, 3].
         caption: the text prompt.
@@ -165,4 +173,20 @@ def drift(fp32: Dict, other: Dict) -> Dict[str, float]:
         if good.any():
             diff = (a.scores[good] - b.scores[match[good]].float()).abs().max()
             result["max_score_diff"] = round(float(diff), 5)
+    return result
+
+
+def compare_detections(ours: Dict, other: Dict) -> Dict:
+    """Detections of two runtimes on the same input: counts, whether phrases and classes are
+    equal, and the largest score and box (px) differences when the counts agree."""
+    a, b = ours["instances"], other["instances"]
+    result = {"count": len(a), "other_count": len(b)}
+    if len(a) == len(b):
+        result["same_phrases"] = ours["phrases"] == other["phrases"]
+        result["same_classes"] = bool(torch.equal(a.pred_classes, b.pred_classes))
+        if len(a):
+            result["max_score_diff"] = float((a.scores - b.scores).abs().max())
+            result["max_box_diff_px"] = float(
+                (a.pred_boxes.tensor - b.pred_boxes.tensor).abs().max()
+            )
     return result
