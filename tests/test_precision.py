@@ -37,13 +37,21 @@ def _image(seed: int, height: int = 96, width: int = 120) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """Random weights of a small ``shapes_tiny.py`` model and a folder of two images."""
+    """Random weights of a small ``shapes_tiny.py`` model and a folder of two images. The box
+    heads (``bbox_embed``, zero-initialised: every box would be an encoder proposal, equal in
+    any precision) are perturbed so that boxes are computed, and can differ, in bf16."""
     root = tmp_path_factory.mktemp("precision")
     cfg = get_config("shapes_tiny.py")
     cfg.model.query_selector.num_queries = 20
     torch.manual_seed(0)
+    model = instantiate(cfg.model)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "bbox_embed" in name:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
     weights = root / "tiny.pth"
-    torch.save({"model": instantiate(cfg.model).state_dict()}, weights)
+    torch.save({"model": model.state_dict()}, weights)
     images = root / "photos"
     images.mkdir()
     for i in range(2):
@@ -125,6 +133,100 @@ def test_predictor_bf16_computes_in_bf16_and_returns_float32(tiny):
     assert all(o["instances"].scores.dtype == torch.float32 for o in batch)
     # In bf16 a batch equals one-by-one calls only to bf16 rounding (fp32: exactly).
     torch.testing.assert_close(batch[0]["instances"].scores, instances.scores, atol=0.01, rtol=0)
+
+
+class _PinnedTopk:
+    """Stands for ``torch`` in :mod:`grounding_dino.modeling.query_selector`: records the
+    query selection's ``topk`` indices (``record``), or returns the recorded ones with this
+    run's values (``replay``)."""
+
+    def __init__(self):
+        self.replay, self.indices = False, None
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def topk(self, *args, **kwargs):
+        result = torch.topk(*args, **kwargs)
+        if not self.replay:
+            self.indices = result.indices
+            return result
+        assert self.indices is not None and self.indices.shape == result.indices.shape
+        return torch.return_types.topk((result.values, self.indices))
+
+
+def _network_outputs_and_detections(predictor, image):
+    """A predictor call's detections, and the token probabilities (over the caption's
+    tokens) and boxes of its network pass, as float32."""
+    model, captured = predictor.model, []
+    forward_transformer = model.forward_transformer
+
+    def capture(images, runs, targets=None):
+        captured.append(forward_transformer(images, runs, targets))
+        return captured[-1]
+
+    model.forward_transformer = capture
+    try:
+        instances = predictor(image, CLASSES)["instances"]
+    finally:
+        del model.forward_transformer  # the class's method again
+    (outputs,) = captured
+    probs = outputs["pred_logits"][0][:, outputs["text_mask"][0]].float().sigmoid()
+    return probs, outputs["pred_boxes"][0].float(), instances
+
+
+# bf16 against fp32, same weights and input. bf16 keeps 8 significant bits (a rounding error
+# of up to 2^-9 = 0.2% on each matmul/convolution input); through the backbone, BERT, the
+# enhancer and the decoder, the token logits (|logit| <= 5.6 here) drift by up to 0.07. Worst
+# differences over 8 random images through the predictor, measured on this machine natively
+# (AVX-512 bf16) / with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+# MKL_ENABLE_INSTRUCTIONS=AVX2 (an AVX2-only CPU's kernels): token probabilities 0.0051 /
+# 0.0064, detection scores 0.0030 / 0.0043, normalised boxes 0.0033 / 0.0041 (0.5 px at 128
+# px). The tolerances are about twice the worst: a bf16 output further from fp32 than that (a
+# lost layer, a garbled cast, another input's output) is a bug, not rounding.
+BF16_SCORE_ATOL = 0.013
+BF16_BOX_ATOL = 0.009
+
+
+def test_bf16_outputs_equal_fp32_within_bf16_rounding(tiny, monkeypatch):
+    """
+    Proves that bf16 computes the same function as fp32 up to bf16 rounding: on the same
+    weights and images, the bf16 token probabilities, boxes and detection scores are within
+    the measured tolerances of fp32's (bf16 logits perturbed by 0.15, or boxes by 0.01, were
+    checked to fail).
+
+    The query selection (top-k of the encoder's token scores) is a discrete choice: in a
+    random model many scores are nearly tied, and rounding may swap neighbours, which pairs
+    other proposals with the rank-ordered content queries and changes outputs by more than
+    rounding. So the bf16 run reuses fp32's selection (its own must share most tokens with
+    it), and every remaining difference is numerical.
+    """
+    import grounding_dino.modeling.query_selector as query_selector
+
+    fp32, bf16 = _predictor(tiny, "fp32"), _predictor(tiny, "bf16")
+    for seed in range(4):
+        image = _image(seed)
+        pin = _PinnedTopk()
+        with monkeypatch.context() as patch:
+            patch.setattr(query_selector, "torch", pin)
+            _network_outputs_and_detections(bf16, image)
+            own_selection = set(pin.indices.flatten().tolist())
+            probs, boxes, detections = _network_outputs_and_detections(fp32, image)
+            assert len(own_selection & set(pin.indices.flatten().tolist())) >= 15, seed
+            pin.replay = True
+            probs_bf16, boxes_bf16, detections_bf16 = _network_outputs_and_detections(bf16, image)
+        assert detections_bf16.scores.dtype == torch.float32
+        torch.testing.assert_close(probs_bf16, probs, atol=BF16_SCORE_ATOL, rtol=0)
+        torch.testing.assert_close(boxes_bf16, boxes, atol=BF16_BOX_ATOL, rtol=0)
+        # The detections: (query, category) pairs ranked by score; sorting moves no score
+        # further than the largest per-pair difference.
+        assert len(detections_bf16) == len(detections) > 0
+        torch.testing.assert_close(
+            detections_bf16.scores.sort().values,
+            detections.scores.sort().values,
+            atol=BF16_SCORE_ATOL,
+            rtol=0,
+        )
 
 
 def test_predictor_refuses_fp16_on_the_cpu(tiny):
