@@ -6,7 +6,7 @@ predictor, the demo CLI, the web demo, the labelling CLI and ``tools/evaluate_pr
 - ``bf16``: ``torch.autocast`` with bfloat16, on the CPU and on CUDA. Weights stay float32;
   matrix multiplies and convolutions run in bfloat16.
 - ``fp16``: ``torch.autocast`` with float16, on CUDA only. On the CPU it is refused
-  (:class:`ValueError`): CPU kernels for float16 are slower than float32 here (see the README's
+  (:class:`ValueError`): CPU kernels for float16 are slower than float32 here (see docs/deployment.md,
   "Precision modes"), and bf16 gives the same memory saving with float32's range.
 
 Whatever the mode, the outputs (boxes, scores, token scores) are returned in float32
@@ -40,7 +40,7 @@ _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 DTYPE_HELP = (
     "precision: fp32, bf16 (autocast; CPU or CUDA) or fp16 (autocast; CUDA only); "
-    "see the README's Precision modes"
+    "see docs/deployment.md#precision-modes"
 )
 
 
@@ -94,7 +94,7 @@ def check_precision(dtype: str, device: Union[str, torch.device]) -> str:
     if dtype == "fp16" and kind == "cpu":
         raise ValueError(
             "dtype='fp16' is not offered on the CPU: float16 CPU kernels are slower than "
-            "float32 (see the README's 'Precision modes'). Use dtype='bf16' (the same memory "
+            "float32 (see docs/deployment.md#precision-modes). Use dtype='bf16' (the same memory "
             "per value, float32's range) or 'fp32', or run on CUDA"
         )
     if dtype == "bf16" and kind == "cpu" and not cpu_has_native_bf16():
