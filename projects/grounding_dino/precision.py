@@ -6,8 +6,9 @@ predictor, the demo CLI, the web demo, the labelling CLI and ``tools/evaluate_pr
 - ``bf16``: ``torch.autocast`` with bfloat16, on the CPU and on CUDA. Weights stay float32;
   matrix multiplies and convolutions run in bfloat16.
 - ``fp16``: ``torch.autocast`` with float16, on CUDA only. On the CPU it is refused
-  (:class:`ValueError`): CPU kernels for float16 are slower than float32 here (see docs/deployment.md,
-  "Precision modes"), and bf16 gives the same memory saving with float32's range.
+  (:class:`ValueError`): CPU kernels for float16 are slower than float32 here (see
+  docs/deployment.md, "Precision modes"), and bf16 gives the same memory saving with float32's
+  range.
 
 Whatever the mode, the outputs (boxes, scores, token scores) are returned in float32
 (:func:`outputs_to_fp32`).
