@@ -431,7 +431,9 @@ def _mmdet_layout(state):
     return out
 
 
-def test_mmdet_checkpoint_converts_to_equal_outputs(ours, tmp_path, minilm_dir, capsys):
+def test_mmdet_checkpoint_converts_to_equal_outputs(
+    ours, tmp_path, minilm_dir, capsys, load_converted
+):
     model, _ = ours
     state = model.state_dict()
     mmdet_state = _mmdet_layout(state)
@@ -444,9 +446,7 @@ def test_mmdet_checkpoint_converts_to_equal_outputs(ours, tmp_path, minilm_dir, 
     printed = capsys.readouterr().out
     assert "missing keys: 0, unexpected keys: 0" in printed
     assert "dropped: dn_query_generator.label_embedding.weight" in printed
-    cfg = LazyConfig.load(str(out_dir / "config.yaml"))
-    converted = instantiate(cfg.model).eval()
-    GroundingDINOCheckpointer(converted).load(cfg.train.init_checkpoint)
+    converted = load_converted(out_dir)  # model_zoo.get: the converted config and weights
     loaded = converted.state_dict()
     for key, value in state.items():
         assert torch.equal(loaded[key], value), key

@@ -200,7 +200,7 @@ def test_bad_outputs_are_named(tmp_path, minilm_dir):
         evaluator.process([{"image_id": 1}], [{"instances": instances}])
 
 
-def test_end_to_end_with_the_tiny_model(tmp_path, minilm_dir):
+def test_end_to_end_with_the_tiny_model(tmp_path, minilm_dir, tiny_model):
     """Mapper -> random tiny model -> evaluator: the recall the evaluator reports equals the
     brute-force recall of the outputs the model returned."""
     from detectron2.config import instantiate
@@ -209,10 +209,10 @@ def test_end_to_end_with_the_tiny_model(tmp_path, minilm_dir):
     from grounding_dino import model_zoo
 
     _write_flickr(str(tmp_path), "flickr_e2e", with_images=True)
-    torch.manual_seed(0)
     cfg = model_zoo.get_config("shapes_tiny.py")
-    model = instantiate(cfg.model).eval()
-    assert model.box_threshold == 0.0  # every query is returned: 100 boxes per caption
+    model = tiny_model
+    # shapes_tiny.py's box_threshold is 0: every query is returned, 100 boxes per caption.
+    assert model.inference_settings.box_threshold == 0.0
     test = cfg.dataloader.test  # the config's test loader and mapper, on the captions
     test.dataset.names = "flickr_e2e"
     del test.mapper["thing_classes"]

@@ -59,20 +59,33 @@ def test_sampler_draws_the_kinds_at_the_chosen_rates():
         assert set(drawn) == set(range(len(records)))
 
 
+def _detection_share(cfg, draws=4000):
+    sampler = instantiate(cfg.dataloader.train.sampler)
+    records = instantiate(cfg.dataloader.train.dataset)
+    drawn = list(itertools.islice(iter(sampler), draws))
+    kinds = collections.Counter(record_kind(records[i]) for i in drawn)
+    return kinds["detection"] / len(drawn), records
+
+
 def test_shapes_config_samples_detection_more_often(tmp_path):
-    """The packaged demo config's sampler builds from its own dataset node."""
+    """
+    Proves that the packaged demo config's sampler, built from its own dataset node, draws
+    detection records at the rate its repeat factor sets (twice each, about half of the
+    samples as the config says), and that overriding the factor changes the draws: with
+    ``repeat_factors.detection=1`` the share falls to detection's share of the records.
+    """
     from grounding_dino.data.synthetic import register_shapes_datasets
 
     cfg = LazyConfig.load(str(REPO / "configs" / "shapes_tiny.py"))
     shapes = {**cfg.shapes, "num_train": 4, "num_val": 2}
     register_shapes_datasets(root=str(tmp_path), **shapes)
-    sampler = instantiate(cfg.dataloader.train.sampler)
-    assert isinstance(sampler, RepeatFactorTrainingSampler)
-    records = instantiate(cfg.dataloader.train.dataset)
-    kinds = [record_kind(r) for r in records]
+    share, records = _detection_share(cfg)
+    kinds = collections.Counter(record_kind(r) for r in records)
     assert set(kinds) == {"detection", "grounding"}
-    detection_factor = cfg.dataloader.train.sampler.repeat_factors["detection"]
-    assert detection_factor > 1
-    factors = kind_repeat_factors(records, cfg.dataloader.train.sampler.repeat_factors)
-    for kind, factor in zip(kinds, factors.tolist()):
-        assert factor == (detection_factor if kind == "detection" else 1.0)
+    detection, grounding = kinds["detection"], kinds["grounding"]
+    assert share == pytest.approx(2 * detection / (2 * detection + grounding), abs=0.02)
+    assert share == pytest.approx(0.5, abs=0.1)
+    cfg = LazyConfig.apply_overrides(cfg, ["dataloader.train.sampler.repeat_factors.detection=1"])
+    uniform, _ = _detection_share(cfg)
+    assert uniform == pytest.approx(detection / (detection + grounding), abs=0.02)
+    assert share - uniform > 0.1

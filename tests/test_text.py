@@ -365,10 +365,27 @@ def _official_text_inputs(tokenizer, captions, max_text_len=256):
     }
 
 
-def test_prompt_encoder_table_and_properties(prompt_encoder, tokenizer):
-    assert SPECIAL_TOKENS == ("[CLS]", "[SEP]", ".", "?")
+def test_special_tokens_close_phrases_and_runs_are_padded(prompt_encoder, tokenizer):
+    """
+    Proves what the special-token table does, not how it is spelt: in "a cat? a red dog."
+    both "?" and "." close a phrase (the positions restart after each, and a phrase attends
+    only to itself), with the official ids; a shorter run of a batch is padded with the
+    tokenizer's pad id, masked out.
+    """
+    assert [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == OFFICIAL_SPECIAL_IDS
     assert prompt_encoder.special_token_ids == OFFICIAL_SPECIAL_IDS
-    assert prompt_encoder.pad_token_id == 0 and prompt_encoder.max_text_len == 256
+    (run,) = prompt_encoder.runs_for_input(0, {"caption": "a cat? a red dog."})
+    (short,) = prompt_encoder.runs_for_input(1, {"caption": "a cat."})
+    tokens = prompt_encoder.batch([run, short])
+    # [CLS] | a cat ? | a red dog . | [SEP]
+    assert tokens.position_ids[0].tolist() == [0, 0, 1, 2, 0, 1, 2, 3, 0]
+    attention = tokens.self_attention_mask[0]
+    assert attention[1:4, 1:4].all() and attention[4:8, 4:8].all()
+    assert not attention[1:4, 4:].any() and not attention[4:8, :4].any()
+    assert tokens.input_ids.shape == (2, 9) and len(short.input_ids) == 5
+    assert (tokens.input_ids[1, 5:] == tokenizer.pad_token_id).all()
+    assert prompt_encoder.pad_token_id == tokenizer.pad_token_id
+    assert tokens.token_mask[1, :5].all() and not tokens.token_mask[1, 5:].any()
     assert prompt_encoder.tokenizer is tokenizer  # the cached load_tokenizer
     with pytest.raises(ValueError, match="max_text_len"):
         PromptEncoder.from_tokenizer(tokenizer, max_text_len=2)

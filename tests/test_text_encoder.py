@@ -3,13 +3,12 @@ sub-sentence inputs), the BERT position offset, frozen = eval, the registry."""
 
 import pytest
 import torch
+from hf_reference import TINY_BERT
 
 from grounding_dino.modeling import build_text_encoder
 from grounding_dino.modeling.structures import EncodedText
 from grounding_dino.modeling.text_encoder import BertTextEncoder
 from grounding_dino.text import PromptEncoder, normalize_caption
-
-from hf_reference import TINY_BERT
 
 
 def _encoder(name_or_path, **kwargs):
@@ -126,9 +125,13 @@ def test_built_by_name_from_a_config(prompt_encoder):
         bert_position_offset=0,
         freeze=False,
     )
-    assert isinstance(encoder, BertTextEncoder) and encoder.bert.config.hidden_size == 32
+    assert isinstance(encoder, BertTextEncoder)
+    # bert_config builds the BERT: 32-wide hidden states (TINY_BERT), projected to 16.
+    widths = []
+    encoder.bert.register_forward_hook(lambda m, i, out: widths.append(out[0].shape[-1]))
     runs = prompt_encoder.runs_for_input(0, {"category_names": ["cat", "dog"]})
     out = encoder(prompt_encoder.batch(runs))
+    assert widths == [TINY_BERT["hidden_size"]] == [32]
     assert out.features.shape == (1, 6, 16)  # [CLS] cat . dog . [SEP]
     with pytest.raises(TypeError):
         BertTextEncoder(name_or_path="x", hidden_dim=16)  # every argument is required

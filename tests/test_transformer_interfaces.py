@@ -335,7 +335,7 @@ def test_parameter_names_are_the_checkpoint_keys():
 
 
 def test_model_config_builds_the_components():
-    """The transformer nodes of the reference config tree match the constructors."""
+    """The transformer nodes of the reference config tree build the registered components."""
     from detectron2.config import instantiate
 
     from grounding_dino.model_zoo import get_config
@@ -348,8 +348,48 @@ def test_model_config_builds_the_components():
     decoder = instantiate(model.decoder)
     head = instantiate(model.head)
     assert type(enhancer) is FeatureEnhancer and len(enhancer.layers) == 1
-    assert enhancer.level_embed.shape == (model.num_feature_levels, model.hidden_dim)
-    assert type(selector) is LanguageGuidedQuerySelector and selector.num_queries == 900
-    assert type(selector.head) is ContrastiveHead
-    assert selector.head.max_text_len == head.max_text_len == model.max_text_len
-    assert type(decoder) is CrossModalityDecoder and decoder.d_model == model.hidden_dim
+    assert type(selector) is LanguageGuidedQuerySelector and type(selector.head) is ContrastiveHead
+    assert type(decoder) is CrossModalityDecoder and len(decoder.layers) == 1
+    assert type(head) is ContrastiveHead
+
+
+def _network_outputs(model, image, classes):
+    runs = model.prompt_encoder.runs_for_input(0, {"category_names": classes})
+    with torch.no_grad():
+        (normalised,) = model.preprocess_image([{"image": image}])
+        return len(runs), model.forward_transformer([normalised] * len(runs), runs)
+
+
+def test_config_overrides_change_what_the_model_computes(tiny_model):
+    """
+    Proves that the config's sizes reach the computation (not only the config): the same
+    image and 16 classes (50 tokens) through shapes_tiny.py's model as configured
+    (``tiny_model``: 100 queries, 3 decoder layers, 256 tokens) and with overrides of
+    ``num_queries``, the decoder's depth and ``max_text_len`` (interpolated into the prompt
+    encoder and both heads) give outputs of the overridden sizes, and the shorter token limit
+    splits the classes over two prompt runs.
+    """
+    from detectron2.config import instantiate
+
+    from grounding_dino.model_zoo import get_config
+
+    overrides = [
+        "model.query_selector.num_queries=7",
+        "model.decoder.num_layers=2",
+        "model.max_text_len=32",
+    ]
+    torch.manual_seed(0)
+    overridden = instantiate(get_config("shapes_tiny.py", overrides).model).eval()
+    image = torch.randint(0, 256, (3, 128, 160), dtype=torch.uint8)
+    colours = ("red", "green", "blue", "yellow")
+    classes = [f"{c} {s}" for c in colours for s in ("circle", "square", "star", "triangle")]
+    for model, runs, queries, layers, tokens in (
+        (tiny_model, 1, 100, 3, 256),
+        (overridden, 2, 7, 2, 32),
+    ):
+        count, outputs = _network_outputs(model, image, classes)
+        assert count == runs
+        assert outputs["pred_logits"].shape == (runs, queries, tokens)
+        assert outputs["pred_boxes"].shape == (runs, queries, 4)
+        assert outputs["enc_outputs"]["pred_logits"].shape == (runs, queries, tokens)
+        assert len(outputs["aux_outputs"]) == layers - 1
