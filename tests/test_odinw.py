@@ -104,20 +104,13 @@ def _coco_ap(json_file, results_file, max_dets):
     return 100 * float(precision[precision > -1].mean())
 
 
-def _random_weights(path):
-    """A checkpoint of shapes_tiny.py's model at its initialisation (the tool refuses to run
-    a model without weights)."""
-    from detectron2.config import instantiate
-
-    from grounding_dino.model_zoo import get_config
-
-    torch.manual_seed(0)
-    model = instantiate(get_config("shapes_tiny.py").model)
+def _random_weights(model, path):
+    """A checkpoint of ``model`` (the tool refuses to run a model without weights)."""
     torch.save({"model": model.state_dict()}, path)
     return str(path)
 
 
-def test_evaluate_odinw_command(tmp_path):
+def test_evaluate_odinw_command(tmp_path, tiny_model):
     root, output = tmp_path / "odinw", tmp_path / "out"
     _write_odinw(str(root))
     command = [
@@ -126,7 +119,7 @@ def test_evaluate_odinw_command(tmp_path):
         "--config-file",
         os.path.join(REPO, "configs", "shapes_tiny.py"),
         "--weights",
-        _random_weights(tmp_path / "random.pth"),
+        _random_weights(tiny_model, tmp_path / "random.pth"),  # shapes_tiny.py, random
         "--root",
         str(root),
         "--suite",
