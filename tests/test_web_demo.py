@@ -3,7 +3,8 @@
 A server subprocess runs the tiny shapes model with random weights (saved with detectron2's
 checkpointer, so the strict loader accepts them); the expected boxes come from
 ``GroundingDINOPredictor`` in this process. The browser is Debian's headless Chromium driven by
-Selenium through ``/usr/bin/chromedriver`` (``.ci/run`` and ``make setup`` install them); a
+Selenium through ``/usr/bin/chromedriver`` (``make test`` installs them:
+``scripts/setup_test_deps.sh``); a
 missing browser fails the test, it is not skipped.
 """
 
