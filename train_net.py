@@ -48,7 +48,7 @@ from grounding_dino.engine import (
     do_eval_only,
     do_train,
     is_cpu_device,
-    launch,
+    launch_from_args,
 )
 from grounding_dino.model_zoo import get_config
 
@@ -98,15 +98,7 @@ def invoke_main() -> None:
         raise SystemExit(
             f"train.device={device} but CUDA is not available here; add train.device=cpu"
         )
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-        device=device,
-    )
+    launch_from_args(main, args, (args,), device)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from .evaluation import (
     write_eval_metrics,
 )
 from .hooks import LastGoodCheckpointer, ProgressPrinter, format_duration
-from .launch import is_cpu_device, launch
+from .launch import is_cpu_device, launch, launch_from_args
 from .optimizer import (
     BACKBONE_PREFIXES,
     TEXT_ENCODER_PREFIXES,
@@ -45,6 +45,7 @@ __all__ = [
     "init_partial",
     "is_cpu_device",
     "launch",
+    "launch_from_args",
     "lr_factor_of",
     "nonfinite_losses",
     "plain_param_groups",

@@ -18,7 +18,7 @@ from detectron2.engine import launch as d2_launch
 from detectron2.engine.launch import DEFAULT_TIMEOUT, _find_free_port
 from detectron2.utils import comm
 
-__all__ = ["launch", "is_cpu_device"]
+__all__ = ["launch", "launch_from_args", "is_cpu_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,23 @@ def launch(
             timeout,
         ),
         daemon=False,
+    )
+
+
+def launch_from_args(main_func: Callable, args, main_args: Sequence, device: str) -> None:
+    """
+    :func:`launch` with the process layout of a command line built by detectron2's
+    ``default_argument_parser`` (``--num-gpus``, ``--num-machines``, ``--machine-rank``,
+    ``--dist-url``): ``main_func(*main_args)`` in each process.
+    """
+    launch(
+        main_func,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=tuple(main_args),
+        device=device,
     )
 
 

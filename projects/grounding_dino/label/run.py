@@ -10,7 +10,7 @@ from typing import Dict, List
 
 import torch
 
-from ..engine.launch import launch
+from ..engine.launch import launch_from_args
 from ..io.coco_files import coco_dataset, write_errors, write_json_atomic
 from ..io.inputs import expand_inputs, input_root, relative_name
 from ..io.parts import check_run, parts_dir, read_parts, repair_tails
@@ -107,15 +107,7 @@ def run_labelling(args, prepared: Dict) -> int:
     if todo:
         start = time.perf_counter()
         with PartsProgress(folder, total=len(names), initial=done, desc="labelling"):
-            launch(
-                label_worker,
-                args.num_gpus,
-                num_machines=args.num_machines,
-                machine_rank=args.machine_rank,
-                dist_url=args.dist_url,
-                args=(settings, todo),
-                device=device,
-            )
+            launch_from_args(label_worker, args, (settings, todo), device)
         seconds = time.perf_counter() - start
         print(
             f"Labelled {len(todo)} images in {seconds:.1f} s ({len(todo) / seconds:.2f} images/s)."
