@@ -79,6 +79,10 @@ def get_config(name_or_path: str, overrides: Sequence[str] = ()):
             f"with grounding_dino.model_zoo.load_config, or use detectron2's get_cfg() after "
             f"add_grounding_dino_config(cfg)"
         )
+    return _load_lazy(path, overrides)
+
+
+def _load_lazy(path: str, overrides: Sequence[str]):
     return LazyConfig.apply_overrides(LazyConfig.load(path), list(overrides))
 
 
@@ -132,11 +136,10 @@ def load_config(
         FileNotFoundError: no such config or weights file.
         ValueError: a malformed override.
     """
-    if not os.path.isfile(config_file):
-        try:
-            config_file = get_config_file(config_file)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"--config-file {config_file} not found") from None
+    try:
+        config_file = _config_path(config_file)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--config-file {config_file} not found") from None
     pairs = _split_overrides(overrides)
     if _is_yacs_file(config_file):
         cfg = get_cfg()
@@ -150,9 +153,7 @@ def load_config(
             default_prompt_from_yacs(cfg),
         )
     else:
-        lazy = LazyConfig.apply_overrides(
-            LazyConfig.load(config_file), [f"{k}={v}" for k, v in pairs]
-        )
+        lazy = _load_lazy(config_file, overrides)
         weights = weights or OmegaConf.select(lazy, "train.init_checkpoint", default=None)
         result = ModelConfig(lazy, weights or None)
     if result.weights and not os.path.isfile(result.weights):
