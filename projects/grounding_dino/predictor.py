@@ -5,7 +5,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .model_zoo import ModelConfig, build_model, load_config, resolve_device
-from .modeling.settings import InferenceSettings
+from .modeling.settings import InferenceSettings, settings_or_default
 from .precision import check_precision, outputs_to_fp32, precision_context
 from .predictor_core import PredictorCore
 from .resize import official_resize_from_lazy_config
@@ -64,7 +64,7 @@ class GroundingDINOPredictor(PredictorCore):
         self.model_input_format = self.model.input_format
         self.stride = self.model.backbone.size_divisibility
         self.resize = official_resize_from_lazy_config(cfg)
-        self._settings = self._settings_of_call(settings or self.model.inference_settings)
+        self._settings = settings_or_default(settings, self.model.inference_settings)
 
     @classmethod
     def from_config_file(

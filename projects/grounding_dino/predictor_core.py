@@ -6,7 +6,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from .modeling.settings import InferenceSettings
+from .modeling.settings import InferenceSettings, settings_or_default
 from .preprocessing import Prompt, check_token_spans, model_input, prompts_for_images
 
 __all__ = ["PredictorCore"]
@@ -37,11 +37,7 @@ class PredictorCore:
         raise NotImplementedError
 
     def _settings_of_call(self, settings: Optional[InferenceSettings]) -> InferenceSettings:
-        if settings is None:
-            return self._settings
-        if not isinstance(settings, InferenceSettings):
-            raise TypeError(f"settings must be an InferenceSettings, got {type(settings).__name__}")
-        return settings
+        return settings_or_default(settings, self._settings)
 
     def _input(self, image: np.ndarray, prompt: Prompt, index: int) -> Dict:
         return model_input(

@@ -20,7 +20,7 @@ from detectron2.config import LazyConfig, instantiate
 from ..export.graph import INPUT_NAMES, OUTPUT_NAMES, read_metadata
 from ..model_zoo import get_config
 from ..modeling.postprocessing import detections_for_inputs
-from ..modeling.settings import InferenceSettings
+from ..modeling.settings import InferenceSettings, settings_or_default
 from ..predictor_core import PredictorCore
 from ..preprocessing import normalize_image, runs_for_inputs
 from ..resize import official_resize_from_lazy_config
@@ -104,14 +104,12 @@ class OnnxPredictor(PredictorCore):
             cfg = LazyConfig.apply_overrides(config, list(overrides))
         model_cfg = cfg.model
         self.prompt_encoder = instantiate(model_cfg.prompt_encoder)
-        self._settings = self._settings_of_call(
-            settings
-            or InferenceSettings(
-                box_threshold=model_cfg.box_threshold,
-                text_threshold=model_cfg.text_threshold,
-                max_detections=model_cfg.max_detections,
-            )
+        configured = InferenceSettings(
+            box_threshold=model_cfg.box_threshold,
+            text_threshold=model_cfg.text_threshold,
+            max_detections=model_cfg.max_detections,
         )
+        self._settings = settings_or_default(settings, configured)
         self.model_input_format = str(model_cfg.input_format)
         self.pixel_mean = torch.tensor(list(model_cfg.pixel_mean)).view(-1, 1, 1)
         self.pixel_std = torch.tensor(list(model_cfg.pixel_std)).view(-1, 1, 1)

@@ -14,7 +14,7 @@ from ..resize import resize_uint8_image
 from ..text.structures import TokenizedText
 from .denoising import prepare_for_cdn, split_dn_outputs
 from .postprocessing import detections_for_inputs
-from .settings import InferenceSettings
+from .settings import InferenceSettings, settings_or_default
 from .structures import ImageTokens, MultiScaleFeatures
 
 __all__ = ["GroundingDINO", "GroundingDINOFromYacs", "targets_from_instances"]
@@ -343,10 +343,7 @@ class GroundingDINO(nn.Module):
             settings: thresholds, detection budget, NMS and REC mode of this call; None: the
                 model's ``inference_settings``.
         """
-        if settings is None:
-            settings = self._inference_settings
-        elif not isinstance(settings, InferenceSettings):
-            raise TypeError(f"settings must be an InferenceSettings, got {type(settings).__name__}")
+        settings = settings_or_default(settings, self._inference_settings)
         batched_inputs = [self.with_defaults(record) for record in batched_inputs]
         images = self.preprocess_image(batched_inputs)
         runs = runs_for_inputs(self.prompt_encoder, batched_inputs)

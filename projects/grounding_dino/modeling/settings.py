@@ -10,8 +10,9 @@ values, and an exception cannot leave a model with the wrong ones.
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Optional
 
-__all__ = ["InferenceSettings", "NMS_CANDIDATES"]
+__all__ = ["InferenceSettings", "NMS_CANDIDATES", "settings_or_default"]
 
 NMS_CANDIDATES = 300
 """With NMS on, each pass keeps at least this many candidates (the official detection budget)
@@ -93,3 +94,18 @@ class InferenceSettings:
         if self.effective_nms_threshold > 0:
             return max(self.max_detections, NMS_CANDIDATES)
         return self.effective_max_detections
+
+
+def settings_or_default(
+    settings: Optional[InferenceSettings], default: InferenceSettings
+) -> InferenceSettings:
+    """The settings of one call: ``settings``, or ``default`` when it is None.
+
+    Raises:
+        TypeError: ``settings`` is not an :class:`InferenceSettings` (e.g. a dict).
+    """
+    if settings is None:
+        return default
+    if not isinstance(settings, InferenceSettings):
+        raise TypeError(f"settings must be an InferenceSettings, got {type(settings).__name__}")
+    return settings
