@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 from detectron2.structures import Boxes, Instances
+from nms_reference import nms_output
 
 from grounding_dino import InferenceSettings
 from grounding_dino.io.coco_files import JsonListWriter
 from grounding_dino.io.detect_files import FileDetector
 from grounding_dino.io.inputs import expand_inputs, plan_outputs
-from grounding_dino.modeling.nms import nms_output
 from grounding_dino.preprocessing import parse_prompt
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,6 +18,7 @@ from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 from detectron2.structures import pairwise_iou
 from hf_reference import tiny_hf_config
+from nms_reference import nms_output
 from omegaconf import OmegaConf
 
 from grounding_dino import GroundingDINO, InferenceSettings
@@ -29,7 +30,6 @@ from grounding_dino.config import (
 from grounding_dino.io.coco_files import JsonListWriter
 from grounding_dino.io.detect_files import FileDetector
 from grounding_dino.io.inputs import VIDEO_EXTENSIONS, expand_inputs, plan_outputs
-from grounding_dino.modeling.nms import nms_output
 from grounding_dino.modeling.settings import NMS_CANDIDATES
 from grounding_dino.predictor import GroundingDINOPredictor
 from grounding_dino.preprocessing import check_token_spans, parse_token_spans

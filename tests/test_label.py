@@ -24,11 +24,12 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.structures import BoxMode
+from nms_reference import nms_output
 from pycocotools.coco import COCO
 from torchvision.ops import box_iou
 
 from grounding_dino.model_zoo import get_config, get_config_file
-from grounding_dino.modeling.nms import classwise_nms, nms_output
+from grounding_dino.modeling.nms import classwise_nms
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["red circle", "blue square", "green star"]

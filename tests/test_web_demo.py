@@ -133,7 +133,7 @@ def server(weights, tmp_path_factory):
 
 def expected_rows(predictor, path: str, prompt, box_threshold=0.0, nms=0.5, rec=False):
     """(phrase, score, x0, y0, x1, y1) rows of the predictor on the same file and settings."""
-    from grounding_dino.modeling.nms import nms_output
+    from nms_reference import nms_output
 
     image = cv2.imread(path)
     settings = predictor.settings.replace(box_threshold=box_threshold, text_threshold=0.25)

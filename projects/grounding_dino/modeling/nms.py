@@ -2,16 +2,17 @@
 
 Grounding DINO has no NMS of its own: several queries may find the same object, and a
 category prompt scores every (query, category) pair, so the same box may come back under one
-class several times. The labeller (``python -m grounding_dino.label``) and the demo CLI
-(``--nms``) remove such duplicates here, per class (or per phrase for captions).
+class several times. Post-processing removes such duplicates here when the call's
+``InferenceSettings.nms_threshold`` asks for it (the labeller's and the demos' ``--nms``), per
+class (or per phrase for captions).
 """
 
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 from torchvision.ops import batched_nms
 
-__all__ = ["classwise_nms", "nms_output"]
+__all__ = ["classwise_nms"]
 
 
 def classwise_nms(
@@ -54,31 +55,3 @@ def classwise_nms(
     if max_detections is not None:
         keep = keep[:max_detections]
     return keep
-
-
-def nms_output(output: Dict, iou_threshold: float, max_detections: Optional[int] = None) -> Dict:
-    """
-    :func:`classwise_nms` on one image's model output.
-
-    Args:
-        output: ``{"instances": Instances(pred_boxes, scores, pred_classes, ...),
-            "phrases": [str] * N}`` as the model and ``GroundingDINOPredictor`` return it.
-        iou_threshold, max_detections: see :func:`classwise_nms`.
-
-    Returns:
-        the same kind of dict with the kept detections (every ``Instances`` field and the
-        phrases indexed alike), best score first.
-    """
-    instances = output["instances"]
-    keep = classwise_nms(
-        instances.pred_boxes.tensor,
-        instances.scores,
-        instances.pred_classes,
-        iou_threshold,
-        max_detections,
-    )
-    phrases = output.get("phrases")
-    result = dict(output, instances=instances[keep])
-    if phrases is not None:
-        result["phrases"] = [phrases[i] for i in keep.tolist()]
-    return result
