@@ -135,12 +135,18 @@ def expected_rows(predictor, path: str, prompt, box_threshold=0.0, nms=0.5, rec=
     """(phrase, score, x0, y0, x1, y1) rows of the predictor on the same file and settings."""
     from nms_reference import nms_output
 
+    from grounding_dino.modeling.settings import NMS_CANDIDATES
+
     image = cv2.imread(path)
     settings = predictor.settings.replace(box_threshold=box_threshold, text_threshold=0.25)
     if rec:
         output = predictor.predict_rec(image, prompt, settings=settings)
     else:
-        output = nms_output(predictor(image, prompt, settings=settings), nms)
+        # The page's NMS runs over the best NMS_CANDIDATES candidates, then keeps the
+        # configured max_detections.
+        budget = settings.max_detections
+        candidates = settings.replace(max_detections=max(budget, NMS_CANDIDATES))
+        output = nms_output(predictor(image, prompt, settings=candidates), nms, budget)
     boxes = output["instances"].pred_boxes.tensor.tolist()
     scores = output["instances"].scores.tolist()
     return [(p, s, *b) for p, s, b in zip(output["phrases"], scores, boxes)]
