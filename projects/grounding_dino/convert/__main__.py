@@ -16,6 +16,8 @@ Full sources (official, hf, mmdet) write ``OUT_DIR/model.pth`` (``{"model": stat
 pointing at model.pth). Partial sources (imagenet-swin or swin, dino-official, dino-detrex) write
 ``OUT_DIR/model.pth`` for ``train.init_checkpoint``, holding the parts of the model they cover;
 they are checked against ``--config`` (default: the Swin-T configs; R-50 for a ResNet DINO).
+An existing output file is never replaced unless ``--force`` is given; every file is written
+atomically (an interrupted conversion leaves the old file, or none).
 """
 
 import argparse
@@ -71,6 +73,9 @@ def main(argv=None) -> int:
         help="lazy config to start from / check against (default: chosen from the source)",
     )
     parser.add_argument("--device", default="cpu", help="train.device in the saved config")
+    parser.add_argument(
+        "--force", action="store_true", help="replace existing output files (else an error)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -81,6 +86,7 @@ def main(argv=None) -> int:
             tokenizer=args.tokenizer,
             config=args.config,
             device=args.device,
+            force=args.force,
         )
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -9,6 +9,7 @@ from typing import Dict, List, Optional
 import torch
 from detectron2.config import LazyConfig, instantiate
 
+from ..io.atomic import atomic_output, refuse_existing
 from ..modeling.backbone import SWIN_VARIANTS, swin_variant_from_sizes
 from ..packaged_configs import get_config_file
 from .checkpoint import load_checkpoint_file, load_training_checkpoint
@@ -201,6 +202,18 @@ def _hf_config(folder: str, config_path: Optional[str], tokenizer: Optional[str]
     return cfg
 
 
+def save_config_atomic(cfg, path: str) -> None:
+    """``LazyConfig.save`` to ``path``, atomically. LazyConfig.save logs and falls back to a
+    pickle when the config does not serialise to YAML; here that is an error (a
+    ``config.yaml`` that cannot be loaded would replace a good one)."""
+    with atomic_output(path) as temporary:
+        LazyConfig.save(cfg, temporary)
+        fallback = temporary + ".pkl"
+        if os.path.lexists(fallback):
+            os.remove(fallback)
+            raise ValueError(f"the config for {path} does not serialise to YAML")
+
+
 def _load_hf_weights(folder: str) -> Dict[str, torch.Tensor]:
     for name in ("model.safetensors", "pytorch_model.bin"):
         path = os.path.join(folder, name)
@@ -251,10 +264,12 @@ def convert_checkpoint(
     tokenizer: Optional[str] = None,
     config: Optional[str] = None,
     device: str = "cpu",
+    force: bool = False,
 ) -> Dict:
     """
     Converts ``src`` and writes ``out_dir/model.pth`` (and, for full sources, the matching
-    ``out_dir/config.yaml``).
+    ``out_dir/config.yaml``), each atomically. An existing output file is an error naming it,
+    before anything is read, unless ``force`` (then it is replaced).
 
     Args:
         source: ``official`` (also Open-GroundingDino training checkpoints), ``hf``, ``mmdet``,
@@ -265,9 +280,14 @@ def convert_checkpoint(
         Full sources: {"missing", "unexpected", "ignored", "dropped", "notes",
         "skipped_entries"}; partial sources: the report of :func:`convert_partial_checkpoint`.
     """
+    weights_path = os.path.abspath(os.path.join(out_dir, "model.pth"))
+    config_path = os.path.abspath(os.path.join(out_dir, "config.yaml"))
+    # Partial sources write model.pth only; a config.yaml beside it is not theirs to refuse.
+    refuse_existing([weights_path], force)
     if source == "hf":
         if not os.path.isdir(src):
             raise FileNotFoundError(f"{src} is not a folder (expected a transformers model)")
+        refuse_existing([config_path], force)
         state = _load_hf_weights(src)
         cfg = _hf_config(src, config, tokenizer)
         converted, info = convert_state_dict("hf", state)
@@ -278,7 +298,7 @@ def convert_checkpoint(
         }
     else:
         if source == "auto" and os.path.isdir(src):
-            return convert_checkpoint("hf", src, out_dir, tokenizer, config, device)
+            return convert_checkpoint("hf", src, out_dir, tokenizer, config, device, force)
         if source not in ("auto", "official", "mmdet") + PARTIAL_SOURCES:
             raise ValueError(
                 f"Unknown source {source!r}; expected official, hf, mmdet, imagenet-swin, "
@@ -288,10 +308,11 @@ def convert_checkpoint(
         source = detect_source(state) if source == "auto" else source
         if source in PARTIAL_SOURCES:
             return convert_partial_checkpoint(
-                source, state, out_dir, src=src, config=config, skipped=skipped
+                source, state, out_dir, src=src, config=config, skipped=skipped, force=force
             )
         if source == "grounding-dino":
             raise ValueError(f"{src} already has this project's keys; nothing to convert")
+        refuse_existing([config_path], force)
         cfg, converted, info, state = _full_source_config(source, state, src, config, tokenizer)
         info["skipped_entries"] = skipped
         shared = {
@@ -312,13 +333,13 @@ def convert_checkpoint(
                 f"expects {tuple(expected[key].shape)}"
             )
     os.makedirs(out_dir, exist_ok=True)
-    weights_path = os.path.abspath(os.path.join(out_dir, "model.pth"))
-    torch.save({"model": {k: v.contiguous() for k, v in converted.items()}}, weights_path)
+    with atomic_output(weights_path) as temporary:
+        torch.save({"model": {k: v.contiguous() for k, v in converted.items()}}, temporary)
     cfg.train = dict(cfg.get("train", {}))
     cfg.train["device"] = device
     cfg.train["init_checkpoint"] = weights_path
     cfg.train["init_partial"] = False  # the converted weights cover the whole model
-    LazyConfig.save(cfg, os.path.join(out_dir, "config.yaml"))
+    save_config_atomic(cfg, config_path)
     for kind, keys in (("missing", missing), ("unexpected", unexpected)):
         if keys:
             logger.warning("%d %s keys, e.g. %s", len(keys), kind, keys[:5])

@@ -17,6 +17,7 @@ import torch
 from detectron2.config import LazyConfig, instantiate
 from torch import nn
 
+from ..io.atomic import atomic_output, refuse_existing
 from ..packaged_configs import get_config_file
 from .checkpoint import load_training_checkpoint
 from .sources import convert_state_dict, detect_source, unwrap_state_dict
@@ -75,17 +76,19 @@ def model_parameter_shapes(model_cfg) -> Dict[str, torch.Size]:
     return shapes
 
 
-def write_checkpoint(out_dir: str, state: Dict[str, torch.Tensor], partial: Optional[Dict]) -> str:
-    """Writes ``out_dir/model.pth`` (``{"model": state}``, plus ``partial_checkpoint``); refuses
-    to overwrite an existing file. Returns the path."""
+def write_checkpoint(
+    out_dir: str, state: Dict[str, torch.Tensor], partial: Optional[Dict], force: bool = False
+) -> str:
+    """Writes ``out_dir/model.pth`` (``{"model": state}``, plus ``partial_checkpoint``)
+    atomically; an existing file is an error naming it unless ``force``. Returns the path."""
     path = os.path.abspath(os.path.join(out_dir, "model.pth"))
-    if os.path.exists(path):
-        raise FileExistsError(f"{path} exists; choose another output folder (never overwritten)")
+    refuse_existing([path], force)
     os.makedirs(out_dir, exist_ok=True)
     data = {"model": {k: v.contiguous() for k, v in state.items()}}
     if partial is not None:
         data[PARTIAL_KEY] = partial
-    torch.save(data, path)
+    with atomic_output(path) as temporary:
+        torch.save(data, temporary)
     return path
 
 
@@ -105,6 +108,7 @@ def convert_partial_checkpoint(
     src: str,
     config: Optional[str] = None,
     skipped: Iterable[str] = (),
+    force: bool = False,
 ) -> Dict:
     """
     Converts the weights ``state`` read from the file ``src`` (a partial source:
@@ -146,7 +150,7 @@ def convert_partial_checkpoint(
     }
     partial = {k: report[k] for k in ("source", "covers", "not_covered", "notes")}
     partial["dropped"] = sorted(report["dropped"]) + unused
-    report["path"] = write_checkpoint(out_dir, kept, partial)
+    report["path"] = write_checkpoint(out_dir, kept, partial, force)
     return report
 
 
