@@ -10,6 +10,7 @@ Usage::
     python -m grounding_dino.convert dino-official checkpoint0033_4scale_swin.pth OUT_DIR
     python -m grounding_dino.convert dino-detrex dino_swin_tiny_224_4scale_12ep.pth OUT_DIR
     python -m grounding_dino.convert auto ANY_OF_THE_ABOVE OUT_DIR
+    python -m grounding_dino.convert to-hf CONFIG WEIGHTS OUT_DIR   # back to transformers
 
 Full sources (official, hf, mmdet) write ``OUT_DIR/model.pth`` (``{"model": state_dict}``) and
 ``OUT_DIR/config.yaml`` (the lazy config of the matching model, ``train.init_checkpoint``
@@ -18,6 +19,10 @@ pointing at model.pth). Partial sources (imagenet-swin or swin, dino-official, d
 they are checked against ``--config`` (default: the Swin-T configs; R-50 for a ResNet DINO).
 An existing output file is never replaced unless ``--force`` is given; every file is written
 atomically (an interrupted conversion leaves the old file, or none).
+
+``to-hf`` goes the other way: this project's config and weights (a fine-tuned model, say) ->
+a transformers folder for ``AutoModelForZeroShotObjectDetection`` and ``AutoProcessor``
+(``python -m grounding_dino.convert to-hf --help``).
 """
 
 import argparse
@@ -54,12 +59,19 @@ def _print_partial(report) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["to-hf"]:
+        from .to_hf import main as to_hf_main
+
+        return to_hf_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m grounding_dino.convert",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("source", choices=SOURCES, help="checkpoint format")
+    parser.add_argument(
+        "source", choices=SOURCES + ["to-hf"], help="checkpoint format (or to-hf: see above)"
+    )
     parser.add_argument("src", help="checkpoint file, or a transformers model folder")
     parser.add_argument("out_dir", help="output folder")
     parser.add_argument(

@@ -1,0 +1,152 @@
+"""``python -m grounding_dino.convert to-hf``: a model fine-tuned here goes back to a
+transformers folder that ``AutoModelForZeroShotObjectDetection`` / ``AutoProcessor`` load
+offline, with equal outputs; what transformers cannot hold is refused by name."""
+
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from detectron2.structures import Boxes, Instances
+
+from grounding_dino.text import PromptRun, normalize_caption, positive_map_from_spans
+
+TOKEN_TOL = 1e-4
+BOX_TOL_PX = 0.05
+
+
+def _to_hf_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "grounding_dino.convert", "to-hf", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+    )
+
+
+def _training_batch(tokenizer):
+    """Two 96x128 images: two objects, and none."""
+    caption = "red square . blue circle ."
+    tokenized = tokenizer(caption, return_offsets_mapping=True)
+    generator = torch.Generator().manual_seed(0)
+    records = []
+    for boxes, spans, classes in (
+        ([[8.0, 10.0, 48.0, 40.0], [60.0, 30.0, 110.0, 80.0]], [[(0, 10)], [(13, 24)]], [0, 1]),
+        (torch.zeros(0, 4), [], []),
+    ):
+        instances = Instances((96, 128))
+        instances.gt_boxes = Boxes(torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+        instances.gt_classes = torch.as_tensor(classes, dtype=torch.long)
+        instances.gt_positive_map = positive_map_from_spans(tokenized, spans, 256).reshape(-1, 256)
+        image = torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8, generator=generator)
+        records.append(
+            {"image": image, "caption": caption, "instances": instances, "height": 96, "width": 128}
+        )
+    return records
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(converted_tiny, tmp_path_factory):
+    """The converted small Swin + BERT model after 3 steps of the project's trainer, saved as
+    a Detectron2 checkpoint. Returns (model in eval mode, config.yaml, weights path, the
+    transformers model it started from)."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.utils.events import EventStorage
+
+    from grounding_dino import model_zoo
+    from grounding_dino.engine import GroundingTrainer, get_param_groups
+
+    hf_start, out_dir, _ = converted_tiny
+    config = out_dir / "config.yaml"
+    torch.manual_seed(0)
+    model = model_zoo.get(str(config), device="cpu").train()
+    groups = get_param_groups(
+        model,
+        base_lr=1e-3,
+        weight_decay=1e-4,
+        backbone_lr_multiplier=0.1,
+        text_encoder_lr_multiplier=0.1,
+    )
+    optimizer = torch.optim.AdamW(groups, lr=1e-3)
+    data = itertools.repeat(_training_batch(model.tokenizer))
+    trainer = GroundingTrainer(
+        model, data, optimizer, clip_grad={"enabled": True, "max_norm": 0.1, "norm_type": 2.0}
+    )
+    with EventStorage(0):
+        trainer.train(0, 3)
+    folder = tmp_path_factory.mktemp("fine_tuned")
+    DetectionCheckpointer(model, str(folder)).save("model_final")
+    return model.eval(), config, folder / "model_final.pth", hf_start
+
+
+def test_fine_tuned_model_loads_in_transformers_with_equal_outputs(fine_tuned, tmp_path):
+    from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+
+    model, config, weights, hf_start = fine_tuned
+    out = tmp_path / "hf"
+    result = _to_hf_cli(config, weights, out)
+    assert result.returncode == 0, result.stderr
+    assert "grounding-dino" in result.stdout
+    names = set(os.listdir(out))
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "vocab.txt"} <= names
+    assert not any(n.startswith(".") for n in names)  # no staging folder left
+
+    hf = AutoModelForZeroShotObjectDetection.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    assert type(hf).__name__ == "GroundingDinoForObjectDetection"
+    # The fine-tuning moved the weights: the export is not the model the test started from.
+    moved = (hf.model.enc_output.weight - hf_start.model.enc_output.weight).abs().max()
+    assert moved > 1e-4
+
+    captions = [normalize_caption(c) for c in ("a cat . a remote control .", "red square .")]
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 96, 128)
+    encoded = processor.tokenizer(captions, padding="longest", return_tensors="pt")
+    with torch.no_grad():
+        theirs = hf(
+            pixel_values=images,
+            input_ids=encoded["input_ids"],
+            attention_mask=encoded["attention_mask"],
+            token_type_ids=encoded["token_type_ids"],
+            pixel_mask=torch.ones(2, 96, 128, dtype=torch.long),
+        )
+        runs = [
+            PromptRun(i, c, model.prompt_encoder.tokenize(c)["input_ids"])
+            for i, c in enumerate(captions)
+        ]
+        ours = model.forward_transformer(list(images), runs)
+    length = encoded["input_ids"].shape[1]
+    score_diff = (ours["pred_logits"].sigmoid() - theirs.logits.sigmoid())[..., :length]
+    assert score_diff.abs().max() < TOKEN_TOL
+    box_diff = (ours["pred_boxes"] - theirs.pred_boxes).abs() * torch.tensor([128, 96, 128, 96])
+    assert box_diff.max() < BOX_TOL_PX
+
+    # The processor resizes and normalises as this model's preprocessing does.
+    assert processor.image_processor.size == {"shortest_edge": 800, "longest_edge": 1333}
+    mean = torch.tensor(processor.image_processor.image_mean) * 255
+    assert torch.allclose(mean, model.pixel_mean.flatten().cpu(), atol=1e-4)
+
+    # Never written over; --force replaces.
+    again = _to_hf_cli(config, weights, out)
+    assert again.returncode == 1
+    assert f"{out / 'config.json'} exists; pass --force" in again.stderr
+
+
+def test_parameters_transformers_lacks_are_refused_by_name(converted_tiny, tmp_path, capsys):
+    from grounding_dino.convert.to_hf import main
+
+    _, out_dir, _ = converted_tiny
+    # The demo head's learned logit scale and bias (shapes_tiny.py's head) on the converted model.
+    learned_scale = ["model.head.bias_init=-4.6", "model.head.log_scale_init=0.0"]
+    state = torch.load(out_dir / "model.pth", weights_only=True)["model"]
+    state.update({"head.bias": torch.tensor(-4.2), "head.log_scale": torch.tensor(0.3)})
+    torch.save({"model": state}, tmp_path / "with_scale.pth")
+    code = main(
+        [str(out_dir / "config.yaml"), str(tmp_path / "with_scale.pth"), str(tmp_path / "hf")]
+        + learned_scale
+    )
+    assert code == 1
+    assert "has no parameter for: head.bias, head.log_scale" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "hf" / "model.safetensors")
