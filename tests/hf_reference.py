@@ -22,12 +22,19 @@ TINY_BERT = dict(
 )
 
 
-def perturbed_hf_model(seed=0, **config_overrides):
-    """Builds the model and perturbs every parameter, so that no 0/1 init hides a bug."""
-    from transformers import GroundingDinoForObjectDetection
+def perturbed_hf_model(seed=0, model_type="grounding-dino", **config_overrides):
+    """Builds the model and perturbs every parameter, so that no 0/1 init hides a bug
+    (``model_type="mm-grounding-dino"``: ``MMGroundingDinoForObjectDetection``, whose per-layer
+    heads all become different)."""
+    from transformers import GroundingDinoForObjectDetection, MMGroundingDinoForObjectDetection
 
+    model_class = {
+        "grounding-dino": GroundingDinoForObjectDetection,
+        "mm-grounding-dino": MMGroundingDinoForObjectDetection,
+    }[model_type]
     torch.manual_seed(seed)
-    model = GroundingDinoForObjectDetection(tiny_hf_config(**config_overrides)).eval()
+    config = tiny_hf_config(model_type=model_type, **config_overrides)
+    model = model_class(config).eval()
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for parameter in model.parameters():

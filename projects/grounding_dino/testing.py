@@ -3,9 +3,12 @@
 __all__ = ["tiny_hf_config"]
 
 
-def tiny_hf_config(d_model: int = 64, num_queries: int = 30, **overrides):
-    """A small but complete transformers ``GroundingDinoConfig`` (Swin + BERT, 2+2 layers)."""
-    from transformers import BertConfig, GroundingDinoConfig, SwinConfig
+def tiny_hf_config(
+    d_model: int = 64, num_queries: int = 30, model_type: str = "grounding-dino", **overrides
+):
+    """A small but complete transformers ``GroundingDinoConfig`` (Swin + BERT, 2+2 layers);
+    ``model_type="mm-grounding-dino"``: the same sizes as an ``MMGroundingDinoConfig``."""
+    from transformers import BertConfig, GroundingDinoConfig, MMGroundingDinoConfig, SwinConfig
 
     backbone = SwinConfig(
         embed_dim=32,
@@ -38,4 +41,10 @@ def tiny_hf_config(d_model: int = 64, num_queries: int = 30, **overrides):
         fusion_droppath=0.0,
     )
     args.update(overrides)
-    return GroundingDinoConfig(**args)
+    config_classes = {
+        "grounding-dino": GroundingDinoConfig,
+        "mm-grounding-dino": MMGroundingDinoConfig,
+    }
+    if model_type not in config_classes:
+        raise ValueError(f"model_type must be one of {sorted(config_classes)}, got {model_type!r}")
+    return config_classes[model_type](**args)

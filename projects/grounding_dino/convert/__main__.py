@@ -5,12 +5,18 @@ Usage::
     python -m grounding_dino.convert official groundingdino_swint_ogc.pth OUT_DIR
     python -m grounding_dino.convert official open_groundingdino/checkpoint0011.pth OUT_DIR
     python -m grounding_dino.convert hf path/to/grounding-dino-tiny OUT_DIR --tokenizer DIR
+    python -m grounding_dino.convert hf path/to/mm_grounding_dino_tiny_o365v1_goldg OUT_DIR
     python -m grounding_dino.convert mmdet grounding_dino_swin-t_finetune_coco.pth OUT_DIR
+    python -m grounding_dino.convert mmdet llmdet_swin_tiny.pth OUT_DIR  # MM-GDINO, LLMDet
     python -m grounding_dino.convert imagenet-swin swin_tiny_patch4_window7_224.pth OUT_DIR
     python -m grounding_dino.convert dino-official checkpoint0033_4scale_swin.pth OUT_DIR
     python -m grounding_dino.convert dino-detrex dino_swin_tiny_224_4scale_12ep.pth OUT_DIR
     python -m grounding_dino.convert auto ANY_OF_THE_ABOVE OUT_DIR
     python -m grounding_dino.convert to-hf CONFIG WEIGHTS OUT_DIR   # back to transformers
+
+``hf`` reads ``model_type`` in config.json: ``grounding-dino`` (one head shared by the decoder
+layers) or ``mm-grounding-dino`` (MM-Grounding-DINO, LLMDet: one head per layer); ``mmdet``
+tells the two apart by whether the decoder layers' branches differ.
 
 Full sources (official, hf, mmdet) write ``OUT_DIR/model.pth`` (``{"model": state_dict}``) and
 ``OUT_DIR/config.yaml`` (the lazy config of the matching model, ``train.init_checkpoint``
@@ -56,6 +62,22 @@ def _print_partial(report) -> None:
         print(f"  dropped: {key} ({reason})")
     for key in report["unused"]:
         print(f"  unused: {key} (no counterpart in the model of {report['config']})")
+
+
+def _print_dropped(dropped, max_listed: int = 10) -> None:
+    """One line per dropped key; a reason shared by more than ``max_listed`` keys (LLMDet's
+    language-model branch has thousands) gets one line with the count and the key prefixes."""
+    by_reason = {}
+    for key, reason in dropped.items():
+        if not reason.startswith("copy"):
+            by_reason.setdefault(reason, []).append(key)
+    for reason, keys in by_reason.items():
+        if len(keys) <= max_listed:
+            for key in keys:
+                print(f"  dropped: {key} ({reason})")
+            continue
+        prefixes = sorted({key.split(".")[0] + ".*" for key in keys})
+        print(f"  dropped: {len(keys)} keys under {', '.join(prefixes)} ({reason})")
 
 
 def main(argv=None) -> int:
@@ -120,9 +142,7 @@ def main(argv=None) -> int:
     for kind in ("missing", "unexpected"):
         for key in report[kind]:
             print(f"  {kind}: {key}")
-    for key, reason in report.get("dropped", {}).items():
-        if not reason.startswith("copy"):
-            print(f"  dropped: {key} ({reason})")
+    _print_dropped(report.get("dropped", {}))
     return 0 if not report["missing"] and not report["unexpected"] else 2
 
 

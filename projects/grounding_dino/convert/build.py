@@ -21,11 +21,16 @@ __all__ = ["convert_checkpoint", "default_config_path"]
 logger = logging.getLogger(__name__)
 
 DEFAULT_TOKENIZER = "bert-base-uncased"
+# transformers' config.json model_type -> whether the model has one head per decoder layer.
+HF_MODEL_TYPES = {"grounding-dino": False, "mm-grounding-dino": True}
 
 
-def default_config_path(source: str, src: str) -> str:
+def default_config_path(source: str, src: str, per_layer_heads: bool = False) -> str:
     """The packaged lazy config of the model a checkpoint's name suggests (Swin-B for
-    "swinb"/"swin_b"/"swin-b"/"base", else Swin-T)."""
+    "swinb"/"swin_b"/"swin-b"/"base", else Swin-T); with ``per_layer_heads``, the
+    MM-Grounding-DINO config (the converter sets the body's sizes from the weights)."""
+    if per_layer_heads:
+        return get_config_file("mm_grounding_dino_swin_t.py")
     name = os.path.basename(os.path.normpath(src)).lower()
     is_base = any(tag in name for tag in ("swinb", "swin_b", "swin-b", "base"))
     filename = "grounding_dino_swin_b_cogcoor.py" if is_base else "grounding_dino_swin_t_ogc.py"
@@ -132,10 +137,25 @@ def _hf_swin_variant(backbone: dict, config_file: str):
     return sizes
 
 
-def _hf_config(folder: str, config_path: Optional[str], tokenizer: Optional[str]):
+def hf_model_type(folder: str) -> str:
+    """``model_type`` of a transformers folder's config.json; ValueError naming the file when it
+    is neither ``grounding-dino`` nor ``mm-grounding-dino``."""
     config_file = os.path.join(folder, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{config_file} not found (expected a transformers folder)")
+    with open(config_file) as f:
+        model_type = json.load(f).get("model_type")
+    if model_type not in HF_MODEL_TYPES:
+        raise ValueError(
+            f"{config_file}: model_type={model_type!r} is not supported (expected one of "
+            f"{', '.join(map(repr, HF_MODEL_TYPES))})"
+        )
+    return model_type
+
+
+def _hf_config(folder: str, config_path: Optional[str], tokenizer: Optional[str]):
+    per_layer_heads = HF_MODEL_TYPES[hf_model_type(folder)]
+    config_file = os.path.join(folder, "config.json")
     with open(config_file) as f:
         hf = json.load(f)
     checks = {
@@ -150,7 +170,7 @@ def _hf_config(folder: str, config_path: Optional[str], tokenizer: Optional[str]
             raise ValueError(
                 f"{config_file}: {field}={hf[field]!r} is not supported (expected {wanted!r})"
             )
-    cfg = LazyConfig.load(config_path or default_config_path("hf", folder))
+    cfg = LazyConfig.load(config_path or default_config_path("hf", folder, per_layer_heads))
     model = cfg.model
     d_model = hf["d_model"]
     enc_heads, enc_ffn = hf["encoder_attention_heads"], hf["encoder_ffn_dim"]
@@ -228,12 +248,13 @@ def _check_duplicates(
     converted: Dict,
     shared_prefixes: Dict[str, str],
 ) -> None:
-    """Dropped copies of the shared box head must equal the kept tensor."""
+    """Dropped copies of a head must equal the kept tensor (``shared_prefixes``: pattern of a
+    copy's key -> ``re.sub`` replacement giving the kept key's prefix)."""
     for key in ignored:
         for pattern, target in shared_prefixes.items():
             match = re.match(pattern, key)
             if match:
-                kept = converted.get(target + key[match.end() :])
+                kept = converted.get(match.expand(target) + key[match.end() :])
                 if kept is not None and not torch.equal(kept, source[key]):
                     raise ValueError(
                         f"{key} differs from the shared box head; this checkpoint "
@@ -245,15 +266,19 @@ def _full_source_config(source, state, src, config: Optional[str], tokenizer: Op
     """(cfg, converted, info, official-layout state) of an ``official`` or ``mmdet`` state."""
     converted, info = convert_state_dict(source, state)
     official = info.pop("official_layout", state)
-    cfg = _official_config(official, config or default_config_path(source, src), tokenizer)
-    for prefix, node in (
-        ("head.", cfg.model.head),
-        ("query_selector.head.", cfg.model.query_selector.head),
-    ):
-        # mmdet heads configured with a bias / log scale: the model gets the parameters.
+    per_layer = info["per_layer_heads"]
+    cfg = _official_config(
+        official, config or default_config_path(source, src, per_layer), tokenizer
+    )
+    heads = [("head.", cfg.model.head)]
+    if per_layer:  # the MM config: layer_heads(head=ContrastiveHead(...))
+        heads = [("head.0.", cfg.model.head.head)]
+    for prefix, node in heads + [("query_selector.head.", cfg.model.query_selector.head)]:
+        # mmdet heads configured with a bias / log scale: the model gets the parameters; a
+        # bias without a log scale is MM-Grounding-DINO's constant 1/sqrt(C).
         for name in ("bias", "log_scale"):
-            if prefix + name in converted:
-                node[f"{name}_init"] = 0.0
+            node[f"{name}_init"] = 0.0 if prefix + name in converted else None
+        node["fixed_scale"] = prefix + "bias" in converted and prefix + "log_scale" not in converted
     return cfg, converted, info, official
 
 
@@ -290,12 +315,15 @@ def convert_checkpoint(
         refuse_existing([config_path], force)
         state = _load_hf_weights(src)
         cfg = _hf_config(src, config, tokenizer)
-        converted, info = convert_state_dict("hf", state)
+        per_layer = HF_MODEL_TYPES[hf_model_type(src)]
+        converted, info = convert_state_dict("hf", state, per_layer_heads=per_layer)
         info["skipped_entries"] = []
         shared = {
             r"^bbox_embed\.\d+\.": "decoder.bbox_embed.",
             r"^model\.decoder\.bbox_embed\.\d+\.": "decoder.bbox_embed.",
         }
+        if per_layer:  # the per-layer heads' tied copies are checked by the key conversion
+            shared = {}
     else:
         if source == "auto" and os.path.isdir(src):
             return convert_checkpoint("hf", src, out_dir, tokenizer, config, device, force)
@@ -319,6 +347,8 @@ def convert_checkpoint(
             r"^bbox_embed\.\d+\.": "decoder.bbox_embed.",
             r"^transformer\.decoder\.bbox_embed\.\d+\.": "decoder.bbox_embed.",
         }
+        if info["per_layer_heads"]:
+            shared = {r"^transformer\.decoder\.bbox_embed\.(\d+)\.": r"decoder.bbox_embed.\1."}
     ignored = [k for k, reason in info["dropped"].items() if reason.startswith("copy")]
     _check_duplicates(state, ignored, converted, shared)
 

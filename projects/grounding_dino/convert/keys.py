@@ -5,6 +5,11 @@
 of a kept tensor (shared box heads) and BERT's unused pooler. Anything else that does not map
 stays under its own name, so that loading reports it as unexpected. The input projections'
 converters map the references' ``input_proj`` layout onto the neck's.
+
+With ``per_layer_heads=True`` (MM-Grounding-DINO and LLMDet: transformers'
+``MMGroundingDinoForObjectDetection``, mmdetection's unshared branches) box head ``i`` becomes
+``decoder.bbox_embed.<i>`` and contrastive head ``i`` ``head.<i>`` instead of being a copy of
+head 0; the encoder's contrastive head becomes ``query_selector.head``.
 """
 
 import re
@@ -129,6 +134,17 @@ _HF_RULES: Rules = [
     (r"^bbox_embed\.0\.", "decoder.bbox_embed."),
 ]
 _HF_DUPLICATES = [r"^bbox_embed\.[1-9]\d*\.", r"^model\.decoder\.bbox_embed\."]
+# One head per decoder layer (checked first), and the decoder's references to them.
+_OFFICIAL_PER_LAYER_RULES: Rules = [(r"^bbox_embed\.(\d+)\.", r"decoder.bbox_embed.\1.")]
+_OFFICIAL_PER_LAYER_DUPLICATES = [r"^transformer\.decoder\.bbox_embed\.", r"^bert\.pooler\."]
+_HF_PER_LAYER_RULES: Rules = [
+    (r"^bbox_embed\.(\d+)\.", r"decoder.bbox_embed.\1."),
+    (r"^class_embed\.(\d+)\.", r"head.\1."),
+    (r"^model\.encoder_output_class_embed\.", "query_selector.head."),
+]
+# transformers ties ``model.decoder.{bbox,class}_embed`` to the top-level heads; a saved file
+# holds each tensor under either name (safetensors keeps one name per shared tensor).
+_HF_DECODER_HEAD_ALIAS = re.compile(r"^model\.decoder\.((?:bbox|class)_embed\.\d+\..*)$")
 # HF splits packed attention projections into query/key/value.
 _HF_PACKED_ATTENTION = re.compile(
     r"^(enhancer\.layers\.\d+\.text_layer\.self_attn|decoder\.layers\.\d+\.(?:self_attn|ca_text))"
@@ -213,13 +229,16 @@ def convert_hf_input_proj_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, t
     return _rename_input_proj(sd)
 
 
-def convert_official_state_dict(state: Dict[str, torch.Tensor]) -> Tuple[Dict, List[str]]:
-    """Official ``ckpt["model"]`` (optionally ``module.``-prefixed) -> this model's keys."""
+def convert_official_state_dict(
+    state: Dict[str, torch.Tensor], per_layer_heads: bool = False
+) -> Tuple[Dict, List[str]]:
+    """Official ``ckpt["model"]`` (optionally ``module.``-prefixed) -> this model's keys;
+    ``per_layer_heads``: keep every ``bbox_embed.<i>`` (see the module docstring)."""
     state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
     return _convert(
         state,
-        _OFFICIAL_RULES,
-        _OFFICIAL_DUPLICATES,
+        (_OFFICIAL_PER_LAYER_RULES if per_layer_heads else []) + _OFFICIAL_RULES,
+        _OFFICIAL_PER_LAYER_DUPLICATES if per_layer_heads else _OFFICIAL_DUPLICATES,
         "backbone.0.",
         convert_official_swin_state_dict,
         "input_proj.",
@@ -227,14 +246,41 @@ def convert_official_state_dict(state: Dict[str, torch.Tensor]) -> Tuple[Dict, L
     )
 
 
-def convert_hf_state_dict(state: Dict[str, torch.Tensor]) -> Tuple[Dict, List[str]]:
-    """transformers' ``GroundingDinoForObjectDetection`` state dict -> this model's keys."""
-    return _convert(
+def convert_hf_state_dict(
+    state: Dict[str, torch.Tensor], per_layer_heads: bool = False
+) -> Tuple[Dict, List[str]]:
+    """transformers' ``GroundingDinoForObjectDetection`` state dict -> this model's keys;
+    with ``per_layer_heads``, ``MMGroundingDinoForObjectDetection``'s."""
+    aliases: List[str] = []
+    if per_layer_heads:
+        state, aliases = _merge_decoder_head_aliases(state)
+    converted, ignored = _convert(
         state,
-        _HF_RULES,
-        _HF_DUPLICATES,
+        (_HF_PER_LAYER_RULES if per_layer_heads else []) + _HF_RULES,
+        [] if per_layer_heads else _HF_DUPLICATES,
         "model.backbone.conv_encoder.model.",
         convert_hf_swin_state_dict,
         "model.input_proj_vision.",
         convert_hf_input_proj_state_dict,
     )
+    return converted, aliases + ignored
+
+
+def _merge_decoder_head_aliases(
+    state: Dict[str, torch.Tensor],
+) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """``model.decoder.{bbox,class}_embed.<i>.*`` -> ``{bbox,class}_embed.<i>.*`` (the same
+    tied tensors); returns the state and the alias keys dropped as copies. ValueError when a
+    copy differs from the tensor it is tied to."""
+    merged, aliases = {}, []
+    for key, value in state.items():
+        match = _HF_DECODER_HEAD_ALIAS.match(key)
+        if match is None:
+            merged.setdefault(key, value)
+            continue
+        target = match.group(1)
+        aliases.append(key)
+        if target in state and not torch.equal(state[target], value):
+            raise ValueError(f"{key} differs from {target}, the per-layer head it is tied to")
+        merged.setdefault(target, value)
+    return merged, aliases

@@ -17,19 +17,25 @@ the head was configured with them), ``dn_query_generator.label_embedding`` (unus
 mmdet's contrastive head multiplies the logits by ``exp(log_scale)``; this project's
 :class:`ContrastiveHead` by ``exp(log_scale) / sqrt(C)``, so ``log_scale`` gains
 ``0.5 * ln(C)``. A head with a ``bias`` and no ``log_scale`` parameter is MM-Grounding-DINO's
-``log_scale="auto"`` (a fixed ``1 / sqrt(C)``): ours gets ``log_scale = 0``.
+``log_scale="auto"`` (a constant ``1 / sqrt(C)``): ours gets ``fixed_scale=True``.
+
+MM-Grounding-DINO and LLMDet train one head per decoder layer (mmdet's ``share_pred_layer``
+off): when the decoder layers' branches differ (:func:`mmdet_per_layer_heads`), every
+``bbox_embed.<i>`` is kept and the contrastive parameters go to ``head.<i>.*``. LLMDet's
+training-only language-model branch (``lmm``, its connectors and its own ``ref_point_head``)
+is dropped and named.
 """
 
 import math
 import re
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
 from .keys import rename
 from .swin_sources import convert_mmdet_swin_state_dict
 
-__all__ = ["mmdet_to_official_state_dict"]
+__all__ = ["mmdet_per_layer_heads", "mmdet_to_official_state_dict"]
 
 _RULES = [
     (r"^language_model\.language_backbone\.body\.model\.", "bert."),
@@ -70,18 +76,42 @@ _RULES = [
     (r"^decoder\.norm\.", "transformer.decoder.norm."),
 ]
 
-_IGNORED = {r"^dn_query_generator\.": "mmdet's denoising label embedding (unused: text features)"}
+_LLMDET_BRANCH = "LLMDet's language-model branch (training only; detection does not use it)"
+_IGNORED = {
+    r"^dn_query_generator\.": "mmdet's denoising label embedding (unused: text features)",
+    r"^lmm\.": _LLMDET_BRANCH,
+    r"^(region_)?connector\.": _LLMDET_BRANCH,
+    r"^(image_seperate|img_sep)\.": _LLMDET_BRANCH,
+    r"^ref_point_head\.": _LLMDET_BRANCH,  # the decoder's is decoder.ref_point_head
+}
 
 
 def _count(state, pattern: str) -> int:
     return len({m.group(1) for k in state if (m := re.match(pattern, k))})
 
 
+def mmdet_per_layer_heads(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the decoder layers' ``bbox_head.{reg,cls}_branches.<i>`` differ (one head per
+    layer, as MM-Grounding-DINO and LLMDet) rather than being copies of one shared head."""
+    num_layers = _count(state, r"^decoder\.layers\.(\d+)\.")
+    first: Dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        match = re.match(r"^bbox_head\.(reg|cls)_branches\.(\d+)\.(.*)$", key)
+        if not match or int(match.group(2)) >= num_layers:
+            continue
+        name = f"{match.group(1)}.{match.group(3)}"
+        if name in first and not torch.equal(first[name], value):
+            return True
+        first.setdefault(name, value)
+    return False
+
+
 def _head_parameters(
-    state: Dict[str, torch.Tensor], num_layers: int, hidden_dim: int
+    state: Dict[str, torch.Tensor], num_layers: int, hidden_dim: int, per_layer: bool
 ) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     """``bbox_head.cls_branches.<i>.{bias,log_scale}`` -> this model's ``head.*`` (decoder,
-    equal over layers) and ``query_selector.head.*`` (encoder proposals, i = L)."""
+    equal over layers) or ``head.<i>.*`` (``per_layer``), and ``query_selector.head.*``
+    (encoder proposals, i = L)."""
     out: Dict[str, torch.Tensor] = {}
     notes: List[str] = []
     branches: Dict[int, Dict[str, torch.Tensor]] = {}
@@ -93,37 +123,39 @@ def _head_parameters(
     if not branches:
         return out, notes
     decoder = [branches.get(i, {}) for i in range(num_layers)]
+    heads = [(f"head.{i}.", branch) for i, branch in enumerate(decoder)]
+    if not per_layer:
+        heads = [("head.", decoder[0])]
     for name in decoder[0]:
-        if any(not torch.equal(b[name], decoder[0][name]) for b in decoder):
+        if not per_layer and any(not torch.equal(b[name], decoder[0][name]) for b in decoder):
             raise ValueError(
-                f"bbox_head.cls_branches.*.{name} differs between decoder layers; this model "
-                "shares one contrastive head over its layers"
+                f"bbox_head.cls_branches.*.{name} differs between decoder layers; convert "
+                "it as a checkpoint with one head per layer"
             )
-    for prefix, branch in (
-        ("head.", decoder[0]),
-        ("query_selector.head.", branches.get(num_layers, {})),
-    ):
+    for prefix, branch in heads + [("query_selector.head.", branches.get(num_layers, {}))]:
         if "bias" in branch:
             out[prefix + "bias"] = branch["bias"].reshape(())
         if "log_scale" in branch:
             out[prefix + "log_scale"] = branch["log_scale"].reshape(()) + 0.5 * math.log(hidden_dim)
         elif "bias" in branch:
-            out[prefix + "log_scale"] = torch.zeros(())
             notes.append(
                 f"bbox_head.cls_branches has a bias and no log_scale: read as MM-Grounding-DINO's "
-                f"log_scale='auto' (logits / sqrt({hidden_dim})), {prefix}log_scale = 0"
+                f"log_scale='auto', a constant 1/sqrt({hidden_dim}) (fixed_scale=True)"
             )
     return out, notes[:1]
 
 
 def mmdet_to_official_state_dict(
-    state: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor], per_layer_heads: Optional[bool] = None
 ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor], Dict[str, str], List[str]]:
     """
     mmdet ``GroundingDINO`` ``state_dict`` -> (official-layout state dict, head parameters in
     this model's keys, ``{dropped source key: reason}``, notes). Keys it does not know keep
-    their names, so that the conversion reports them as unexpected.
+    their names, so that the conversion reports them as unexpected. ``per_layer_heads``: None
+    reads it off the weights (:func:`mmdet_per_layer_heads`).
     """
+    if per_layer_heads is None:
+        per_layer_heads = mmdet_per_layer_heads(state)
     state = dict(state)
     dropped: Dict[str, str] = {}
     for key in list(state):
@@ -133,7 +165,7 @@ def mmdet_to_official_state_dict(
                 del state[key]
     num_layers = _count(state, r"^decoder\.layers\.(\d+)\.")
     hidden_dim = state["level_embed"].shape[-1] if "level_embed" in state else 256
-    head, notes = _head_parameters(state, num_layers, hidden_dim)
+    head, notes = _head_parameters(state, num_layers, hidden_dim, per_layer_heads)
     num_convs = _count(state, r"^neck\.convs\.(\d+)\.")
     gn = {"conv": "0", "gn": "1"}
     rules = _RULES + [

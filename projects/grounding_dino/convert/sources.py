@@ -15,7 +15,7 @@ import torch
 
 from .dino import convert_dino_state_dict, dino_layout
 from .keys import convert_hf_state_dict, convert_official_state_dict
-from .mmdet import mmdet_to_official_state_dict
+from .mmdet import mmdet_per_layer_heads, mmdet_to_official_state_dict
 from .swin_sources import convert_imagenet_swin_state_dict, imagenet_swin_layout
 
 __all__ = [
@@ -87,27 +87,39 @@ def detect_source(state: Mapping[str, torch.Tensor]) -> str:
 
 
 def convert_state_dict(
-    source: str, state: Mapping[str, torch.Tensor]
+    source: str, state: Mapping[str, torch.Tensor], per_layer_heads: bool = False
 ) -> Tuple[Dict[str, torch.Tensor], Dict]:
     """
     Renames ``state`` (in ``source``'s layout) to this model's keys.
 
+    Args:
+        per_layer_heads: ``hf`` only: a transformers ``mm-grounding-dino`` state dict (one
+            head per decoder layer). mmdet state dicts say it themselves (their branches).
+
     Returns:
         (converted, info): the tensors, and ``{"source", "partial" (bool), "dropped": {source
-        key: reason}, "notes": [str]}``. Keys that no rule maps keep their names (they are
-        reported as unexpected or unused later, never loaded silently).
+        key: reason}, "notes": [str], "per_layer_heads" (bool)}``. Keys that no rule maps keep
+        their names (they are reported as unexpected or unused later, never loaded silently).
     """
-    info = {"source": source, "partial": source in PARTIAL_SOURCES, "dropped": {}, "notes": []}
+    if source == "mmdet":
+        per_layer_heads = mmdet_per_layer_heads(state)
+    info = {
+        "source": source,
+        "partial": source in PARTIAL_SOURCES,
+        "dropped": {},
+        "notes": [],
+        "per_layer_heads": per_layer_heads,
+    }
     if source == "grounding-dino":
         return dict(state), info
     if source in ("official", "hf"):
         convert = convert_official_state_dict if source == "official" else convert_hf_state_dict
-        converted, ignored = convert(state)
+        converted, ignored = convert(state, per_layer_heads=per_layer_heads)
         info["dropped"] = {k: "copy of a shared tensor, or BERT's unused pooler" for k in ignored}
         return converted, info
     if source == "mmdet":
-        official, head, dropped, notes = mmdet_to_official_state_dict(state)
-        converted, ignored = convert_official_state_dict(official)
+        official, head, dropped, notes = mmdet_to_official_state_dict(state, per_layer_heads)
+        converted, ignored = convert_official_state_dict(official, per_layer_heads)
         converted.update(head)
         info["dropped"] = {**dropped, **{k: "copy of a shared tensor" for k in ignored}}
         info["notes"] = notes

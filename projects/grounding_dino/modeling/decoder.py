@@ -89,7 +89,8 @@ class CrossModalityDecoderLayer(PostNormFFNLayer):
 class CrossModalityDecoder(nn.Module):
     """
     A stack of :class:`CrossModalityDecoderLayer` with iterative box refinement by one box
-    head shared across layers, and a query position embedding from the boxes' sine embedding.
+    head shared across layers (the official model) or one box head per layer
+    (MM-Grounding-DINO, LLMDet), and a query position embedding from the boxes' sine embedding.
     """
 
     def __init__(
@@ -102,6 +103,7 @@ class CrossModalityDecoder(nn.Module):
         num_levels: int,
         num_points: int,
         dropout: float,
+        per_layer_box_heads: bool = False,
     ):
         """
         Args:
@@ -112,6 +114,8 @@ class CrossModalityDecoder(nn.Module):
             num_levels: feature levels of the image tokens.
             num_points: deformable sampling points per head and level.
             dropout: dropout of the attentions and FFN (training only).
+            per_layer_box_heads: False: one box head ``bbox_embed`` shared by the layers;
+                True: ``bbox_embed`` is a list with one head per layer.
         """
         super().__init__()
         self.layers = nn.ModuleList(
@@ -127,9 +131,11 @@ class CrossModalityDecoder(nn.Module):
         )
         self.norm = nn.LayerNorm(d_model)
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
-        self.bbox_embed = MLP(d_model, d_model, 4, 3)
-        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
-        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+        box_heads = [MLP(d_model, d_model, 4, 3) for _ in range(num_layers)]
+        for box_head in box_heads:
+            nn.init.zeros_(box_head.layers[-1].weight)
+            nn.init.zeros_(box_head.layers[-1].bias)
+        self.bbox_embed = nn.ModuleList(box_heads) if per_layer_box_heads else box_heads[0]
         self.d_model = d_model
 
     def forward(
@@ -166,7 +172,9 @@ class CrossModalityDecoder(nn.Module):
         reference_points = reference.sigmoid()
         ratios = torch.cat([image.valid_ratios, image.valid_ratios], -1)[:, None]
         hidden, boxes = [], []
-        for layer in self.layers:
+        shared = not isinstance(self.bbox_embed, nn.ModuleList)
+        for index, layer in enumerate(self.layers):
+            box_head = self.bbox_embed if shared else self.bbox_embed[index]
             points_input = reference_points[:, :, None] * ratios
             # The references embed the box scaled by the level-0 valid ratio, which makes a
             # padded image's queries depend on the batch; the box itself is the same for a
@@ -191,6 +199,6 @@ class CrossModalityDecoder(nn.Module):
             hidden.append(normed)
             # As the references: predictions come from the normed queries, while the next
             # layer's anchors come from the raw ones.
-            boxes.append((self.bbox_embed(normed) + anchor).sigmoid())
-            reference_points = (self.bbox_embed(queries) + anchor).sigmoid().detach()
+            boxes.append((box_head(normed) + anchor).sigmoid())
+            reference_points = (box_head(queries) + anchor).sigmoid().detach()
         return hidden, boxes

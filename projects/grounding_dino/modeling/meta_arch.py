@@ -13,6 +13,7 @@ from ..preprocessing import Prompt, normalize_image, prompt_to_input, runs_for_i
 from ..resize import resize_uint8_image
 from ..text.structures import TokenizedText
 from .denoising import prepare_for_cdn, split_dn_outputs
+from .head import layer_logits
 from .postprocessing import detections_for_inputs
 from .settings import InferenceSettings, settings_or_default
 from .structures import ImageTokens, MultiScaleFeatures
@@ -87,7 +88,8 @@ class GroundingDINO(nn.Module):
             enhancer: feature enhancer (FEATURE_ENHANCER_REGISTRY).
             query_selector: language-guided query selector (QUERY_SELECTOR_REGISTRY).
             decoder: cross-modality decoder (DECODER_REGISTRY).
-            head: contrastive head of the decoder layers, queries . text -> token logits.
+            head: contrastive head of the decoder layers, queries . text -> token logits (one
+                shared module, or an ``nn.ModuleList`` of one per layer: ``head.layer_heads``).
             criterion: training loss; None for an inference-only model.
             box_threshold: keep boxes whose best score exceeds this.
             text_threshold: tokens above this score form a box's phrase.
@@ -318,7 +320,7 @@ class GroundingDINO(nn.Module):
         hidden, boxes = self.decoder(
             queries, reference, image, text, self_attention_mask=self_attention_mask
         )
-        logits = torch.stack([self.head(h, text.features, text.token_mask) for h in hidden])
+        logits = layer_logits(self.head, hidden, text.features, text.token_mask)
         dn_logits, logits = split_dn_outputs(logits, dn_meta)
         dn_boxes, boxes = split_dn_outputs(torch.stack(boxes), dn_meta)
         outputs = _layer_outputs(logits, boxes)
