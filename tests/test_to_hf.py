@@ -47,18 +47,39 @@ def _training_batch(tokenizer):
     return records
 
 
-@pytest.fixture(scope="module")
-def fine_tuned(converted_tiny, tmp_path_factory):
-    """The converted small Swin + BERT model after 3 steps of the project's trainer, saved as
-    a Detectron2 checkpoint. Returns (model in eval mode, config.yaml, weights path, the
-    transformers model it started from)."""
+def _converted(model_type, converted_tiny, tmp_path_factory, minilm_dir):
+    """(transformers model, folder with config.yaml + model.pth) of a small random model of
+    ``model_type``, converted with ``convert hf``."""
+    if model_type == "grounding-dino":
+        hf, out_dir, _ = converted_tiny
+        return hf, out_dir
+    from hf_reference import perturbed_hf_model
+
+    from grounding_dino.convert.build import convert_checkpoint
+
+    hf = perturbed_hf_model(model_type=model_type)
+    folder = tmp_path_factory.mktemp("hf_mm")
+    hf.save_pretrained(folder)
+    out_dir = tmp_path_factory.mktemp("converted_mm")
+    report = convert_checkpoint("hf", str(folder), str(out_dir), tokenizer=minilm_dir)
+    assert not report["missing"] and not report["unexpected"]
+    return hf, out_dir
+
+
+@pytest.fixture(scope="module", params=["grounding-dino", "mm-grounding-dino"])
+def fine_tuned(request, converted_tiny, tmp_path_factory, minilm_dir):
+    """A converted small Swin + BERT model (shared heads, or MM-Grounding-DINO's per-layer
+    heads) after 3 steps of the project's trainer, saved as a Detectron2 checkpoint. Returns
+    (model type, model in eval mode, config.yaml, weights path, the transformers model it
+    started from)."""
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.utils.events import EventStorage
 
     from grounding_dino import model_zoo
     from grounding_dino.engine import GroundingTrainer, get_param_groups
 
-    hf_start, out_dir, _ = converted_tiny
+    model_type = request.param
+    hf_start, out_dir = _converted(model_type, converted_tiny, tmp_path_factory, minilm_dir)
     config = out_dir / "config.yaml"
     torch.manual_seed(0)
     model = model_zoo.get(str(config), device="cpu").train()
@@ -78,24 +99,25 @@ def fine_tuned(converted_tiny, tmp_path_factory):
         trainer.train(0, 3)
     folder = tmp_path_factory.mktemp("fine_tuned")
     DetectionCheckpointer(model, str(folder)).save("model_final")
-    return model.eval(), config, folder / "model_final.pth", hf_start
+    return model_type, model.eval(), config, folder / "model_final.pth", hf_start
 
 
 def test_fine_tuned_model_loads_in_transformers_with_equal_outputs(fine_tuned, tmp_path):
     from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
-    model, config, weights, hf_start = fine_tuned
+    model_type, model, config, weights, hf_start = fine_tuned
     out = tmp_path / "hf"
     result = _to_hf_cli(config, weights, out)
     assert result.returncode == 0, result.stderr
-    assert "grounding-dino" in result.stdout
+    assert f"({model_type})" in result.stdout
     names = set(os.listdir(out))
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "vocab.txt"} <= names
     assert not any(n.startswith(".") for n in names)  # no staging folder left
 
     hf = AutoModelForZeroShotObjectDetection.from_pretrained(out).eval()
     processor = AutoProcessor.from_pretrained(out)
-    assert type(hf).__name__ == "GroundingDinoForObjectDetection"
+    assert type(hf) is type(hf_start)  # GroundingDino- or MMGroundingDinoForObjectDetection
+    assert hf.config.model_type == model_type
     # The fine-tuning moved the weights: the export is not the model the test started from.
     moved = (hf.model.enc_output.weight - hf_start.model.enc_output.weight).abs().max()
     assert moved > 1e-4
@@ -150,3 +172,26 @@ def test_parameters_transformers_lacks_are_refused_by_name(converted_tiny, tmp_p
     assert code == 1
     assert "has no parameter for: head.bias, head.log_scale" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "hf" / "model.safetensors")
+
+
+def test_settings_transformers_cannot_hold_are_refused_by_name():
+    from transformers import BertConfig
+
+    from grounding_dino.convert.to_hf import hf_config_from_lazy
+    from grounding_dino.model_zoo import get_config
+
+    resnet = get_config("grounding_dino_r50.py").model
+    with pytest.raises(ValueError, match="model.backbone.name='ResNetBackbone'"):
+        hf_config_from_lazy(resnet, BertConfig())
+    demo = get_config("shapes_tiny.py").model  # the demo's enhancer sizes and MiniLM at ids + 1
+    demo.backbone = get_config("grounding_dino_swin_t_ogc.py").model.backbone
+    with pytest.raises(ValueError, match="model.enhancer.text_ffn_dim=512 .* has 256"):
+        hf_config_from_lazy(demo, BertConfig())
+    shifted = get_config("grounding_dino_swin_t_ogc.py").model
+    shifted.text_encoder.bert_position_offset = 1
+    with pytest.raises(ValueError, match="model.text_encoder.bert_position_offset=1"):
+        hf_config_from_lazy(shifted, BertConfig())
+    mixed = get_config("mm_grounding_dino_swin_t.py").model
+    mixed.decoder.per_layer_box_heads = False
+    with pytest.raises(ValueError, match="per_layer_box_heads=False with per-layer"):
+        hf_config_from_lazy(mixed, BertConfig())

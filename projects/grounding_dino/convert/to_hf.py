@@ -99,6 +99,36 @@ def _check_derived_sizes(model_cfg) -> None:
             raise ValueError(f"model.{name}.name={model_cfg[name].name!r} is not a built-in part")
 
 
+def _heads_of(model_cfg) -> List:
+    """The contrastive head nodes: the decoder's (one, or the per-layer template) and the
+    encoder proposals'."""
+    head = model_cfg.head
+    decoder_head = head.head if "head" in head else head  # layer_heads(head=...)
+    return [("head", decoder_head), ("query_selector.head", model_cfg.query_selector.head)]
+
+
+def model_type_of(model_cfg) -> str:
+    """``"grounding-dino"`` (shared heads) or ``"mm-grounding-dino"`` (one class and box head
+    per decoder layer, logits / sqrt(C) plus a learned bias); ValueError for other mixes."""
+    per_layer_boxes = bool(model_cfg.decoder.get("per_layer_box_heads", False))
+    per_layer_classes = "head" in model_cfg.head
+    if per_layer_boxes != per_layer_classes:
+        raise ValueError(
+            f"model.decoder.per_layer_box_heads={per_layer_boxes} with "
+            f"{'per-layer' if per_layer_classes else 'one shared'} contrastive head: transformers "
+            "has shared box and class heads (grounding-dino) or per-layer ones "
+            "(mm-grounding-dino), not a mix"
+        )
+    model_type = "mm-grounding-dino" if per_layer_boxes else "grounding-dino"
+    for name, head in _heads_of(model_cfg):
+        fixed = bool(head.get("fixed_scale", False))
+        if model_type == "mm-grounding-dino" and not fixed:
+            raise _unsupported(f"{name}.fixed_scale", fixed, True)
+        if model_type == "grounding-dino" and fixed:
+            raise _unsupported(f"{name}.fixed_scale", fixed, False)
+    return model_type
+
+
 def hf_config_from_lazy(model_cfg, text_config) -> Tuple[str, object]:
     """
     The transformers config of a lazy ``cfg.model`` (the inverse of ``convert hf``'s).
@@ -107,10 +137,12 @@ def hf_config_from_lazy(model_cfg, text_config) -> Tuple[str, object]:
         text_config: the built text encoder's ``BertConfig``.
 
     Returns:
-        (model_type, config): ``"grounding-dino"`` and a ``GroundingDinoConfig``.
+        (model_type, config): ``"grounding-dino"`` and a ``GroundingDinoConfig``, or
+        ``"mm-grounding-dino"`` and an ``MMGroundingDinoConfig`` (per-layer heads).
     """
-    from transformers import GroundingDinoConfig
+    from transformers import GroundingDinoConfig, MMGroundingDinoConfig
 
+    model_type = model_type_of(model_cfg)
     _check_derived_sizes(model_cfg)
     enhancer, decoder = model_cfg.enhancer, model_cfg.decoder
     text = text_config.to_dict()
@@ -137,10 +169,11 @@ def hf_config_from_lazy(model_cfg, text_config) -> Tuple[str, object]:
         fusion_dropout=0.0,
         two_stage=True,
         embedding_init_target=True,
-        decoder_bbox_embed_share=True,
-        two_stage_bbox_embed_share=False,
     )
-    return "grounding-dino", GroundingDinoConfig(**args)
+    if model_type == "mm-grounding-dino":
+        return model_type, MMGroundingDinoConfig(**args)
+    shared = dict(decoder_bbox_embed_share=True, two_stage_bbox_embed_share=False)
+    return model_type, GroundingDinoConfig(**args, **shared)
 
 
 def _element_ids(hf_state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], int]:
@@ -159,7 +192,7 @@ def _element_ids(hf_state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Ten
 
 
 def hf_state_dict_from_ours(
-    ours: Dict[str, torch.Tensor], hf_model, trainable: Sequence[str] = ()
+    ours: Dict[str, torch.Tensor], hf_model, model_type: str
 ) -> Dict[str, torch.Tensor]:
     """
     transformers' state dict holding this model's weights ``ours``, through the ``hf``
@@ -171,7 +204,8 @@ def hf_state_dict_from_ours(
     """
     hf_state = hf_model.state_dict()
     ids, total = _element_ids(hf_state)
-    traced, _ = convert_state_dict("hf", ids)
+    per_layer = model_type == "mm-grounding-dino"
+    traced, _ = convert_state_dict("hf", ids, per_layer_heads=per_layer)
     lacking = sorted(set(ours) - set(traced))
     if lacking:
         raise ValueError(
@@ -287,7 +321,7 @@ def export_to_hf(
     model_type, hf_config = hf_config_from_lazy(cfg.model, model.text_encoder.bert.config)
     hf_class = _hf_model_class(model_type)
     hf_model = hf_class(hf_config).eval()
-    hf_state = hf_state_dict_from_ours(model.state_dict(), hf_model)
+    hf_state = hf_state_dict_from_ours(model.state_dict(), hf_model, model_type)
     hf_model.load_state_dict(hf_state, strict=True)
     tokenizer = load_tokenizer(model.prompt_encoder.tokenizer_name_or_path)
     report = _compare_outputs(model, hf_model, tokenizer)
@@ -308,7 +342,10 @@ def export_to_hf(
 def _hf_model_class(model_type: str):
     import transformers
 
-    names = {"grounding-dino": "GroundingDinoForObjectDetection"}
+    names = {
+        "grounding-dino": "GroundingDinoForObjectDetection",
+        "mm-grounding-dino": "MMGroundingDinoForObjectDetection",
+    }
     return getattr(transformers, names[model_type])
 
 
