@@ -1,12 +1,17 @@
 """Long prompts: split category lists and captions into pieces that fit the text length."""
 
 import re
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from .captions import caption_from_categories
 from .tokenizer import count_tokens
 
-__all__ = ["category_token_costs", "chunk_categories", "chunk_caption"]
+__all__ = [
+    "category_token_costs",
+    "check_classes_per_prompt",
+    "chunk_categories",
+    "chunk_caption",
+]
 
 # A phrase: text up to and including a run of ".", or the text after the last one.
 _PHRASE = re.compile(r"[^.]*\.+|[^.]+$", re.DOTALL)
@@ -20,15 +25,20 @@ def _piece_lengths(tokenizer, texts: Sequence[str]) -> List[int]:
 
 
 def _greedy(
-    lengths: Sequence[int], budget: int, fits: Callable[[int, int], bool]
+    lengths: Sequence[int],
+    budget: int,
+    fits: Callable[[int, int], bool],
+    max_items: Optional[int] = None,
 ) -> List[Tuple[int, int]]:
-    """Groups consecutive items [start, end) whose summed length fits ``budget``; each group
-    is checked with ``fits`` (the exact count) and shortened while it does not fit."""
+    """Groups consecutive items [start, end) whose summed length fits ``budget`` (and of at
+    most ``max_items`` items); each group is checked with ``fits`` (the exact count) and
+    shortened while it does not fit."""
     groups = []
     start = 0
+    limit = len(lengths) if max_items is None else max_items
     while start < len(lengths):
         end, total = start, 0
-        while end < len(lengths) and total + lengths[end] <= budget:
+        while end < len(lengths) and end - start < limit and total + lengths[end] <= budget:
             total += lengths[end]
             end += 1
         end = max(end, start + 1)
@@ -37,6 +47,16 @@ def _greedy(
         groups.append((start, end))
         start = end
     return groups
+
+
+def check_classes_per_prompt(classes_per_prompt) -> None:
+    """ValueError unless ``classes_per_prompt`` is None or a positive int."""
+    if classes_per_prompt is None:
+        return
+    if isinstance(classes_per_prompt, bool) or not isinstance(classes_per_prompt, int):
+        raise ValueError(f"classes_per_prompt must be an int or None, got {classes_per_prompt!r}")
+    if classes_per_prompt < 1:
+        raise ValueError(f"classes_per_prompt must be at least 1, got {classes_per_prompt}")
 
 
 def category_token_costs(names: Sequence[str], tokenizer) -> List[int]:
@@ -48,7 +68,12 @@ def category_token_costs(names: Sequence[str], tokenizer) -> List[int]:
     return [n + 1 for n in _piece_lengths(tokenizer, words)]
 
 
-def chunk_categories(names: Sequence[str], tokenizer, max_text_len: int = 256) -> List[List[int]]:
+def chunk_categories(
+    names: Sequence[str],
+    tokenizer,
+    max_text_len: int = 256,
+    classes_per_prompt: Optional[int] = None,
+) -> List[List[int]]:
     """
     Splits a category list into groups whose prompt fits the text encoder.
 
@@ -56,6 +81,9 @@ def chunk_categories(names: Sequence[str], tokenizer, max_text_len: int = 256) -
         names: category names (e.g. the 1203 LVIS classes).
         tokenizer: the model's tokenizer.
         max_text_len: token limit including [CLS] and [SEP] (256).
+        classes_per_prompt: at most this many classes per group (mmdetection's LVIS protocol
+            uses 40); None: as many as fit in ``max_text_len`` tokens (the official code's).
+            A group of that many that does not fit is shortened, never truncated.
 
     Returns:
         Consecutive groups of category indices; the prompt of a group is
@@ -63,8 +91,10 @@ def chunk_categories(names: Sequence[str], tokenizer, max_text_len: int = 256) -
         ``max_text_len`` tokens.
 
     Raises:
-        ValueError: for an empty list, an empty name, or a name too long to fit alone.
+        ValueError: for an empty list, an empty name, a name too long to fit alone, or a
+            ``classes_per_prompt`` that is not a positive int.
     """
+    check_classes_per_prompt(classes_per_prompt)
     caption_from_categories(names)  # validates the names
     lengths = category_token_costs(names, tokenizer)
     budget = max_text_len - 2
@@ -79,7 +109,7 @@ def chunk_categories(names: Sequence[str], tokenizer, max_text_len: int = 256) -
         caption, _ = caption_from_categories(names[start:end])
         return count_tokens(tokenizer, caption) <= max_text_len
 
-    groups = _greedy(lengths, budget, fits)
+    groups = _greedy(lengths, budget, fits, classes_per_prompt)
     for start, end in groups:
         if not fits(start, end):
             raise ValueError(

@@ -6,12 +6,12 @@ each tokenised once; :meth:`PromptEncoder.batch` pads the stored ids of a batch 
 the tokens that close a phrase.
 """
 
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
 from .captions import caption_from_categories, normalize_caption, normalize_caption_with_spans
-from .chunking import chunk_caption, chunk_categories
+from .chunking import check_classes_per_prompt, chunk_caption, chunk_categories
 from .masks import sub_sentence_masks
 from .phrases import phrases_from_token_scores
 from .positive_map import positive_map_from_spans
@@ -36,13 +36,22 @@ class PromptEncoder:
     reloads its tokenizer through the cached :func:`load_tokenizer`.
     """
 
-    def __init__(self, *, tokenizer_name_or_path: str, max_text_len: int):
+    def __init__(
+        self,
+        *,
+        tokenizer_name_or_path: str,
+        max_text_len: int,
+        classes_per_prompt: Optional[int] = None,
+    ):
         """
         Args:
             tokenizer_name_or_path: a fast Hugging Face tokenizer's hub name or local folder
                 (the text encoder's, e.g. "bert-base-uncased").
             max_text_len: tokens of one pass, [CLS] and [SEP] included (256); longer prompts
                 are chunked.
+            classes_per_prompt: at most this many classes in one pass of a category list
+                (mmdetection's LVIS protocol: 40); None: as many as fit in ``max_text_len``
+                tokens. Captions are not affected.
         """
         if not isinstance(tokenizer_name_or_path, str) or not tokenizer_name_or_path:
             raise ValueError(
@@ -50,18 +59,22 @@ class PromptEncoder:
                 f"{tokenizer_name_or_path!r}"
             )
         self.tokenizer_name_or_path = tokenizer_name_or_path
-        self._setup(load_tokenizer(tokenizer_name_or_path), max_text_len)
+        self._setup(load_tokenizer(tokenizer_name_or_path), max_text_len, classes_per_prompt)
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, *, max_text_len: int) -> "PromptEncoder":
+    def from_tokenizer(
+        cls, tokenizer, *, max_text_len: int, classes_per_prompt: Optional[int] = None
+    ) -> "PromptEncoder":
         """A prompt encoder around an already loaded fast tokenizer (pickled with it)."""
         encoder = cls.__new__(cls)
         encoder.tokenizer_name_or_path = None
-        encoder._setup(tokenizer, max_text_len)
+        encoder._setup(tokenizer, max_text_len, classes_per_prompt)
         return encoder
 
-    def _setup(self, tokenizer, max_text_len: int) -> None:
+    def _setup(self, tokenizer, max_text_len: int, classes_per_prompt: Optional[int]) -> None:
         check_fast(tokenizer)
+        check_classes_per_prompt(classes_per_prompt)
+        self._classes_per_prompt = classes_per_prompt
         if isinstance(max_text_len, bool) or not isinstance(max_text_len, int):
             raise TypeError(f"max_text_len must be an int, got {max_text_len!r}")
         if max_text_len < 3:
@@ -91,13 +104,16 @@ class PromptEncoder:
         return state
 
     def __setstate__(self, state: Dict) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"_classes_per_prompt": None, **state})  # pickles from before it
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.tokenizer_name_or_path)
 
     def __repr__(self) -> str:
         name = self.tokenizer_name_or_path or type(self._tokenizer).__name__
-        return f"PromptEncoder(tokenizer={name!r}, max_text_len={self._max_text_len})"
+        return (
+            f"PromptEncoder(tokenizer={name!r}, max_text_len={self._max_text_len}, "
+            f"classes_per_prompt={self._classes_per_prompt})"
+        )
 
     # ---------------------------------------------------------------------------- properties
     @property
@@ -108,6 +124,11 @@ class PromptEncoder:
     @property
     def max_text_len(self) -> int:
         return self._max_text_len
+
+    @property
+    def classes_per_prompt(self) -> Optional[int]:
+        """At most this many classes in one pass of a category list (None: as many as fit)."""
+        return self._classes_per_prompt
 
     @property
     def special_token_ids(self) -> List[int]:
@@ -205,7 +226,10 @@ class PromptEncoder:
 
     def _category_runs(self, index: int, names: List[str]) -> List[PromptRun]:
         runs = []
-        for group in chunk_categories(names, self._tokenizer, self._max_text_len):
+        chunks = chunk_categories(
+            names, self._tokenizer, self._max_text_len, self._classes_per_prompt
+        )
+        for group in chunks:
             caption, spans = caption_from_categories([names[i] for i in group])
             encoding = self.tokenize(caption)
             positive_map = self.positive_map(caption, spans, encoding)

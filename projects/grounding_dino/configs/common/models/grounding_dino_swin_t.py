@@ -60,6 +60,9 @@ model = L(GroundingDINO)(
     prompt_encoder=L(PromptEncoder)(
         tokenizer_name_or_path="${..text_encoder.name_or_path}",
         max_text_len="${..max_text_len}",
+        # Classes per pass of a category list (LVIS's 1203): None = as many as fit in
+        # max_text_len tokens (the official protocol); 40 = mmdetection's (docs/evaluation.md).
+        classes_per_prompt=None,
     ),
     text_encoder=L(build_text_encoder)(
         name="BertTextEncoder",
