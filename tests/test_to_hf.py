@@ -195,3 +195,27 @@ def test_settings_transformers_cannot_hold_are_refused_by_name():
     mixed.decoder.per_layer_box_heads = False
     with pytest.raises(ValueError, match="per_layer_box_heads=False with per-layer"):
         hf_config_from_lazy(mixed, BertConfig())
+
+
+def test_interrupted_export_keeps_the_old_files_and_leaves_no_temporary(
+    converted_tiny, tmp_path, monkeypatch
+):
+    from transformers import GroundingDinoForObjectDetection
+
+    from grounding_dino.convert.to_hf import export_to_hf
+
+    _, out_dir, _ = converted_tiny
+    (tmp_path / "config.json").write_text('{"old": true}')
+
+    def dies_midway(self, folder, **kwargs):
+        with open(os.path.join(folder, "model.safetensors"), "wb") as f:
+            f.write(b"half a file")
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(GroundingDinoForObjectDetection, "save_pretrained", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        export_to_hf(
+            str(out_dir / "config.yaml"), str(out_dir / "model.pth"), str(tmp_path), force=True
+        )
+    assert os.listdir(tmp_path) == ["config.json"]
+    assert (tmp_path / "config.json").read_text() == '{"old": true}'
