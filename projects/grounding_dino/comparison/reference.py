@@ -181,7 +181,8 @@ def prepare_models(workdir: str, tiny: bool) -> Tuple[str, str]:
     if os.path.isfile(marker) and os.path.isfile(os.path.join(out_dir, "config.yaml")):
         return hf_dir, out_dir  # built by an earlier run with --workdir
     build_hf_model(tiny).save_pretrained(hf_dir)
-    report = convert_checkpoint("hf", hf_dir, out_dir, tokenizer=local_bert_dir())
+    # The workdir is this tool's own: a model of the other size from an earlier run is replaced.
+    report = convert_checkpoint("hf", hf_dir, out_dir, tokenizer=local_bert_dir(), force=True)
     if report["missing"] or report["unexpected"]:
         raise RuntimeError(
             f"conversion left missing keys {report['missing']} and unexpected keys "
