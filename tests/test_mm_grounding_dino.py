@@ -25,6 +25,7 @@ from grounding_dino.convert.__main__ import main as convert_main
 from grounding_dino.convert.sources import detect_source
 from grounding_dino.deploy import OnnxPredictor
 from grounding_dino.model_zoo import get_config
+from grounding_dino.modeling.head import ContrastiveHead, layer_heads, layer_logits
 from grounding_dino.predictor import GroundingDINOPredictor
 from grounding_dino.resize import OfficialResize
 from grounding_dino.text import normalize_caption
@@ -231,3 +232,22 @@ def test_packaged_mm_configs_have_per_layer_heads_and_their_bodies(name):
     else:
         assert cfg.model.backbone.variant == "swin_B_384_22k"
         assert cfg.model.num_feature_levels == 4
+
+
+def test_per_layer_head_options_refuse_what_they_cannot_mean():
+    with pytest.raises(ValueError, match="fixed_scale=True .* excludes a learned log scale"):
+        ContrastiveHead(max_text_len=8, bias_init=0.0, log_scale_init=0.0, fixed_scale=True)
+    with pytest.raises(ValueError, match="num_layers must be at least 1"):
+        layer_heads(ContrastiveHead(max_text_len=8, bias_init=0.0, log_scale_init=None), 0)
+    heads = layer_heads(
+        ContrastiveHead(max_text_len=8, bias_init=-4.6, log_scale_init=None, fixed_scale=True), 3
+    )
+    assert len({id(h.bias) for h in heads}) == 3  # independent copies, not one shared head
+    hidden = [torch.randn(1, 2, 16) for _ in range(2)]
+    text, mask = torch.randn(1, 4, 16), torch.ones(1, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="3 per-layer contrastive heads for 2 decoder layers"):
+        layer_logits(heads, hidden, text, mask)
+    # The constant scale: exactly transformers' MM head (dot / sqrt(C) + bias).
+    logits = layer_logits(heads, hidden + hidden[:1], text, mask)
+    expected = hidden[0] @ text.transpose(-1, -2) / 4.0 - 4.6
+    torch.testing.assert_close(logits[0, ..., :4], expected)
