@@ -61,17 +61,20 @@ def _write(path: Path, seed: int, height: int = 64, width: int = 80) -> bytes:
     return path.read_bytes()
 
 
-def _detect(inputs, output=None, json_path=None, stub=None, settings=None) -> list:
-    """What ``demo/demo.py --input INPUTS [--output] [--json]`` does, with ``stub`` as the
-    model. Returns the error messages."""
+def _detect(inputs, output=None, json_path=None, stub=None, settings=None, replace=False) -> list:
+    """What ``demo/demo.py --input INPUTS [--output] [--json] [--force]`` does, with ``stub``
+    as the model. Returns the error messages."""
     inputs = [str(p) for p in inputs]
     paths, errors = expand_inputs(inputs)
     targets = plan_outputs(str(output) if output else None, inputs, paths)
     stub = stub or StubPredictor()
     if json_path is None:
-        return errors + FileDetector(stub, PROMPT, settings, targets=targets).run(paths)
-    with JsonListWriter(str(json_path)) as writer:
-        detector = FileDetector(stub, PROMPT, settings, targets=targets, json_writer=writer)
+        detector = FileDetector(stub, PROMPT, settings, targets=targets, replace=replace)
+        return errors + detector.run(paths)
+    with JsonListWriter(str(json_path), replace=replace) as writer:
+        detector = FileDetector(
+            stub, PROMPT, settings, targets=targets, json_writer=writer, replace=replace
+        )
         return errors + detector.run(paths)
 
 
@@ -90,9 +93,14 @@ def test_output_inside_the_input_folder_never_overwrites_an_input(tmp_path):
         plan_outputs(image, [image], [image])
 
     # A subfolder of the inputs is fine: nothing collides (folders are not searched in depth).
-    for _ in range(2):
-        assert _detect([photos], output=photos / "drawn") == []
-    assert sorted(p.name for p in (photos / "drawn").iterdir()) == ["a.png", "b.jpg"]
+    # Drawings that exist are not replaced without --force (replace=True).
+    assert _detect([photos], output=photos / "drawn") == []
+    drawn = {p.name: p.read_bytes() for p in (photos / "drawn").iterdir()}
+    assert sorted(drawn) == ["a.png", "b.jpg"]
+    errors = _detect([photos], output=photos / "drawn")
+    assert len(errors) == 2 and all("exists; not replaced" in e and "--force" in e for e in errors)
+    assert _detect([photos], output=photos / "drawn", replace=True) == []
+    assert {p.name: p.read_bytes() for p in (photos / "drawn").iterdir()} == drawn
     assert {p.name: p.read_bytes() for p in photos.glob("*.*")} == originals
 
 
@@ -119,7 +127,12 @@ def test_json_is_written_image_by_image(tmp_path):
     assert [r["image_id"] for r in records] == [0, 0, 0, 1, 1, 1]
     assert {Path(r["file_name"]).name for r in records} == {"0.png", "1.png"}
 
-    assert _detect([tmp_path / "in"], json_path=results, settings=every_box) == []
+    # The interrupted list was renamed into place; a rerun replaces it only when asked.
+    with pytest.raises(FileExistsError, match=f"{results} exists.*--force"):
+        _detect([tmp_path / "in"], json_path=results, settings=every_box)
+    assert json.loads(results.read_text()) == records
+    assert _detect([tmp_path / "in"], json_path=results, settings=every_box, replace=True) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "results.json"]  # no temporary
     full = json.loads(results.read_text())
     assert full[:6] == records and len(full) == 12
     assert full[0] == {
