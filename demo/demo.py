@@ -194,12 +194,15 @@ def main(argv=None) -> int:
         replace=args.force,
     )
     try:
-        errors += detector.run(paths)
-    finally:
-        if json_writer is not None:
-            json_writer.close()
-            print(f"Wrote {json_writer.count} detections to {args.json}")
-        write_error_report(report, errors)
+        detector.run(paths)
+    finally:  # also on Ctrl-C: what was done is published, what failed is reported
+        errors += detector.errors
+        try:
+            if json_writer is not None:
+                json_writer.close()
+                print(f"Wrote {json_writer.count} detections to {args.json}")
+        finally:
+            write_error_report(report, errors)
     return 1 if errors else 0
 
 

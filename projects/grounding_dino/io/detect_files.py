@@ -105,6 +105,7 @@ class FileDetector:
         self.json_writer = json_writer
         self.replace = replace
         self.next_image_id = 0
+        self.errors: List[str] = []  # the messages of the last run() so far
 
     def predict(self, image_bgr: np.ndarray) -> Dict:
         """The predictor's output on one BGR image."""
@@ -124,14 +125,16 @@ class FileDetector:
     def _target(self, path: str) -> Optional[str]:
         target = self.targets.get(path)
         if target:
+            if not self.replace and os.path.lexists(target):  # before the model runs
+                raise FileExistsError(f"{target} exists; not replaced: pass --force to replace it")
             os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
         return target
 
     def image(self, path: str) -> str:
         """Detects in an image file (drawn when it has a target). Returns a summary line."""
+        target = self._target(path)
         image = read_bgr(path)
         output = self.predict(image)
-        target = self._target(path)
         if target:
             ok, encoded = cv2.imencode(os.path.splitext(target)[1], draw(image, output)[:, :, ::-1])
             if not ok:
@@ -186,7 +189,7 @@ class FileDetector:
         Returns:
             the error messages, one per file that failed, each starting with the file.
         """
-        errors = []
+        errors = self.errors = []  # also read after an interruption
         for path in tqdm(paths, desc="images", unit="file", disable=len(paths) < 2):
             try:
                 tqdm.write(self.video(path) if is_video(path) else self.image(path))

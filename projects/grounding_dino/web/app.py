@@ -81,7 +81,7 @@ class Detector:
                 f"The image is more than this server's limit of {self.max_pixels / 1e6:.1f} "
                 f"megapixels ({error})."
             ) from None
-        except (OSError, ValueError, SyntaxError) as error:
+        except Exception as error:  # noqa: BLE001 (PIL raises many kinds on hostile headers)
             raise gr.Error(f"The upload is not an image that can be read ({error}).") from None
         if width * height > self.max_pixels:
             raise gr.Error(

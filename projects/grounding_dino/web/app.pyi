@@ -1,0 +1,222 @@
+"""The Gradio app of the web demo (``demo/web.py``): one image and a prompt in, boxes and a
+table out.
+
+``Detector`` does the work of one request (checks, model, NMS, drawing) and turns every bad
+input into a message (:class:`gradio.Error`, shown in the page and raised by ``gradio_client``
+as ``AppError``), never a stack trace. ``build_app`` lays out the page; requests are queued
+and the model runs one request at a time (``queue(default_concurrency_limit=1)``).
+"""
+
+import logging
+from typing import List, Optional, Sequence, Tuple
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from ..io.images import read_bgr
+from ..predictor import GroundingDINOPredictor
+from ..preprocessing import parse_prompt
+from ..visualization import draw
+
+__all__ = ["TABLE_HEADERS", "Detector", "ImageUpload", "build_app", "table_rows"]
+
+logger = logging.getLogger(__name__)
+
+TABLE_HEADERS = ["phrase", "score", "x0", "y0", "x1", "y1"]
+
+from gradio.events import Dependency
+
+class ImageUpload(gr.Image):
+    """
+    ``gr.Image`` (the same widget in the page) whose upload reaches the handler as the path of
+    the uploaded file, untouched: Gradio's own ``gr.Image(type="filepath")`` opens it with PIL
+    and converts any non-RGB image (grayscale, palette, RGBA) in memory before the handler can
+    check its size, so a small PNG of 20000x20000 gray pixels would allocate gigabytes.
+    """
+
+    is_template = True  # Gradio: the page draws it as its parent, gr.Image
+
+    def preprocess(self, payload) -> Optional[str]:
+        if payload is None:
+            return None
+        if payload.path is None:  # a base64 "data:" URL: Gradio would decode it
+            raise gr.Error("Send the image as a file upload (not inline data).")
+        return str(payload.path)
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+def table_rows(output) -> List[list]:
+    """One row per box: phrase, score (3 decimals), xyxy box in pixels (1 decimal)."""
+    instances = output["instances"].to("cpu")
+    rows = []
+    for phrase, score, box in zip(
+        output["phrases"], instances.scores.tolist(), instances.pred_boxes.tensor.tolist()
+    ):
+        rows.append([phrase, round(score, 3), *(round(v, 1) for v in box)])
+    return rows
+
+
+class Detector:
+    """
+    Runs the predictor on one uploaded image with the page's settings.
+
+    Args:
+        predictor: the model.
+        max_pixels: larger images (width x height) are refused with a message.
+    """
+
+    def __init__(self, *, predictor: GroundingDINOPredictor, max_pixels: int):
+        self.predictor = predictor
+        self.max_pixels = max_pixels
+        self.min_size = predictor.model.backbone.size_divisibility
+
+    def _read(self, path: Optional[str]) -> np.ndarray:
+        """The upload as a BGR array, its size checked from the header before decoding."""
+        if not path:
+            raise gr.Error("No image: upload one (or click an example) first.")
+        try:
+            with Image.open(path) as image:  # reads the header only
+                width, height = image.size
+        except Image.DecompressionBombError as error:  # PIL's own, far larger, limit
+            raise gr.Error(
+                f"The image is more than this server's limit of {self.max_pixels / 1e6:.1f} "
+                f"megapixels ({error})."
+            ) from None
+        except (OSError, ValueError, SyntaxError) as error:
+            raise gr.Error(f"The upload is not an image that can be read ({error}).") from None
+        if width * height > self.max_pixels:
+            raise gr.Error(
+                f"The image is {width}x{height} = {width * height / 1e6:.1f} megapixels, more "
+                f"than this server's limit of {self.max_pixels / 1e6:.1f}; downscale it (the "
+                f"model resizes it anyway) or start the server with a larger --max-pixels."
+            )
+        if min(width, height) < self.min_size:
+            raise gr.Error(
+                f"The image is {width}x{height} pixels, smaller than {self.min_size} pixels on a "
+                f"side (the backbone's stride); upload a larger one."
+            )
+        try:
+            return read_bgr(path)
+        except Exception as error:  # noqa: BLE001 (one bad upload never stops the server)
+            logger.warning("cannot decode an upload: %s", error)
+            raise gr.Error(f"The image cannot be decoded ({error}).") from None
+
+    def __call__(
+        self,
+        image_path: Optional[str],
+        prompt: Optional[str],
+        box_threshold: float,
+        text_threshold: float,
+        rec: bool,
+        nms: float,
+    ) -> Tuple[np.ndarray, List[list], str]:
+        """
+        Args:
+            image_path: the uploaded file (Gradio's ``type="filepath"``).
+            prompt: a caption ("red square . blue circle .") or comma-separated class names;
+                the referring expression when ``rec``.
+            box_threshold, text_threshold: the model's thresholds in [0, 1].
+            rec: referring expression mode: exactly one box, the best one.
+            nms: class-wise NMS IoU threshold in [0, 1]; 0 turns it off.
+
+        Returns:
+            the drawn image (RGB), the table rows (:data:`TABLE_HEADERS`), a status line.
+        """
+        prompt = (prompt or "").strip()
+        image = self._read(image_path)
+        if not prompt:
+            raise gr.Error(
+                'The prompt is empty: type a caption ("red square . blue circle .") or class '
+                'names separated by commas ("red square, blue circle").'
+            )
+        for name, value in [
+            ("box threshold", box_threshold),
+            ("text threshold", text_threshold),
+            ("NMS IoU", nms),
+        ]:
+            if value is None or not 0 <= float(value) <= 1:
+                raise gr.Error(f"The {name} must be a number in [0, 1], got {value!r}.")
+        try:
+            parsed = parse_prompt(prompt, split_commas=not rec)
+            settings = self.predictor.settings.replace(
+                box_threshold=float(box_threshold),
+                text_threshold=float(text_threshold),
+                nms_threshold=float(nms),
+            )
+            if rec:
+                output = self.predictor.predict_rec(image, parsed, settings)
+            else:
+                output = self.predictor(image, parsed, settings)
+            rows = table_rows(output)
+            drawn = draw(image, output)
+        except ValueError as error:
+            raise gr.Error(str(error)) from None
+        except Exception as error:  # the message only; the traceback goes to the server's log
+            logger.exception("request failed")
+            raise gr.Error(
+                f"The model failed on this request: {type(error).__name__}: {error}"
+            ) from None
+        phrases = ", ".join(dict.fromkeys(output["phrases"])) or "none"
+        status = f"{len(rows)} boxes ({phrases}) on a {image.shape[1]}x{image.shape[0]} image."
+        return drawn, rows, status
+
+
+def build_app(
+    detector: Detector,
+    *,
+    title: str,
+    box_threshold: float,
+    text_threshold: float,
+    nms: float,
+    examples: Sequence[Tuple[str, str]] = (),
+) -> gr.Blocks:
+    """
+    The page: image, prompt and settings on the left, the drawn image, a status line and the
+    table on the right. The API endpoint is ``/detect`` (same inputs as :class:`Detector`).
+
+    Args:
+        detector: the request handler.
+        title: shown at the top (the model's config and weights).
+        box_threshold, text_threshold, nms: the sliders' initial values.
+        examples: (image path, prompt) pairs shown under the inputs.
+    """
+    with gr.Blocks(title="Grounding DINO", analytics_enabled=False) as app:
+        gr.Markdown(f"# Grounding DINO: open-set detection\n{title}")
+        with gr.Row():
+            with gr.Column():
+                image = ImageUpload(type="filepath", label="Image", elem_id="input-image")
+                prompt = gr.Textbox(
+                    label="Prompt: a caption, or class names separated by commas",
+                    placeholder="red square . blue circle .   or   red square, blue circle",
+                    elem_id="prompt",
+                )
+                with gr.Row():
+                    box = gr.Slider(0, 1, value=box_threshold, step=0.01, label="Box threshold")
+                    text = gr.Slider(0, 1, value=text_threshold, step=0.01, label="Text threshold")
+                with gr.Row():
+                    nms_iou = gr.Slider(0, 1, value=nms, step=0.05, label="NMS IoU (0: off)")
+                    rec = gr.Checkbox(label="Referring expression (one box)", value=False)
+                submit = gr.Button("Detect", variant="primary", elem_id="detect")
+                if examples:
+                    gr.Examples(examples=[list(e) for e in examples], inputs=[image, prompt])
+            with gr.Column():
+                result = gr.Image(
+                    type="numpy", format="png", label="Detections", elem_id="result-image"
+                )
+                status = gr.Markdown(elem_id="status")
+                table = gr.Dataframe(
+                    headers=TABLE_HEADERS,
+                    datatype=["str", "number", "number", "number", "number", "number"],
+                    label="Boxes (pixels, x0 y0 x1 y1)",
+                    interactive=False,
+                    elem_id="boxes",
+                )
+        inputs = [image, prompt, box, text, rec, nms_iou]
+        submit.click(detector, inputs, [result, table, status], api_name="detect")
+        prompt.submit(detector, inputs, [result, table, status], api_visibility="private")
+    return app
