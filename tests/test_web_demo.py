@@ -373,3 +373,18 @@ def test_soak_200_requests_8_at_a_time_with_hostile_uploads(server, tmp_path):
     )
     assert rss_200 <= rss_20 + 300 * 1024, (rss_20, rss_200)
     assert peak_after <= peak_before + 300 * 1024, (peak_before, peak_after)
+
+
+def test_uploads_reach_the_handler_undecoded(tmp_path):
+    """The page's image input hands over the uploaded file's path without opening it (Gradio's
+    own gr.Image opens every upload with PIL and converts non-RGB ones in memory)."""
+    from gradio.data_classes import FileData
+
+    from grounding_dino.web import app
+
+    notes = not_an_image(tmp_path / "notes.png")  # PIL could not even open it
+    upload = app.image_upload(label="Image")
+    assert upload.preprocess(FileData(path=notes, orig_name="notes.png")) == notes
+    assert upload.preprocess(None) is None
+    # Subclassing a Gradio component would make Gradio write a .pyi next to the module.
+    assert not Path(app.__file__).with_suffix(".pyi").exists()

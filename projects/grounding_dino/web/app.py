@@ -19,29 +19,38 @@ from ..predictor import GroundingDINOPredictor
 from ..preprocessing import parse_prompt
 from ..visualization import draw
 
-__all__ = ["TABLE_HEADERS", "Detector", "ImageUpload", "build_app", "table_rows"]
+__all__ = ["TABLE_HEADERS", "Detector", "image_upload", "build_app", "table_rows"]
 
 logger = logging.getLogger(__name__)
 
 TABLE_HEADERS = ["phrase", "score", "x0", "y0", "x1", "y1"]
 
 
-class ImageUpload(gr.Image):
-    """
-    ``gr.Image`` (the same widget in the page) whose upload reaches the handler as the path of
-    the uploaded file, untouched: Gradio's own ``gr.Image(type="filepath")`` opens it with PIL
-    and converts any non-RGB image (grayscale, palette, RGBA) in memory before the handler can
-    check its size, so a small PNG of 20000x20000 gray pixels would allocate gigabytes.
-    """
+def _uploaded_path(payload) -> Optional[str]:
+    """The path of the uploaded file, untouched."""
+    if payload is None:
+        return None
+    if payload.path is None:  # a base64 "data:" URL: Gradio would decode it
+        raise gr.Error("Send the image as a file upload (not inline data).")
+    return str(payload.path)
 
-    is_template = True  # Gradio: the page draws it as its parent, gr.Image
 
-    def preprocess(self, payload) -> Optional[str]:
-        if payload is None:
-            return None
-        if payload.path is None:  # a base64 "data:" URL: Gradio would decode it
-            raise gr.Error("Send the image as a file upload (not inline data).")
-        return str(payload.path)
+def image_upload(**kwargs) -> gr.Image:
+    """
+    A ``gr.Image`` input (the same widget in the page) whose upload reaches the handler as the
+    path of the uploaded file, undecoded: Gradio's own ``gr.Image(type="filepath")`` opens it
+    with PIL and converts any non-RGB image (grayscale, palette, RGBA) in memory before the
+    handler can check its size, so a small PNG of 20000x20000 gray pixels would allocate
+    gigabytes.
+
+    Args:
+        kwargs: ``gr.Image``'s (``label``, ``elem_id``...).
+    """
+    component = gr.Image(type="filepath", **kwargs)
+    # This instance's, not the class's: a subclass of a Gradio component makes Gradio write a
+    # .pyi file next to the module that defines it.
+    component.preprocess = _uploaded_path
+    return component
 
 
 def table_rows(output) -> List[list]:
@@ -183,7 +192,7 @@ def build_app(
         gr.Markdown(f"# Grounding DINO: open-set detection\n{title}")
         with gr.Row():
             with gr.Column():
-                image = ImageUpload(type="filepath", label="Image", elem_id="input-image")
+                image = image_upload(label="Image", elem_id="input-image")
                 prompt = gr.Textbox(
                     label="Prompt: a caption, or class names separated by commas",
                     placeholder="red square . blue circle .   or   red square, blue circle",
