@@ -231,7 +231,8 @@ def test_video_drawings_use_a_codec_of_their_container_and_a_failed_writer_is_an
     target = tmp_path / "failed" / "clip.webm"
     errors = FileDetector(StubPredictor(), PROMPT, targets={clip: str(target)}).run([clip])
     assert len(errors) == 1 and "cv2.VideoWriter cannot write" in errors[0], errors
-    assert "codec mp4v" in errors[0] and str(tmp_path / "failed") in errors[0]
+    assert f"{clip}: {target}: cv2.VideoWriter cannot write" in errors[0], errors
+    assert "codec mp4v" in errors[0]
     assert list((tmp_path / "failed").iterdir()) == []
 
 

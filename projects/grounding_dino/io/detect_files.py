@@ -42,7 +42,12 @@ def report_error(message: str) -> None:
 
 
 def open_video_writer(
-    path: str, fps: float, size: Tuple[int, int], codec: Optional[str] = None
+    path: str,
+    fps: float,
+    size: Tuple[int, int],
+    codec: Optional[str] = None,
+    *,
+    name: Optional[str] = None,
 ) -> cv2.VideoWriter:
     """
     A ``cv2.VideoWriter`` for ``path``.
@@ -51,16 +56,17 @@ def open_video_writer(
         fps: frames per second.
         size: (width, height) of the frames.
         codec: a FourCC; None: the one of the path's ending (:data:`VIDEO_CODECS`, else mp4v).
+        name: the file the error names (the result's, when ``path`` is its temporary file).
 
     Raises:
-        ValueError: naming the path and the codec, when OpenCV cannot open the writer.
+        ValueError: naming the file and the codec, when OpenCV cannot open the writer.
     """
     if codec is None:
         codec = VIDEO_CODECS.get(os.path.splitext(path)[1].lower(), "mp4v")
     writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*codec), fps, size)
     if not writer.isOpened():
         raise ValueError(
-            f"{path}: cv2.VideoWriter cannot write this video (codec {codec}, "
+            f"{name or path}: cv2.VideoWriter cannot write this video (codec {codec}, "
             f"{size[0]}x{size[1]}, {fps:g} fps); OpenCV's build has no such encoder for this "
             f"file type, or the folder is not writable"
         )
@@ -162,7 +168,7 @@ class FileDetector:
                     drawn = np.ascontiguousarray(draw(frame, output)[:, :, ::-1])
                     if writer is None:
                         height, width = drawn.shape[:2]
-                        writer = open_video_writer(partial, fps, (width, height))
+                        writer = open_video_writer(partial, fps, (width, height), name=target)
                     writer.write(drawn)
                 count += 1
             if writer is not None:
