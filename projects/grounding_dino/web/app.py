@@ -2,9 +2,9 @@
 table out.
 
 ``Detector`` does the work of one request (checks, model, NMS, drawing) and turns every bad
-input into a message; the upload reaches it undecoded (:func:`image_upload`) and its size is
-checked from the header before it is decoded (:class:`gradio.Error`, shown in the page and raised by ``gradio_client``
-as ``AppError``), never a stack trace. ``build_app`` lays out the page; requests are queued
+input into a message (:class:`gradio.Error`, shown in the page and raised by ``gradio_client``
+as ``AppError``), never a stack trace. The upload reaches it undecoded (:func:`image_upload`)
+and its size is checked from the header before it is decoded. ``build_app`` lays out the page; requests are queued
 and the model runs one request at a time (``queue(default_concurrency_limit=1)``).
 """
 
