@@ -4,8 +4,9 @@ table out.
 ``Detector`` does the work of one request (checks, model, NMS, drawing) and turns every bad
 input into a message (:class:`gradio.Error`, shown in the page and raised by ``gradio_client``
 as ``AppError``), never a stack trace. The upload reaches it undecoded (:func:`image_upload`)
-and its size is checked from the header before it is decoded. ``build_app`` lays out the page; requests are queued
-and the model runs one request at a time (``queue(default_concurrency_limit=1)``).
+and its size is checked from the header before it is decoded. ``build_app`` lays out the
+page; requests are queued and the model runs one request at a time
+(``queue(default_concurrency_limit=1)``).
 """
 
 import logging
