@@ -388,3 +388,18 @@ def test_uploads_reach_the_handler_undecoded(tmp_path):
     assert upload.preprocess(None) is None
     # Subclassing a Gradio component would make Gradio write a .pyi next to the module.
     assert not Path(app.__file__).with_suffix(".pyi").exists()
+
+
+def test_max_pixels_above_pils_bomb_limit_is_refused(capsys):
+    """--max-pixels may not lift PIL's decompression-bomb guard (refused before any model)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("web_demo", REPO / "demo" / "web.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--config-file", "missing.py", "--max-pixels", "2e8"])
+    assert exit_info.value.code == 2
+    assert "--max-pixels 200000000: more than PIL's decompression-bomb limit of 89478485" in (
+        capsys.readouterr().err
+    )
