@@ -22,24 +22,30 @@ yacs ``.yaml`` (``MODEL.GROUNDING_DINO.CONFIG_FILE``). ``--opts key=value`` over
 kind (lazy keys like ``model.box_threshold=0.3``, or yacs keys like ``MODEL.DEVICE=cpu``).
 
 Drawings keep each input's path under the inputs' common folder (``out/x/a.jpg``,
-``out/y/a.jpg``); an ``--output`` that would write over an input is refused. ``--json`` is a
-valid JSON list after every image, so an interrupted run keeps what it did. ``--nms`` (default
-0.5, 0 = off) removes duplicate boxes per class or phrase. To label many images into a COCO
+``out/y/a.jpg``); an ``--output`` that would write over an input is refused. The demo never
+writes over a file: a drawing, ``--json`` or error report that exists is refused before the
+model loads (``--force`` replaces them). Every result appears in one step when complete;
+``--json`` grows image by image in ``.<name>.<random>.partial`` next to it and is renamed at
+the end (also on Ctrl-C), so a killed run leaves what it did there. ``--nms`` (default 0.5,
+0 = off) removes duplicate boxes per class or phrase. To label many images into a COCO
 dataset, resumable and on several workers, use ``python -m grounding_dino.label``.
 
-A file that cannot be read or processed gets an error naming it; the run goes on with the
-rest and exits with status 1 at the end.
+A file that cannot be read, processed or written (any error, the model's included) gets an
+``ERROR`` line naming it; the run goes on with the rest, writes the failures to the error
+report (``--errors``, by default ``<--json>.errors``, else ``<--output>/errors.txt``), says how
+many failed and where the report is, and exits with status 1.
 """
 
 import argparse
 import os
 import sys
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from detectron2.utils.logger import setup_logger
 
 from grounding_dino import GroundingDINOPredictor, InferenceSettings
+from grounding_dino.io.atomic import atomic_file, refuse_existing
 from grounding_dino.io.coco_files import JsonListWriter
 from grounding_dino.io.detect_files import FileDetector, report_error
 from grounding_dino.io.inputs import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, expand_inputs, plan_outputs
@@ -74,6 +80,19 @@ def get_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="FILE",
         help="write all detections as COCO results (bbox xywh) to FILE, image by image",
+    )
+    parser.add_argument(
+        "--errors",
+        default=None,
+        metavar="FILE",
+        help="the report of the inputs that failed, one 'file: reason' line each, written when "
+        "one fails (default: <--json>.errors, else <--output>/errors.txt for a folder or "
+        "<--output>.errors for a file; without either, the ERROR lines only)",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace drawings, --json and --errors files that exist (never an input)",
     )
     parser.add_argument(
         "--nms",
@@ -141,8 +160,13 @@ def main(argv=None) -> int:
     paths, errors = expand_inputs(args.input, extensions=IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
     try:
         targets = plan_outputs(args.output, args.input, paths)
-        if args.json and os.path.realpath(args.json) in {os.path.realpath(p) for p in paths}:
-            raise ValueError(f"--json {args.json} is one of the inputs; it is not overwritten")
+        inputs = {os.path.realpath(p) for p in paths}
+        report = error_report_path(args, targets)
+        for option, path in [("--json", args.json), ("--errors", report)]:
+            if path and os.path.realpath(path) in inputs:
+                raise ValueError(f"{option} {path} is one of the inputs; it is not overwritten")
+            refuse_existing([path] if path else [], force=args.force, what=option)
+        refuse_existing(list(targets.values()), force=args.force, what=f"--output {args.output}")
         predictor, default_prompt = build_predictor(args)
         split_commas = not (args.rec or args.token_spans is not None)
         prompt = parse_prompt(args.prompt, split_commas)
@@ -153,13 +177,13 @@ def main(argv=None) -> int:
         token_spans = None
         if args.token_spans is not None:
             token_spans = parse_token_spans(args.token_spans, prompt)
-    except (FileNotFoundError, ValueError, KeyError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as error:
         parser.error(str(error))
 
     for message in errors:
         report_error(message)
     settings = demo_settings(predictor.settings, args)
-    json_writer = JsonListWriter(args.json) if args.json else None
+    json_writer = JsonListWriter(args.json, replace=args.force) if args.json else None
     detector = FileDetector(
         predictor,
         prompt,
@@ -167,17 +191,48 @@ def main(argv=None) -> int:
         token_spans=token_spans,
         targets=targets,
         json_writer=json_writer,
+        replace=args.force,
     )
     try:
-        errors += detector.run(paths)
-    finally:
-        if json_writer is not None:
-            json_writer.close()
-            print(f"Wrote {json_writer.count} detections to {args.json}")
-    if errors:
-        report_error(f"{len(errors)} input(s) failed:\n  " + "\n  ".join(errors))
-        return 1
-    return 0
+        detector.run(paths)
+    finally:  # also on Ctrl-C: what was done is published, what failed is reported
+        errors += detector.errors
+        try:
+            if json_writer is not None:
+                json_writer.close()
+                print(f"Wrote {json_writer.count} detections to {args.json}")
+        finally:
+            write_error_report(report, errors)
+    return 1 if errors else 0
+
+
+def error_report_path(args, targets) -> Optional[str]:
+    """``--errors``, else next to ``--json``, else in (or next to) ``--output``; None without
+    any of them."""
+    if args.errors or args.json:
+        return args.errors or args.json + ".errors"
+    if not targets:
+        return None
+    if list(targets.values()) == [args.output]:  # a single drawing's file name
+        return args.output + ".errors"
+    return os.path.join(args.output, "errors.txt")
+
+
+def write_error_report(report: Optional[str], errors: Sequence[str]) -> None:
+    """Writes the failures to ``report`` in one step (when any failed; an earlier run's report
+    that ``--force`` replaces is removed when none did) and says how many failed and where."""
+    if not errors:
+        if report and os.path.lexists(report):
+            os.remove(report)
+            print(f"Nothing failed: removed the earlier error report {report}")
+        return
+    where = "listed above"
+    if report:
+        os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)
+        with atomic_file(report) as f:
+            f.writelines(" ".join(message.split()) + "\n" for message in errors)
+        where = f"listed in {report}"
+    report_error(f"{len(errors)} input(s) failed ({where})")
 
 
 if __name__ == "__main__":

@@ -26,12 +26,14 @@ import glob
 import os
 import sys
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# Forced: the server runs offline even where the environment turns analytics on.
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from grounding_dino import GroundingDINOPredictor  # noqa: E402
 from grounding_dino.model_zoo import add_model_arguments, load_config  # noqa: E402
@@ -105,6 +107,11 @@ def main(argv=None) -> int:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be in [0, 1]")
     if args.max_pixels <= 0 or args.queue_size < 1:
         parser.error("--max-pixels and --queue-size must be positive")
+    if args.max_pixels > Image.MAX_IMAGE_PIXELS:
+        parser.error(
+            f"--max-pixels {args.max_pixels:.0f}: more than PIL's decompression-bomb limit of "
+            f"{Image.MAX_IMAGE_PIXELS} pixels, which decoding keeps"
+        )
     try:
         config = resolve_weights(args, parser)
         predictor = GroundingDINOPredictor.from_model_config(

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from grounding_dino.io.atomic import atomic_open, atomic_output, new_file_mode
+from grounding_dino.io.atomic import atomic_file, atomic_output, new_file_mode
 
 
 def _convert_cli(*args):
@@ -44,7 +44,7 @@ def test_second_conversion_is_refused_naming_the_file_and_force_replaces(
 
     again = _convert_cli(*args)
     assert again.returncode == 1
-    assert f"{weights} exists; pass --force to replace it" in again.stderr
+    assert f"{weights} exists; this command does not write over files: pass --force" in again.stderr
     assert weights.read_bytes() == b"the user's file"
     assert sorted(os.listdir(out)) == before
 
@@ -59,7 +59,7 @@ def test_config_yaml_alone_is_refused_too(hf_folder, tmp_path, minilm_dir):
     from grounding_dino.convert.build import convert_checkpoint
 
     (tmp_path / "config.yaml").write_text("mine: 1\n")
-    with pytest.raises(FileExistsError, match="config.yaml exists; pass --force"):
+    with pytest.raises(FileExistsError, match="config.yaml exists; this command does not write over files: pass --force"):
         convert_checkpoint("hf", str(hf_folder), str(tmp_path), tokenizer=minilm_dir)
     assert not (tmp_path / "model.pth").exists()
     assert (tmp_path / "config.yaml").read_text() == "mine: 1\n"
@@ -103,7 +103,7 @@ def test_atomic_writes_respect_the_umask_and_do_not_follow_planted_links(tmp_pat
     os.symlink(victim, tmp_path / f"result.json.tmp-{os.getpid()}")
     old_mask = os.umask(0o027)
     try:
-        with atomic_open(target) as f:
+        with atomic_file(target) as f:
             f.write("{}")
         assert (os.stat(target).st_mode & 0o777) == 0o640
     finally:

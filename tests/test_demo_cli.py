@@ -4,7 +4,10 @@ input, keeps relative paths, writes ``--json`` as it goes, and removes duplicate
 file handling; the model's outputs are tested elsewhere); the script itself runs as a user runs
 it, in a subprocess."""
 
+import importlib.util
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -14,15 +17,18 @@ import numpy as np
 import pytest
 import torch
 from detectron2.structures import Boxes, Instances
+from hostile_images import gray_png_bomb, not_an_image
 from nms_reference import nms_output
 
 from grounding_dino import InferenceSettings
 from grounding_dino.io.coco_files import JsonListWriter
-from grounding_dino.io.detect_files import FileDetector
+from grounding_dino.io import detect_files
+from grounding_dino.io.detect_files import FileDetector, open_video_writer
 from grounding_dino.io.inputs import expand_inputs, plan_outputs
 from grounding_dino.preprocessing import parse_prompt
 
 REPO = Path(__file__).resolve().parents[1]
+DEMO = [sys.executable, str(REPO / "demo" / "demo.py")]
 PROMPT = ["cat", "dog"]
 
 
@@ -34,6 +40,7 @@ class StubPredictor:
     def __init__(self):
         self.calls = 0
         self.interrupt_at = None
+        self.fail_at = None
         self.settings = InferenceSettings()
         self.last_settings = None
 
@@ -42,6 +49,8 @@ class StubPredictor:
         self.last_settings = settings
         if self.calls == self.interrupt_at:
             raise KeyboardInterrupt
+        if self.calls == self.fail_at:
+            raise RuntimeError("the model failed on this image")
         height, width = image.shape[:2]
         boxes = torch.tensor([[10.0, 10, 40, 40], [10, 10, 40, 37], [12, 12, 38, 38]])
         instances = Instances(
@@ -61,17 +70,20 @@ def _write(path: Path, seed: int, height: int = 64, width: int = 80) -> bytes:
     return path.read_bytes()
 
 
-def _detect(inputs, output=None, json_path=None, stub=None, settings=None) -> list:
-    """What ``demo/demo.py --input INPUTS [--output] [--json]`` does, with ``stub`` as the
-    model. Returns the error messages."""
+def _detect(inputs, output=None, json_path=None, stub=None, settings=None, replace=False) -> list:
+    """What ``demo/demo.py --input INPUTS [--output] [--json] [--force]`` does, with ``stub``
+    as the model. Returns the error messages."""
     inputs = [str(p) for p in inputs]
     paths, errors = expand_inputs(inputs)
     targets = plan_outputs(str(output) if output else None, inputs, paths)
     stub = stub or StubPredictor()
     if json_path is None:
-        return errors + FileDetector(stub, PROMPT, settings, targets=targets).run(paths)
-    with JsonListWriter(str(json_path)) as writer:
-        detector = FileDetector(stub, PROMPT, settings, targets=targets, json_writer=writer)
+        detector = FileDetector(stub, PROMPT, settings, targets=targets, replace=replace)
+        return errors + detector.run(paths)
+    with JsonListWriter(str(json_path), replace=replace) as writer:
+        detector = FileDetector(
+            stub, PROMPT, settings, targets=targets, json_writer=writer, replace=replace
+        )
         return errors + detector.run(paths)
 
 
@@ -90,9 +102,14 @@ def test_output_inside_the_input_folder_never_overwrites_an_input(tmp_path):
         plan_outputs(image, [image], [image])
 
     # A subfolder of the inputs is fine: nothing collides (folders are not searched in depth).
-    for _ in range(2):
-        assert _detect([photos], output=photos / "drawn") == []
-    assert sorted(p.name for p in (photos / "drawn").iterdir()) == ["a.png", "b.jpg"]
+    # Drawings that exist are not replaced without --force (replace=True).
+    assert _detect([photos], output=photos / "drawn") == []
+    drawn = {p.name: p.read_bytes() for p in (photos / "drawn").iterdir()}
+    assert sorted(drawn) == ["a.png", "b.jpg"]
+    errors = _detect([photos], output=photos / "drawn")
+    assert len(errors) == 2 and all("exists; not replaced" in e and "--force" in e for e in errors)
+    assert _detect([photos], output=photos / "drawn", replace=True) == []
+    assert {p.name: p.read_bytes() for p in (photos / "drawn").iterdir()} == drawn
     assert {p.name: p.read_bytes() for p in photos.glob("*.*")} == originals
 
 
@@ -119,7 +136,12 @@ def test_json_is_written_image_by_image(tmp_path):
     assert [r["image_id"] for r in records] == [0, 0, 0, 1, 1, 1]
     assert {Path(r["file_name"]).name for r in records} == {"0.png", "1.png"}
 
-    assert _detect([tmp_path / "in"], json_path=results, settings=every_box) == []
+    # The interrupted list was renamed into place; a rerun replaces it only when asked.
+    with pytest.raises(FileExistsError, match=f"{results} exists.*--force"):
+        _detect([tmp_path / "in"], json_path=results, settings=every_box)
+    assert json.loads(results.read_text()) == records
+    assert _detect([tmp_path / "in"], json_path=results, settings=every_box, replace=True) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "results.json"]  # no temporary
     full = json.loads(results.read_text())
     assert full[:6] == records and len(full) == 12
     assert full[0] == {
@@ -166,3 +188,148 @@ def test_parse_prompt():
     assert parse_prompt(None) is None
     with pytest.raises(ValueError, match="holds no class names"):
         parse_prompt(" , ")
+
+
+def test_any_failure_of_one_file_is_reported_and_the_rest_go_on(tmp_path):
+    for i, name in enumerate(["a.png", "b.png", "c.png"]):
+        _write(tmp_path / "in" / name, i)
+    bomb = gray_png_bomb(tmp_path / "in" / "bomb.png")  # 20000x20000 gray in 1.7 MB
+    stub = StubPredictor()
+    stub.fail_at = 2  # a RuntimeError from the model on b.png
+    results = tmp_path / "results.json"
+    errors = _detect([tmp_path / "in"], tmp_path / "out", results, stub)
+    assert len(errors) == 2, errors
+    assert errors[0].startswith(f"{tmp_path / 'in' / 'b.png'}: RuntimeError: the model failed")
+    assert errors[1].startswith(f"{bomb}: ")  # refused or failed, never decoded
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "c.png"]
+    records = json.loads(results.read_text())
+    assert sorted({Path(r["file_name"]).name for r in records}) == ["a.png", "c.png"]
+
+
+def _clip(path: Path, codec: str, frames: int = 3) -> str:
+    writer = open_video_writer(str(path), 5, (96, 72), codec=codec)
+    for k in range(frames):
+        writer.write(np.full((72, 96, 3), 40 * k, np.uint8))
+    writer.release()
+    return str(path)
+
+
+def test_video_drawings_use_a_codec_of_their_container_and_a_failed_writer_is_an_error(
+    tmp_path, monkeypatch
+):
+    clip = _clip(tmp_path / "clip.webm", "VP80")
+    out = tmp_path / "out" / "clip.webm"
+    assert FileDetector(StubPredictor(), PROMPT, targets={clip: str(out)}).run([clip]) == []
+    capture = cv2.VideoCapture(str(out))
+    assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
+    capture.release()
+
+    with pytest.raises(ValueError, match=r"x\.webm: cv2\.VideoWriter cannot write .*codec mp4v"):
+        open_video_writer(str(tmp_path / "x.webm"), 5, (96, 72), codec="mp4v")
+    # Through the demo: the same failure is the video's error, and no file is left behind.
+    monkeypatch.setattr(detect_files, "VIDEO_CODECS", {".webm": "mp4v"})
+    target = tmp_path / "failed" / "clip.webm"
+    errors = FileDetector(StubPredictor(), PROMPT, targets={clip: str(target)}).run([clip])
+    assert len(errors) == 1 and "cv2.VideoWriter cannot write" in errors[0], errors
+    assert f"{clip}: {target}: cv2.VideoWriter cannot write" in errors[0], errors
+    assert "codec mp4v" in errors[0]
+    assert list((tmp_path / "failed").iterdir()) == []
+
+
+def _demo_main():
+    spec = importlib.util.spec_from_file_location("demo_cli", REPO / "demo" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_the_cli_refuses_existing_results_before_it_loads_a_model(tmp_path, monkeypatch, capsys):
+    _write(tmp_path / "photos" / "a.png", 0)
+    (tmp_path / "results.json").write_text("my own results")
+    _write(tmp_path / "out" / "a.png", 1)
+    (tmp_path / "new.json.errors").write_text("my notes")
+    # The config file does not exist: each refusal comes before the model is built.
+    common = ["--config-file", "missing.py", "--prompt", "cat", "--input", "photos"]
+    done = subprocess.run(
+        [*DEMO, *common, "--json", "results.json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2
+    assert "--json: results.json exists; this command does not write over files: pass --force" in (
+        done.stderr
+    )
+    # The other refusals through the same main() in this process (a subprocess each is slow).
+    monkeypatch.chdir(tmp_path)
+    main = _demo_main()
+    cases = [
+        (["--output", "out"], "--output out: out/a.png exists"),
+        (["--json", "new.json"], "--errors: new.json.errors exists"),
+        (["--output", "drawn", "--errors", "photos/a.png"], "--errors photos/a.png is one of"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(common + extra)
+        stderr = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in stderr, stderr
+        assert "--force" in stderr or "one of the inputs" in stderr
+    assert (tmp_path / "results.json").read_text() == "my own results"
+    assert (tmp_path / "new.json.errors").read_text() == "my notes"
+    assert not (tmp_path / "drawn").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    """Random weights of configs/shapes_tiny.py, saved as detectron2's checkpointer does."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.config import instantiate
+
+    from grounding_dino.model_zoo import get_config
+
+    torch.manual_seed(0)
+    model = instantiate(get_config("shapes_tiny.py").model)
+    folder = tmp_path_factory.mktemp("demo_weights")
+    DetectionCheckpointer(model, save_dir=str(folder)).save("model")
+    return str(folder / "model.pth")
+
+
+def test_the_cli_reports_failures_replaces_only_with_force_and_writes_new_file_modes(
+    tmp_path, tiny_weights
+):
+    photos = tmp_path / "photos"
+    _write(photos / "good.png", 0, 96, 128)
+    gray_png_bomb(photos / "bomb.png")
+    not_an_image(photos / "notes.jpg")
+    (tmp_path / "results.json").write_text("an earlier run's results")
+    command = [*DEMO, "--config-file", str(REPO / "configs" / "shapes_tiny.py")]
+    command += ["--weights", tiny_weights, "--input", "photos", "--prompt", "red square"]
+    command += ["--json", "results.json", "--output", "out", "--force", "--box-threshold", "0"]
+    command += ["--opts", "model.max_detections=3", "train.device=cpu"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 1, done.stderr
+    assert "2 input(s) failed (listed in results.json.errors)" in done.stderr, done.stderr
+    report = (tmp_path / "results.json.errors").read_text().splitlines()
+    assert [line.split(":")[0] for line in report] == ["photos/bomb.png", "photos/notes.jpg"]
+    records = json.loads((tmp_path / "results.json").read_text())
+    assert len(records) == 3 and {r["file_name"] for r in records} == {"photos/good.png"}
+    assert cv2.imread(str(tmp_path / "out" / "good.png")).shape == (96, 128, 3)
+    mode = 0o666 & ~_umask()
+    for path in ["results.json", "results.json.errors", "out/good.png"]:
+        assert stat.S_IMODE(os.stat(tmp_path / path).st_mode) == mode, path
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "out",
+        "photos",
+        "results.json",
+        "results.json.errors",
+    ]  # no temporary file left
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -6,6 +6,8 @@ model on the same converted weights (transformers-format here, official-format i
 test) at the parity tolerances of tests/test_model_parity.py.
 """
 
+import os
+import stat
 import subprocess
 import sys
 
@@ -16,6 +18,7 @@ import torch
 from grounding_dino.deploy import OnnxPredictor, onnx_feeds
 from grounding_dino.export import export_mode
 from grounding_dino.export.cli import main as export_main
+from grounding_dino.io.atomic import new_file_mode
 from grounding_dino.modeling.deformable_attention import deformable_kernel
 from grounding_dino.modeling.switches import tracing_mode
 from grounding_dino.predictor import GroundingDINOPredictor
@@ -166,6 +169,13 @@ def test_cli_refuses_to_overwrite_and_names_missing_files(exported, tmp_path):
     assert result.returncode == 1
     assert f"weights file {tmp_path / 'nope.pth'} does not exist" in result.stderr
     assert not (tmp_path / "new.onnx").exists()
+
+
+def test_exported_file_has_a_new_files_mode_and_no_temporary_is_left(exported):
+    path, _, _ = exported
+    # mkstemp's 0600 would keep the model from other users whatever the umask says.
+    assert stat.S_IMODE(os.stat(path).st_mode) == new_file_mode()
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
 
 
 def test_cli_errors_without_weights_or_config(exported, tmp_path, capsys):

@@ -153,7 +153,7 @@ def test_fine_tuned_model_loads_in_transformers_with_equal_outputs(fine_tuned, t
     # Never written over; --force replaces.
     again = _to_hf_cli(config, weights, out)
     assert again.returncode == 1
-    assert f"{out / 'config.json'} exists; pass --force" in again.stderr
+    assert f"{out / 'config.json'} exists; this command does not write over files: pass --force" in again.stderr
 
 
 def test_parameters_transformers_lacks_are_refused_by_name(converted_tiny, tmp_path, capsys):

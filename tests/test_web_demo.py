@@ -8,6 +8,7 @@ Selenium through ``/usr/bin/chromedriver`` (``make test`` installs them:
 missing browser fails the test, it is not skipped.
 """
 
+import json
 import os
 import re
 import socket
@@ -22,6 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from hostile_images import gray_png_bomb, not_an_image, truncated_png
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "shapes_tiny.py")
@@ -46,12 +48,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _vm_hwm_kb(pid: int) -> int:
-    """Peak resident memory (VmHWM) of a process, in kB."""
+def _memory_kb(pid: int, field: str = "VmHWM") -> int:
+    """A process's resident memory in kB: its peak (VmHWM) or its current size (VmRSS)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1])
-    raise AssertionError(f"no VmHWM in /proc/{pid}/status")
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def _vm_hwm_kb(pid: int) -> int:
+    return _memory_kb(pid, "VmHWM")
 
 
 def _scene(path: Path, seed: int, height: int = 192, width: int = 224) -> str:
@@ -96,7 +102,7 @@ def server(weights, tmp_path_factory):
     log = tmp_path_factory.mktemp("web_server") / "server.log"
     env = dict(
         os.environ,
-        GRADIO_ANALYTICS_ENABLED="False",
+        GRADIO_ANALYTICS_ENABLED="True",  # demo/web.py turns them off whatever the environment says
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
         CUDA_VISIBLE_DEVICES="",
@@ -297,3 +303,103 @@ def test_eight_concurrent_clients_and_bad_inputs(server, predictor, tmp_path):
         f"(+{growth_mb:.0f} MB)"
     )
     assert growth_mb < 1536, f"peak memory grew by {growth_mb:.0f} MB for 8 queued requests"
+
+
+def test_analytics_are_off_although_the_environment_turns_them_on(server):
+    url, _ = server  # started with GRADIO_ANALYTICS_ENABLED=True
+    with urllib.request.urlopen(url + "config", timeout=30) as response:
+        config = json.load(response)
+    assert config["analytics_enabled"] is False
+
+
+def test_soak_200_requests_8_at_a_time_with_hostile_uploads(server, tmp_path):
+    """200 requests, 8 at a time, every fifth one hostile: each gets its answer or its message,
+    the server keeps serving, and its memory does not grow (nothing decodes a hostile upload
+    before the size check: a 20000x20000 gray PNG decoded is 400 MB, 1.2 GB as RGB)."""
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    url, pid = server
+    client = Client(url, verbose=False)
+    scenes = [
+        _scene(tmp_path / f"s{i}.png", seed=100 + i, height=96 + 16 * i, width=128)
+        for i in range(4)
+    ]
+    hostile = [
+        (gray_png_bomb(tmp_path / "bomb.png"), "more than this server's limit of 25.0 megapixels"),
+        (gray_png_bomb(tmp_path / "gray.png", 9000, 9000), "9000x9000 = 81.0 megapixels"),
+        (truncated_png(tmp_path / "truncated.png"), "The image cannot be decoded"),
+        (not_an_image(tmp_path / "notes.png"), "The upload is not an image that can be read"),
+    ]
+
+    def request(index: int) -> str:
+        """What the request got: "ok", or the expected message of a hostile upload."""
+        if index % 5 == 4:
+            path, message = hostile[(index // 5) % len(hostile)]
+            try:
+                client.predict(handle_file(path), "cat", 0.0, 0.25, False, 0.5, api_name="/detect")
+            except AppError as error:
+                assert message in str(error), (path, str(error))
+                return message
+            raise AssertionError(f"{path} was accepted")
+        _, table, status = client.predict(
+            handle_file(scenes[index % len(scenes)]),
+            "red square, blue circle",
+            0.0,
+            0.25,
+            False,
+            0.5,
+            api_name="/detect",
+        )
+        assert re.match(r"\d+ boxes \(", status) and len(table["data"]) > 0, status
+        return "ok"
+
+    peak_before = _memory_kb(pid, "VmHWM")
+    start = time.time()
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(request, range(20)))
+        rss_20 = _memory_kb(pid, "VmRSS")
+        answers += list(pool.map(request, range(20, 200)))
+    elapsed = time.time() - start
+    rss_200, peak_after = _memory_kb(pid, "VmRSS"), _memory_kb(pid, "VmHWM")
+
+    assert len(answers) == 200 and answers.count("ok") == 160
+    assert {a for a in answers if a != "ok"} == {message for _, message in hostile}
+    print(
+        f"\nsoak: 200 requests (40 hostile), 8 at a time, in {elapsed:.1f} s "
+        f"({200 / elapsed:.1f} requests/s); server RSS {rss_20 / 1024:.0f} MB after 20, "
+        f"{rss_200 / 1024:.0f} MB after 200; peak {peak_before / 1024:.0f} MB before, "
+        f"{peak_after / 1024:.0f} MB after"
+    )
+    assert rss_200 <= rss_20 + 300 * 1024, (rss_20, rss_200)
+    assert peak_after <= peak_before + 300 * 1024, (peak_before, peak_after)
+
+
+def test_uploads_reach_the_handler_undecoded(tmp_path):
+    """The page's image input hands over the uploaded file's path without opening it (Gradio's
+    own gr.Image opens every upload with PIL and converts non-RGB ones in memory)."""
+    from gradio.data_classes import FileData
+
+    from grounding_dino.web import app
+
+    notes = not_an_image(tmp_path / "notes.png")  # PIL could not even open it
+    upload = app.image_upload(label="Image")
+    assert upload.preprocess(FileData(path=notes, orig_name="notes.png")) == notes
+    assert upload.preprocess(None) is None
+    # Subclassing a Gradio component would make Gradio write a .pyi next to the module.
+    assert not Path(app.__file__).with_suffix(".pyi").exists()
+
+
+def test_max_pixels_above_pils_bomb_limit_is_refused(capsys):
+    """--max-pixels may not lift PIL's decompression-bomb guard (refused before any model)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("web_demo", REPO / "demo" / "web.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--config-file", "missing.py", "--max-pixels", "2e8"])
+    assert exit_info.value.code == 2
+    assert "--max-pixels 200000000: more than PIL's decompression-bomb limit of 89478485" in (
+        capsys.readouterr().err
+    )

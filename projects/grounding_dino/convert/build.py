@@ -308,11 +308,11 @@ def convert_checkpoint(
     weights_path = os.path.abspath(os.path.join(out_dir, "model.pth"))
     config_path = os.path.abspath(os.path.join(out_dir, "config.yaml"))
     # Partial sources write model.pth only; a config.yaml beside it is not theirs to refuse.
-    refuse_existing([weights_path], force)
+    refuse_existing([weights_path], force=force)
     if source == "hf":
         if not os.path.isdir(src):
             raise FileNotFoundError(f"{src} is not a folder (expected a transformers model)")
-        refuse_existing([config_path], force)
+        refuse_existing([config_path], force=force)
         state = _load_hf_weights(src)
         cfg = _hf_config(src, config, tokenizer)
         per_layer = HF_MODEL_TYPES[hf_model_type(src)]
@@ -340,7 +340,7 @@ def convert_checkpoint(
             )
         if source == "grounding-dino":
             raise ValueError(f"{src} already has this project's keys; nothing to convert")
-        refuse_existing([config_path], force)
+        refuse_existing([config_path], force=force)
         cfg, converted, info, state = _full_source_config(source, state, src, config, tokenizer)
         info["skipped_entries"] = skipped
         shared = {

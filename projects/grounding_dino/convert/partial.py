@@ -82,7 +82,7 @@ def write_checkpoint(
     """Writes ``out_dir/model.pth`` (``{"model": state}``, plus ``partial_checkpoint``)
     atomically; an existing file is an error naming it unless ``force``. Returns the path."""
     path = os.path.abspath(os.path.join(out_dir, "model.pth"))
-    refuse_existing([path], force)
+    refuse_existing([path], force=force)
     os.makedirs(out_dir, exist_ok=True)
     data = {"model": {k: v.contiguous() for k, v in state.items()}}
     if partial is not None:

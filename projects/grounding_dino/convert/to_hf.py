@@ -292,7 +292,7 @@ def _publish(staging: str, out_dir: str, force: bool) -> List[str]:
     """Moves the files of ``staging`` into ``out_dir``, each atomically; refuses (before any
     move) when one exists and not ``force``."""
     names = sorted(os.listdir(staging))
-    refuse_existing([os.path.join(out_dir, n) for n in names], force)
+    refuse_existing([os.path.join(out_dir, n) for n in names], force=force)
     for name in names:
         replace_atomic(os.path.join(staging, name), os.path.join(out_dir, name))
     return [os.path.join(out_dir, n) for n in names]
@@ -315,7 +315,9 @@ def export_to_hf(
     from .. import model_zoo
     from ..text.tokenizer import load_tokenizer
 
-    refuse_existing([os.path.join(out_dir, n) for n in ("config.json", "model.safetensors")], force)
+    refuse_existing(
+        [os.path.join(out_dir, n) for n in ("config.json", "model.safetensors")], force=force
+    )
     cfg = model_zoo.get_config(config, overrides)
     model = model_zoo.build_model(cfg, weights, device="cpu")
     model_type, hf_config = hf_config_from_lazy(cfg.model, model.text_encoder.bert.config)

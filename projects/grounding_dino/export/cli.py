@@ -4,7 +4,8 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
+
+from ..io.atomic import publish, temporary_path
 
 __all__ = ["main", "load_model_for_export"]
 
@@ -107,13 +108,13 @@ def main(argv=None) -> int:
             args.config, args.weights, args.overrides, args.random_weights
         )
         logger.info("Tracing and writing ONNX (opset %d); this takes a while", opset)
-        # Written next to OUT and renamed at the end: a failed export leaves no partial file.
-        handle, partial = tempfile.mkstemp(suffix=".onnx.partial", dir=out_dir)
-        os.close(handle)
+        # Written next to OUT and renamed at the end (with a new file's mode): a failed export
+        # leaves no partial file, and a file that appeared meanwhile is not replaced.
+        partial = temporary_path(args.out, ".onnx.partial")
         try:
             info = export_onnx(model, partial, opset=opset)
             write_metadata(partial, model, opset)
-            os.replace(partial, args.out)
+            publish(partial, args.out, replace=args.force)
         finally:
             if os.path.exists(partial):
                 os.remove(partial)

@@ -1,38 +1,39 @@
 """
-Result files written atomically, and never over a file the user did not ask to replace.
+Writing result files so that nothing is lost or overwritten by surprise: a result is written to
+a temporary file in its folder (an unpredictable name created with ``O_EXCL``, so no symlink
+placed there in advance is followed), given the mode a new file gets (``0o666`` less the
+umask, not ``mkstemp``'s 0600), and renamed onto its name in one step. Without ``replace`` the
+last step refuses a file that exists (a hard link, which cannot replace anything), so a file
+that appears while the result is computed is kept too.
 
-A result is written to a temporary file in the destination's own folder (so that the final
-rename stays on one file system), flushed to disk, given the mode of a newly created file
-(``0o666`` less the umask: ``mkstemp``'s ``0o600`` would hide it from the user's group) and
-renamed over the destination with ``os.replace``. A reader sees the old file or the new one,
-never a truncated one; a failed or interrupted write removes its temporary file and leaves the
-old file as it was. Temporary names are unpredictable and created with ``O_EXCL``
-(``tempfile.mkstemp``), so a planted symlink is never followed.
+Example::
+
+    refuse_existing(["out/results.json"], force=args.force)  # before the work starts
+    with atomic_file("out/results.json") as f:
+        json.dump(results, f)
 """
 
 import contextlib
+import errno
 import os
 import tempfile
-from typing import IO, Iterable, Iterator
+from typing import IO, Iterator, Sequence
 
-__all__ = ["atomic_output", "atomic_open", "new_file_mode", "refuse_existing", "replace_atomic"]
-
-
-def refuse_existing(paths: Iterable[str], force: bool, flag: str = "--force") -> None:
-    """
-    Raises:
-        FileExistsError: one of ``paths`` exists and ``force`` is False; the message names the
-            file and ``flag``.
-    """
-    if force:
-        return
-    for path in paths:
-        if os.path.lexists(path):
-            raise FileExistsError(f"{path} exists; pass {flag} to replace it (never overwritten)")
+__all__ = [
+    "new_file_mode",
+    "refuse_existing",
+    "temporary_path",
+    "publish",
+    "atomic_file",
+    "atomic_output",
+    "replace_atomic",
+    "write_bytes_atomic",
+    "temporary_directory",
+]
 
 
 def _umask() -> int:
-    try:  # Linux: read without changing it (os.umask would, for a moment, for every thread)
+    try:  # Linux: reading it does not change it (os.umask would, for every thread)
         with open("/proc/self/status") as status:
             for line in status:
                 if line.startswith("Umask:"):
@@ -44,49 +45,141 @@ def _umask() -> int:
     return mask
 
 
-def new_file_mode() -> int:
-    """The mode ``open(path, "w")`` gives a new file: ``0o666`` less the umask."""
-    return 0o666 & ~_umask()
+def new_file_mode(directory: bool = False) -> int:
+    """The mode ``open()`` (``mkdir`` when ``directory``) gives a new file: 0o666 (0o777) less
+    the process's umask."""
+    return (0o777 if directory else 0o666) & ~_umask()
 
 
-def replace_atomic(temporary: str, path: str) -> None:
-    """Flushes ``temporary`` to disk, gives it a new file's mode and renames it over ``path``
-    (same folder); the folder's entry is flushed too, where the OS allows."""
-    with open(temporary, "rb+") as f:
-        os.fsync(f.fileno())
+def refuse_existing(paths: Sequence[str], *, force: bool, what: str = "") -> None:
+    """
+    Refuses to start a command whose results would replace existing files.
+
+    Args:
+        paths: the files the command will write.
+        force: the user asked for them to be replaced (``--force``): nothing is refused.
+        what: the option the files come from (``"--json"``), put before the message.
+
+    Raises:
+        FileExistsError: naming the first few existing files, their count and ``--force``.
+    """
+    if force:
+        return
+    existing = [path for path in paths if os.path.lexists(path)]
+    if not existing:
+        return
+    shown = ", ".join(existing[:3]) + (
+        f" and {len(existing) - 3} more" if len(existing) > 3 else ""
+    )
+    prefix = f"{what}: " if what else ""
+    files = "it" if len(existing) == 1 else f"these {len(existing)} files"
+    raise FileExistsError(
+        f"{prefix}{shown} exist{'s' if len(existing) == 1 else ''}; this command does not write "
+        f"over files: pass --force to replace {files}, or choose another name"
+    )
+
+
+def temporary_path(path: str, suffix: str = "") -> str:
+    """Creates an empty file with an unpredictable name next to ``path``
+    (``.<name>.<random><suffix>``) and returns its name; the caller writes it and calls
+    :func:`publish`, or removes it."""
+    folder, name = os.path.split(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=suffix, dir=folder)
+    os.close(handle)
+    return temporary
+
+
+def publish(temporary: str, path: str, *, replace: bool) -> None:
+    """
+    Gives ``temporary`` the mode of a new file and renames it to ``path``.
+
+    Args:
+        replace: replace a file ``path`` that exists (never through a symlink: the link itself
+            is replaced); else one that exists is refused and ``temporary`` is left as it is.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``replace`` is false.
+    """
     os.chmod(temporary, new_file_mode())
-    os.replace(temporary, path)
-    with contextlib.suppress(OSError):  # not every file system can fsync a folder
-        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+    if replace:
+        os.replace(temporary, path)
+        return
+    try:
+        os.link(temporary, path)  # fails if path exists, in one step
+    except FileExistsError:
+        raise FileExistsError(f"{path} exists; not replaced: pass --force to replace it") from None
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+        # A file system without hard links: check, then rename (a short window remains).
+        if os.path.lexists(path):
+            raise FileExistsError(
+                f"{path} exists; not replaced: pass --force to replace it"
+            ) from None
+        os.rename(temporary, path)
+        return
+    os.remove(temporary)
 
 
 @contextlib.contextmanager
-def atomic_output(path: str) -> Iterator[str]:
+def atomic_file(path: str, mode: str = "w", *, replace: bool = True) -> Iterator[IO]:
     """
-    Yields a new temporary path next to ``path`` for a writer that takes a file name
-    (``torch.save``, ``LazyConfig.save``, safetensors); when the block ends without an
-    exception the file replaces ``path`` atomically, otherwise it is removed.
+    A file object whose content appears at ``path`` in one step when the block ends (flushed
+    and fsynced); if the block raises, ``path`` is untouched and the temporary file removed.
+
+    Args:
+        mode: ``"w"`` or ``"wb"``.
+        replace: see :func:`publish`.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=folder
-    )
-    os.close(handle)
+    temporary = temporary_path(path, ".partial")
     try:
-        yield temporary
-        replace_atomic(temporary, path)
+        with open(temporary, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        publish(temporary, path, replace=replace)
     finally:
         if os.path.lexists(temporary):
             os.remove(temporary)
 
 
+def replace_atomic(temporary: str, path: str) -> None:
+    """Flushes the written file ``temporary`` to disk and renames it over ``path`` (same folder)
+    with a new file's mode: :func:`publish` with ``replace=True``."""
+    with open(temporary, "rb+") as f:
+        os.fsync(f.fileno())
+    publish(temporary, path, replace=True)
+
+
 @contextlib.contextmanager
-def atomic_open(path: str, mode: str = "w", **kwargs) -> Iterator[IO]:
-    """``open`` for writing, atomically (see :func:`atomic_output`)."""
-    with atomic_output(path) as temporary:
-        with open(temporary, mode, **kwargs) as f:
-            yield f
+def atomic_output(path: str, *, replace: bool = True) -> Iterator[str]:
+    """
+    Yields a new temporary path next to ``path`` for a writer that takes a file name
+    (``torch.save``, ``LazyConfig.save``, safetensors); when the block ends without an
+    exception the file is flushed and published at ``path`` (see :func:`publish`), otherwise it
+    is removed and ``path`` is untouched.
+    """
+    temporary = temporary_path(path, ".partial")
+    try:
+        yield temporary
+        with open(temporary, "rb+") as f:
+            os.fsync(f.fileno())
+        publish(temporary, path, replace=replace)
+    finally:
+        if os.path.lexists(temporary):
+            os.remove(temporary)
+
+
+def write_bytes_atomic(path: str, data: bytes, *, replace: bool) -> None:
+    """Writes ``data`` to ``path`` with :func:`atomic_file`."""
+    with atomic_file(path, "wb", replace=replace) as f:
+        f.write(data)
+
+
+def temporary_directory(path: str) -> str:
+    """Creates an empty folder with an unpredictable name next to ``path`` and the mode of a
+    new folder (``mkdtemp`` gives 0700); the caller fills it and renames it to ``path``."""
+    folder, name = os.path.split(os.path.abspath(path))
+    temporary = tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=folder)
+    os.chmod(temporary, new_file_mode(directory=True))
+    return temporary

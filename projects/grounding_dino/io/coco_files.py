@@ -11,6 +11,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .atomic import atomic_file, publish, temporary_path
+
 __all__ = [
     "JsonListWriter",
     "xywh_boxes",
@@ -146,14 +148,12 @@ def coco_results(
     return records
 
 
-def write_json_atomic(path: str, data) -> None:
-    """Writes ``data`` to a temporary file next to ``path``, fsyncs it, renames it."""
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as f:
+def write_json_atomic(path: str, data, *, replace: bool = True) -> None:
+    """Writes ``data`` as JSON to ``path`` in one step (a temporary file next to it, fsynced,
+    renamed: :func:`~grounding_dino.io.atomic.atomic_file`); ``replace=False`` refuses a file
+    that exists."""
+    with atomic_file(path, replace=replace) as f:
         json.dump(data, f, separators=(",", ":"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
 
 
 def write_errors(path: str, failed: List[Dict]) -> None:
@@ -165,26 +165,39 @@ def write_errors(path: str, failed: List[Dict]) -> None:
         if os.path.exists(path):
             os.remove(path)
         return
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as f:
+    with atomic_file(path) as f:
         for record in failed:
             reason = " ".join(str(record["error"]).split())  # one line
             f.write(f"{record['path']}\t{reason}\n")
-    os.replace(temporary, path)
 
 
 class JsonListWriter:
     """
-    A JSON list written record by record: after every :meth:`extend` the file is a
-    complete JSON list of everything so far (flushed; fsynced at most once a second), so an
-    interrupted run keeps what it did. A context manager (closes the file).
+    A JSON list written record by record to a temporary file next to ``path``
+    (``.<name>.<random>.partial``): after every :meth:`extend` it is a complete JSON list of
+    everything so far (flushed; fsynced at most once a second). :meth:`close` renames it to
+    ``path`` in one step, also when the run is interrupted by an exception (Ctrl-C included),
+    so an interrupted run keeps what it did; a killed one leaves it in :attr:`partial_path`.
+    A context manager (closes the file).
+
+    Args:
+        path: the result file.
+        replace: replace a file ``path`` that exists; else one is refused (before anything is
+            written, and again when the result is renamed to it).
+
+    Raises:
+        FileExistsError: ``path`` exists and ``replace`` is false.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, replace: bool = False):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if os.path.lexists(path) and not replace:
+            raise FileExistsError(f"{path} exists; not replaced: pass --force to replace it")
         self.path = path
+        self.replace = replace
         self.count = 0
-        self._file = open(path, "wb")
+        self.partial_path = temporary_path(path, ".partial")
+        self._file = open(self.partial_path, "wb")
         self._file.write(b"[]")
         self._end = 1  # where the closing bracket is
         self._synced = 0.0
@@ -208,9 +221,21 @@ class JsonListWriter:
         self._flush()
 
     def close(self) -> None:
+        """Renames the list to ``path`` (once; later calls do nothing).
+
+        Raises:
+            FileExistsError: ``path`` appeared meanwhile and ``replace`` is false; the list
+                stays in :attr:`partial_path`.
+        """
+        if self._file.closed:
+            return
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
+        try:
+            publish(self.partial_path, self.path, replace=self.replace)
+        except FileExistsError as error:
+            raise FileExistsError(f"{error}; the results are in {self.partial_path}") from None
 
     def __enter__(self) -> "JsonListWriter":
         return self

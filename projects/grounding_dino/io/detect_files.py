@@ -16,7 +16,7 @@ Example::
 
 import os
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -25,16 +25,52 @@ from tqdm import tqdm
 from ..modeling.settings import InferenceSettings
 from ..preprocessing import Prompt
 from ..visualization import draw
+from .atomic import publish, temporary_path, write_bytes_atomic
 from .coco_files import JsonListWriter, coco_results
 from .images import read_bgr, video_frames, video_info
 from .inputs import is_video
 
-__all__ = ["FileDetector", "report_error"]
+__all__ = ["FileDetector", "report_error", "open_video_writer", "VIDEO_CODECS"]
+
+# The codec of each video ending that is not mp4v (WebM holds only VP8/VP9 and AV1).
+VIDEO_CODECS = {".webm": "VP80"}
 
 
 def report_error(message: str) -> None:
     """Prints an ``ERROR`` line to stderr without breaking a progress bar."""
     tqdm.write(f"ERROR {message}", file=sys.stderr)
+
+
+def open_video_writer(
+    path: str,
+    fps: float,
+    size: Tuple[int, int],
+    codec: Optional[str] = None,
+    *,
+    name: Optional[str] = None,
+) -> cv2.VideoWriter:
+    """
+    A ``cv2.VideoWriter`` for ``path``.
+
+    Args:
+        fps: frames per second.
+        size: (width, height) of the frames.
+        codec: a FourCC; None: the one of the path's ending (:data:`VIDEO_CODECS`, else mp4v).
+        name: the file the error names (the result's, when ``path`` is its temporary file).
+
+    Raises:
+        ValueError: naming the file and the codec, when OpenCV cannot open the writer.
+    """
+    if codec is None:
+        codec = VIDEO_CODECS.get(os.path.splitext(path)[1].lower(), "mp4v")
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*codec), fps, size)
+    if not writer.isOpened():
+        raise ValueError(
+            f"{name or path}: cv2.VideoWriter cannot write this video (codec {codec}, "
+            f"{size[0]}x{size[1]}, {fps:g} fps); OpenCV's build has no such encoder for this "
+            f"file type, or the folder is not writable"
+        )
+    return writer
 
 
 class FileDetector:
@@ -52,6 +88,8 @@ class FileDetector:
         targets: the drawing's file of an input path (inputs not in it are not drawn).
         json_writer: where every detection goes as a COCO result (or None); image ids count
             images and video frames from 0 in the order they are processed.
+        replace: replace drawings that exist (``--force``); else such a file is an error of
+            its input. A drawing appears in one step when complete (written next to it first).
     """
 
     def __init__(
@@ -63,6 +101,7 @@ class FileDetector:
         token_spans=None,
         targets: Optional[Dict[str, str]] = None,
         json_writer: Optional[JsonListWriter] = None,
+        replace: bool = False,
     ):
         self.predictor = predictor
         self.prompt = prompt
@@ -70,7 +109,9 @@ class FileDetector:
         self.token_spans = token_spans
         self.targets = targets or {}
         self.json_writer = json_writer
+        self.replace = replace
         self.next_image_id = 0
+        self.errors: List[str] = []  # the messages of the last run() so far
 
     def predict(self, image_bgr: np.ndarray) -> Dict:
         """The predictor's output on one BGR image."""
@@ -90,26 +131,31 @@ class FileDetector:
     def _target(self, path: str) -> Optional[str]:
         target = self.targets.get(path)
         if target:
+            if not self.replace and os.path.lexists(target):  # before the model runs
+                raise FileExistsError(f"{target} exists; not replaced: pass --force to replace it")
             os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
         return target
 
     def image(self, path: str) -> str:
         """Detects in an image file (drawn when it has a target). Returns a summary line."""
+        target = self._target(path)
         image = read_bgr(path)
         output = self.predict(image)
-        self._record(output, path)
-        target = self._target(path)
         if target:
-            if not cv2.imwrite(target, draw(image, output)[:, :, ::-1]):
-                raise ValueError(f"{target}: cannot write the picture")
+            ok, encoded = cv2.imencode(os.path.splitext(target)[1], draw(image, output)[:, :, ::-1])
+            if not ok:
+                raise ValueError(f"{target}: cannot encode the picture")
+            write_bytes_atomic(target, encoded.tobytes(), replace=self.replace)
+        self._record(output, path)
         phrases = ", ".join(dict.fromkeys(output["phrases"])) or "-"
         return f"{path}: {len(output['instances'])} boxes ({phrases})"
 
     def video(self, path: str) -> str:
-        """Detects in every frame of a video file (drawn to an mp4 when it has a target).
+        """Detects in every frame of a video file (drawn to a video when it has a target).
         Returns a summary line."""
         fps, total = video_info(path)
         target = self._target(path)
+        partial = temporary_path(target, os.path.splitext(target)[1]) if target else None
         writer, count, boxes = None, 0, 0
         try:
             for frame in tqdm(
@@ -118,37 +164,46 @@ class FileDetector:
                 output = self.predict(frame)
                 self._record(output, path, count)
                 boxes += len(output["instances"])
-                if target:
-                    drawn = draw(frame, output)[:, :, ::-1]
+                if partial:
+                    drawn = np.ascontiguousarray(draw(frame, output)[:, :, ::-1])
                     if writer is None:
                         height, width = drawn.shape[:2]
-                        writer = cv2.VideoWriter(
-                            target, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height)
-                        )
-                    writer.write(np.ascontiguousarray(drawn))
+                        writer = open_video_writer(partial, fps, (width, height), name=target)
+                    writer.write(drawn)
                 count += 1
+            if writer is not None:
+                writer.release()
+                writer = None
+            if count == 0:
+                raise ValueError(f"{path}: no frames could be read")
+            if partial:
+                publish(partial, target, replace=self.replace)
         finally:
             if writer is not None:
                 writer.release()
-        if count == 0:
-            raise ValueError(f"{path}: no frames could be read")
+            if partial and os.path.lexists(partial):
+                os.remove(partial)
         return f"{path}: {count} frames, {boxes} boxes"
 
     def run(self, paths: Sequence[str]) -> List[str]:
         """
         Every file in order (videos by their ending), with a progress bar over the files; a
-        summary line per file. A file that cannot be read, processed or written gets an
+        summary line per file. A file that cannot be read, processed or written (any
+        ``Exception``: a bad file, the model's ``RuntimeError``, out of memory) gets an
         ``ERROR`` line naming it, and the rest go on.
 
         Returns:
-            the error messages, one per file that failed.
+            the error messages, one per file that failed, each starting with the file.
         """
-        errors = []
+        errors = self.errors = []  # also read after an interruption
         for path in tqdm(paths, desc="images", unit="file", disable=len(paths) < 2):
             try:
                 tqdm.write(self.video(path) if is_video(path) else self.image(path))
-            except (OSError, ValueError) as error:
-                message = str(error) if path in str(error) else f"{path}: {error}"
+            except Exception as error:  # noqa: BLE001 (one file never stops the run)
+                reason = str(error)
+                if not isinstance(error, (OSError, ValueError)):
+                    reason = f"{type(error).__name__}: {reason}"
+                message = reason if reason.startswith(path) else f"{path}: {reason}"
                 report_error(message)
                 errors.append(message)
         return errors

@@ -22,6 +22,8 @@ import json
 import os
 from typing import Dict, Iterator, List, Tuple
 
+from .atomic import atomic_file
+
 __all__ = [
     "parts_dir",
     "check_run",
@@ -88,12 +90,8 @@ def check_run(output: str, run: Dict) -> bool:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as f:
+    with atomic_file(path) as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
 
 
 def _complete_length(path: str) -> Tuple[int, int]:

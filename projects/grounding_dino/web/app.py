@@ -3,8 +3,10 @@ table out.
 
 ``Detector`` does the work of one request (checks, model, NMS, drawing) and turns every bad
 input into a message (:class:`gradio.Error`, shown in the page and raised by ``gradio_client``
-as ``AppError``), never a stack trace. ``build_app`` lays out the page; requests are queued
-and the model runs one request at a time (``queue(default_concurrency_limit=1)``).
+as ``AppError``), never a stack trace. The upload reaches it undecoded (:func:`image_upload`)
+and its size is checked from the header before it is decoded. ``build_app`` lays out the
+page; requests are queued and the model runs one request at a time
+(``queue(default_concurrency_limit=1)``).
 """
 
 import logging
@@ -19,15 +21,38 @@ from ..predictor import GroundingDINOPredictor
 from ..preprocessing import parse_prompt
 from ..visualization import draw
 
-__all__ = ["TABLE_HEADERS", "Detector", "build_app", "table_rows"]
+__all__ = ["TABLE_HEADERS", "Detector", "image_upload", "build_app", "table_rows"]
 
 logger = logging.getLogger(__name__)
 
 TABLE_HEADERS = ["phrase", "score", "x0", "y0", "x1", "y1"]
 
-# The page checks the size itself (below), before anything decodes the pixels; PIL's own
-# decompression-bomb guard would fail inside Gradio's upload handling with a bare "Error".
-Image.MAX_IMAGE_PIXELS = None
+
+def _uploaded_path(payload) -> Optional[str]:
+    """The path of the uploaded file, untouched."""
+    if payload is None:
+        return None
+    if payload.path is None:  # a base64 "data:" URL: Gradio would decode it
+        raise gr.Error("Send the image as a file upload (not inline data).")
+    return str(payload.path)
+
+
+def image_upload(**kwargs) -> gr.Image:
+    """
+    A ``gr.Image`` input (the same widget in the page) whose upload reaches the handler as the
+    path of the uploaded file, undecoded: Gradio's own ``gr.Image(type="filepath")`` opens it
+    with PIL and converts any non-RGB image (grayscale, palette, RGBA) in memory before the
+    handler can check its size, so a small PNG of 20000x20000 gray pixels would allocate
+    gigabytes.
+
+    Args:
+        kwargs: ``gr.Image``'s (``label``, ``elem_id``...).
+    """
+    component = gr.Image(type="filepath", **kwargs)
+    # This instance's, not the class's: a subclass of a Gradio component makes Gradio write a
+    # .pyi file next to the module that defines it.
+    component.preprocess = _uploaded_path
+    return component
 
 
 def table_rows(output) -> List[list]:
@@ -56,12 +81,18 @@ class Detector:
         self.min_size = predictor.model.backbone.size_divisibility
 
     def _read(self, path: Optional[str]) -> np.ndarray:
+        """The upload as a BGR array, its size checked from the header before decoding."""
         if not path:
             raise gr.Error("No image: upload one (or click an example) first.")
         try:
             with Image.open(path) as image:  # reads the header only
                 width, height = image.size
-        except (OSError, ValueError) as error:
+        except Image.DecompressionBombError as error:  # PIL's own, far larger, limit
+            raise gr.Error(
+                f"The image is more than this server's limit of {self.max_pixels / 1e6:.1f} "
+                f"megapixels ({error})."
+            ) from None
+        except Exception as error:  # noqa: BLE001 (PIL raises many kinds on hostile headers)
             raise gr.Error(f"The upload is not an image that can be read ({error}).") from None
         if width * height > self.max_pixels:
             raise gr.Error(
@@ -76,7 +107,8 @@ class Detector:
             )
         try:
             return read_bgr(path)
-        except ValueError as error:
+        except Exception as error:  # noqa: BLE001 (one bad upload never stops the server)
+            logger.warning("cannot decode an upload: %s", error)
             raise gr.Error(f"The image cannot be decoded ({error}).") from None
 
     def __call__(
@@ -125,6 +157,8 @@ class Detector:
                 output = self.predictor.predict_rec(image, parsed, settings)
             else:
                 output = self.predictor(image, parsed, settings)
+            rows = table_rows(output)
+            drawn = draw(image, output)
         except ValueError as error:
             raise gr.Error(str(error)) from None
         except Exception as error:  # the message only; the traceback goes to the server's log
@@ -132,10 +166,9 @@ class Detector:
             raise gr.Error(
                 f"The model failed on this request: {type(error).__name__}: {error}"
             ) from None
-        rows = table_rows(output)
         phrases = ", ".join(dict.fromkeys(output["phrases"])) or "none"
         status = f"{len(rows)} boxes ({phrases}) on a {image.shape[1]}x{image.shape[0]} image."
-        return draw(image, output), rows, status
+        return drawn, rows, status
 
 
 def build_app(
@@ -157,11 +190,11 @@ def build_app(
         box_threshold, text_threshold, nms: the sliders' initial values.
         examples: (image path, prompt) pairs shown under the inputs.
     """
-    with gr.Blocks(title="Grounding DINO") as app:
+    with gr.Blocks(title="Grounding DINO", analytics_enabled=False) as app:
         gr.Markdown(f"# Grounding DINO: open-set detection\n{title}")
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="filepath", label="Image", elem_id="input-image")
+                image = image_upload(label="Image", elem_id="input-image")
                 prompt = gr.Textbox(
                     label="Prompt: a caption, or class names separated by commas",
                     placeholder="red square . blue circle .   or   red square, blue circle",

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 from detectron2.structures import BoxMode
 
+from ...io.atomic import atomic_file, temporary_directory
 from .config import ShapesConfig
 from .drawing import render_scene
 from .expressions import make_expression
@@ -119,27 +120,10 @@ def split_folder(config: ShapesConfig, split: str, root: Optional[str]) -> str:
     return os.path.join(resolve_root(root), f"{split}-{config.split_key(split)}")
 
 
-def generate_shapes_split(config: ShapesConfig, split: str, root: Optional[str] = None) -> str:
-    """
-    Writes one detection split (PNG images, ``scenes.json``, COCO ``coco.json``) unless it is
-    already complete, and returns its folder ``root/<split>-<hash>``.
-
-    A split is complete when its ``coco.json`` exists (written last). Files go to a temporary
-    folder first that is renamed into place, so an interrupted run leaves no half split.
-
-    Args:
-        config: generation parameters.
-        split: "train", "val" or "val_unseen".
-        root: cache folder; None uses ``$GROUNDING_DINO_SHAPES_DIR`` or "output/demo/shapes"
-            relative to the working directory.
-    """
-    out_dir = split_folder(config, split, root)
-    if os.path.isfile(os.path.join(out_dir, "coco.json")):
-        return out_dir
+def _render_split(config: ShapesConfig, split: str, tmp_dir: str, out_dir: str) -> None:
+    """Draws a split's images into ``tmp_dir/images`` and writes its scenes.json and
+    coco.json (``tmp_dir`` becomes ``out_dir`` when complete)."""
     num = config.num_images(split)
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    tmp_dir = f"{out_dir}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(os.path.join(tmp_dir, "images"))
     logger.info(f"Generating {num} synthetic shapes images for split '{split}' in {out_dir} ...")
     start, scenes = time.perf_counter(), []
@@ -159,6 +143,32 @@ def generate_shapes_split(config: ShapesConfig, split: str, root: Optional[str] 
         json.dump({**meta, "images": scenes}, f)
     with open(os.path.join(tmp_dir, "coco.json"), "w") as f:
         json.dump(_coco_json(scenes, meta["classes"]), f)
+
+
+def generate_shapes_split(config: ShapesConfig, split: str, root: Optional[str] = None) -> str:
+    """
+    Writes one detection split (PNG images, ``scenes.json``, COCO ``coco.json``) unless it is
+    already complete, and returns its folder ``root/<split>-<hash>``.
+
+    A split is complete when its ``coco.json`` exists (written last). Files go to a temporary
+    folder first that is renamed into place, so an interrupted run leaves no half split.
+
+    Args:
+        config: generation parameters.
+        split: "train", "val" or "val_unseen".
+        root: cache folder; None uses ``$GROUNDING_DINO_SHAPES_DIR`` or "output/demo/shapes"
+            relative to the working directory.
+    """
+    out_dir = split_folder(config, split, root)
+    if os.path.isfile(os.path.join(out_dir, "coco.json")):
+        return out_dir
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp_dir = temporary_directory(out_dir)
+    try:
+        _render_split(config, split, tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
     if os.path.isdir(out_dir):  # an incomplete folder from an interrupted older run
         shutil.rmtree(out_dir)
     try:
@@ -248,10 +258,8 @@ def load_shapes_grounding(
             data = json.load(f)
     else:
         data = _grounding_records(split_dir, variants, seed)
-        tmp = f"{cache}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
+        with atomic_file(cache) as f:  # a concurrent process writes the same content
             json.dump(data, f)
-        os.replace(tmp, cache)  # atomic: a concurrent process writes the same content
     cat_index = {name: i for i, name in enumerate(classes or data["classes"])}
     dicts = data["records"]
     for record in dicts:
