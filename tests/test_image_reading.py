@@ -208,7 +208,7 @@ def _through_read_bgr(path, mapper):
 def _through_the_labellers_loader(path, mapper):
     item = ImageFiles([(path, "name")], min_size=MIN_SIZE)[0]
     if "error" in item:
-        raise ImageReadError(path, item["error"][len(path) + 2 :])
+        raise ImageReadError(path, item["error"].split(": cannot read the image: ", 1)[1])
     return item["image"]
 
 
@@ -234,7 +234,7 @@ def test_every_kind_of_file_through_every_entry_point(files, mapper, name, entry
         with pytest.raises(ImageReadError) as caught:
             ENTRY_POINTS[entry](path, mapper)
         message = str(caught.value)
-        assert message.startswith(f"{path}: "), message
+        assert message.startswith(f"{path}: cannot read the image: "), message
         assert expected.lower() in message.lower(), message
         return
     image = ENTRY_POINTS[entry](path, mapper)

@@ -57,10 +57,11 @@ IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM")
 
 
 class ImageReadError(ValueError):
-    """An image file that cannot be used. ``str(error)`` is ``"<path>: <reason>"``."""
+    """An image file that cannot be used. ``str(error)`` is ``"<path>: cannot read the image:
+    <reason>"``."""
 
     def __init__(self, path: str, reason: str):
-        super().__init__(f"{path}: {reason}")
+        super().__init__(f"{path}: cannot read the image: {reason}")
         self.path = path
         self.reason = reason
 
