@@ -181,3 +181,41 @@ def test_repair_tails_leaves_a_locked_part_file_alone(tmp_path):
         assert repair_tails(str(tmp_path)) == 0 and part.stat().st_size == size
     assert repair_tails(str(tmp_path)) == 1
     assert part.read_text() == '{"file_name":"a.png"}\n'
+
+
+def test_machine_0_missing_is_named(tmp_path):
+    from datetime import timedelta
+
+    from grounding_dino.engine.launch import join_process_group
+
+    url = f"tcp://127.0.0.1:{_free_port()}"  # nobody serves it
+    with pytest.raises(RuntimeError, match=r"rank 0 \(machine 0\) did not answer .* within 2 s"):
+        join_process_group(url, 2, 1, 1, timedelta(minutes=30), timedelta(seconds=2))
+
+
+def test_result_files_are_written_whole_with_the_usual_mode(tmp_path):
+    import os
+
+    from grounding_dino.label.results import write_errors, write_json_atomic
+
+    output = tmp_path / "labels.json"
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    # the old predictable temporary name, planted as a symlink: never followed
+    (tmp_path / f"labels.json.tmp-{os.getpid()}").symlink_to(victim)
+    mask = os.umask(0o022)
+    try:
+        write_json_atomic(str(output), {"images": []})
+        write_errors(str(output) + ".errors", [{"path": "a.png", "error": "bad\nthing"}])
+    finally:
+        os.umask(mask)
+    assert _read(output) == {"images": []} and victim.read_text() == "mine"
+    assert Path(f"{output}.errors").read_text() == "a.png\tbad thing\n"
+    assert (output.stat().st_mode & 0o777) == 0o644
+    leftovers = {p.name for p in tmp_path.iterdir()} - {
+        "labels.json",
+        "labels.json.errors",
+        "victim.txt",
+        f"labels.json.tmp-{os.getpid()}",
+    }
+    assert not leftovers
