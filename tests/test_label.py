@@ -157,6 +157,16 @@ def _children(pid):
     return children
 
 
+def _part_names(folder):
+    """The part files that hold at least one label line."""
+    return [p.name for p in Path(folder).glob("part-*.jsonl") if _label_lines_of(p)]
+
+
+def _label_lines_of(part):
+    lines = [json.loads(line) for line in part.read_text().splitlines() if line.endswith("}")]
+    return [r for r in lines if "error" not in r and "attempt" not in r]
+
+
 def _alive(pid):
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -311,13 +321,14 @@ def test_two_workers_equal_one_worker(setup, reference):
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(setup, reference):
-    """``kill -9`` of the main process only (what the OOM killer does) while its DataLoader
-    decoding processes are alive: they die with it and hold no lock, so the same command run
-    at once goes on, and the result equals an uninterrupted run."""
+    """``kill -9`` of the main process only (what the OOM killer does) while its 2 workers and
+    their DataLoader decoding processes are alive: they die with it and the decoding processes
+    hold no lock, so the same command run at once goes on, and the result equals an
+    uninterrupted run."""
     output = setup["root"] / "killed" / "labels.json"
     parts = output.parent / "labels.json.parts"
     process = subprocess.Popen(
-        _command(setup, output, "--batch-size", "1", "--decode-workers", "2"),
+        _command(setup, output, "--batch-size", "1", "--num-gpus", "2", "--decode-workers", "1"),
         cwd=REPO,
         env=ENV,
         stdout=subprocess.DEVNULL,
@@ -326,12 +337,16 @@ def test_kill_and_resume_equals_an_uninterrupted_run(setup, reference):
     )
     try:
         deadline = time.monotonic() + 300
-        while len(_label_lines(parts)) < 2 and process.poll() is None:
+        while process.poll() is None:
             assert time.monotonic() < deadline
+            workers = _children(process.pid)  # 2 workers (and multiprocessing's tracker)
+            decoders = [pid for worker in workers for pid in _children(worker)]
+            # both part files started: both workers are in their loop, decoders alive
+            if len(decoders) >= 2 and len(_part_names(parts)) == 2:
+                break
             time.sleep(0.05)
-        decoders = _children(process.pid)
-        assert len(decoders) == 2, decoders
         os.kill(process.pid, signal.SIGKILL)  # the main process only
+        descendants = workers + decoders
     finally:
         process.wait()
     assert not output.exists()
@@ -343,7 +358,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(setup, reference):
 
     again = _label(setup, output, "--batch-size", "2")  # at once: nothing holds a lock
     assert again.returncode == 1, again.stderr[-3000:]
-    assert not [pid for pid in decoders if _alive(pid)], "decoders outlived the labeller"
+    assert not [pid for pid in descendants if _alive(pid)], "processes outlived the labeller"
     assert f"{len(NAMES) + 1} images under" in again.stdout
     assert f"{done_before} already labelled" in again.stdout
     _assert_same_dataset(_read(output), _read(reference[0]))
