@@ -16,6 +16,7 @@ from pathlib import Path
 import cv2
 import pytest
 import torch
+from PIL import Image
 from test_image_reading import _png_of_zeros
 from test_label import CLASS_LIST, ENV, OVERRIDES, REPO, _assert_same_dataset, _image, _read
 
@@ -24,7 +25,7 @@ from grounding_dino.label.cli import main
 from grounding_dino.model_zoo import get_config, get_config_file
 from grounding_dino.predictor import GroundingDINOPredictor
 
-GOOD = ["a.png", "b.png", "c.png"]
+GOOD = ["a.png", "b.png", "c.png", "rotated.jpg"]
 MODEL_FAILS_WIDTH = 77  # the patched model raises on images of this width
 
 
@@ -92,7 +93,12 @@ def test_bad_images_are_reported_retried_then_skipped(tmp_path, weights, failing
     images.mkdir()
     good_only.mkdir()
     for i, name in enumerate(GOOD):
-        cv2.imwrite(str(images / name), _image(i, 90 + 9 * i, 120 - 7 * i))
+        if name == "rotated.jpg":  # a phone photo: stored 130 wide, 80 high, shown upright
+            exif = Image.Exif()
+            exif[0x0112] = 6
+            Image.fromarray(_image(i, 80, 130)).save(images / name, exif=exif)
+        else:
+            cv2.imwrite(str(images / name), _image(i, 90 + 9 * i, 120 - 7 * i))
         shutil.copy(images / name, good_only / name)
     cv2.imwrite(str(images / "model_fails.png"), _image(7, 64, MODEL_FAILS_WIDTH))
     _png_of_zeros(images / "bomb.png", 14000, 14000)
@@ -113,13 +119,15 @@ def test_bad_images_are_reported_retried_then_skipped(tmp_path, weights, failing
     clean = tmp_path / "clean" / "labels.json"
     assert _run(capsys, weights, good_only, clean)[0] == 0
     _assert_same_dataset(_read(output), _read(clean))
+    rotated = [im for im in _read(output)["images"] if im["file_name"] == "rotated.jpg"]
+    assert (rotated[0]["width"], rotated[0]["height"]) == (80, 130)  # the upright frame
 
     # Run 2 tries them again (attempt 2 of 2); run 3 skips them without trying.
     status, out, err = _run(capsys, weights, images, output, *max_attempts)
-    assert status == 1 and "3 already labelled, 2 to do" in out, out + err
+    assert status == 1 and "4 already labelled, 2 to do" in out, out + err
     status, out, err = _run(capsys, weights, images, output, *max_attempts)
     assert status == 1
-    assert "3 already labelled, 2 skipped after 2 failed attempts, 0 to do" in out, out
+    assert "4 already labelled, 2 skipped after 2 failed attempts, 0 to do" in out, out
     assert "2 images were skipped after 2 failed attempts" in err
     errors = _errors(output)
     assert errors[model_fails] == (
