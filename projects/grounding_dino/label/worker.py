@@ -105,9 +105,9 @@ def label_batch(predictor, batch: List[Dict], settings: Dict) -> List[Dict]:
         for item, output in zip(good, outputs):
             records[id(item)] = _record(item, output)
     except Exception as error:
-        if _decoder_died(error) or len(good) == 1:
-            if _decoder_died(error):
-                raise
+        if _decoder_died(error):
+            raise
+        if len(good) == 1:
             good[0]["error"] = f"{good[0]['path']}: {_reason(error)}"
         else:
             for item in good:
