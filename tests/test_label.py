@@ -144,12 +144,42 @@ def _assert_same_dataset(a, b):
         assert np.allclose(x["bbox"], y["bbox"], atol=0.02) and abs(x["score"] - y["score"]) < 2e-5
 
 
+def _children(pid):
+    """The live child processes of ``pid`` (from /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            children.append(int(stat.parent.name))
+    return children
+
+
+def _part_names(folder):
+    """The part files that hold at least one label line."""
+    return [p.name for p in Path(folder).glob("part-*.jsonl") if _label_lines_of(p)]
+
+
+def _label_lines_of(part):
+    lines = [json.loads(line) for line in part.read_text().splitlines() if line.endswith("}")]
+    return [r for r in lines if "error" not in r and "attempt" not in r]
+
+
+def _alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _label_lines(folder):
-    """The label (not error) records of every part file."""
+    """The label (not error, not attempt) records of every part file."""
     lines = []
     for part in sorted(Path(folder).glob("part-*.jsonl")):
         lines += [json.loads(line) for line in part.read_text().splitlines()]
-    return [r for r in lines if "error" not in r]
+    return [r for r in lines if "error" not in r and "attempt" not in r]
 
 
 # ---------------------------------------------------------------- NMS
@@ -229,7 +259,7 @@ def test_coco_dataset_against_pycocotools_detectron2_and_the_predictor(setup, re
     # The corrupt file is reported, the others are labelled, the exit status says so.
     assert done.returncode == 1, done.stdout + done.stderr[-3000:]
     broken = os.path.join(setup["images"], "sub", "broken.jpg")
-    assert f"ERROR {broken}: cannot read the image" in done.stderr
+    assert f"ERROR {broken}: cannot read the image: not an image" in done.stderr
     assert "11/11" in done.stderr  # one bar over every image
     error_lines = Path(f"{output}.errors").read_text().splitlines()
     assert len(error_lines) == 1 and error_lines[0].startswith(broken + "\tcannot read the image")
@@ -291,10 +321,14 @@ def test_two_workers_equal_one_worker(setup, reference):
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(setup, reference):
+    """``kill -9`` of the main process only (what the OOM killer does) while its 2 workers and
+    their DataLoader decoding processes are alive: they die with it and the decoding processes
+    hold no lock, so the same command run at once goes on, and the result equals an
+    uninterrupted run."""
     output = setup["root"] / "killed" / "labels.json"
     parts = output.parent / "labels.json.parts"
     process = subprocess.Popen(
-        _command(setup, output, "--batch-size", "1", "--decode-workers", "0"),
+        _command(setup, output, "--batch-size", "1", "--num-gpus", "2", "--decode-workers", "1"),
         cwd=REPO,
         env=ENV,
         stdout=subprocess.DEVNULL,
@@ -303,10 +337,16 @@ def test_kill_and_resume_equals_an_uninterrupted_run(setup, reference):
     )
     try:
         deadline = time.monotonic() + 300
-        while len(_label_lines(parts)) < 2 and process.poll() is None:
+        while process.poll() is None:
             assert time.monotonic() < deadline
+            workers = _children(process.pid)  # 2 workers (and multiprocessing's tracker)
+            decoders = [pid for worker in workers for pid in _children(worker)]
+            # both part files started: both workers are in their loop, decoders alive
+            if len(decoders) >= 2 and len(_part_names(parts)) == 2:
+                break
             time.sleep(0.05)
-        os.killpg(process.pid, signal.SIGKILL)
+        os.kill(process.pid, signal.SIGKILL)  # the main process only
+        descendants = workers + decoders
     finally:
         process.wait()
     assert not output.exists()
@@ -316,8 +356,9 @@ def test_kill_and_resume_equals_an_uninterrupted_run(setup, reference):
     with open(parts / "part-00000.jsonl", "a") as f:
         f.write('{"file_name":"img8.png","width":1')
 
-    again = _label(setup, output, "--batch-size", "2")
+    again = _label(setup, output, "--batch-size", "2")  # at once: nothing holds a lock
     assert again.returncode == 1, again.stderr[-3000:]
+    assert not [pid for pid in descendants if _alive(pid)], "processes outlived the labeller"
     assert f"{len(NAMES) + 1} images under" in again.stdout
     assert f"{done_before} already labelled" in again.stdout
     _assert_same_dataset(_read(output), _read(reference[0]))
@@ -328,6 +369,35 @@ def test_kill_and_resume_equals_an_uninterrupted_run(setup, reference):
     third = _label(setup, output)
     assert f"{len(NAMES)} already labelled" in third.stdout
     _assert_same_dataset(_read(output), _read(reference[0]))
+
+
+def test_a_killed_decoding_process_does_not_stop_the_run(setup, reference):
+    """``kill -9`` of a DataLoader decoding process mid-run: the worker starts the loader again
+    from the batch it was waiting for, and the run ends as an uninterrupted one."""
+    output = setup["root"] / "decoder_killed" / "labels.json"
+    parts = output.parent / "labels.json.parts"
+    process = subprocess.Popen(
+        _command(setup, output, "--batch-size", "1", "--decode-workers", "2"),
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while len(_label_lines(parts)) < 2 and process.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.kill(_children(process.pid)[0], signal.SIGKILL)
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 1, stderr[-3000:]  # the corrupt file, as uninterrupted
+    assert "decoding again from image" in stderr
+    _assert_same_dataset(_read(output), _read(reference[0]))
+    assert Path(f"{output}.errors").read_text() == Path(f"{reference[0]}.errors").read_text()
 
 
 def test_other_settings_or_a_foreign_file_are_errors(setup, reference):

@@ -11,6 +11,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import Boxes, BoxMode, Instances
 from detectron2.utils.events import get_event_storage
 
+from ..io.images import read_image_file
 from ..text import (
     PromptEncoder,
     caption_from_categories,
@@ -201,7 +202,8 @@ class GroundingDatasetMapper:
             drop_warning_period: in training, warn about dropped annotations at most once per
                 reason every this many mapped images (the first drop at once).
             thing_classes: category names of detection datasets (metadata ``thing_classes``).
-            image_format: format for ``read_image``; the model takes "RGB".
+            image_format: "RGB" (the model's) or "BGR", for
+                :func:`~grounding_dino.io.images.read_image_file`.
             max_text_len: token limit of captions (256).
             shuffle_categories: shuffle category order in detection captions (training).
             max_categories: at most this many categories per detection caption (Open-
@@ -210,6 +212,8 @@ class GroundingDatasetMapper:
         """
         self.is_train = is_train
         self.augmentations = T.AugmentationList(list(augmentations))
+        if image_format not in ("RGB", "BGR"):
+            raise ValueError(f"image_format {image_format!r}: 'RGB' or 'BGR'")
         self.image_format = image_format
         self.prompt_encoder = _prompt_encoder(tokenizer, max_text_len)
         self.thing_classes = (
@@ -255,7 +259,9 @@ class GroundingDatasetMapper:
         """
         dataset_dict = copy.deepcopy(dataset_dict)
         kind = record_kind(dataset_dict)
-        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
+        # the one reader of every entry point: EXIF orientation, 16-bit, palette, CMYK... and
+        # a message naming the file for what cannot be read (see grounding_dino.io.images)
+        image = read_image_file(dataset_dict["file_name"], format=self.image_format)
         utils.check_image_size(dataset_dict, image)
 
         annotations = None

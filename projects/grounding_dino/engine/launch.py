@@ -8,8 +8,10 @@ a machine that has GPUs), so CPU jobs are spawned here; GPU jobs go to detectron
 
 import logging
 import os
+import time
 from datetime import timedelta
 from typing import Callable, Optional, Sequence
+from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
@@ -18,7 +20,7 @@ from detectron2.engine import launch as d2_launch
 from detectron2.engine.launch import DEFAULT_TIMEOUT, _find_free_port
 from detectron2.utils import comm
 
-__all__ = ["launch", "launch_from_args", "is_cpu_device"]
+__all__ = ["launch", "launch_from_args", "is_cpu_device", "join_process_group"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ def launch(
     args: Sequence = (),
     timeout: timedelta = DEFAULT_TIMEOUT,
     device: str = "cuda",
+    join_timeout: Optional[timedelta] = None,
 ) -> None:
     """
     Runs ``main_func(*args)`` in ``num_processes_per_machine`` processes per machine.
@@ -50,6 +53,8 @@ def launch(
         args: arguments of ``main_func``.
         device: ``train.device``. "cpu" uses the gloo backend and no GPU; anything else
             goes to detectron2's launch (NCCL when CUDA is available).
+        join_timeout: with gloo, how long the processes wait for each other to start (the
+            missing ranks are named when it runs out); default ``timeout``.
     """
     if not is_cpu_device(device):
         d2_launch(
@@ -81,12 +86,19 @@ def launch(
             dist_url,
             args,
             timeout,
+            join_timeout or timeout,
         ),
         daemon=False,
     )
 
 
-def launch_from_args(main_func: Callable, args, main_args: Sequence, device: str) -> None:
+def launch_from_args(
+    main_func: Callable,
+    args,
+    main_args: Sequence,
+    device: str,
+    join_timeout: Optional[timedelta] = None,
+) -> None:
     """
     :func:`launch` with the process layout of a command line built by detectron2's
     ``default_argument_parser`` (``--num-gpus``, ``--num-machines``, ``--machine-rank``,
@@ -100,6 +112,60 @@ def launch_from_args(main_func: Callable, args, main_args: Sequence, device: str
         dist_url=args.dist_url,
         args=tuple(main_args),
         device=device,
+        join_timeout=join_timeout,
+    )
+
+
+def join_process_group(
+    dist_url: str,
+    world_size: int,
+    rank: int,
+    processes_per_machine: int,
+    timeout: timedelta,
+    join_timeout: timedelta,
+) -> None:
+    """
+    Joins the gloo process group at ``dist_url`` (``tcp://host:port``; rank 0 serves it),
+    waiting at most ``join_timeout`` for every rank to arrive.
+
+    Raises:
+        RuntimeError: naming the ranks (and machines) that did not arrive in time.
+    """
+    url = urlparse(dist_url)
+    if url.scheme != "tcp" or not url.hostname or not url.port:
+        raise ValueError(f"--dist-url {dist_url}: expected tcp://HOST:PORT")
+    wait = join_timeout.total_seconds()
+    try:
+        store = dist.TCPStore(
+            url.hostname,
+            url.port,
+            world_size,
+            is_master=rank == 0,
+            timeout=join_timeout,
+            wait_for_workers=False,
+        )
+    except Exception as error:
+        raise RuntimeError(
+            f"rank 0 (machine 0) did not answer at {dist_url} within {wait:.0f} s: start the "
+            f"same command with --machine-rank 0 there ({error})"
+        ) from None
+    store.set(f"joined/{rank}", "1")
+    deadline = time.monotonic() + wait
+    while True:
+        missing = [r for r in range(world_size) if not store.check([f"joined/{r}"])]
+        if not missing:
+            break
+        if time.monotonic() > deadline:
+            machines = sorted({r // processes_per_machine for r in missing})
+            raise RuntimeError(
+                f"rank(s) {', '.join(map(str, missing))} (machine(s) "
+                f"{', '.join(map(str, machines))}) did not join {dist_url} within {wait:.0f} s: "
+                "start the same command with their --machine-rank, or use fewer --num-machines"
+            )
+        time.sleep(0.1)
+    store.set_timeout(timeout)
+    dist.init_process_group(
+        backend="gloo", store=store, world_size=world_size, rank=rank, timeout=timeout
     )
 
 
@@ -112,16 +178,13 @@ def _cpu_worker(
     dist_url: str,
     args: Sequence,
     timeout: timedelta,
+    join_timeout: timedelta,
 ) -> None:
     global_rank = machine_rank * num_processes_per_machine + local_rank
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_processes_per_machine))
     try:
-        dist.init_process_group(
-            backend="gloo",
-            init_method=dist_url,
-            world_size=world_size,
-            rank=global_rank,
-            timeout=timeout,
+        join_process_group(
+            dist_url, world_size, global_rank, num_processes_per_machine, timeout, join_timeout
         )
     except Exception:
         logger.error(f"Process group URL: {dist_url}")

@@ -10,17 +10,21 @@ Next to ``--output labels.json`` lives ``labels.json.parts/``:
 * ``part-<rank>.jsonl``: one JSON line per finished image, appended by the worker of that
   global rank, flushed and fsynced after every batch. A label line is ``{"file_name",
   "width", "height", "boxes" (xywh), "classes", "scores"}``, an error line ``{"error",
-  "file_name", "path"}``.
+  "file_name", "path"}``, and before every batch an attempt line ``{"attempt": [[file_name,
+  path], ...]}``: the images a worker is about to decode and label. An image with more attempt
+  lines than results was in a batch when its worker died (a crash, the OOM killer): counting
+  attempts lets a rerun give up on an image that kills the labeller every time.
 
 A ``kill -9`` can only cut the last line of a file short; readers drop such a tail (it was not
-acknowledged by an fsync) and the next writer of the file truncates it before appending.
+acknowledged by an fsync) and the next writer of the file truncates it before appending, under
+the file's lock.
 """
 
 import errno
 import fcntl
 import json
 import os
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Sequence, Tuple
 
 from .atomic import atomic_file
 
@@ -29,12 +33,15 @@ __all__ = [
     "check_run",
     "repair_tails",
     "read_parts",
+    "PartsState",
     "PartWriter",
     "ERROR_PREFIX",
+    "ATTEMPT_PREFIX",
 ]
 
 RUN_FILE = "run.json"
 ERROR_PREFIX = '{"error":'
+ATTEMPT_PREFIX = '{"attempt":'
 
 
 def parts_dir(output: str) -> str:
@@ -110,17 +117,32 @@ def _complete_length(path: str) -> Tuple[int, int]:
     return 0, size
 
 
+def _try_lock(file) -> bool:
+    """Takes ``file``'s exclusive ``flock`` without waiting. False: another process holds it.
+    File systems without ``flock`` (some network mounts) count as unlocked."""
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return False
+    return True
+
+
 def repair_tails(folder: str) -> int:
     """
     Truncates every part file after its last complete line (what a ``kill -9`` in the
-    middle of a write leaves). Returns how many files were cut.
+    middle of a write leaves), each under its lock: a file another worker holds (on this or
+    another machine) is being appended to and is left alone. Returns how many files were cut.
     """
     cut = 0
     for path in part_files(folder):
-        length, size = _complete_length(path)
-        if length < size:
-            os.truncate(path, length)
-            cut += 1
+        with open(path, "r+b") as f:
+            if not _try_lock(f):
+                continue
+            length, size = _complete_length(path)
+            if length < size:
+                f.truncate(length)
+                cut += 1
     return cut
 
 
@@ -137,45 +159,90 @@ def iter_records(folder: str) -> Iterator[Dict]:
                     raise ValueError(f"{path}:{number}: corrupt part-file line: {error}") from None
 
 
-def read_parts(folder: str) -> Tuple[Dict[str, Dict], Dict[str, Dict]]:
+class PartsState(NamedTuple):
+    """What the part files of a run hold, by ``file_name``.
+
+    Attributes:
+        labelled: the label record of every labelled image (the first one).
+        failed: for every image without a label that has an error line: its last error
+            record plus ``"attempts"``.
+        unfinished: for every image with attempt lines only (its worker died with it in a
+            batch, or is at work on it now): ``{"file_name", "path", "attempts"}``.
+
+    An image's attempts are its attempt lines, or its error lines where there are more (files
+    written before attempt lines existed).
     """
-    Returns:
-        (labelled, failed): label records by ``file_name`` (the first one of an image), and
-        the last error record of every image that has no label record.
-    """
-    labelled, failed = {}, {}
+
+    labelled: Dict[str, Dict]
+    failed: Dict[str, Dict]
+    unfinished: Dict[str, Dict]
+
+
+def read_parts(folder: str) -> PartsState:
+    """Reads every part file of ``folder`` (see :class:`PartsState`). Files of older versions,
+    without attempt lines, count one attempt per error line."""
+    labelled, errors, attempts, paths = {}, {}, {}, {}
+    error_counts: Dict[str, int] = {}
     for record in iter_records(folder):
+        if "attempt" in record:
+            for name, path in record["attempt"]:
+                attempts[name] = attempts.get(name, 0) + 1
+                paths[name] = path
+            continue
         name = record["file_name"]
         if "error" in record:
-            failed[name] = record
+            errors[name] = record
+            error_counts[name] = error_counts.get(name, 0) + 1
         else:
             labelled.setdefault(name, record)
-    return labelled, {k: v for k, v in failed.items() if k not in labelled}
+    failed, unfinished = {}, {}
+    for name in (set(errors) | set(attempts)) - set(labelled):
+        tried = max(attempts.get(name, 0), error_counts.get(name, 0))
+        if name in errors:
+            failed[name] = {**errors[name], "attempts": tried}
+        else:
+            unfinished[name] = {"file_name": name, "path": paths[name], "attempts": tried}
+    return PartsState(labelled, failed, unfinished)
 
 
 class PartWriter:
     """
     Appends finished images to ``part-<rank>.jsonl``: one ``write`` per batch, then flush
     and ``fsync``, so what a crash leaves is every batch before it. The file is locked
-    (``flock``) while open: two runs writing the same part file is an error.
+    (``flock``) while open: two runs writing the same part file is an error. A process forked
+    while the lock is held shares it: it must close :meth:`fileno` (see
+    :func:`grounding_dino.io.processes.forget_fds`), or a ``kill -9`` of this process would
+    leave the file locked for as long as that child lives.
     """
 
     def __init__(self, folder: str, rank: int):
         self.path = os.path.join(folder, f"part-{rank:05d}.jsonl")
         self._file = open(self.path, "a")
-        try:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                self._file.close()
-                raise RuntimeError(
-                    f"{self.path} is being written by another labelling run of the same "
-                    "--output; wait for it to finish or stop it"
-                ) from None
-            # file systems without flock (some network mounts): go on unlocked
+        if not _try_lock(self._file):
+            self._file.close()
+            raise RuntimeError(
+                f"{self.path} is being written by another labelling run of the same "
+                "--output; wait for it to finish or stop it"
+            )
         length, size = _complete_length(self.path)
         if length < size:
             self._file.truncate(length)
+
+    def fileno(self) -> int:
+        """The locked descriptor (children forked from this process must close it)."""
+        return self._file.fileno()
+
+    def mark_attempt(self, items: Sequence[Tuple[str, str]]) -> None:
+        """
+        Records that the ``(path, file_name)`` pairs are about to be decoded and labelled
+        (flushed, not fsynced: it must survive the death of this process, not of the
+        machine).
+        """
+        if not items:
+            return
+        pairs = [[name, path] for path, name in items]
+        self._file.write(json.dumps({"attempt": pairs}, separators=(",", ":")) + "\n")
+        self._file.flush()
 
     def append(self, records: List[Dict]) -> None:
         if not records:

@@ -8,7 +8,7 @@ from typing import Dict
 
 from tqdm import tqdm
 
-from .parts import ERROR_PREFIX, part_files
+from .parts import ATTEMPT_PREFIX, ERROR_PREFIX, part_files
 
 __all__ = ["PartsProgress"]
 
@@ -69,6 +69,8 @@ class PartsProgress:
             if rest:
                 self._carry[path] = rest
             for line in lines:
+                if line.startswith(ATTEMPT_PREFIX.encode()):
+                    continue  # an image started, not done
                 done += 1
                 if line.startswith(ERROR_PREFIX.encode()):
                     self.failed += 1

@@ -11,15 +11,18 @@ Examples::
     python -m grounding_dino.label --config-file C --weights W --input "photos/**/*.jpg" \\
         --classes-file names.txt --output labels.json --num-gpus 8 --batch-size 4
 
-Run it again with the same ``--output`` after an interruption: the images already done are
-skipped. Exit status: 0 when every image was labelled, 1 when some failed (listed in
-``<output>.errors``), 2 for bad arguments.
+Run it again with the same ``--output`` after an interruption (also a ``kill -9``): the images
+already done are skipped. An image that fails is reported and tried again by the next run, up
+to ``--max-attempts`` times; then it is skipped. Exit status: 0 when every image was labelled,
+1 when some failed or were skipped (listed in ``<output>.errors``) or the run stopped, 2 for
+bad arguments.
 """
 
 import argparse
 import os
 from typing import List, Optional, Sequence
 
+from ..io.images import DEFAULT_MAX_PIXELS
 from ..model_zoo import add_model_arguments
 from .run import prepare_run, run_labelling
 
@@ -54,6 +57,20 @@ def get_parser() -> argparse.ArgumentParser:
     add("--max-per-image", type=int, default=100, help="at most this many boxes per image")
     add("--batch-size", type=int, default=1, help="images per forward of each worker")
     add("--decode-workers", type=int, default=2, help="image-decoding processes per worker")
+    add(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="images with more pixels (width x height, read from the file's header) are "
+        "reported and not decoded (default: %(default)s)",
+    )
+    add(
+        "--max-attempts",
+        type=int,
+        default=3,
+        help="an image that failed (or was in the batch of a worker that died) this many "
+        "times is skipped by later runs (default: %(default)s)",
+    )
     add_model_arguments(
         parser,
         weights_help="checkpoint (default: the config's)",
@@ -63,6 +80,14 @@ def get_parser() -> argparse.ArgumentParser:
     add("--num-machines", type=int, default=1)
     add("--machine-rank", type=int, default=0, help="this machine's rank, 0..num-machines-1")
     add("--dist-url", default="auto", help="tcp://HOST:PORT of machine 0 for several machines")
+    add(
+        "--peer-timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="with several machines: how long to wait for the others to start before stopping "
+        "with the missing ranks named (default: %(default)s)",
+    )
     return parser
 
 
@@ -89,11 +114,13 @@ def parse_classes(text: Optional[str], path: Optional[str]) -> List[str]:
 def _check_args(args) -> None:
     if not 0 <= args.nms <= 1:
         raise ValueError(f"--nms {args.nms}: an IoU threshold in [0, 1] (0: no NMS)")
-    for name in ("max_per_image", "batch_size", "num_gpus", "num_machines"):
+    for name in ("max_per_image", "batch_size", "num_gpus", "num_machines", "max_attempts"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if args.decode_workers < 0:
         raise ValueError("--decode-workers must be >= 0")
+    if args.max_pixels < 1 or args.peer_timeout <= 0:
+        raise ValueError("--max-pixels and --peer-timeout must be positive")
     if args.num_machines > 1 and args.dist_url == "auto":
         raise ValueError("--dist-url tcp://<machine 0>:<port> is needed with --num-machines > 1")
     if not 0 <= args.machine_rank < args.num_machines:

@@ -6,18 +6,20 @@ its workers over the images still to do, and the COCO file made of their part fi
 import os
 import sys
 import time
+from datetime import timedelta
 from typing import Dict, List
 
 import torch
 
 from ..engine.launch import launch_from_args
-from ..io.coco_files import coco_dataset, write_errors, write_json_atomic
+from ..io.coco_files import coco_dataset
 from ..io.inputs import expand_inputs, input_root, relative_name
-from ..io.parts import check_run, parts_dir, read_parts, repair_tails
+from ..io.parts import PartsState, check_run, parts_dir, read_parts, repair_tails
 from ..io.progress import PartsProgress
 from ..model_zoo import load_config
 from ..precision import check_precision
 from .digests import config_digest, file_digest
+from .results import write_errors, write_json_atomic
 from .worker import label_worker
 
 __all__ = ["prepare_run", "run_labelling"]
@@ -86,11 +88,13 @@ def run_labelling(args, prepared: Dict) -> int:
     folder = parts_dir(args.output)
     names, device = prepared["names"], prepared["device"]
     repair_tails(folder)
-    labelled, _ = read_parts(folder)
-    todo = [(names[n], n) for n in sorted(names) if n not in labelled]
+    state = read_parts(folder)
+    skipped = _skipped(state, args.max_attempts)
+    todo = [(names[n], n) for n in sorted(names) if n not in state.labelled and n not in skipped]
     done = len(names) - len(todo)
     print(
-        f"{len(names)} images under {prepared['root']}: {done} already labelled"
+        f"{len(names)} images under {prepared['root']}: {len(state.labelled)} already labelled"
+        + (f", {len(skipped)} skipped after {args.max_attempts} failed attempts" if skipped else "")
         + (f", {len(todo)} to do" if prepared["resuming"] else "")
         + f" ({args.num_gpus * args.num_machines} worker(s), {device})."
     )
@@ -103,11 +107,29 @@ def run_labelling(args, prepared: Dict) -> int:
         "device": device,
         "batch_size": args.batch_size,
         "decode_workers": args.decode_workers,
+        "max_pixels": args.max_pixels,
+        "main_pid": os.getpid(),
     }
     if todo:
         start = time.perf_counter()
         with PartsProgress(folder, total=len(names), initial=done, desc="labelling"):
-            launch_from_args(label_worker, args, (settings, todo), device)
+            try:
+                # The workers never communicate: gloo processes also on GPUs (each worker
+                # takes the GPU of its local rank), which lets missing machines be named.
+                launch_from_args(
+                    label_worker,
+                    args,
+                    (settings, todo),
+                    "cpu",
+                    join_timeout=timedelta(seconds=args.peer_timeout),
+                )
+            except Exception as error:
+                print(
+                    f"Labelling stopped: {error}\nWhat was labelled is kept in {folder}; run "
+                    "the same command again to go on.",
+                    file=sys.stderr,
+                )
+                return 1
         seconds = time.perf_counter() - start
         print(
             f"Labelled {len(todo)} images in {seconds:.1f} s ({len(todo) / seconds:.2f} images/s)."
@@ -115,10 +137,30 @@ def run_labelling(args, prepared: Dict) -> int:
     return _merge(args, names, prepared["run"])
 
 
+def _skipped(state: PartsState, max_attempts: int) -> Dict[str, Dict]:
+    """The images not labelled after ``max_attempts`` attempts: ``{name: {"path", "error"}}``
+    (never tried again by this ``--max-attempts``)."""
+    skipped = {}
+    for name, record in state.failed.items():
+        if record["attempts"] >= max_attempts:
+            reason = f"skipped after {record['attempts']} failed attempts; the last: "
+            skipped[name] = {"path": record["path"], "error": reason + record["error"]}
+    for name, record in state.unfinished.items():
+        if record["attempts"] >= max_attempts:
+            reason = (
+                f"skipped after {record['attempts']} attempts: the labeller died each time "
+                "while this image was in its batch (killed? out of memory?)"
+            )
+            skipped[name] = {"path": record["path"], "error": reason}
+    return skipped
+
+
 def _merge(args, names: Dict[str, str], run: Dict) -> int:
     """Writes the COCO file when every image is done; returns the exit status."""
     classes = run["classes"]
-    labelled, failed = read_parts(parts_dir(args.output))
+    state = read_parts(parts_dir(args.output))
+    labelled, skipped = state.labelled, _skipped(state, args.max_attempts)
+    failed = {**state.failed, **skipped}
     order = sorted(names)
     missing = [n for n in order if n not in labelled and n not in failed]
     if missing:
@@ -141,15 +183,23 @@ def _merge(args, names: Dict[str, str], run: Dict) -> int:
     write_json_atomic(args.output, dataset)
     failures = [failed[n] for n in order if n in failed]
     write_errors(args.output + ".errors", failures)
+    retried = [n for n in order if n in failed and n not in skipped]
     print(
         f"Wrote {args.output}: {len(dataset['images'])} images, "
         f"{len(dataset['annotations'])} boxes, {len(classes)} classes."
     )
-    if failures:
+    if retried:
         print(
-            f"{len(failures)} images could not be labelled: see {args.output}.errors "
-            "(they are tried again when the command is run again)",
+            f"{len(retried)} images could not be labelled: see {args.output}.errors (they are "
+            f"tried again when the command is run again, up to --max-attempts "
+            f"{args.max_attempts} times)",
             file=sys.stderr,
         )
-        return 1
-    return 0
+    if len(failures) > len(retried):
+        print(
+            f"{len(failures) - len(retried)} images were skipped after {args.max_attempts} "
+            f"failed attempts: see {args.output}.errors (a larger --max-attempts tries them "
+            "again)",
+            file=sys.stderr,
+        )
+    return 1 if failures else 0
