@@ -204,7 +204,7 @@ def test_machine_0_missing_is_named(tmp_path):
 def test_result_files_are_written_whole_with_the_usual_mode(tmp_path):
     import os
 
-    from grounding_dino.label.results import write_errors, write_json_atomic
+    from grounding_dino.io.coco_files import write_errors, write_json_atomic
 
     output = tmp_path / "labels.json"
     victim = tmp_path / "victim.txt"

@@ -12,14 +12,13 @@ from typing import Dict, List
 import torch
 
 from ..engine.launch import launch_from_args
-from ..io.coco_files import coco_dataset
+from ..io.coco_files import coco_dataset, write_errors, write_json_atomic
 from ..io.inputs import expand_inputs, input_root, relative_name
 from ..io.parts import PartsState, check_run, parts_dir, read_parts, repair_tails
 from ..io.progress import PartsProgress
 from ..model_zoo import load_config
 from ..precision import check_precision
 from .digests import config_digest, file_digest
-from .results import write_errors, write_json_atomic
 from .worker import label_worker
 
 __all__ = ["prepare_run", "run_labelling"]
