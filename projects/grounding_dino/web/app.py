@@ -14,9 +14,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import gradio as gr
 import numpy as np
-from PIL import Image
 
-from ..io.images import read_bgr
+from ..io.images import ImageReadError, read_bgr
 from ..predictor import GroundingDINOPredictor
 from ..preprocessing import parse_prompt
 from ..visualization import draw
@@ -81,35 +80,18 @@ class Detector:
         self.min_size = predictor.model.backbone.size_divisibility
 
     def _read(self, path: Optional[str]) -> np.ndarray:
-        """The upload as a BGR array, its size checked from the header before decoding."""
+        """The upload as a BGR array through the project's one image reader: its size is checked
+        from the header (``max_pixels``, the backbone's stride) before any pixel is decoded."""
         if not path:
             raise gr.Error("No image: upload one (or click an example) first.")
         try:
-            with Image.open(path) as image:  # reads the header only
-                width, height = image.size
-        except Image.DecompressionBombError as error:  # PIL's own, far larger, limit
+            return read_bgr(path, max_pixels=self.max_pixels, min_size=self.min_size)
+        except ImageReadError as error:  # the reader names the reason; the path is Gradio's own
+            logger.warning("refused an upload: %s", error)
             raise gr.Error(
-                f"The image is more than this server's limit of {self.max_pixels / 1e6:.1f} "
-                f"megapixels ({error})."
+                f"The upload cannot be used: {error.reason} (this server's limit: "
+                f"{self.max_pixels / 1e6:.1f} megapixels, --max-pixels)."
             ) from None
-        except Exception as error:  # noqa: BLE001 (PIL raises many kinds on hostile headers)
-            raise gr.Error(f"The upload is not an image that can be read ({error}).") from None
-        if width * height > self.max_pixels:
-            raise gr.Error(
-                f"The image is {width}x{height} = {width * height / 1e6:.1f} megapixels, more "
-                f"than this server's limit of {self.max_pixels / 1e6:.1f}; downscale it (the "
-                f"model resizes it anyway) or start the server with a larger --max-pixels."
-            )
-        if min(width, height) < self.min_size:
-            raise gr.Error(
-                f"The image is {width}x{height} pixels, smaller than {self.min_size} pixels on a "
-                f"side (the backbone's stride); upload a larger one."
-            )
-        try:
-            return read_bgr(path)
-        except Exception as error:  # noqa: BLE001 (one bad upload never stops the server)
-            logger.warning("cannot decode an upload: %s", error)
-            raise gr.Error(f"The image cannot be decoded ({error}).") from None
 
     def __call__(
         self,
