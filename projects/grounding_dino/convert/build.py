@@ -270,9 +270,10 @@ def _full_source_config(source, state, src, config: Optional[str], tokenizer: Op
     cfg = _official_config(
         official, config or default_config_path(source, src, per_layer), tokenizer
     )
-    heads = [("head.", cfg.model.head)]
-    if per_layer:  # the MM config: layer_heads(head=ContrastiveHead(...))
-        heads = [("head.0.", cfg.model.head.head)]
+    # A per-layer config's head is layer_heads(head=ContrastiveHead(...)); its copies start
+    # equal, so layer 0's parameters say which the template needs.
+    head = cfg.model.head.head if "head" in cfg.model.head else cfg.model.head
+    heads = [("head.0." if per_layer else "head.", head)]
     for prefix, node in heads + [("query_selector.head.", cfg.model.query_selector.head)]:
         # mmdet heads configured with a bias / log scale: the model gets the parameters; a
         # bias without a log scale is MM-Grounding-DINO's constant 1/sqrt(C).
