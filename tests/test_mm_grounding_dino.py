@@ -13,12 +13,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from detectron2.config import instantiate
+from detectron2.config import LazyConfig, instantiate
+from detectron2.utils.events import EventStorage
 from hf_reference import convert_hf_folder, perturbed_hf_model
 from test_checkpoint_sources import NUM_DECODER_LAYERS, _forward, _mmdet_layout, _perturb
 from test_model_parity import _assert_close, _hf_forward, _ours_forward
 from test_onnx_export import CAPTIONS, SIZES, _assert_same_detections, _export_cli
 from test_onnx_export import assert_graph_matches_model
+from test_train_net import batch as train_batch
 from torch import nn
 
 from grounding_dino.convert.__main__ import main as convert_main
@@ -251,3 +253,26 @@ def test_per_layer_head_options_refuse_what_they_cannot_mean():
     logits = layer_logits(heads, hidden + hidden[:1], text, mask)
     expected = hidden[0] @ text.transpose(-1, -2) / 4.0 - 4.6
     torch.testing.assert_close(logits[0, ..., :4], expected)
+
+
+def test_one_training_step_reaches_every_per_layer_head(mm_pair):
+    """Fine-tuning moves each layer's own heads (and only the bias of the contrastive ones:
+    the 1/sqrt(C) scale is a constant, so the model still maps onto transformers')."""
+    *_, out_dir, _ = mm_pair
+    torch.manual_seed(0)
+    model = instantiate(LazyConfig.load(str(out_dir / "config.yaml")).model).train()
+    # The converted (perturbed) weights: a fresh box head's zero last layer would stop the
+    # gradient to its first layers.
+    model.load_state_dict(torch.load(out_dir / "model.pth", weights_only=True)["model"])
+    with EventStorage():
+        losses = model(train_batch(model.tokenizer))
+    sum(losses.values()).backward()
+    heads = {
+        n: p for n, p in model.named_parameters() if re.match(r"^(query_selector\.)?head\.", n)
+    }
+    assert sorted(heads) == ["head.0.bias", "head.1.bias", "query_selector.head.bias"]
+    boxes = [n for n, _ in model.named_parameters() if n.startswith("decoder.bbox_embed.")]
+    assert {n.split(".")[2] for n in boxes} == {"0", "1"}
+    for name, parameter in model.named_parameters():
+        if name in heads or name in boxes:
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
