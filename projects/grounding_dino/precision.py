@@ -18,6 +18,7 @@ Whatever the mode, the outputs (boxes, scores, token scores) are returned in flo
 (:func:`outputs_to_fp32`).
 """
 
+import argparse
 import contextlib
 import functools
 import logging
@@ -54,10 +55,30 @@ DTYPE_HELP = (
 )
 
 
+class _AllowEmulatedBf16(argparse.Action):
+    """``--allow-emulated-bf16``: sets :data:`ALLOW_EMULATED_BF16_ENV`, which
+    :func:`check_precision` reads wherever the command builds its model (its worker processes
+    included)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, True)
+        os.environ[ALLOW_EMULATED_BF16_ENV] = "1"
+
+
 def add_dtype_argument(add_argument) -> None:
-    """Adds the command lines' ``--dtype {fp32,bf16,fp16}`` (default fp32) through
-    ``add_argument`` (an ``argparse`` parser's or group's ``add_argument``)."""
+    """Adds the command lines' ``--dtype {fp32,bf16,fp16}`` (default fp32) and
+    ``--allow-emulated-bf16`` through ``add_argument`` (an ``argparse`` parser's or group's
+    ``add_argument``)."""
     add_argument("--dtype", choices=PRECISIONS, default="fp32", help=DTYPE_HELP)
+    add_argument(
+        "--allow-emulated-bf16",
+        action=_AllowEmulatedBf16,
+        help="run --dtype bf16 on a CPU without native bfloat16 (emulated: tens of times slower "
+        f"than fp32; refused without this flag or {ALLOW_EMULATED_BF16_ENV}=1)",
+    )
 
 
 ALLOW_EMULATED_BF16_ENV = "GROUNDING_DINO_ALLOW_EMULATED_BF16"
