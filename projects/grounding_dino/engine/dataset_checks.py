@@ -46,7 +46,8 @@ def check_dataset_paths(cfg, splits=("train", "test")) -> None:
     """
     Checks that the annotation file and image folder of every dataset of
     ``dataloader.<split>.dataset.names`` exist, for each split in ``splits`` that the config
-    has (a loader built otherwise is not checked here).
+    has (a loader built otherwise is not checked here; nor are datasets whose metadata says
+    ``generated_on_load``, whose loader writes their files).
 
     Raises:
         KeyError: a dataset name is not registered (the message names the config key).
@@ -59,6 +60,8 @@ def check_dataset_paths(cfg, splits=("train", "test")) -> None:
         key = f"dataloader.{split}.dataset.names"
         for name in _dataset_names(cfg, key):
             metadata = MetadataCatalog.get(name)
+            if metadata.get("generated_on_load", False):  # e.g. the synthetic shapes
+                continue
             for field, exists, kind in _PATH_FIELDS:
                 path = metadata.get(field, None)
                 if isinstance(path, str) and path and "://" not in path and not exists(path):
