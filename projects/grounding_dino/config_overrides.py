@@ -86,10 +86,13 @@ def _child(node, part: str):
             index = int(part)
         except ValueError:
             return _ABSENT
-        return node._get_node(index) if -len(node) <= index < len(node) else _ABSENT
-    if part not in node:
+        if not -len(node) <= index < len(node):
+            return _ABSENT
+        child = node._get_node(index)
+    elif part not in node:
         return _ABSENT
-    child = node._get_node(part)
+    else:
+        child = node._get_node(part)
     return child if isinstance(child, (DictConfig, ListConfig)) else child._value()
 
 

@@ -44,8 +44,8 @@ from ..data.synthetic import register_shapes_datasets
 from ..engine import evaluate as evaluate_model
 from ..engine import format_duration
 from ..evaluation import build_evaluator
-from .draw import draw_predictions
 from ..io.coco_files import write_json_atomic
+from .draw import draw_predictions
 from .record import CHECKPOINT_NAME, config_record, reuse_decision
 from .staging import publish_run, start_staging
 from .training import (
@@ -282,6 +282,10 @@ def _run(args: argparse.Namespace) -> Dict:
         staging, cfg.train.output_dir = cfg.train.output_dir, output_dir
         LazyConfig.save(cfg, os.path.join(staging, "config.yaml"))
         replaced = publish_run(staging, output_dir)
+        for name in ("results.json", "run_info.json"):  # the old model's; written again below
+            if os.path.isfile(os.path.join(output_dir, name)):
+                os.remove(os.path.join(output_dir, name))
+                replaced.append(name)
         if replaced:
             print(
                 f"[train] replaced the earlier run's {', '.join(replaced)} in {output_dir} "
