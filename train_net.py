@@ -20,10 +20,17 @@ Examples::
         train.init_checkpoint=output/converted/swint_ogc/model.pth
 
 Every ``key=value`` after the flags is a config override (``model.query_selector.num_queries=300``,
-``optimizer.lr=2e-4``, ``train.max_iter=1000``...). A NaN or infinite loss stops training
-with a :class:`FloatingPointError` naming the iteration and the losses; the weights are not
-updated with it, the periodic checkpoints are kept and the last good state is saved as
-``model_last_good.pth``.
+``optimizer.lr=2e-4``, ``train.max_iter=1000``...). A key that is neither in the config nor an
+argument of its node's ``_target_`` is an error naming the closest known key
+(``train.max_iterr=1`` -> "did you mean 'train.max_iter'?"); ``+key=value`` adds a new key on
+purpose (:mod:`grounding_dino.config_overrides`). The files of every dataset of the run
+(training and test) are checked before the first iteration. ``train.device=auto`` trains on
+CUDA when it is available, else on the CPU; ``train.amp.enabled=True`` on the CPU is refused
+(``auto``, the default, is mixed precision on CUDA and float32 on the CPU).
+
+A NaN or infinite loss stops training with a :class:`FloatingPointError` naming the iteration
+and the losses; the weights are not updated with it, the periodic checkpoints are kept and the
+last good state is saved as ``model_last_good.pth``.
 
 Evaluation (every ``train.eval_period``, after the last iteration, and ``--eval-only``) does not
 depend on the display knobs ``model.box_threshold`` / ``model.max_detections``: the model runs
@@ -38,7 +45,6 @@ at the model's initialisation (e.g. an ImageNet backbone); what a partial load s
 logged.
 """
 
-import torch
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -47,24 +53,30 @@ from grounding_dino.engine import (
     check_init_checkpoint,
     do_eval_only,
     do_train,
-    is_cpu_device,
     launch_from_args,
+    use_amp,
 )
-from grounding_dino.model_zoo import get_config
+from grounding_dino.config_overrides import UnknownConfigKeyError
+from grounding_dino.model_zoo import get_config, resolve_device
 
 
 def load_config(args):
     """``--config-file`` (a file or a packaged config's name) with the ``key=value`` overrides,
     checked."""
-    cfg = get_config(args.config_file, args.opts)
+    try:
+        cfg = get_config(args.config_file, args.opts)
+    except UnknownConfigKeyError as error:
+        raise SystemExit(f"train_net.py: {error}") from None
     for key in ("model", "train", "dataloader"):
         if key not in cfg:
             raise KeyError(f"{args.config_file} defines no '{key}'")
-    device = cfg.train.device
-    if not is_cpu_device(device) and not torch.cuda.is_available():
-        raise SystemExit(
-            f"train.device={device} but CUDA is not available here; add train.device=cpu"
-        )
+    try:
+        # "auto": CUDA when available, else the CPU; a CUDA device without CUDA is refused.
+        cfg.train.device = resolve_device(cfg.train.device)
+        if not args.eval_only:
+            use_amp(cfg.train)  # train.amp.enabled=True on the CPU is refused here
+    except ValueError as error:
+        raise SystemExit(f"train_net.py: {error}") from None
     return cfg
 
 
@@ -85,20 +97,13 @@ def main(args):
 
 def launch_device(args) -> str:
     """``train.device`` of the job: from the overrides when given, else from the config."""
-    for opt in reversed(args.opts):
-        if opt.startswith("train.device="):
-            return opt.split("=", 1)[1].strip("'\"")
     return load_config(args).train.device
 
 
 def invoke_main() -> None:
     args = default_argument_parser().parse_args()
-    device = launch_device(args)
-    if not is_cpu_device(device) and not torch.cuda.is_available():
-        raise SystemExit(
-            f"train.device={device} but CUDA is not available here; add train.device=cpu"
-        )
-    launch_from_args(main, args, (args,), device)
+    # The whole config is checked (override keys, device, AMP) before any process starts.
+    launch_from_args(main, args, (args,), launch_device(args))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import glob
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -152,6 +153,10 @@ def test_changed_override_trains_again_and_says_why(first_run):
         "replaces the old run's model_final.pth, config.yaml, metrics.json, run_info.json"
     ) in printed
     assert "[train] iter 2/2" in printed and "reusing" not in printed
+    # The model and its config.yaml were published together when training ended, with a notice.
+    (notice,) = [line for line in printed.splitlines() if "replaced the earlier run's" in line]
+    assert "config.yaml" in notice and "model_final.pth" in notice and out in notice
+    assert not os.path.exists(os.path.join(out, ".training"))
     assert os.path.getmtime(checkpoint) > mtime
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert saved["trained_config"]["model.query_selector.num_queries"] == 21
@@ -245,3 +250,25 @@ def test_default_config_is_the_packaged_shapes_tiny(demo_job):
     args = demo_job.parse_args([])
     assert args.config_file is None and args.output == os.path.join("output", "demo")
     assert os.path.samefile(demo_job.default_config_file(), REPO / "configs" / "shapes_tiny.py")
+
+
+def test_interrupted_retrain_keeps_the_old_model_with_its_config(
+    first_run, demo_job, tmp_path, monkeypatch
+):
+    """Training is interrupted (Ctrl-C, kill) after the new config is known: the output folder
+    keeps the old model with its own config.yaml; a rerun starts the training afresh."""
+    out = str(tmp_path / "out")
+    shutil.copytree(first_run[0], out)
+    before = {n: Path(out, n).read_bytes() for n in ("model_final.pth", "config.yaml")}
+
+    def interrupted(*args, **kwargs):
+        assert os.path.isdir(os.path.join(out, ".training"))  # training writes only there
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo_job.job, "train_model", interrupted)
+    monkeypatch.setattr(demo_job.job, "train_in_processes", interrupted)
+    changed = [OVERRIDES[0], "model.query_selector.num_queries=23"]
+    args = demo_job.parse_args(["--output", out, *TINY, "--workers", "1", *changed])
+    with pytest.raises(KeyboardInterrupt):
+        demo_job.run_demo(args)
+    assert {n: Path(out, n).read_bytes() for n in before} == before

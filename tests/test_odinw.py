@@ -1,5 +1,6 @@
 """ODinW-13/35: the suites, their registration from a root folder, and tools/evaluate_odinw.py."""
 
+import collections
 import contextlib
 import io
 import json
@@ -128,6 +129,9 @@ def test_evaluate_odinw_command(tmp_path, tiny_model):
         str(output),
         "train.device=cpu",
         "dataloader.test.num_workers=0",
+        # Display settings: the evaluation must not use them (evaluation_settings).
+        "model.max_detections=2",
+        "model.box_threshold=0.99",
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
     run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -147,6 +151,9 @@ def test_evaluate_odinw_command(tmp_path, tiny_model):
             max_dets=300,  # the zero-shot evaluator's default
         )
         assert summary["datasets"][name]["AP"] == pytest.approx(ap, abs=1e-6)
+        with open(output / name / "coco_instances_results.json") as f:
+            per_image = collections.Counter(d["image_id"] for d in json.load(f))
+        assert min(per_image.values()) > 2  # neither max_detections=2 nor the 0.99 threshold
         assert summary["datasets"][name]["num_classes"] == len(FAKE[key][2])
         assert summary["datasets"][name]["num_images"] == 3
         row = next(line for line in run.stdout.splitlines() if line.startswith(f"| {name} "))

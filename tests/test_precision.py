@@ -77,11 +77,21 @@ def test_modes_are_checked_against_the_device():
         check_precision("bf16", "meta")
 
 
-def test_bf16_on_a_cpu_without_native_bf16_is_logged(monkeypatch, caplog):
+def test_bf16_on_a_cpu_without_native_bf16_is_refused_unless_asked(monkeypatch, caplog):
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.delenv(precision.ALLOW_EMULATED_BF16_ENV, raising=False)
+    with pytest.raises(ValueError) as refused:
+        check_precision("bf16", "cpu")
+    # The message gives both times' order of magnitude and the two ways to insist.
+    for words in ("tens of times slower than fp32", "minutes instead of seconds", "41x"):
+        assert words in str(refused.value)
+    assert "allow_emulated_bf16=True" in str(refused.value)
+    assert f"{precision.ALLOW_EMULATED_BF16_ENV}=1" in str(refused.value)
+    assert check_precision("bf16", "cpu", allow_emulated_bf16=True) == "bf16"
+    monkeypatch.setenv(precision.ALLOW_EMULATED_BF16_ENV, "1")
     with caplog.at_level(logging.WARNING, logger="grounding_dino.precision"):
         check_precision("bf16", "cpu")
-    assert "without native bfloat16" in caplog.text
+    assert "without native bfloat16" in caplog.text and "as asked" in caplog.text
     caplog.clear()
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     with caplog.at_level(logging.WARNING, logger="grounding_dino.precision"):

@@ -442,10 +442,16 @@ def test_amp_only_on_cuda():
     from grounding_dino.engine import build_trainer, use_amp
 
     assert use_amp({"amp": {"enabled": True}, "device": "cuda"})
-    assert not use_amp({"amp": {"enabled": True}, "device": "cpu"})
+    assert use_amp({"amp": {"enabled": "auto"}, "device": "cuda:0"})
+    assert not use_amp({"amp": {"enabled": "auto"}, "device": "cpu"})
     assert not use_amp({"amp": {"enabled": False}, "device": "cuda:0"})
+    # Asked for on the CPU: an error, not float32 without a word.
+    with pytest.raises(ValueError, match="train.amp.enabled=True but train.device is the CPU"):
+        use_amp({"amp": {"enabled": True}, "device": "cpu"})
+    with pytest.raises(ValueError, match="must be True, False or 'auto', got 'yes'"):
+        use_amp({"amp": {"enabled": "yes"}, "device": "cpu"})
     model = _Toy(nan_at=100)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    train = {"amp": {"enabled": True}, "device": "cpu", "clip_grad": None}
+    train = {"amp": {"enabled": "auto"}, "device": "cpu", "clip_grad": None}
     trainer = build_trainer(train, model, [0], optimizer)
     assert type(trainer) is GroundingTrainer

@@ -35,7 +35,12 @@ from detectron2.data import DatasetCatalog
 from grounding_dino.data.synthetic import register_shapes_datasets
 from grounding_dino.evaluation.precision_modes import evaluate_modes, label_losses, markdown_table
 from grounding_dino.model_zoo import build_model, get_config
-from grounding_dino.precision import PRECISIONS, check_precision
+from grounding_dino.precision import (
+    PRECISIONS,
+    check_precision,
+    cpu_has_native_bf16,
+    emulated_bf16_allowed,
+)
 from grounding_dino.shapes_demo import default_config_file
 
 __all__ = ["main", "parse_args", "load_config"]
@@ -70,6 +75,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--max-loss", type=float, default=1.0, help="label modes losing more points than this"
     )
+    parser.add_argument(
+        "--allow-emulated-bf16",
+        action="store_true",
+        help="measure bf16 on a CPU without native bfloat16 (emulated: tens of times slower "
+        "than fp32); without it such a CPU leaves bf16 out of the default modes and refuses it "
+        "in --modes",
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
     args = parser.parse_args(argv)
     if not os.path.isfile(args.weights):
@@ -80,11 +92,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.modes is None:
         args.modes = [m for m in PRECISIONS if args.device != "cpu" or m != "fp16"]
+        emulated = args.device == "cpu" and not cpu_has_native_bf16()
+        if emulated and not emulated_bf16_allowed(args.allow_emulated_bf16):
+            args.modes.remove("bf16")
+            print(
+                "--modes: bf16 left out: this CPU has no native bfloat16 (emulated bf16 is tens "
+                "of times slower than fp32); --allow-emulated-bf16 measures it anyway",
+                flush=True,
+            )
     else:
         args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     try:
         for mode in args.modes:
-            check_precision(mode, args.device)
+            check_precision(mode, args.device, allow_emulated_bf16=args.allow_emulated_bf16)
     except ValueError as error:
         parser.error(f"--modes: {error}")
     if len(set(args.modes)) != len(args.modes) or not args.modes:

@@ -50,6 +50,7 @@ from detectron2.utils.registry import locate
 from torch import nn
 
 from .checkpoint import verify_checkpoint
+from .config_overrides import apply_overrides
 from .packaged_configs import configs_dir
 from .preprocessing import Prompt, prompt_to_input
 from .resize import official_resize_from_lazy_config
@@ -132,7 +133,7 @@ def load_lazy_config_from_yacs(cfg: CN):
     for item in overrides:
         if not isinstance(item, str) or "=" not in item:
             raise ValueError(f"MODEL.GROUNDING_DINO.OVERRIDES: {item!r} is not 'key=value'")
-    lazy = LazyConfig.apply_overrides(lazy, overrides)
+    lazy = apply_overrides(lazy, overrides)
     if "model" not in lazy:
         raise ValueError(f"{gd.CONFIG_FILE} has no 'model' entry")
     for key, field in (
@@ -222,7 +223,8 @@ def yacs_model_kwargs(cfg: CN, model_class: type) -> Dict:
     ``MODEL.WEIGHTS`` is checked here, before ``DefaultPredictor`` loads it: it must match the
     model exactly, else :class:`~grounding_dino.checkpoint.CheckpointMismatchError` names the
     missing, unexpected and wrong-shape keys. An empty ``MODEL.WEIGHTS`` builds the model with
-    its own initialisation (as detectron2's ``build_model``), with a warning.
+    its own initialisation (as detectron2's ``build_model`` and ``DefaultPredictor``), with a
+    warning that its predictions come from random weights.
 
     Raises:
         ValueError: the lazy model is not a ``model_class``, the prompt is invalid, or
@@ -253,8 +255,9 @@ def yacs_model_kwargs(cfg: CN, model_class: type) -> Dict:
         _verify_weights(kwargs, cfg.MODEL.WEIGHTS)
     else:
         logger.warning(
-            "MODEL.WEIGHTS is empty: the model keeps its own (random) initialisation; set "
-            "MODEL.WEIGHTS to a converted checkpoint for predictions"
+            "MODEL.WEIGHTS is empty: the model is built with random weights, so its predictions "
+            "(DefaultPredictor's included) come from random weights and mean nothing. Set "
+            "MODEL.WEIGHTS to a checkpoint written by python -m grounding_dino.convert"
         )
     kwargs.update(
         input_format=cfg.INPUT.FORMAT,

@@ -24,13 +24,14 @@ import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-import torch
 import yaml
 from detectron2.config import LazyConfig, get_cfg, instantiate
 from omegaconf import OmegaConf
 
 from .checkpoint import GroundingDINOCheckpointer
 from .config import add_grounding_dino_config, default_prompt_from_yacs, load_lazy_config_from_yacs
+from .config_overrides import apply_overrides
+from .devices import AUTO_DEVICE, resolve_device
 from .packaged_configs import configs_dir, get_config_file, list_configs
 from .precision import add_dtype_argument
 
@@ -42,6 +43,7 @@ __all__ = [
     "ModelConfig",
     "load_config",
     "resolve_device",
+    "AUTO_DEVICE",
     "build_model",
     "get",
     "add_model_arguments",
@@ -83,7 +85,7 @@ def get_config(name_or_path: str, overrides: Sequence[str] = ()):
 
 
 def _load_lazy(path: str, overrides: Sequence[str]):
-    return LazyConfig.apply_overrides(LazyConfig.load(path), list(overrides))
+    return apply_overrides(LazyConfig.load(path), list(overrides))
 
 
 @dataclass
@@ -95,7 +97,8 @@ class ModelConfig:
         lazy: the lazy config (``model`` and, for the test resize, ``dataloader.test``).
         weights: the checkpoint to load (``--weights``, else the config's
             ``train.init_checkpoint`` / ``MODEL.WEIGHTS``; None when none is named).
-        device: the device the config asks for (``MODEL.DEVICE`` of a yacs config), or None.
+        device: the device the config asks for (``MODEL.DEVICE`` when a yacs config or its
+            overrides set it), or None.
         default_prompt: the default prompt of a thin yacs config (None for lazy configs).
     """
 
@@ -111,6 +114,16 @@ def _is_yacs_file(path: str) -> bool:
     with open(path) as f:
         content = yaml.safe_load(f)
     return isinstance(content, dict) and "MODEL" in content
+
+
+def _sets_yacs_device(path: str, pairs: Sequence[Tuple[str, str]]) -> bool:
+    """Whether the yacs file or its overrides set ``MODEL.DEVICE`` (detectron2's default,
+    "cuda", is not a choice of the user's: the lazy config's ``train.device`` decides then)."""
+    if any(key == "MODEL.DEVICE" for key, _ in pairs):
+        return True
+    with open(path) as f:
+        model = yaml.safe_load(f).get("MODEL") or {}
+    return isinstance(model, dict) and "DEVICE" in model
 
 
 def _split_overrides(overrides: Sequence[str]) -> List[Tuple[str, str]]:
@@ -149,7 +162,7 @@ def load_config(
         result = ModelConfig(
             load_lazy_config_from_yacs(cfg),
             weights or cfg.MODEL.WEIGHTS or None,
-            cfg.MODEL.DEVICE,
+            cfg.MODEL.DEVICE if _sets_yacs_device(config_file, pairs) else None,
             default_prompt_from_yacs(cfg),
         )
     else:
@@ -159,20 +172,6 @@ def load_config(
     if result.weights and not os.path.isfile(result.weights):
         raise FileNotFoundError(f"--weights {result.weights}: no such file")
     return result
-
-
-def resolve_device(device: Optional[str], cfg=None) -> str:
-    """
-    The device to run on: ``device``, else the config's ``train.device``, else the CPU; a
-    CUDA device without CUDA falls back to the CPU with a warning.
-    """
-    if not device and cfg is not None:
-        device = OmegaConf.select(cfg, "train.device", default=None)
-    device = str(device or "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("device %s was asked for but CUDA is not available; using the CPU", device)
-        return "cpu"
-    return device
 
 
 def build_model(cfg, weights: Optional[str] = None, device: Optional[str] = None):
@@ -214,7 +213,7 @@ def get(config, weights: Optional[str] = None, overrides: Sequence[str] = (), de
     if isinstance(config, str):
         cfg = get_config(config, overrides)
     else:
-        cfg = LazyConfig.apply_overrides(config, list(overrides))
+        cfg = apply_overrides(config, list(overrides))
     return build_model(cfg, weights, device)
 
 
@@ -243,6 +242,9 @@ def add_model_arguments(
         "--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides"
     )
     parser.add_argument(
-        "--device", default=None, help=device_help or "cpu or cuda (default: the config's)"
+        "--device",
+        default=None,
+        help=device_help
+        or "cpu, cuda, or auto (CUDA when available, else the CPU); default: the config's",
     )
     add_dtype_argument(parser.add_argument)

@@ -4,7 +4,11 @@ predictor, the demo CLI, the web demo, the labelling CLI and ``tools/evaluate_pr
 
 - ``fp32``: plain float32.
 - ``bf16``: ``torch.autocast`` with bfloat16, on the CPU and on CUDA. Weights stay float32;
-  matrix multiplies and convolutions run in bfloat16.
+  matrix multiplies and convolutions run in bfloat16. On a CPU without native bfloat16
+  (:func:`cpu_has_native_bf16`: AVX2-only CPUs such as AMD Zen 3) it is emulated and tens of
+  times slower than fp32, so it is refused (:class:`ValueError`) unless asked for with
+  ``allow_emulated_bf16=True`` or the environment variable
+  ``GROUNDING_DINO_ALLOW_EMULATED_BF16=1`` (which every command line reads).
 - ``fp16``: ``torch.autocast`` with float16, on CUDA only. On the CPU it is refused
   (:class:`ValueError`): CPU kernels for float16 are slower than float32 here (see
   docs/deployment.md, "Precision modes"), and bf16 gives the same memory saving with float32's
@@ -14,13 +18,17 @@ Whatever the mode, the outputs (boxes, scores, token scores) are returned in flo
 (:func:`outputs_to_fp32`).
 """
 
+import argparse
 import contextlib
 import functools
 import logging
+import os
 from typing import Dict, List, Union
 
 import torch
 from detectron2.structures import Boxes, Instances
+
+from .devices import AUTO_DEVICE, resolve_device
 
 __all__ = [
     "PRECISIONS",
@@ -30,6 +38,8 @@ __all__ = [
     "precision_context",
     "outputs_to_fp32",
     "cpu_has_native_bf16",
+    "ALLOW_EMULATED_BF16_ENV",
+    "emulated_bf16_allowed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -45,45 +55,116 @@ DTYPE_HELP = (
 )
 
 
+class _AllowEmulatedBf16(argparse.Action):
+    """``--allow-emulated-bf16``: sets :data:`ALLOW_EMULATED_BF16_ENV`, which
+    :func:`check_precision` reads wherever the command builds its model (its worker processes
+    included)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, True)
+        os.environ[ALLOW_EMULATED_BF16_ENV] = "1"
+
+
 def add_dtype_argument(add_argument) -> None:
-    """Adds the command lines' ``--dtype {fp32,bf16,fp16}`` (default fp32) through
-    ``add_argument`` (an ``argparse`` parser's or group's ``add_argument``)."""
+    """Adds the command lines' ``--dtype {fp32,bf16,fp16}`` (default fp32) and
+    ``--allow-emulated-bf16`` through ``add_argument`` (an ``argparse`` parser's or group's
+    ``add_argument``)."""
     add_argument("--dtype", choices=PRECISIONS, default="fp32", help=DTYPE_HELP)
+    add_argument(
+        "--allow-emulated-bf16",
+        action=_AllowEmulatedBf16,
+        help="run --dtype bf16 on a CPU without native bfloat16 (emulated: tens of times slower "
+        f"than fp32; refused without this flag or {ALLOW_EMULATED_BF16_ENV}=1)",
+    )
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_has_native_bf16() -> bool:
-    """Whether the CPU computes bfloat16 natively (``avx512_bf16`` or ``amx_bf16`` in
-    ``/proc/cpuinfo``); False where this cannot be read."""
+ALLOW_EMULATED_BF16_ENV = "GROUNDING_DINO_ALLOW_EMULATED_BF16"
+"""Set to 1 to run ``dtype='bf16'`` on a CPU without native bfloat16 (:func:`check_precision`)."""
+
+# What one 800x1333 Swin-T call took on an AVX2-only CPU (AMD Zen 3, issue 32): the orders of
+# magnitude the refusal gives.
+_EMULATED_BF16_MESSAGE = (
+    "dtype='bf16' on this CPU would be emulated: it has no native bfloat16 ({why}). Emulated "
+    "bf16 is tens of times slower than fp32: one 800x1333 image takes minutes instead of "
+    "seconds (225 s against 5.5 s, 41x, measured on an AVX2-only AMD Zen 3). Use dtype='fp32' "
+    "(--dtype fp32). To run emulated bf16 anyway, pass allow_emulated_bf16=True or set "
+    f"{ALLOW_EMULATED_BF16_ENV}=1 (see docs/deployment.md#precision-modes)"
+)
+
+
+def _cpu_flags() -> set:
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+                    return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return set()
+
+
+def _onednn_allows_bf16() -> bool:
+    """False when ``ONEDNN_MAX_CPU_ISA`` keeps oneDNN (torch's CPU matrix multiplies) below the
+    ISAs with bfloat16 instructions (e.g. ``AVX2``, ``AVX512_CORE``)."""
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).upper()
+    return isa in ("", "ALL", "DEFAULT") or "BF16" in isa or "AMX" in isa
+
+
+def _no_native_bf16_reason() -> str:
+    """Why this process has no native bfloat16 on the CPU ("" when it has)."""
+    flags = _cpu_flags()
+    if not flags & {"avx512_bf16", "amx_bf16"}:
+        return "no avx512_bf16 or amx_bf16 flag in /proc/cpuinfo"
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")()
+    if not str(capability).upper().startswith("AVX512"):
+        return f"torch runs with CPU capability {capability} (ATEN_CPU_CAPABILITY)"
+    if not _onednn_allows_bf16():
+        return f"oneDNN is limited to ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA')}"
+    return ""
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16() -> bool:
+    """Whether this process computes bfloat16 natively on the CPU: the CPU has
+    ``avx512_bf16`` or ``amx_bf16`` (``/proc/cpuinfo``) and neither torch
+    (``ATEN_CPU_CAPABILITY``) nor oneDNN (``ONEDNN_MAX_CPU_ISA``) is held below AVX-512. False
+    where this cannot be read."""
+    return not _no_native_bf16_reason()
+
+
+def emulated_bf16_allowed(allow_emulated_bf16: bool = False) -> bool:
+    """Whether the caller or the environment (:data:`ALLOW_EMULATED_BF16_ENV` = 1) asks for
+    bf16 on a CPU without native bfloat16."""
+    return allow_emulated_bf16 or os.environ.get(ALLOW_EMULATED_BF16_ENV, "") in ("1", "true")
 
 
 def _device_type(device: Union[str, torch.device]) -> str:
+    if str(device) == AUTO_DEVICE:
+        device = resolve_device(AUTO_DEVICE)
     return torch.device(device).type
 
 
-def check_precision(dtype: str, device: Union[str, torch.device]) -> str:
+def check_precision(
+    dtype: str, device: Union[str, torch.device], *, allow_emulated_bf16: bool = False
+) -> str:
     """
-    Validates a precision mode for a device, logging a warning where it is known to be slow.
+    Validates a precision mode for a device.
 
     Args:
         dtype: one of :data:`PRECISIONS`.
-        device: the model's device ("cpu", "cuda", "cuda:1", ...).
+        device: the model's device ("cpu", "cuda", "cuda:1", ..., or "auto").
+        allow_emulated_bf16: run bf16 on a CPU without native bfloat16 (tens of times slower
+            than fp32) instead of refusing it; also :data:`ALLOW_EMULATED_BF16_ENV` = 1.
 
     Returns:
         ``dtype``.
 
     Raises:
-        ValueError: an unknown mode, fp16 on the CPU, or a mode on a device other than the CPU
-            and CUDA.
+        ValueError: an unknown mode, fp16 on the CPU, bf16 on a CPU without native bfloat16
+            (not allowed), or a mode on a device other than the CPU and CUDA.
     """
     if dtype not in PRECISIONS:
         raise ValueError(f"dtype={dtype!r} is not a precision mode; choose one of {PRECISIONS}")
@@ -99,10 +180,13 @@ def check_precision(dtype: str, device: Union[str, torch.device]) -> str:
             "per value, float32's range) or 'fp32', or run on CUDA"
         )
     if dtype == "bf16" and kind == "cpu" and not cpu_has_native_bf16():
+        why = _no_native_bf16_reason() or "detection overridden"
+        if not emulated_bf16_allowed(allow_emulated_bf16):
+            raise ValueError(_EMULATED_BF16_MESSAGE.format(why=why))
         logger.warning(
-            "dtype='bf16' on a CPU without native bfloat16 (no avx512_bf16/amx_bf16 flag in "
-            "/proc/cpuinfo): bfloat16 is emulated and may be slower than fp32; compare with "
-            "tools/evaluate_precision.py"
+            "dtype='bf16' on a CPU without native bfloat16 (%s), as asked: emulated, tens of "
+            "times slower than fp32",
+            why,
         )
     if dtype == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"dtype='bf16': the CUDA device {device} does not support bfloat16")

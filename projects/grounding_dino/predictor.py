@@ -36,6 +36,7 @@ class GroundingDINOPredictor(PredictorCore):
         *,
         device: Optional[str] = None,
         settings: Optional[InferenceSettings] = None,
+        allow_emulated_bf16: bool = False,
     ):
         """
         Args:
@@ -48,17 +49,23 @@ class GroundingDINOPredictor(PredictorCore):
             input_format: channel order of the arrays given to ``__call__``.
             dtype: precision mode (:mod:`grounding_dino.precision`): "fp32", "bf16" (autocast,
                 CPU or CUDA) or "fp16" (autocast, CUDA only). Outputs are float32 in every mode.
-            device: where the model runs (None: the config's ``train.device``, else the CPU).
+            device: where the model runs: "cpu", "cuda", "auto" (CUDA when available, else
+                the CPU); None: the config's ``train.device``, else the CPU. A CUDA device
+                without CUDA is an error (:func:`~grounding_dino.devices.resolve_device`).
             settings: the default :class:`InferenceSettings` of the calls (None: the model's,
                 from the config).
+            allow_emulated_bf16: run ``dtype="bf16"`` on a CPU without native bfloat16 (tens
+                of times slower than fp32) instead of refusing it
+                (:func:`~grounding_dino.precision.check_precision`).
 
         Raises:
-            ValueError: no weights are given (a randomly initialised model is refused), or
-                ``dtype`` is unknown or not offered on the device (fp16 on the CPU).
+            ValueError: no weights are given (a randomly initialised model is refused),
+                ``dtype`` is unknown or not offered on the device (fp16 on the CPU, bf16 on a
+                CPU without native bfloat16 unless allowed), or CUDA is asked for but absent.
         """
         self.cfg = cfg
         device = resolve_device(device, cfg)
-        self.dtype = check_precision(dtype, device)
+        self.dtype = check_precision(dtype, device, allow_emulated_bf16=allow_emulated_bf16)
         self.model = build_model(cfg, weights, device)
         self.input_format = input_format
         self.model_input_format = self.model.input_format

@@ -4,7 +4,7 @@ evaluation with converted official weights (``groundingdino_swint_ogc.pth``)."""
 from .common.models.grounding_dino_swin_t import model
 
 train = dict(
-    device="cpu",
+    device="auto",  # CUDA when available, else the CPU (grounding_dino.devices)
     init_checkpoint="",
     init_partial=False,
     output_dir="./output/grounding_dino_swin_t_ogc",

@@ -196,6 +196,9 @@ def register_shapes_datasets(
             shapes_split_dir=split_dir,
             shapes_seen_classes=list(seen),
             shapes_unseen_classes=list(unseen),
+            # Loading draws a missing split: its files need not exist before (the train
+            # driver's path check skips it).
+            generated_on_load=True,
         )
         if split in REC_SPLITS:
             DatasetCatalog.register(name, functools.partial(_load_rec, config, base, root))

@@ -15,9 +15,10 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 
 from ..export.graph import INPUT_NAMES, OUTPUT_NAMES, read_metadata
+from ..config_overrides import apply_overrides
 from ..model_zoo import get_config
 from ..modeling.postprocessing import detections_for_inputs
 from ..modeling.settings import InferenceSettings, settings_or_default
@@ -101,7 +102,7 @@ class OnnxPredictor(PredictorCore):
                 raise FileNotFoundError(f"config file {config} does not exist")
             cfg = get_config(config, overrides)
         else:
-            cfg = LazyConfig.apply_overrides(config, list(overrides))
+            cfg = apply_overrides(config, list(overrides))
         model_cfg = cfg.model
         self.prompt_encoder = instantiate(model_cfg.prompt_encoder)
         configured = InferenceSettings(

@@ -38,11 +38,30 @@ def train_value(train_cfg: Mapping, key: str):
 
 
 def use_amp(train_cfg: Mapping) -> bool:
-    """AMP runs when ``train.amp.enabled`` and ``train.device`` is a CUDA device."""
-    enabled = bool(train_value(train_cfg, "amp.enabled"))
-    if enabled and is_cpu_device(train_value(train_cfg, "device")):
-        logger.info("train.amp.enabled is ignored on the CPU: training in float32")
-        return False
+    """
+    Whether training runs with CUDA automatic mixed precision, from ``train.amp.enabled``:
+    ``True`` (CUDA only), ``False`` (float32) or ``"auto"`` (mixed precision on CUDA, float32
+    on the CPU, which is logged).
+
+    Raises:
+        ValueError: ``True`` with a CPU ``train.device`` (the trainer's mixed precision,
+            autocast with a gradient scaler, is CUDA's; it is not switched off without a word),
+            or a value other than the three.
+    """
+    enabled = train_value(train_cfg, "amp.enabled")
+    on_cpu = is_cpu_device(train_value(train_cfg, "device"))
+    if enabled == "auto":
+        if on_cpu:
+            logger.info("train.amp.enabled=auto on the CPU: training in float32")
+        return not on_cpu
+    if not isinstance(enabled, bool):
+        raise ValueError(f"train.amp.enabled must be True, False or 'auto', got {enabled!r}")
+    if enabled and on_cpu:
+        raise ValueError(
+            "train.amp.enabled=True but train.device is the CPU: the trainer's mixed precision "
+            "(CUDA autocast with a gradient scaler) needs CUDA. Set train.amp.enabled=False "
+            "(float32) or train.amp.enabled=auto (mixed precision on CUDA, float32 on the CPU)"
+        )
     return enabled
 
 

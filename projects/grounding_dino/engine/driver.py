@@ -22,6 +22,7 @@ from detectron2.engine import HookBase
 from torch import nn
 
 from ..checkpoint import GroundingDINOCheckpointer, check_partial
+from .dataset_checks import check_dataset_paths
 from .defaults import build_hooks, build_trainer, wrap_ddp
 from .evaluation import evaluate, write_eval_metrics
 
@@ -92,7 +93,15 @@ def do_train(
 
     Returns:
         the trained model (unwrapped from DistributedDataParallel).
+
+    Raises:
+        FileNotFoundError, KeyError, ValueError: a dataset of the run (training, or test when
+            it is evaluated) is not registered or misses its files
+            (:func:`~grounding_dino.engine.dataset_checks.check_dataset_paths`), before
+            anything is built.
     """
+    evaluates = "evaluator" in cfg.dataloader and cfg.train.eval_period >= 0
+    check_dataset_paths(cfg, ("train", "test") if evaluates else ("train",))
     if model is None:
         model = instantiate(cfg.model)
     logger.info(f"Model:\n{model}")
@@ -116,8 +125,7 @@ def do_train(
         logger.warning("The config has no dataloader.evaluator: training without evaluation")
     elif eval_period < 0:
         logger.info(f"train.eval_period={eval_period}: training without evaluation")
-    run_eval = "evaluator" in cfg.dataloader and eval_period >= 0
-    eval_function = (lambda: do_test(cfg, wrapped)) if run_eval else None
+    eval_function = (lambda: do_test(cfg, wrapped)) if evaluates else None
     trainer.register_hooks(
         build_hooks(cfg.train, instantiate(cfg.lr_multiplier), checkpointer, eval_function)
         + list(extra_hooks)
@@ -143,6 +151,7 @@ def do_eval_only(cfg, resume: bool = False) -> Dict:
     """
     if "evaluator" not in cfg.dataloader:
         raise KeyError("--eval-only: the config has no dataloader.evaluator to evaluate with")
+    check_dataset_paths(cfg, ("test",))
     model = instantiate(cfg.model)
     model.to(cfg.train.device)
     # No DistributedDataParallel: inference needs no gradient synchronisation; each process

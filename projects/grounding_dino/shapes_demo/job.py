@@ -21,7 +21,10 @@ Everything goes under ``--output`` (default ``output/demo``):
 A second run reuses ``model_final.pth`` and only evaluates and draws when the model was
 trained with the same config: the resolved config with the command line's overrides,
 ``--max-iter`` and the dataset generation (``--num-train``, ``--num-val``, ``shapes``). Otherwise,
-or with ``--retrain``, it says why and trains again, replacing the old run's files.
+or with ``--retrain``, it says why and trains again, replacing the old run's files: training
+runs in ``<output>/.training`` and its model and ``config.yaml`` replace the old ones together
+when it has ended (:mod:`.staging`; the job says which files it replaced), so an interrupted
+retraining leaves the old model with its own config.
 """
 
 import argparse
@@ -41,8 +44,10 @@ from ..data.synthetic import register_shapes_datasets
 from ..engine import evaluate as evaluate_model
 from ..engine import format_duration
 from ..evaluation import build_evaluator
+from ..io.coco_files import write_json_atomic
 from .draw import draw_predictions
 from .record import CHECKPOINT_NAME, config_record, reuse_decision
+from .staging import publish_run, start_staging
 from .training import (
     plan_parallelism,
     print_sampling_mix,
@@ -242,6 +247,7 @@ def _run(args: argparse.Namespace) -> Dict:
                 f"{error}\nThe model code changed since {checkpoint} was trained; run again "
                 "with --retrain to train a new one."
             ) from error
+        _restore_config(cfg, output_dir)
         previous = _read_json(os.path.join(output_dir, "run_info.json"))
         info.update(
             reused_checkpoint=True,
@@ -260,34 +266,58 @@ def _run(args: argparse.Namespace) -> Dict:
             flush=True,
         )
         print_sampling_mix(cfg)
-        LazyConfig.save(cfg, os.path.join(output_dir, "config.yaml"))
-        metrics = os.path.join(output_dir, "metrics.json")
-        if os.path.isfile(metrics):  # JSONWriter appends: start the new run's log afresh
-            os.remove(metrics)
+        # Trained in a staging folder (a fresh metrics.json too: JSONWriter appends), then the
+        # model and config.yaml are published together (see .staging).
+        cfg.train.output_dir = start_staging(output_dir)
+        shapes_root = os.path.join(output_dir, "shapes")
         if workers > 1:
-            trained = train_in_processes(cfg, workers, threads, record)
-            GroundingDINOCheckpointer(model, output_dir).load(checkpoint)
+            trained = train_in_processes(cfg, workers, threads, record, shapes_root)
+            GroundingDINOCheckpointer(model).load(
+                os.path.join(cfg.train.output_dir, CHECKPOINT_NAME + ".pth")
+            )
         else:
             torch.set_num_threads(threads)
             trained = train_model(cfg, model, record)
             torch.set_num_threads(cores)
+        staging, cfg.train.output_dir = cfg.train.output_dir, output_dir
+        LazyConfig.save(cfg, os.path.join(staging, "config.yaml"))
+        replaced = publish_run(staging, output_dir)
+        for name in ("results.json", "run_info.json"):  # the old model's; written again below
+            if os.path.isfile(os.path.join(output_dir, name)):
+                os.remove(os.path.join(output_dir, name))
+                replaced.append(name)
+        if replaced:
+            print(
+                f"[train] replaced the earlier run's {', '.join(replaced)} in {output_dir} "
+                "with the new model and its config",
+                flush=True,
+            )
         info.update(reused_checkpoint=False, workers=workers, threads=threads, **trained)
 
     start = time.perf_counter()
     results = evaluate(cfg, model, output_dir)
     info["eval_seconds"] = round(time.perf_counter() - start, 1)
-    with open(os.path.join(output_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_json_atomic(os.path.join(output_dir, "results.json"), results)
 
     pictures = draw_predictions(
         cfg, model, output_dir, args.num_draw, args.draw_threshold, seed=args.draw_seed
     )
     info["job_seconds"] = round(time.perf_counter() - job_start, 1)
     if not info["reused_checkpoint"]:
-        with open(os.path.join(output_dir, "run_info.json"), "w") as f:
-            json.dump(info, f, indent=2)
+        write_json_atomic(os.path.join(output_dir, "run_info.json"), info)
     _summary(results, info, output_dir, pictures)
     return results
+
+
+def _restore_config(cfg, output_dir: str) -> None:
+    """Writes the reused model's ``config.yaml`` when a run interrupted while publishing
+    left the model without it (the model's record equals ``cfg``: it is its config)."""
+    path = os.path.join(output_dir, "config.yaml")
+    if not os.path.isfile(path):
+        staging = start_staging(output_dir)
+        LazyConfig.save(cfg, os.path.join(staging, "config.yaml"))
+        publish_run(staging, output_dir)
+        print(f"[train] wrote the missing {path} of the reused model", flush=True)
 
 
 def _read_json(path: str) -> Dict:

@@ -110,12 +110,12 @@ def plan_parallelism(
     return workers, threads
 
 
-def _train_worker(cfg, threads: int, record: Dict) -> None:
+def _train_worker(cfg, threads: int, record: Dict, shapes_root: str) -> None:
     """One data-parallel training process (spawned by :func:`train_in_processes`)."""
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING)
     output_dir = cfg.train.output_dir
-    register_shapes_datasets(root=os.path.join(output_dir, "shapes"), generate=False, **cfg.shapes)
+    register_shapes_datasets(root=shapes_root, generate=False, **cfg.shapes)
     seed_everything(cfg.train.seed)  # the same initialisation everywhere (DDP also broadcasts)
     model = instantiate(cfg.model)
     seed_everything(_seed_value(cfg.train.seed) + comm.get_rank())  # other augmentations per rank
@@ -125,14 +125,21 @@ def _train_worker(cfg, threads: int, record: Dict) -> None:
             json.dump(info, f, indent=2)
 
 
-def train_in_processes(cfg, workers: int, threads: int, record: Dict) -> Dict:
-    """Trains in ``workers`` spawned processes (gloo) and returns the main one's info; the
-    model is in ``train.output_dir/model_final.pth``."""
+def train_in_processes(cfg, workers: int, threads: int, record: Dict, shapes_root: str) -> Dict:
+    """Trains in ``workers`` spawned processes (gloo) on the shapes datasets generated in
+    ``shapes_root`` and returns the main one's info; the model is in
+    ``train.output_dir/model_final.pth``."""
     info_path = os.path.join(cfg.train.output_dir, TRAIN_INFO)
     if os.path.isfile(info_path):
         os.remove(info_path)
     start = time.perf_counter()
-    launch(_train_worker, workers, dist_url="auto", args=(cfg, threads, record), device="cpu")
+    launch(
+        _train_worker,
+        workers,
+        dist_url="auto",
+        args=(cfg, threads, record, shapes_root),
+        device="cpu",
+    )
     if not os.path.isfile(info_path):
         raise RuntimeError(f"The training processes ended without writing {info_path}")
     with open(info_path) as f:

@@ -12,8 +12,9 @@ train = dict(
     # then cover only part of the model (e.g. an ImageNet backbone). False: it must match exactly.
     init_partial=False,
     max_iter=90000,
-    # Mixed precision; effective only when train.device is a CUDA device (ignored on the CPU).
-    amp=dict(enabled=True),
+    # Mixed precision: "auto" is CUDA AMP on a CUDA train.device and float32 on the CPU; True
+    # asks for AMP (an error on the CPU), False for float32.
+    amp=dict(enabled="auto"),
     ddp=dict(  # options of DistributedDataParallel (create_ddp_model)
         broadcast_buffers=False,
         find_unused_parameters=False,
