@@ -54,6 +54,8 @@ def test_second_conversion_is_refused_naming_the_file_and_force_replaces(
     assert torch.load(weights, weights_only=True)["model"]  # the converted weights again
     assert sorted(os.listdir(out)) == before  # no temporary file left
     assert (os.stat(weights).st_mode & 0o777) == new_file_mode()  # not mkstemp's 0600
+    # The converted config does not pin the CPU: "auto" runs on CUDA where there is one.
+    assert "device: auto" in (out / "config.yaml").read_text()
 
 
 def test_config_yaml_alone_is_refused_too(hf_folder, tmp_path, minilm_dir):

@@ -106,7 +106,11 @@ def main(argv=None) -> int:
         default=None,
         help="lazy config to start from / check against (default: chosen from the source)",
     )
-    parser.add_argument("--device", default="cpu", help="train.device in the saved config")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="train.device in the saved config (auto: CUDA when available, else the CPU)",
+    )
     parser.add_argument(
         "--force", action="store_true", help="replace existing output files (else an error)"
     )

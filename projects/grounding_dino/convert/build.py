@@ -289,7 +289,7 @@ def convert_checkpoint(
     out_dir: str,
     tokenizer: Optional[str] = None,
     config: Optional[str] = None,
-    device: str = "cpu",
+    device: str = "auto",
     force: bool = False,
 ) -> Dict:
     """
