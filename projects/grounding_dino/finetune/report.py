@@ -1,0 +1,70 @@
+"""The WiSE-FT table (markdown) and trade-off curve (matplotlib PNG)."""
+
+from typing import Mapping
+
+__all__ = ["table", "draw_curve"]
+
+
+def table(summary: Mapping) -> str:
+    """A markdown table: one row per alpha, target and retention scores, the chosen alpha."""
+    metric = summary["metric"]
+    sets = summary["retention_sets"]
+    header = ["alpha", f"target {metric}", f"retention {metric} (mean)"] + list(sets)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in summary["rows"]:
+        cells = [f"{row['alpha']:.2f}", f"{row['target']:.1f}", f"{row['retention']:.1f}"]
+        cells += [f"{row['per_set'][name]:.1f}" for name in sets]
+        lines.append("| " + " | ".join(cells) + " |")
+    chosen = summary["chosen"]
+    loss = summary["max_target_loss"]
+    if chosen is None:
+        lines.append(f"\nNo alpha keeps the target within {loss:g} points of the fine-tuned model.")
+    else:
+        lines.append(
+            f"\nFor a target loss of at most {loss:g} points, alpha {chosen['alpha']:.2f} keeps "
+            f"the most retention {metric}: {chosen['retention']:.1f} (target {chosen['target']:.1f})."
+        )
+    return "\n".join(lines)
+
+
+def draw_curve(summary: Mapping, path: str) -> None:
+    """Target score against retention score, one labelled point per alpha; written to the new
+    file ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["rows"]
+    metric = summary["metric"]
+    fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=110)
+    ax.plot([r["retention"] for r in rows], [r["target"] for r in rows], "-o", color="tab:blue")
+    for row in rows:
+        ax.annotate(
+            f"α={row['alpha']:.2f}",
+            (row["retention"], row["target"]),
+            textcoords="offset points",
+            xytext=(6, -10),
+            fontsize=8,
+        )
+    chosen = summary["chosen"]
+    if chosen is not None:
+        ax.plot([chosen["retention"]], [chosen["target"]], "o", ms=12, mfc="none", color="tab:red")
+    for extra in summary.get("extra_points", []):
+        ax.plot([extra["retention"]], [extra["target"]], "s", color="tab:gray")
+        ax.annotate(
+            extra["label"],
+            (extra["retention"], extra["target"]),
+            textcoords="offset points",
+            xytext=(6, 4),
+            fontsize=8,
+            color="dimgray",
+        )
+    ax.set_xlabel(f"retention {metric} ({', '.join(summary['retention_sets'])})")
+    ax.set_ylabel(f"target {metric}")
+    ax.set_title("WiSE-FT: (1 - α) · base + α · fine-tuned")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with open(path, "xb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
