@@ -22,7 +22,8 @@ def table(summary: Mapping) -> str:
     else:
         lines.append(
             f"\nFor a target loss of at most {loss:g} points, alpha {chosen['alpha']:.2f} keeps "
-            f"the most retention {metric}: {chosen['retention']:.1f} (target {chosen['target']:.1f})."
+            f"the most retention {metric}: {chosen['retention']:.1f} "
+            f"(target {chosen['target']:.1f})."
         )
     return "\n".join(lines)
 
