@@ -4,7 +4,7 @@ Fine-tuning tools (docs/training.md, "Keep what the model knew")::
     # interpolate base and fine-tuned weights, evaluate each on the target and the retention
     # sets of the config (dataloader.retention), draw the trade-off curve
     python -m grounding_dino.finetune wise-ft CONFIG BASE.pth FINETUNED.pth --output DIR \\
-        [--alphas 0 0.25 0.5 0.75 1] [--max-target-loss 1.0] [--metric bbox/AP50] [key=value...]
+        [--alphas 0,0.25,0.5,0.75,1] [--max-target-loss 1.0] [--metric bbox/AP50] [key=value...]
 
     # fold a LoRA run's adapter into plain weights (predictor, --eval-only, exports)
     python -m grounding_dino.finetune merge-lora CONFIG ADAPTER.pth OUT.pth [--base BASE.pth]
@@ -23,6 +23,15 @@ __all__ = ["main"]
 logger = logging.getLogger("grounding_dino.finetune")
 
 
+def _alphas(text: str):
+    try:
+        return [float(a) for a in text.split(",") if a.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"--alphas takes numbers like 0,0.5,1, got {text!r}"
+        ) from error
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m grounding_dino.finetune",
@@ -36,7 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     wise.add_argument("finetuned", help="the fine-tuned checkpoint (alpha 1)")
     wise.add_argument("--output", required=True, help="folder for the interpolations and plot")
     wise.add_argument(
-        "--alphas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="weights"
+        "--alphas",
+        type=_alphas,
+        default=[0.0, 0.25, 0.5, 0.75, 1.0],
+        help="comma-separated mixing weights in [0, 1] (default 0,0.25,0.5,0.75,1)",
     )
     wise.add_argument(
         "--max-target-loss",
@@ -90,7 +102,13 @@ def _merge(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may also follow the options (argparse stops filling a positional list there).
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from ..checkpoint import CheckpointMismatchError
 
