@@ -112,9 +112,7 @@ def do_train(
     logger.info(f"Model:\n{model}")
     model.to(cfg.train.device)
     # train.freeze / train.lora (engine/recipes.py): before the optimizer sees the parameters.
-    recipe = prepare_finetuning(
-        cfg, model, init_partial(cfg) if cfg.train.init_checkpoint else False
-    )
+    recipe = prepare_finetuning(cfg, model, lambda: init_partial(cfg))
 
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)

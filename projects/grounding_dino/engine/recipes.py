@@ -15,7 +15,7 @@ A config without these keys trains what the model leaves trainable, as before.
 import fnmatch
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 from torch import nn
 
@@ -71,11 +71,11 @@ class Recipe:
     base_loaded: bool = False
 
 
-def prepare_finetuning(cfg, model: nn.Module, partial) -> Recipe:
+def prepare_finetuning(cfg, model: nn.Module, partial: Callable[[], object]) -> Recipe:
     """
     Applies ``train.freeze`` and ``train.lora`` of ``cfg`` to ``model`` (unwrapped, on its
-    device). ``partial``: the ``train.init_partial`` policy for loading the base weights under
-    LoRA. Logs the trainable parameters.
+    device). ``partial``: returns the ``train.init_partial`` policy, asked only when LoRA loads
+    the base weights. Logs the trainable parameters.
     """
     patterns = list(cfg.train.get("freeze", None) or [])
     settings = check_lora_settings(cfg.train.get("lora", None) or {})
@@ -91,7 +91,7 @@ def prepare_finetuning(cfg, model: nn.Module, partial) -> Recipe:
             raise ValueError("train.lora needs base weights: set train.init_checkpoint")
         # The base weights go in before the adapters wrap the layers (which renames them).
         GroundingDINOCheckpointer(model).resume_or_load(
-            base, resume=False, partial=partial, convert_sources=True
+            base, resume=False, partial=partial(), convert_sources=True
         )
         add_lora(model, settings)
         recipe = Recipe(AdapterWeights(model), {"lora": lora_record(settings, base)}, True)
