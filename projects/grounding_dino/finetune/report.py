@@ -38,8 +38,14 @@ def draw_curve(summary: Mapping, path: str) -> None:
 
     rows = summary["rows"]
     metric = summary["metric"]
-    fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=110)
-    ax.plot([r["retention"] for r in rows], [r["target"] for r in rows], "-o", color="tab:blue")
+    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=110)
+    ax.plot(
+        [r["retention"] for r in rows],
+        [r["target"] for r in rows],
+        "-o",
+        color="tab:blue",
+        label="WiSE-FT: (1 - α) · base + α · fine-tuned",
+    )
     for row in rows:
         ax.annotate(
             f"α={row['alpha']:.2f}",
@@ -50,20 +56,36 @@ def draw_curve(summary: Mapping, path: str) -> None:
         )
     chosen = summary["chosen"]
     if chosen is not None:
-        ax.plot([chosen["retention"]], [chosen["target"]], "o", ms=12, mfc="none", color="tab:red")
-    for extra in summary.get("extra_points", []):
-        ax.plot([extra["retention"]], [extra["target"]], "s", color="tab:gray")
-        ax.annotate(
+        ax.plot(
+            [chosen["retention"]],
+            [chosen["target"]],
+            "o",
+            ms=12,
+            mfc="none",
+            color="tab:red",
+            label=f"chosen α (target loss ≤ {summary['max_target_loss']:g})",
+        )
+    extras = summary.get("extra_points", [])
+    for index, extra in enumerate(extras):
+        ax.plot(
+            [extra["retention"]],
+            [extra["target"]],
+            "s",
+            color="tab:gray",
+            label="other recipes" if index == 0 else None,
+        )
+        ax.annotate(  # alternate above and below: recipes often land close together
             extra["label"],
             (extra["retention"], extra["target"]),
             textcoords="offset points",
-            xytext=(6, 4),
+            xytext=(5, 6 if index % 2 == 0 else -13),
             fontsize=8,
             color="dimgray",
         )
+    ax.legend(loc="lower left", fontsize=8)
     ax.set_xlabel(f"retention {metric} ({', '.join(summary['retention_sets'])})")
     ax.set_ylabel(f"target {metric}")
-    ax.set_title("WiSE-FT: (1 - α) · base + α · fine-tuned")
+    ax.set_title("Target against retention")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with open(path, "xb") as f:
