@@ -189,6 +189,17 @@ def _model_state_of(data: Mapping) -> Mapping:
     return data["model"] if "model" in data else data
 
 
+def _refuse_adapter(path: str, data: Mapping, model: nn.Module) -> None:
+    """An adapter-only checkpoint of a LoRA run (``"lora"`` record) fits only the adapter
+    weights (``grounding_dino.finetune.lora.AdapterWeights``), never a plain model."""
+    if "lora" in data and not getattr(model, "holds_adapter_only", False):
+        base = data["lora"].get("base_checkpoint", "?")
+        raise CheckpointMismatchError(
+            f"{path} holds only a LoRA adapter (trained on {base}); merge it into plain weights "
+            f"first: python -m grounding_dino.finetune merge-lora CONFIG {path} OUT.pth"
+        )
+
+
 def verify_checkpoint(model: nn.Module, path: str) -> None:
     """
     Reads ``path`` safely (:func:`~grounding_dino.convert.checkpoint.load_checkpoint_file`)
@@ -197,7 +208,9 @@ def verify_checkpoint(model: nn.Module, path: str) -> None:
     Raises:
         CheckpointMismatchError: missing, unexpected or wrong-shape keys (named).
     """
-    mismatch = compare_state_dict(model, _model_state_of(load_checkpoint_file(path)))
+    data = load_checkpoint_file(path)
+    _refuse_adapter(path, data, model)
+    mismatch = compare_state_dict(model, _model_state_of(data))
     if mismatch:
         raise CheckpointMismatchError(_mismatch_message(path, mismatch, False))
 
@@ -311,6 +324,7 @@ class GroundingDINOCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint):
         path = self._path or "the checkpoint"
+        _refuse_adapter(path, checkpoint, self.model)
         state = checkpoint["model"]
         _strip_prefix_if_present(state, "module.")
         mismatch = compare_state_dict(self.model, state)

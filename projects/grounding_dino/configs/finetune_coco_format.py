@@ -34,6 +34,17 @@ The defaults, and why (override any of them after the flags):
   table in the log), **checkpoints every 1000** (the 3 newest kept; a Swin-T checkpoint with
   its optimizer state is about 1.2 GB).
 
+Keeping what the model knew (docs/training.md, "Keep what the model knew"), each off by default:
+
+* ``dataloader.retention``: registered test sets evaluated beside yours at every evaluation
+  (``'dataloader.retention=[coco_2017_val]'``); results as ``retention/<name>/bbox/AP50``.
+* ``train.freeze``: glob patterns of parameters to freeze (``'train.freeze=[backbone.*]'``,
+  ``'train.freeze=[enhancer.layers.*.fusion.*]'``).
+* ``dataloader.train.dataset.replay``: registered base datasets replayed beside yours, drawn
+  at ``dataloader.train.sampler.shares.replay`` (a quarter) of the samples.
+* ``train.lora.rank``: > 0 trains LoRA adapters only (rank 8, alpha 16 suggested); the
+  checkpoints hold only the adapter (``python -m grounding_dino.finetune merge-lora``).
+
 Results go to ``train.output_dir`` (``./output/finetune_coco_format``): ``model_final.pth``,
 ``metrics.json``, ``log.txt``, ``config.yaml`` and ``inference/coco_instances_results.json``.
 """
@@ -41,6 +52,8 @@ Results go to ``train.output_dir`` (``./output/finetune_coco_format``): ``model_
 from detectron2.config import LazyCall as L
 
 from grounding_dino.data.datasets import register_coco_format
+from grounding_dino.data.replay import get_dataset_dicts_with_replay
+from grounding_dino.data.samplers import build_kind_sampler
 
 from .common.data.coco_detection import dataloader
 from .common.models.grounding_dino_swin_t import model
@@ -69,6 +82,14 @@ dataloader.train.dataset.names = L(register_coco_format)(
     images_key="dataset.train_images",
     class_names_key="dataset.class_names",
 )
+# Replay: the records of these registered datasets (the base model's training data) follow
+# yours, drawn at shares["replay"] of the samples; empty: no replay.
+dataloader.train.dataset = L(get_dataset_dicts_with_replay)(
+    names=dataloader.train.dataset.names, replay=[]
+)
+dataloader.train.sampler = L(build_kind_sampler)(
+    dataset_dicts="${..dataset}", shares={"replay": 0.25}
+)
 dataloader.test.dataset.names = L(register_coco_format)(
     name="${dataset.name}_test",
     json_file="${dataset.test_json}",
@@ -79,6 +100,8 @@ dataloader.test.dataset.names = L(register_coco_format)(
     class_names_key="dataset.class_names",
 )
 dataloader.train.total_batch_size = 4
+# Retention sets: registered test sets evaluated beside dataloader.test at every evaluation.
+dataloader.retention = []
 
 model.text_encoder.freeze = True
 
@@ -95,3 +118,6 @@ train.max_iter = 3000
 train.eval_period = 500
 train.checkpointer.period = 1000
 train.checkpointer.max_to_keep = 3
+# Recipes (engine/recipes.py): parameter-name patterns to freeze; LoRA adapters when rank > 0.
+train.freeze = []
+train.lora = dict(rank=0, alpha=16.0)

@@ -162,9 +162,10 @@ class GroundingDatasetMapper:
 
     Three kinds of dicts are accepted:
 
-    * detection (``annotations[*]["category_id"]`` indexes ``thing_classes``): the caption
-      names all categories present after the transforms plus randomly sampled negative
-      categories while the caption fits ``max_text_len`` tokens;
+    * detection (``annotations[*]["category_id"]`` indexes ``thing_classes``, or the record's
+      own ``"thing_classes"`` when it has them, as records replayed from another dataset do):
+      the caption names all categories present after the transforms plus randomly sampled
+      negative categories while the caption fits ``max_text_len`` tokens;
     * grounding (``caption`` and ``annotations[*]["tokens_positive"]``);
     * REC (grounding with ``"task": "rec"`` and one annotation).
 
@@ -233,7 +234,8 @@ class GroundingDatasetMapper:
             )
         self.max_categories = max_categories
         self.swap_left_right_on_flip = swap_left_right_on_flip
-        self._class_costs: Optional[List[int]] = None
+        self._class_costs: Dict[Tuple[str, ...], List[int]] = {}
+        self._own_classes: Dict[Tuple[str, ...], List[str]] = {}
         self.drops = DropCounter(drop_warning_period)
         if self.thing_classes is not None:
             caption_from_categories(self.thing_classes)  # validates the names
@@ -329,6 +331,9 @@ class GroundingDatasetMapper:
 
     # ---------------------------------------------------------------------------------------
     def _require_classes(self, dataset_dict: Dict) -> List[str]:
+        own = dataset_dict.get("thing_classes")
+        if own is not None:  # a record replayed from another dataset (data/replay.py)
+            return self._record_classes(tuple(own))
         if self.thing_classes is None:
             raise ValueError(
                 f"{_record_name(dataset_dict)} is a detection record (no caption) but the "
@@ -350,11 +355,21 @@ class GroundingDatasetMapper:
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
         return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
 
-    def _costs(self) -> List[int]:
-        """Tokens each category adds to a detection caption (its words and " .")."""
-        if self._class_costs is None:
-            self._class_costs = category_token_costs(self.thing_classes, self.tokenizer)
-        return self._class_costs
+    def _record_classes(self, names: Tuple[str, ...]) -> List[str]:
+        """A record's own category names, cleaned for prompts (cached per list)."""
+        if names not in self._own_classes:
+            cleaned = [clean_category_name(str(c)) for c in names]
+            caption_from_categories(cleaned)  # validates the names
+            self._own_classes[names] = cleaned
+        return self._own_classes[names]
+
+    def _costs(self, names: List[str]) -> List[int]:
+        """Tokens each category of ``names`` adds to a detection caption (its words and " ."),
+        cached per list of names."""
+        key = tuple(names)
+        if key not in self._class_costs:
+            self._class_costs[key] = category_token_costs(names, self.tokenizer)
+        return self._class_costs[key]
 
     def _detection_prompt(
         self, annotations: List[Dict], keep: np.ndarray, dataset_dict: Dict
@@ -367,7 +382,7 @@ class GroundingDatasetMapper:
                     f"{_record_name(dataset_dict)}: annotation {i} has category_id "
                     f"{category!r}, not in [0, {len(names)})"
                 )
-        costs = self._costs()
+        costs = self._costs(names)
         budget = self.max_text_len - 2
         limit = self.max_categories or len(names)
         positives = sorted({int(a["category_id"]) for a, k in zip(annotations, keep) if k})

@@ -25,6 +25,8 @@ from ..checkpoint import GroundingDINOCheckpointer, check_partial
 from .dataset_checks import check_dataset_paths
 from .defaults import build_hooks, build_trainer, wrap_ddp
 from .evaluation import evaluate, write_eval_metrics
+from .recipes import prepare_finetuning
+from .retention import retention_config, retention_names, retention_results
 
 __all__ = ["do_test", "do_train", "do_eval_only", "init_partial", "check_init_checkpoint"]
 
@@ -34,9 +36,21 @@ logger = logging.getLogger(__name__)
 def do_test(cfg, model: nn.Module) -> Dict:
     """
     Runs ``dataloader.evaluator`` on ``dataloader.test`` without the display threshold
-    (:func:`~grounding_dino.engine.evaluate`); prints and returns the results.
+    (:func:`~grounding_dino.engine.evaluate`), then on each retention set of
+    ``dataloader.retention`` (:mod:`~grounding_dino.engine.retention`); prints and returns
+    the results, the retention sets' under ``retention/<name>``.
     """
-    return evaluate(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
+    results = evaluate(
+        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    )
+    for name in retention_names(cfg):
+        logger.info(f"Evaluating the retention set {name} (dataloader.retention)")
+        copied = retention_config(cfg, name)
+        retained = evaluate(
+            model, instantiate(copied.dataloader.test), instantiate(copied.dataloader.evaluator)
+        )
+        results = {**(results or {}), **retention_results(retained, name)} if retained else results
+    return results
 
 
 def init_partial(cfg):
@@ -106,6 +120,8 @@ def do_train(
         model = instantiate(cfg.model)
     logger.info(f"Model:\n{model}")
     model.to(cfg.train.device)
+    # train.freeze / train.lora (engine/recipes.py): before the optimizer sees the parameters.
+    recipe = prepare_finetuning(cfg, model, lambda: init_partial(cfg))
 
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
@@ -114,9 +130,11 @@ def do_train(
 
     wrapped = wrap_ddp(model, cfg.train.device, **cfg.train.ddp)
     trainer = build_trainer(cfg.train, wrapped, train_loader, optimizer)
-    extra = {key: _Fixed(value) for key, value in (checkpoint_extra or {}).items()}
+    extra = {**(checkpoint_extra or {}), **recipe.checkpoint_extra}
+    extra = {key: _Fixed(value) for key, value in extra.items()}
+    # Under LoRA the checkpoints hold the adapter weights only.
     checkpointer = GroundingDINOCheckpointer(
-        wrapped, cfg.train.output_dir, trainer=trainer, **extra
+        recipe.checkpoint_model or wrapped, cfg.train.output_dir, trainer=trainer, **extra
     )
     # train.eval_period: evaluate every so many iterations and after the last (0: only after
     # the last; < 0: never).
@@ -133,9 +151,10 @@ def do_train(
 
     resuming = resume and checkpointer.has_checkpoint()
     partial = init_partial(cfg) if cfg.train.init_checkpoint and not resuming else False
-    checkpointer.resume_or_load(
-        cfg.train.init_checkpoint, resume=resume, partial=partial, convert_sources=True
-    )
+    if resuming or not recipe.base_loaded:
+        checkpointer.resume_or_load(
+            cfg.train.init_checkpoint, resume=resume, partial=partial, convert_sources=True
+        )
     # A resumed checkpoint holds the iteration it was saved after; continue with the next one.
     start_iter = trainer.iter + 1 if resuming else 0
     trainer.train(start_iter, cfg.train.max_iter)

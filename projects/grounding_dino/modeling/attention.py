@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .utils import linear_weight
+
 __all__ = ["MultiheadAttention", "BiMultiHeadAttention"]
 
 
@@ -161,7 +163,7 @@ class BiMultiHeadAttention(nn.Module):
         heads, dim = self.num_heads, self.head_dim
         scale = dim**-0.5
         key = self.l_proj(text).view(batch, length, heads, dim)  # [B, L, H, d]
-        weight_v = self.v_proj.weight.view(heads, dim, -1)  # [H, d, Cv]
+        weight_v = linear_weight(self.v_proj).view(heads, dim, -1)  # [H, d, Cv]
         # [B, Cv, H*L] and [B, 1, H*L]: logits = image @ key_in_image + key_bias
         key_in_image = torch.einsum("hdc,blhd->bchl", weight_v, key).flatten(2) * scale
         key_bias = torch.einsum("hd,blhd->bhl", self.v_proj.bias.view(heads, dim), key)
@@ -172,7 +174,7 @@ class BiMultiHeadAttention(nn.Module):
         text_logits = logits.view(batch, -1, heads, length)
         probs = text_logits.masked_fill(~text_mask[:, None, None, :], float("-inf")).softmax(-1)
         text_values = self.values_l_proj(text).view(batch, length, heads, dim)
-        weight_out = self.out_v_proj.weight.view(-1, heads, dim)  # [Cv, H, d]
+        weight_out = linear_weight(self.out_v_proj).view(-1, heads, dim)  # [Cv, H, d]
         projected_values = torch.einsum("blhd,chd->bhlc", text_values, weight_out)
         delta_image = torch.baddbmm(
             self.out_v_proj.bias, probs.flatten(2), projected_values.flatten(1, 2)
@@ -182,7 +184,7 @@ class BiMultiHeadAttention(nn.Module):
         image_logits = logits.masked_fill(~image_mask[:, :, None], float("-inf"))
         image_probs = image_logits.softmax(1).view(batch, -1, heads, length)
         pooled = torch.einsum("bshl,bsc->bhlc", image_probs, image)  # [B, H, L, Cv]
-        weight_vv = self.values_v_proj.weight.view(heads, dim, -1)  # [H, d, Cv]
+        weight_vv = linear_weight(self.values_v_proj).view(heads, dim, -1)  # [H, d, Cv]
         text_out = torch.einsum("bhlc,hdc->blhd", pooled, weight_vv)
         text_out = text_out + self.values_v_proj.bias.view(heads, dim)
         delta_text = self.out_l_proj(text_out.reshape(batch, length, self.embed_dim))

@@ -36,7 +36,7 @@ from .deformable_kernels import (
     sample_pixels_embedding_bag,
 )
 from .switches import switched
-from .utils import rowwise_in_chunks
+from .utils import linear_weight, rowwise_in_chunks
 
 __all__ = [
     "MultiScaleDeformableAttention",
@@ -147,7 +147,7 @@ class MultiScaleDeformableAttention(nn.Module):
         """
         batch, num_queries, channels = query.shape
         m, n_lvl, p = self.num_heads, self.num_levels, self.num_points
-        weight = self.sampling_offsets.weight.view(m, n_lvl, p, 2, channels)
+        weight = linear_weight(self.sampling_offsets).view(m, n_lvl, p, 2, channels)
         weight = weight.permute(3, 0, 1, 2, 4).reshape(-1, channels)
         bias = self.sampling_offsets.bias.view(m, n_lvl, p, 2).permute(3, 0, 1, 2).reshape(-1)
         off_x, off_y = (

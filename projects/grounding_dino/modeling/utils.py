@@ -8,11 +8,35 @@ from torch import nn
 
 __all__ = [
     "MLP",
+    "linear_weight",
     "rowwise_in_chunks",
     "inverse_sigmoid",
     "sine_embedding",
     "box_sine_embedding",
 ]
+
+
+def linear_weight(layer: nn.Module) -> torch.Tensor:
+    """
+    The [out, in] weight that ``layer(x)`` applies, for code that reads a Linear's weight
+    directly (the folded image-text attention, the deformable offsets) instead of calling it.
+
+    A plain ``nn.Linear`` gives its ``weight``. A Linear wrapped by a ``peft`` LoRA adapter
+    (``grounding_dino.finetune.lora``) keeps the base weight in ``base_layer.weight`` and adds
+    ``get_delta_weight(name)`` per active adapter unless the adapter is merged or disabled; this
+    returns that sum, so the adapter acts on every path, called or read. Duck-typed: the model
+    does not import peft.
+    """
+    base = getattr(layer, "base_layer", None)
+    if base is None or not hasattr(layer, "get_delta_weight"):
+        return layer.weight
+    weight = base.weight
+    if getattr(layer, "disable_adapters", False) or getattr(layer, "merged", False):
+        return weight
+    for name in layer.active_adapters:
+        if name in layer.lora_A:
+            weight = weight + layer.get_delta_weight(name)
+    return weight
 
 
 class MLP(nn.Module):
