@@ -15,6 +15,17 @@ import torch  # noqa: E402
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True)
+def autograd_left_enabled():
+    """Fails a test after which autograd is off: library code that runs in the caller's process
+    must use ``torch.no_grad()`` scopes, never ``torch.set_grad_enabled(False)``, or every later
+    training test in the process breaks far from the cause."""
+    yield
+    if not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail("autograd was left disabled (torch.set_grad_enabled(False) outside a scope?)")
+
+
 @pytest.fixture(scope="session")
 def minilm_dir():
     """Local folder of the pretrained MiniLM BERT (bert-base-uncased vocabulary)."""

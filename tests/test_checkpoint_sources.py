@@ -139,7 +139,7 @@ def test_official_swin_release_layout_converts(tmp_path, timm_swin, capsys):
     # A second conversion into the same folder never overwrites the file.
     again = ["swin", str(tmp_path / "swin_tiny_patch4_window7_224.pth"), str(tmp_path / "out")]
     assert convert_main(again) == 1
-    assert "never overwritten" in capsys.readouterr().err
+    assert "this command does not write over files: pass --force" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- a Grounding DINO to rename

@@ -127,6 +127,7 @@ def label_batch(predictor, batch: List[Dict], settings: Dict) -> List[Dict]:
     ]
 
 
+@torch.no_grad()  # not set_grad_enabled: with one worker this runs in the caller's process
 def label_worker(settings: Dict, todo: Sequence[Tuple[str, str]]) -> None:
     """
     One labelling process: its shard of ``todo`` (``(path, file_name)`` pairs) -> its part
@@ -134,7 +135,6 @@ def label_worker(settings: Dict, todo: Sequence[Tuple[str, str]]) -> None:
     """
     if os.getpid() != settings["main_pid"]:
         die_with_parent(settings["main_pid"])  # a kill -9 of the command ends its workers
-    torch.set_grad_enabled(False)
     rank, world_size = comm.get_rank(), comm.get_world_size()
     items = shard(todo, rank, world_size)
     device = settings["device"]
