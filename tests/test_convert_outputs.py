@@ -62,7 +62,8 @@ def test_config_yaml_alone_is_refused_too(hf_folder, tmp_path, minilm_dir):
     from grounding_dino.convert.build import convert_checkpoint
 
     (tmp_path / "config.yaml").write_text("mine: 1\n")
-    with pytest.raises(FileExistsError, match="config.yaml exists; this command does not write over files: pass --force"):
+    refusal = "config.yaml exists; this command does not write over files: pass --force"
+    with pytest.raises(FileExistsError, match=refusal):
         convert_checkpoint("hf", str(hf_folder), str(tmp_path), tokenizer=minilm_dir)
     assert not (tmp_path / "model.pth").exists()
     assert (tmp_path / "config.yaml").read_text() == "mine: 1\n"
