@@ -93,6 +93,15 @@ def test_max_images_and_refused_modes(trained, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = _read(output)
     assert results["images"] == {"shapes_val": 2} and list(results["modes"]) == ["bf16"]
+    again = _run(
+        TOOLS / "evaluate_precision.py",
+        "--weights",
+        trained / "model_final.pth",
+        "--output",
+        output,
+    )
+    assert again.returncode == 1 and f"--output: {output} exists" in again.stderr
+    assert "pass --force" in again.stderr and _read(output) == results  # untouched
     refused = _run(
         TOOLS / "evaluate_precision.py",
         "--weights",

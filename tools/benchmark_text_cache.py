@@ -27,6 +27,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from grounding_dino.io.atomic import atomic_file
+
 __all__ = ["main", "class_list", "time_cache"]
 
 
@@ -148,7 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     )
     print(json.dumps(result, indent=2))
     if args.output:
-        with open(args.output, "w") as f:
+        with atomic_file(args.output, replace=False) as f:
             json.dump(result, f, indent=2)
     return result
 

@@ -30,6 +30,7 @@ from detectron2.utils.logger import setup_logger
 
 from grounding_dino.data.datasets.odinw import ODINW_SUITES, register_odinw_suite
 from grounding_dino.evaluation.odinw import evaluate_datasets, format_suite_table, summarize_suite
+from grounding_dino.io.atomic import atomic_file
 from grounding_dino.model_zoo import build_model, get_config
 
 __all__ = ["main", "parse_args"]
@@ -109,7 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         config_file=args.config_file, weights=args.weights, root=args.root, requested=datasets
     )
     os.makedirs(output, exist_ok=True)
-    with open(results_file, "w") as f:
+    with atomic_file(results_file, replace=False) as f:
         json.dump(summary, f, indent=2)
     print(format_suite_table(summary))
     print(f"\nWrote {results_file}")

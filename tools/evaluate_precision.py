@@ -34,6 +34,7 @@ from detectron2.data import DatasetCatalog
 
 from grounding_dino.data.synthetic import register_shapes_datasets
 from grounding_dino.evaluation.precision_modes import evaluate_modes, label_losses, markdown_table
+from grounding_dino.io.atomic import atomic_file, refuse_existing
 from grounding_dino.model_zoo import build_model, get_config
 from grounding_dino.precision import (
     PRECISIONS,
@@ -72,6 +73,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--shapes-root", default=None, help="default: <weights folder>/shapes")
     parser.add_argument("--output", default=None, help="JSON file (default: see above)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --output")
     parser.add_argument(
         "--max-loss", type=float, default=1.0, help="label modes losing more points than this"
     )
@@ -135,6 +137,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args = parse_args(argv)
     if args.output is None:
         args.output = os.path.join(os.path.dirname(os.path.abspath(args.weights)), "precision.json")
+    try:  # before the evaluation: a result is never written over
+        refuse_existing([args.output], force=args.force, what="--output")
+    except FileExistsError as error:
+        raise SystemExit(str(error)) from None
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -158,7 +164,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         table=table,
     )
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
+    with atomic_file(args.output, replace=args.force) as f:
         json.dump(results, f, indent=2)
     print(table)
     print(f"Wrote {args.output}")
