@@ -226,3 +226,55 @@ def test_interrupted_export_keeps_the_old_files_and_leaves_no_temporary(
         )
     assert os.listdir(tmp_path) == ["config.json"]
     assert (tmp_path / "config.json").read_text() == '{"old": true}'
+
+
+@pytest.mark.parametrize("fine_tuned", ["grounding-dino"], indirect=True)
+def test_lora_merged_weights_export_to_transformers(fine_tuned, tmp_path):
+    """LoRA fine-tune -> merge -> transformers: the exported model gives the adapter model's
+    outputs (the merged weights are plain weights of the same architecture)."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from transformers import AutoModelForZeroShotObjectDetection
+
+    from grounding_dino import model_zoo
+    from grounding_dino.convert.to_hf import main as to_hf_main
+    from grounding_dino.finetune.lora import add_lora, merge_lora
+
+    _, _, config, weights, _ = fine_tuned
+    model = model_zoo.get(str(config), weights=str(weights), device="cpu")
+    tuner = add_lora(model, {"rank": 4})
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero: an adapter that changes nothing
+                parameter.normal_(0, 0.05)
+    model.eval()
+    caption = normalize_caption("a cat . a remote control .")
+    image = torch.randn(3, 96, 128)
+    run = PromptRun(0, caption, model.prompt_encoder.tokenize(caption)["input_ids"])
+    with torch.no_grad():
+        adapted = model.forward_transformer([image], [run])
+    merged = merge_lora(tuner)
+    merged_weights = tmp_path / "merged" / "model_final.pth"
+    merged_weights.parent.mkdir()
+    DetectionCheckpointer(merged, str(merged_weights.parent)).save("model_final")
+
+    out = tmp_path / "hf"
+    assert to_hf_main([str(config), str(merged_weights), str(out)]) == 0
+    hf = AutoModelForZeroShotObjectDetection.from_pretrained(out).eval()
+    encoded = hf_tokenize(out, caption)
+    with torch.no_grad():
+        theirs = hf(
+            pixel_values=image[None], pixel_mask=torch.ones(1, 96, 128, dtype=torch.long), **encoded
+        )
+    length = encoded["input_ids"].shape[1]
+    score_diff = (adapted["pred_logits"].sigmoid() - theirs.logits.sigmoid())[..., :length]
+    assert score_diff.abs().max() < TOKEN_TOL
+    box_diff = (adapted["pred_boxes"] - theirs.pred_boxes).abs() * torch.tensor([128, 96, 128, 96])
+    assert box_diff.max() < BOX_TOL_PX
+
+
+def hf_tokenize(folder, caption):
+    """The exported folder's tokenizer on one caption (input ids, masks, token types)."""
+    from transformers import AutoProcessor
+
+    return dict(AutoProcessor.from_pretrained(folder).tokenizer([caption], return_tensors="pt"))
