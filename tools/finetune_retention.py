@@ -36,6 +36,7 @@ from grounding_dino.engine import ProgressPrinter, do_train
 from grounding_dino.engine.recipes import trainable_parameters
 from grounding_dino.finetune.report import draw_curve, table
 from grounding_dino.finetune.wise_ft import run_wise_ft
+from grounding_dino.io.atomic import atomic_file
 from grounding_dino.model_zoo import get_config
 from grounding_dino.shapes_demo.training import seed_everything
 
@@ -204,9 +205,9 @@ def main(argv=None):
     ]
     draw_curve(dict(wise, extra_points=points), os.path.join(args.output, "tradeoff.png"))
     text = results_table(rows, wise)
-    with open(os.path.join(args.output, "results.md"), "x") as f:
+    with atomic_file(os.path.join(args.output, "results.md"), replace=False) as f:
         f.write(text + "\n")
-    with open(os.path.join(args.output, "results.json"), "x") as f:
+    with atomic_file(os.path.join(args.output, "results.json"), replace=False) as f:
         json.dump(dict(recipes=rows, wise_ft=wise, args=vars(args)), f, indent=2)
     print(text)
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..checkpoint import GroundingDINOCheckpointer, compare_state_dict
 from ..convert.checkpoint import load_checkpoint_file
+from ..io.atomic import atomic_output
 from .lora import AdapterWeights, add_lora, merge_lora
 
 __all__ = ["read_lora_record", "load_lora_model", "merge_adapter_checkpoint", "save_new"]
@@ -77,6 +78,6 @@ def save_new(state: Dict, path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"the folder of {path} does not exist")
-    # "x": exclusive creation, so a file created meanwhile is not replaced either.
-    with open(path, "xb") as f:
-        torch.save({"model": state}, f)
+    # replace=False: a file created meanwhile is not replaced either; a failed write leaves none.
+    with atomic_output(path, replace=False) as temporary:
+        torch.save({"model": state}, temporary)

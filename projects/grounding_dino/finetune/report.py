@@ -2,6 +2,8 @@
 
 from typing import Mapping
 
+from ..io.atomic import atomic_file
+
 __all__ = ["table", "draw_curve"]
 
 
@@ -88,6 +90,6 @@ def draw_curve(summary: Mapping, path: str) -> None:
     ax.set_title("Target against retention")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with open(path, "xb") as f:
+    with atomic_file(path, "wb", replace=False) as f:
         fig.savefig(f, format="png")
     plt.close(fig)

@@ -22,6 +22,7 @@ from ..checkpoint import CheckpointMismatchError, compare_state_dict
 from ..convert.checkpoint import load_checkpoint_file
 from ..engine.driver import do_test
 from ..engine.retention import RETENTION_PREFIX, retention_names
+from ..io.atomic import atomic_file
 from .merge import save_new
 
 __all__ = [
@@ -175,9 +176,9 @@ def run_wise_ft(
         rows=rows,
         chosen=choose_alpha(rows, max_target_loss),
     )
-    with open(os.path.join(output_dir, "wise_ft.md"), "x") as f:
+    with atomic_file(os.path.join(output_dir, "wise_ft.md"), replace=False) as f:
         f.write(table(summary) + "\n")
     draw_curve(summary, os.path.join(output_dir, "wise_ft.png"))
-    with open(os.path.join(output_dir, "wise_ft.json"), "x") as f:
+    with atomic_file(os.path.join(output_dir, "wise_ft.json"), replace=False) as f:
         json.dump(summary, f, indent=2)
     return summary
