@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import torch
-from detectron2.structures import Boxes, Instances
+from test_train_net import batch
 
-from grounding_dino.text import PromptRun, normalize_caption, positive_map_from_spans
+from grounding_dino.text import PromptRun, normalize_caption
 
 TOKEN_TOL = 1e-4
 BOX_TOL_PX = 0.05
@@ -24,27 +24,6 @@ def _to_hf_cli(*args):
         text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
     )
-
-
-def _training_batch(tokenizer):
-    """Two 96x128 images: two objects, and none."""
-    caption = "red square . blue circle ."
-    tokenized = tokenizer(caption, return_offsets_mapping=True)
-    generator = torch.Generator().manual_seed(0)
-    records = []
-    for boxes, spans, classes in (
-        ([[8.0, 10.0, 48.0, 40.0], [60.0, 30.0, 110.0, 80.0]], [[(0, 10)], [(13, 24)]], [0, 1]),
-        (torch.zeros(0, 4), [], []),
-    ):
-        instances = Instances((96, 128))
-        instances.gt_boxes = Boxes(torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-        instances.gt_classes = torch.as_tensor(classes, dtype=torch.long)
-        instances.gt_positive_map = positive_map_from_spans(tokenized, spans, 256).reshape(-1, 256)
-        image = torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8, generator=generator)
-        records.append(
-            {"image": image, "caption": caption, "instances": instances, "height": 96, "width": 128}
-        )
-    return records
 
 
 def _converted(model_type, converted_tiny, tmp_path_factory, minilm_dir):
@@ -91,7 +70,7 @@ def fine_tuned(request, converted_tiny, tmp_path_factory, minilm_dir):
         text_encoder_lr_multiplier=0.1,
     )
     optimizer = torch.optim.AdamW(groups, lr=1e-3)
-    data = itertools.repeat(_training_batch(model.tokenizer))
+    data = itertools.repeat(batch(model.tokenizer, torch.Generator().manual_seed(0)))
     trainer = GroundingTrainer(
         model, data, optimizer, clip_grad={"enabled": True, "max_norm": 0.1, "norm_type": 2.0}
     )

@@ -161,8 +161,9 @@ def tiny_config(tmp_path_factory):
     return write_fixture(str(tmp_path_factory.mktemp("tiny")))
 
 
-def batch(tokenizer):
-    """An image with two objects and an image without any."""
+def batch(tokenizer, generator=None):
+    """An image with two objects and an image without any (96x128; random pixels from
+    ``generator``, default torch's global one)."""
     caption = "red square . blue circle ."
     tokenized = tokenizer(caption, return_offsets_mapping=True)
     records = []
@@ -174,7 +175,7 @@ def batch(tokenizer):
         instances.gt_boxes = Boxes(torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4))
         instances.gt_classes = torch.as_tensor(classes, dtype=torch.long)
         instances.gt_positive_map = positive_map_from_spans(tokenized, spans, 256).reshape(-1, 256)
-        image = torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8)
+        image = torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8, generator=generator)
         records.append(
             {"image": image, "caption": caption, "instances": instances, "height": 96, "width": 128}
         )
