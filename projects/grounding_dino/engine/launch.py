@@ -6,6 +6,7 @@ expects one GPU per process. With ``train.device=cpu`` we want gloo and no GPU a
 a machine that has GPUs), so CPU jobs are spawned here; GPU jobs go to detectron2's launch.
 """
 
+import gc
 import logging
 import os
 import time
@@ -20,7 +21,13 @@ from detectron2.engine import launch as d2_launch
 from detectron2.engine.launch import DEFAULT_TIMEOUT, _find_free_port
 from detectron2.utils import comm
 
-__all__ = ["launch", "launch_from_args", "is_cpu_device", "join_process_group"]
+__all__ = [
+    "launch",
+    "launch_from_args",
+    "is_cpu_device",
+    "join_process_group",
+    "leave_process_groups",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -193,5 +200,23 @@ def _cpu_worker(
     comm.synchronize()
     try:
         main_func(*args)
+        comm.synchronize()  # every rank has finished before any leaves (rank 0 serves the store)
     finally:
+        leave_process_groups()
+
+
+def leave_process_groups() -> None:
+    """
+    Destroys every process group of this process, and the references detectron2 keeps to them.
+
+    ``dist.destroy_process_group`` only forgets torch's own references: detectron2's local group
+    (``comm._LOCAL_PROCESS_GROUP``) and its cached gather group (``comm._get_global_gloo_group``)
+    would keep the gloo groups alive until the interpreter is torn down, when destroying a group
+    that still holds work can abort the process (SIGABRT, "terminate called without an active
+    exception") after a run that succeeded.
+    """
+    comm._LOCAL_PROCESS_GROUP = None
+    comm._get_global_gloo_group.cache_clear()
+    if dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()  # the groups' destructors run now, with the interpreter alive
