@@ -203,3 +203,43 @@ def test_rle_round_trip_with_pycocotools():
         int(m.sum()) for m in masks
     ]
     assert masks_to_rle(torch.zeros((0, 5, 5), dtype=torch.bool)) == []
+
+
+def test_sam_command_line_arguments(segmenters):
+    import argparse
+
+    from grounding_dino.segment.cli import add_sam_arguments, mask_stage_from_args
+
+    parser = argparse.ArgumentParser()
+    add_sam_arguments(parser)
+    assert mask_stage_from_args(parser.parse_args([]), device="cpu", dtype="fp32") is None
+    args = parser.parse_args(["--sam", segmenters["sam2"][2], "--sam-batch-size", "5"])
+    stage = mask_stage_from_args(args, device="cpu", dtype="fp32")
+    assert stage.kind == "sam2" and stage.box_batch_size == 5
+    with pytest.raises(ValueError, match="box_batch_size must be at least 1"):
+        mask_stage_from_args(
+            parser.parse_args(["--sam", segmenters["sam"][2], "--sam-batch-size", "0"]),
+            device="cpu",
+            dtype="fp32",
+        )
+
+
+def test_benchmark_tool_prints_its_table(tmp_path, capsys, monkeypatch):
+    """``tools/benchmark_masks.py`` on tiny models, in this process (a benchmark: nothing about
+    speed is asserted, only that it runs and reports every entry)."""
+    import sys
+    from pathlib import Path
+
+    tools = Path(__file__).resolve().parents[1] / "tools"
+    monkeypatch.syspath_prepend(str(tools))
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)  # keep the suite's
+    import benchmark_masks
+
+    args = ["--tiny", "--no-detector", "--runs", "1", "--boxes", "1", "3", "--size", "64x80"]
+    assert benchmark_masks.main(args + ["--json", str(tmp_path / "times.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| SAM ViT-B |" in out and "| SAM 2.1 Hiera-T |" in out and "load average" in out
+    results = json.loads((tmp_path / "times.json").read_text())
+    assert set(results["SAM ViT-B"]) == {"embedding", "1 boxes", "3 boxes"}
+    assert all(entry["median_s"] > 0 for entry in results["SAM 2.1 Hiera-T"].values())
+    assert "sam_reference" in sys.modules  # --tiny used the tests' tiny models
