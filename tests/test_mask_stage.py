@@ -161,6 +161,9 @@ def test_bad_inputs_are_refused_by_name(segmenters):
         MaskStage.from_pretrained(segmenters["sam"][2], box_batch_size=0)
     with pytest.raises(ValueError, match="fp16"):
         MaskStage.from_pretrained(segmenters["sam"][2], dtype="fp16")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        MaskStage.from_pretrained(segmenters["sam"][2], device="cuda")
+    assert MaskStage.from_pretrained(segmenters["sam"][2], device="auto").device.type == "cpu"
 
 
 def test_a_wrong_folder_gets_a_clear_error(segmenters, tmp_path):
