@@ -74,25 +74,33 @@ def _boxes(count: int, height: int, width: int) -> torch.Tensor:
     return torch.cat([corners.min(1).values, corners.max(1).values + 8], dim=1)
 
 
-def _median_time(function, runs: int) -> Dict:
+def _median_time(function, runs: int, label: str = "") -> Dict:
     function()  # warm-up
     times = [_timed(function) for _ in range(runs)]
+    if label:  # progress: a long run under load shows what it has measured so far
+        print(f"{label}: median {statistics.median(times):.3f} s of {times}", flush=True)
     return {"median_s": statistics.median(times), "runs_s": times}
 
 
-def time_stage(stage: MaskStage, image_rgb, box_counts: List[int], runs: int) -> Dict:
+def time_stage(
+    stage: MaskStage, image_rgb, box_counts: List[int], runs: int, name: str = ""
+) -> Dict:
     """Median seconds of the embedding alone and of whole calls with each box count."""
     inputs = stage.processor(images=image_rgb, return_tensors="pt")
     results = {
         "embedding": _median_time(
-            lambda: stage.model.get_image_embeddings(inputs["pixel_values"]), runs
+            lambda: stage.model.get_image_embeddings(inputs["pixel_values"]),
+            runs,
+            f"{name} embedding",
         )
     }
     height, width = image_rgb.shape[:2]
     for count in box_counts:
         boxes = _boxes(count, height, width)
         results[f"{count} boxes"] = _median_time(
-            lambda boxes=boxes: stage(image_rgb, boxes, keep_logits=False), runs
+            lambda boxes=boxes: stage(image_rgb, boxes, keep_logits=False),
+            runs,
+            f"{name} {count} boxes",
         )
     return results
 
@@ -122,14 +130,16 @@ def main(argv=None) -> int:
     with torch.no_grad():
         for kind in ("sam", "sam2"):
             stage = segmenter_stage(kind, args.tiny)
-            results[names[kind]] = time_stage(stage, image_rgb, args.boxes, args.runs)
+            results[names[kind]] = time_stage(stage, image_rgb, args.boxes, args.runs, names[kind])
             del stage
         if not args.no_detector:
             with tempfile.TemporaryDirectory() as scratch:
                 workdir = args.workdir or scratch
                 _, out_dir = prepare_models(workdir, args.tiny)
                 predictor = load_ours(out_dir, (800, 1333))
-                results["detector"] = _median_time(lambda: predictor(image_bgr, CAPTION), args.runs)
+                results["detector"] = _median_time(
+                    lambda: predictor(image_bgr, CAPTION), args.runs, "detector"
+                )
     results["load_average_after"] = _load_average()
     _print_table(results, args.boxes, height, width)
     if args.json:
