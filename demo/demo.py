@@ -17,6 +17,10 @@ Examples::
     # ground only some phrases of a caption, by character spans (official --token_spans)
     python demo/demo.py ... --prompt "a cat and a dog" --token-spans "[[[2,5]],[[12,15]]]"
 
+    # Grounded-SAM: a mask for every box (a transformers SAM / SAM-HQ / SAM 2 folder), drawn
+    # and written to --json as RLE "segmentation"
+    python demo/demo.py ... --input cat.jpg --prompt "cat" --sam sam-vit-base/ --output out/
+
 ``--config-file`` takes a lazy config (``.py``, or the converter's ``config.yaml``) or a thin
 yacs ``.yaml`` (``MODEL.GROUNDING_DINO.CONFIG_FILE``). ``--opts key=value`` overrides either
 kind (lazy keys like ``model.box_threshold=0.3``, or yacs keys like ``MODEL.DEVICE=cpu``).
@@ -51,6 +55,7 @@ from grounding_dino.io.detect_files import FileDetector, report_error
 from grounding_dino.io.inputs import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, expand_inputs, plan_outputs
 from grounding_dino.model_zoo import add_model_arguments, load_config
 from grounding_dino.preprocessing import parse_prompt, parse_token_spans
+from grounding_dino.segment.cli import add_sam_arguments, mask_stage_from_args
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -79,7 +84,8 @@ def get_parser() -> argparse.ArgumentParser:
         "--json",
         default=None,
         metavar="FILE",
-        help="write all detections as COCO results (bbox xywh) to FILE, image by image",
+        help="write all detections as COCO results (bbox xywh; with --sam also the mask as an "
+        "RLE segmentation) to FILE, image by image",
     )
     parser.add_argument(
         "--errors",
@@ -124,6 +130,7 @@ def get_parser() -> argparse.ArgumentParser:
         '"[[[0,3]],[[4,8]]]" (one list of [beg, end] spans per phrase)',
     )
     add_model_arguments(parser)
+    add_sam_arguments(parser)
     return parser
 
 
@@ -168,6 +175,9 @@ def main(argv=None) -> int:
             refuse_existing([path] if path else [], force=args.force, what=option)
         refuse_existing(list(targets.values()), force=args.force, what=f"--output {args.output}")
         predictor, default_prompt = build_predictor(args)
+        mask_stage = mask_stage_from_args(
+            args, device=predictor.model.device, dtype=predictor.dtype
+        )
         split_commas = not (args.rec or args.token_spans is not None)
         prompt = parse_prompt(args.prompt, split_commas)
         if prompt is None:
@@ -192,6 +202,7 @@ def main(argv=None) -> int:
         targets=targets,
         json_writer=json_writer,
         replace=args.force,
+        mask_stage=mask_stage,
     )
     try:
         detector.run(paths)

@@ -5,7 +5,9 @@ Sharding and the labelling worker.
 (detectron2's ``launch`` on GPUs, gloo processes on the CPU). The images still to do are
 dealt round-robin over the global ranks (``todo[rank::world_size]``); each process reads its
 share through the image DataLoader, runs the model on batches and appends every finished image
-to its own part file. The processes never wait for each other.
+to its own part file. The processes never wait for each other. With a segmenter (``--sam``)
+each process also loads the mask stage, and every box of an image gets its mask (an RLE in the
+image's record).
 
 Every failure of one image (any ``Exception``: an unreadable file, a decompression bomb, a
 ``RuntimeError`` or out-of-memory error of the model) becomes an error line of the part file and
@@ -18,8 +20,9 @@ The worker dies with the process that started it, and its decoding processes wit
 import logging
 import os
 import sys
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from detectron2.utils import comm
 
@@ -30,6 +33,7 @@ from ..io.processes import die_with_parent
 from ..model_zoo import load_config
 from ..modeling.settings import InferenceSettings
 from ..predictor import GroundingDINOPredictor
+from ..segment import MaskStage, add_instances_masks
 
 __all__ = ["shard", "label_worker", "label_batch", "labelling_settings"]
 
@@ -71,14 +75,18 @@ def labelling_settings(defaults: InferenceSettings, settings: Dict) -> Inference
     )
 
 
-def label_batch(predictor, batch: List[Dict], settings: Dict) -> List[Dict]:
+def label_batch(
+    predictor, batch: List[Dict], settings: Dict, mask_stage: Optional[MaskStage] = None
+) -> List[Dict]:
     """
     Labels one loader batch.
 
     Args:
         predictor: a ``GroundingDINOPredictor``.
-        batch: the loader's dicts (``image`` or ``error``).
+        batch: the loader's dicts (``image`` (BGR) or ``error``).
         settings: ``classes``, ``box_threshold``, ``nms`` (IoU, 0 = off), ``max_per_image``.
+        mask_stage: the segmenter that gives every box its mask (``"segmentations"`` in the
+            records), or None for boxes only.
 
     Returns:
         one part-file record per image of the batch, in order. An image whose labelling
@@ -96,6 +104,9 @@ def label_batch(predictor, batch: List[Dict], settings: Dict) -> List[Dict]:
 
     def _record(item: Dict, output) -> Dict:
         height, width = item["image"].shape[:2]
+        if mask_stage is not None:
+            rgb = np.ascontiguousarray(item["image"][:, :, ::-1])
+            add_instances_masks(output["instances"], rgb, mask_stage)
         return label_record(item["file_name"], width, height, output)
 
     good = [item for item in batch if "image" in item]
@@ -144,6 +155,14 @@ def label_worker(settings: Dict, todo: Sequence[Tuple[str, str]]) -> None:
     predictor = GroundingDINOPredictor.from_model_config(
         config, device=device, dtype=settings["dtype"]
     )
+    mask_stage = None
+    if settings.get("segmenter"):
+        mask_stage = MaskStage.from_pretrained(
+            settings["segmenter"]["path"],
+            device=predictor.model.device,
+            dtype=predictor.dtype,
+            box_batch_size=settings["sam_batch_size"],
+        )
     batch_size = settings["batch_size"]
     with PartWriter(settings["parts_dir"], rank) as writer:
         position, restarts = 0, 0
@@ -161,7 +180,7 @@ def label_worker(settings: Dict, todo: Sequence[Tuple[str, str]]) -> None:
                 while position < len(items):
                     writer.mark_attempt(items[position : position + batch_size])
                     batch = next(batches)
-                    writer.append(label_batch(predictor, batch, settings))
+                    writer.append(label_batch(predictor, batch, settings, mask_stage))
                     position += len(batch)
             except RuntimeError as error:
                 if not _decoder_died(error) or restarts >= MAX_LOADER_RESTARTS:
