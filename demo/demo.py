@@ -49,6 +49,7 @@ import torch
 from detectron2.utils.logger import setup_logger
 
 from grounding_dino import GroundingDINOPredictor, InferenceSettings
+from grounding_dino.devices import resolve_device
 from grounding_dino.io.atomic import atomic_file, refuse_existing
 from grounding_dino.io.coco_files import JsonListWriter
 from grounding_dino.io.detect_files import FileDetector, report_error
@@ -137,11 +138,16 @@ def get_parser() -> argparse.ArgumentParser:
 def build_predictor(args) -> Tuple[GroundingDINOPredictor, Optional[object]]:
     """
     Returns:
-        the predictor, and the default prompt of a yacs config (None for lazy configs).
+        the predictor (with the ``--sam`` mask stage, on the same device and precision), and
+        the default prompt of a yacs config (None for lazy configs).
     """
     config = load_config(args.config_file, args.opts, args.weights)
+    device = resolve_device(args.device or config.device, config.lazy)
     predictor = GroundingDINOPredictor.from_model_config(
-        config, device=args.device, dtype=args.dtype
+        config,
+        device=device,
+        dtype=args.dtype,
+        mask_stage=mask_stage_from_args(args, device=device, dtype=args.dtype),
     )
     return predictor, config.default_prompt
 
@@ -175,9 +181,6 @@ def main(argv=None) -> int:
             refuse_existing([path] if path else [], force=args.force, what=option)
         refuse_existing(list(targets.values()), force=args.force, what=f"--output {args.output}")
         predictor, default_prompt = build_predictor(args)
-        mask_stage = mask_stage_from_args(
-            args, device=predictor.model.device, dtype=predictor.dtype
-        )
         split_commas = not (args.rec or args.token_spans is not None)
         prompt = parse_prompt(args.prompt, split_commas)
         if prompt is None:
@@ -202,7 +205,6 @@ def main(argv=None) -> int:
         targets=targets,
         json_writer=json_writer,
         replace=args.force,
-        mask_stage=mask_stage,
     )
     try:
         detector.run(paths)

@@ -132,9 +132,7 @@ def main(argv=None) -> int:
         )
     except (FileNotFoundError, ValueError, KeyError) as error:
         parser.error(str(error))
-    detector = Detector(
-        predictor=predictor, max_pixels=int(args.max_pixels), mask_stage=mask_stage
-    )
+    detector = Detector(predictor=predictor, max_pixels=int(args.max_pixels), mask_stage=mask_stage)
     examples = demo_examples()
     if not examples:
         print(f"No example images ({DEMO_IMAGES} appears after `make demo`).", file=sys.stderr)

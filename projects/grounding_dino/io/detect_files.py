@@ -1,8 +1,9 @@
 """
 A predictor over image and video files (the work of ``demo/demo.py``): each file's detections
 drawn to its target file (:func:`~grounding_dino.io.inputs.plan_outputs`) and appended to a
-COCO-results list (:class:`~grounding_dino.io.coco_files.JsonListWriter`); with a mask stage,
-every box also gets its mask (drawn, and in the list as an RLE ``segmentation``).
+COCO-results list (:class:`~grounding_dino.io.coco_files.JsonListWriter`); with a predictor
+that has a mask stage, every box also has its mask (drawn, and in the list as an RLE
+``segmentation``).
 
 Example::
 
@@ -25,7 +26,6 @@ from tqdm import tqdm
 
 from ..modeling.settings import InferenceSettings
 from ..preprocessing import Prompt
-from ..segment import MaskStage, add_instances_masks
 from ..visualization import draw
 from .atomic import publish, temporary_path, write_bytes_atomic
 from .coco_files import JsonListWriter, coco_results
@@ -92,8 +92,6 @@ class FileDetector:
             images and video frames from 0 in the order they are processed.
         replace: replace drawings that exist (``--force``); else such a file is an error of
             its input. A drawing appears in one step when complete (written next to it first).
-        mask_stage: the box-prompted segmenter that gives every box its mask (``--sam``), or
-            None for boxes only.
     """
 
     def __init__(
@@ -106,10 +104,8 @@ class FileDetector:
         targets: Optional[Dict[str, str]] = None,
         json_writer: Optional[JsonListWriter] = None,
         replace: bool = False,
-        mask_stage: Optional[MaskStage] = None,
     ):
         self.predictor = predictor
-        self.mask_stage = mask_stage
         self.prompt = prompt
         self.settings = settings or predictor.settings
         self.token_spans = token_spans
@@ -120,20 +116,14 @@ class FileDetector:
         self.errors: List[str] = []  # the messages of the last run() so far
 
     def predict(self, image_bgr: np.ndarray) -> Dict:
-        """The predictor's output on one BGR image (with ``pred_masks`` when there is a mask
-        stage)."""
+        """The predictor's output on one BGR image."""
         if self.settings.rec:
-            output = self.predictor.predict_rec(image_bgr, self.prompt, self.settings)
-        elif self.token_spans is not None:
-            output = self.predictor.predict_token_spans(
+            return self.predictor.predict_rec(image_bgr, self.prompt, self.settings)
+        if self.token_spans is not None:
+            return self.predictor.predict_token_spans(
                 image_bgr, self.prompt, self.token_spans, self.settings
             )
-        else:
-            output = self.predictor(image_bgr, self.prompt, self.settings)
-        if self.mask_stage is not None:
-            rgb = np.ascontiguousarray(image_bgr[:, :, ::-1])
-            add_instances_masks(output["instances"], rgb, self.mask_stage)
-        return output
+        return self.predictor(image_bgr, self.prompt, self.settings)
 
     def _record(self, output: Dict, path: str, frame: Optional[int] = None) -> None:
         if self.json_writer is not None:
@@ -160,7 +150,7 @@ class FileDetector:
             write_bytes_atomic(target, encoded.tobytes(), replace=self.replace)
         self._record(output, path)
         phrases = ", ".join(dict.fromkeys(output["phrases"])) or "-"
-        things = "masks" if self.mask_stage is not None else "boxes"
+        things = "masks" if output["instances"].has("pred_masks") else "boxes"
         return f"{path}: {len(output['instances'])} {things} ({phrases})"
 
     def video(self, path: str) -> str:

@@ -20,9 +20,8 @@ The worker dies with the process that started it, and its decoding processes wit
 import logging
 import os
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
-import numpy as np
 import torch
 from detectron2.utils import comm
 
@@ -33,7 +32,7 @@ from ..io.processes import die_with_parent
 from ..model_zoo import load_config
 from ..modeling.settings import InferenceSettings
 from ..predictor import GroundingDINOPredictor
-from ..segment import MaskStage, add_instances_masks
+from ..segment import MaskStage
 
 __all__ = ["shard", "label_worker", "label_batch", "labelling_settings"]
 
@@ -75,18 +74,15 @@ def labelling_settings(defaults: InferenceSettings, settings: Dict) -> Inference
     )
 
 
-def label_batch(
-    predictor, batch: List[Dict], settings: Dict, mask_stage: Optional[MaskStage] = None
-) -> List[Dict]:
+def label_batch(predictor, batch: List[Dict], settings: Dict) -> List[Dict]:
     """
     Labels one loader batch.
 
     Args:
-        predictor: a ``GroundingDINOPredictor``.
-        batch: the loader's dicts (``image`` (BGR) or ``error``).
+        predictor: a ``GroundingDINOPredictor`` (with a mask stage, the records get
+            ``"segmentations"``).
+        batch: the loader's dicts (``image`` or ``error``).
         settings: ``classes``, ``box_threshold``, ``nms`` (IoU, 0 = off), ``max_per_image``.
-        mask_stage: the segmenter that gives every box its mask (``"segmentations"`` in the
-            records), or None for boxes only.
 
     Returns:
         one part-file record per image of the batch, in order. An image whose labelling
@@ -104,9 +100,6 @@ def label_batch(
 
     def _record(item: Dict, output) -> Dict:
         height, width = item["image"].shape[:2]
-        if mask_stage is not None:
-            rgb = np.ascontiguousarray(item["image"][:, :, ::-1])
-            add_instances_masks(output["instances"], rgb, mask_stage)
         return label_record(item["file_name"], width, height, output)
 
     good = [item for item in batch if "image" in item]
@@ -152,17 +145,17 @@ def label_worker(settings: Dict, todo: Sequence[Tuple[str, str]]) -> None:
     if torch.device(device).type == "cuda" and world_size > 1:
         torch.cuda.set_device(comm.get_local_rank())  # one GPU per worker of this machine
     config = load_config(settings["config_file"], settings["opts"], settings["weights"])
-    predictor = GroundingDINOPredictor.from_model_config(
-        config, device=device, dtype=settings["dtype"]
-    )
     mask_stage = None
     if settings.get("segmenter"):
         mask_stage = MaskStage.from_pretrained(
             settings["segmenter"]["path"],
-            device=predictor.model.device,
-            dtype=predictor.dtype,
+            device=device,
+            dtype=settings["dtype"],
             box_batch_size=settings["sam_batch_size"],
         )
+    predictor = GroundingDINOPredictor.from_model_config(
+        config, device=device, dtype=settings["dtype"], mask_stage=mask_stage
+    )
     batch_size = settings["batch_size"]
     with PartWriter(settings["parts_dir"], rank) as writer:
         position, restarts = 0, 0
@@ -180,7 +173,7 @@ def label_worker(settings: Dict, todo: Sequence[Tuple[str, str]]) -> None:
                 while position < len(items):
                     writer.mark_attempt(items[position : position + batch_size])
                     batch = next(batches)
-                    writer.append(label_batch(predictor, batch, settings, mask_stage))
+                    writer.append(label_batch(predictor, batch, settings))
                     position += len(batch)
             except RuntimeError as error:
                 if not _decoder_died(error) or restarts >= MAX_LOADER_RESTARTS:
