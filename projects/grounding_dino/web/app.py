@@ -296,7 +296,7 @@ def build_app(
                 masks = gr.Checkbox(
                     label="Masks (a box-prompted segmenter turns every box into a mask)",
                     info=None if has_sam else "off: the server was started without --sam DIR",
-                    value=has_sam,
+                    value=False,  # also the API's default: masks are asked for
                     interactive=has_sam,
                     elem_id="masks-switch",
                 )
