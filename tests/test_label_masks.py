@@ -59,14 +59,30 @@ def setup(tmp_path_factory):
     return {"root": root, "weights": str(weights), "sam": sam, "images": str(images)}
 
 
+def _arguments(setup, output, *extra):
+    arguments = ["--config-file", get_config_file("shapes_tiny.py"), "--weights", setup["weights"]]
+    arguments += ["--input", setup["images"], "--classes", ", ".join(CLASSES)]
+    arguments += ["--output", str(output), "--box-threshold", "0", "--nms", str(NMS)]
+    arguments += ["--max-per-image", str(MAX_PER_IMAGE), "--decode-workers", "0", *extra]
+    return arguments + ["--opts", *OVERRIDES]
+
+
 def _label(setup, output, *extra):
-    command = [sys.executable, "-m", "grounding_dino.label"]
-    command += ["--config-file", get_config_file("shapes_tiny.py"), "--weights", setup["weights"]]
-    command += ["--input", setup["images"], "--classes", ", ".join(CLASSES)]
-    command += ["--output", str(output), "--box-threshold", "0", "--nms", str(NMS)]
-    command += ["--max-per-image", str(MAX_PER_IMAGE), "--decode-workers", "0", *extra]
-    command += ["--opts", *OVERRIDES]
+    """The command in a subprocess, as a user runs it."""
+    command = [sys.executable, "-m", "grounding_dino.label", *_arguments(setup, output, *extra)]
     return subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def _label_here(capsys, setup, output, *extra):
+    """The command's ``main`` in this process (no interpreter to start): (status, out, err)."""
+    from grounding_dino.label.cli import main
+
+    try:
+        status = main(_arguments(setup, output, *extra))
+    except SystemExit as exit_info:  # argparse's error: status 2
+        status = exit_info.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess([], status, out, err)
 
 
 def _ok(result):
@@ -136,14 +152,14 @@ def test_coco_rle_decodes_to_the_stages_masks(setup, coco_with_masks):
             np.testing.assert_allclose(annotation["bbox"], xywh, atol=0.01)
 
 
-def test_a_rerun_resumes_and_other_settings_are_refused(setup, coco_with_masks):
+def test_a_rerun_resumes_and_other_settings_are_refused(setup, coco_with_masks, capsys):
     before = json.loads(coco_with_masks.read_text())
     # A rerun resumes from the part files: nothing to do, the same dataset is written again.
-    rerun = _ok(_label(setup, coco_with_masks, "--sam", setup["sam"]))
+    rerun = _ok(_label_here(capsys, setup, coco_with_masks, "--sam", setup["sam"]))
     assert "3 already labelled, 0 to do" in rerun.stdout
     assert json.loads(coco_with_masks.read_text()) == before
     # The same --output without --sam is another run: refused, the difference named.
-    other = _label(setup, coco_with_masks)
+    other = _label_here(capsys, setup, coco_with_masks)
     assert other.returncode == 2 and "segmenter: was {" in other.stderr, other.stderr
 
 
@@ -154,11 +170,11 @@ def _per_class_union(masks: np.ndarray, classes: np.ndarray, image_shape) -> dic
     }
 
 
-def test_yolo_segmentation_dataset_loads_back_with_supervision(setup, coco_with_masks):
+def test_yolo_segmentation_dataset_loads_back_with_supervision(setup, coco_with_masks, capsys):
     """--format yolo --sam: polygons (one per connected part of a mask) that supervision reads
     back as masks covering the same pixels per class; images copied; data.yaml for training."""
     output = setup["root"] / "yolo_seg"
-    result = _ok(_label(setup, output, "--sam", setup["sam"], "--format", "yolo"))
+    result = _ok(_label_here(capsys, setup, output, "--sam", setup["sam"], "--format", "yolo"))
     assert "(YOLO: images/, labels/, data.yaml)" in result.stdout
     data = sv.DetectionDataset.from_yolo(
         str(output / "images"), str(output / "labels"), str(output / "data.yaml"), force_masks=True
@@ -211,14 +227,20 @@ def test_yolo_detection_dataset_has_the_same_boxes(setup, coco_with_masks, tmp_p
         assert detections.class_id.tolist() == [a["category_id"] - 1 for a in boxes]
 
 
-def test_existing_outputs_are_never_overwritten(setup, tmp_path):
+def test_existing_outputs_are_never_overwritten(setup, tmp_path, capsys):
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "keep.txt").write_text("mine")
-    result = _label(setup, folder, "--format", "yolo")
+    result = _label_here(capsys, setup, folder, "--format", "yolo")
     assert result.returncode == 2
     assert f"--output {folder} exists and no labelling run wrote it" in result.stderr
     assert os.listdir(folder) == ["keep.txt"] and not Path(f"{folder}.parts").exists()
+    # A --sam that is not a segmenter folder is named before anything starts.
+    missing = tmp_path / "no_sam"
+    result = _label_here(capsys, setup, tmp_path / "labels.json", "--sam", str(missing))
+    assert result.returncode == 2
+    assert f"The segmenter folder {missing} does not exist" in result.stderr
+    assert not (tmp_path / "labels.json.parts").exists()
 
 
 def test_yolo_refuses_inputs_whose_names_clash():

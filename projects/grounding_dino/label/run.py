@@ -64,11 +64,7 @@ def prepare_run(args, classes: List[str]) -> Dict:
     # Keys only when used, so that a run made before they existed still resumes.
     if args.sam:
         kind = read_segmenter_kind(args.sam)  # a wrong folder is named before any worker starts
-        run["segmenter"] = {
-            "path": os.path.abspath(args.sam),
-            "kind": kind.name,
-            "digest": folder_digest(args.sam),
-        }
+        run["segmenter"] = {"kind": kind.name, "digest": folder_digest(args.sam)}
     if args.format != "coco":
         check_yolo_names(names)
         run["format"] = args.format
@@ -121,6 +117,7 @@ def run_labelling(args, prepared: Dict) -> int:
         "batch_size": args.batch_size,
         "decode_workers": args.decode_workers,
         "max_pixels": args.max_pixels,
+        "sam": os.path.abspath(args.sam) if args.sam else None,
         "sam_batch_size": args.sam_batch_size,
         "main_pid": os.getpid(),
     }

@@ -146,9 +146,9 @@ def label_worker(settings: Dict, todo: Sequence[Tuple[str, str]]) -> None:
         torch.cuda.set_device(comm.get_local_rank())  # one GPU per worker of this machine
     config = load_config(settings["config_file"], settings["opts"], settings["weights"])
     mask_stage = None
-    if settings.get("segmenter"):
+    if settings["sam"]:
         mask_stage = MaskStage.from_pretrained(
-            settings["segmenter"]["path"],
+            settings["sam"],
             device=device,
             dtype=settings["dtype"],
             box_batch_size=settings["sam_batch_size"],
