@@ -100,6 +100,8 @@ def write_yolo_dataset(
     try:
         images_dir = os.path.join(building, "images")
         labels_dir = os.path.join(building, "labels")
+        os.makedirs(images_dir)  # also when no image was labelled: the layout stays whole
+        os.makedirs(labels_dir)
         images = dataset["images"]
         for start in range(0, len(images), EXPORT_CHUNK):
             chunk = images[start : start + EXPORT_CHUNK]
