@@ -17,6 +17,10 @@ Examples::
     # ground only some phrases of a caption, by character spans (official --token_spans)
     python demo/demo.py ... --prompt "a cat and a dog" --token-spans "[[[2,5]],[[12,15]]]"
 
+    # Grounded-SAM: a mask for every box (a transformers SAM / SAM-HQ / SAM 2 folder), drawn
+    # and written to --json as RLE "segmentation"
+    python demo/demo.py ... --input cat.jpg --prompt "cat" --sam sam-vit-base/ --output out/
+
 ``--config-file`` takes a lazy config (``.py``, or the converter's ``config.yaml``) or a thin
 yacs ``.yaml`` (``MODEL.GROUNDING_DINO.CONFIG_FILE``). ``--opts key=value`` overrides either
 kind (lazy keys like ``model.box_threshold=0.3``, or yacs keys like ``MODEL.DEVICE=cpu``).
@@ -45,12 +49,14 @@ import torch
 from detectron2.utils.logger import setup_logger
 
 from grounding_dino import GroundingDINOPredictor, InferenceSettings
+from grounding_dino.devices import resolve_device
 from grounding_dino.io.atomic import atomic_file, refuse_existing
 from grounding_dino.io.coco_files import JsonListWriter
 from grounding_dino.io.detect_files import FileDetector, report_error
 from grounding_dino.io.inputs import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, expand_inputs, plan_outputs
 from grounding_dino.model_zoo import add_model_arguments, load_config
 from grounding_dino.preprocessing import parse_prompt, parse_token_spans
+from grounding_dino.segment.cli import add_sam_arguments, mask_stage_from_args
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -79,7 +85,8 @@ def get_parser() -> argparse.ArgumentParser:
         "--json",
         default=None,
         metavar="FILE",
-        help="write all detections as COCO results (bbox xywh) to FILE, image by image",
+        help="write all detections as COCO results (bbox xywh; with --sam also the mask as an "
+        "RLE segmentation) to FILE, image by image",
     )
     parser.add_argument(
         "--errors",
@@ -124,17 +131,23 @@ def get_parser() -> argparse.ArgumentParser:
         '"[[[0,3]],[[4,8]]]" (one list of [beg, end] spans per phrase)',
     )
     add_model_arguments(parser)
+    add_sam_arguments(parser)
     return parser
 
 
 def build_predictor(args) -> Tuple[GroundingDINOPredictor, Optional[object]]:
     """
     Returns:
-        the predictor, and the default prompt of a yacs config (None for lazy configs).
+        the predictor (with the ``--sam`` mask stage, on the same device and precision), and
+        the default prompt of a yacs config (None for lazy configs).
     """
     config = load_config(args.config_file, args.opts, args.weights)
+    device = resolve_device(args.device or config.device, config.lazy)
     predictor = GroundingDINOPredictor.from_model_config(
-        config, device=args.device, dtype=args.dtype
+        config,
+        device=device,
+        dtype=args.dtype,
+        mask_stage=mask_stage_from_args(args, device=device, dtype=args.dtype),
     )
     return predictor, config.default_prompt
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Grounding DINO in a browser: upload an image, type a prompt, see the boxes (Gradio).
+"""Grounding DINO in a browser: upload an image, type a prompt, see the boxes (and with
+``--sam``, their masks) (Gradio).
 
 Examples::
 
@@ -10,11 +11,18 @@ Examples::
     python demo/web.py --config-file weights/swin_t/config.yaml \\
         --weights weights/swin_t/model.pth --port 7860 --share-host
 
-Open http://127.0.0.1:7860. Programs call the same endpoint with ``gradio_client``::
+    # Grounded-SAM: a "Masks" switch in the page (a transformers SAM / SAM-HQ / SAM 2 folder)
+    python demo/web.py --config-file weights/swin_t/config.yaml \
+        --weights weights/swin_t/model.pth --sam sam-vit-base/
+
+Open http://127.0.0.1:7860. Programs call the same endpoint with ``gradio_client``; the last
+input asks for masks (default False), the last output holds them as COCO RLEs, one per table
+row (``pycocotools.mask.decode`` reads them)::
 
     from gradio_client import Client, handle_file
-    image, table, status = Client("http://127.0.0.1:7860/").predict(
-        handle_file("cat.jpg"), "cat, remote control", 0.25, 0.25, False, 0.5, api_name="/detect")
+    image, table, status, masks = Client("http://127.0.0.1:7860/").predict(
+        handle_file("cat.jpg"), "cat, remote control", 0.25, 0.25, False, 0.5, True,
+        api_name="/detect")
 
 Requests are queued (``--queue-size`` waiting at most) and the model runs one at a time. The
 server runs offline: Gradio's analytics are off and no public share link is made
@@ -37,6 +45,7 @@ from PIL import Image  # noqa: E402
 
 from grounding_dino import GroundingDINOPredictor  # noqa: E402
 from grounding_dino.model_zoo import add_model_arguments, load_config  # noqa: E402
+from grounding_dino.segment.cli import add_sam_arguments, mask_stage_from_args  # noqa: E402
 from grounding_dino.web.app import Detector, build_app  # noqa: E402
 
 DEMO_WEIGHTS = os.path.join("output", "demo", "model_final.pth")
@@ -75,6 +84,7 @@ def get_parser() -> argparse.ArgumentParser:
         weights_help=f"checkpoint (default: the config's init_checkpoint / MODEL.WEIGHTS, else "
         f"{DEMO_WEIGHTS} from `make demo`)",
     )
+    add_sam_arguments(parser)
     return parser
 
 
@@ -117,13 +127,18 @@ def main(argv=None) -> int:
         predictor = GroundingDINOPredictor.from_model_config(
             config, device=args.device, dtype=args.dtype
         )
+        mask_stage = mask_stage_from_args(
+            args, device=predictor.model.device, dtype=predictor.dtype
+        )
     except (FileNotFoundError, ValueError, KeyError) as error:
         parser.error(str(error))
-    detector = Detector(predictor=predictor, max_pixels=int(args.max_pixels))
+    detector = Detector(predictor=predictor, max_pixels=int(args.max_pixels), mask_stage=mask_stage)
     examples = demo_examples()
     if not examples:
         print(f"No example images ({DEMO_IMAGES} appears after `make demo`).", file=sys.stderr)
     title = f"Model: `{args.config_file}`, weights `{config.weights}`."
+    if mask_stage is not None:
+        title += f" Masks: `{args.sam}` ({mask_stage.kind})."
     app = build_app(
         detector,
         title=title,

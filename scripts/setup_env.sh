@@ -2,8 +2,10 @@
 # Builds (or checks) the project's virtual environment at ${VENV:-.venv}.
 #
 # - Finds Python 3.10 by itself (PATH, then pyenv's versions/3.10.*).
-# - Installs requirements.txt, then the project itself (`pip install -e .`).
-# - Idempotent: a stamp holds the hash of requirements.txt + setup.py and the project path;
+# - Installs requirements.txt, then requirements-reference.txt without its dependencies (the
+#   official code, a test-only reference whose supervision==0.6.0 pin would clash), then the
+#   project itself (`pip install -e .`).
+# - Idempotent: a stamp holds the hash of the requirements files + setup.py and the project path;
 #   with nothing changed, it returns in seconds.
 set -euo pipefail
 
@@ -32,7 +34,7 @@ find_python310() {
   return 1
 }
 
-req_hash="$(cat requirements.txt setup.py | sha256sum | cut -c1-16)"
+req_hash="$(cat requirements.txt requirements-reference.txt setup.py | sha256sum | cut -c1-16)"
 wanted="$req_hash $ROOT"
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$wanted" ] && [ -x "$VENV/bin/python" ]; then
@@ -55,6 +57,8 @@ fi
 if [ ! -f "$STAMP" ] || [ "$(cut -d' ' -f1 "$STAMP")" != "$req_hash" ]; then
   log "installing the pinned stack from requirements.txt (first time: a few minutes, ~3 GB)"
   "$VENV/bin/python" -m pip install --progress-bar off -r requirements.txt
+  log "installing the parity tests' reference (requirements-reference.txt) with --no-deps"
+  "$VENV/bin/python" -m pip install --progress-bar off --no-deps -r requirements-reference.txt
 fi
 
 log "installing the project (pip install -e .) from $ROOT"

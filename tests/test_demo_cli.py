@@ -333,3 +333,73 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def test_draw_fills_masks_in_the_colour_of_their_phrase():
+    """detectron2's Visualizer draws ``pred_masks``: pixels of the mask change (also outside
+    the box), pixels of neither stay as they were."""
+    from grounding_dino.visualization import draw
+
+    image = np.full((80, 100, 3), 128, np.uint8)
+    masks = torch.zeros((1, 80, 100), dtype=torch.bool)
+    masks[0, 50:70, 60:90] = True
+    instances = Instances(
+        (80, 100),
+        pred_boxes=Boxes(torch.tensor([[5.0, 5, 30, 30]])),
+        scores=torch.tensor([0.9]),
+        pred_classes=torch.tensor([0]),
+    )
+    without = draw(image, {"instances": instances, "phrases": ["cat"]})
+    instances.pred_masks = masks
+    drawn = draw(image, {"instances": instances, "phrases": ["cat"]})
+    inside = drawn[55:65, 65:85].astype(int)
+    assert np.abs(inside - 128).sum(axis=2).min() > 10  # filled, every pixel
+    assert np.array_equal(without[55:65, 65:85], image[55:65, 65:85, ::-1])
+    assert np.array_equal(drawn[2:12, 70:98], image[2:12, 70:98])  # neither box, label nor mask
+
+
+def test_the_cli_with_sam_writes_rle_masks_and_draws_them(tmp_path, tiny_weights):
+    """``--sam DIR``: every --json record has an RLE ``segmentation`` that pycocotools decodes
+    to the mask the stage gives for the predictor's box; the drawing shows the masks."""
+    from pycocotools import mask as mask_utils
+    from sam_reference import tiny_segmenter_folder
+
+    from grounding_dino.predictor import GroundingDINOPredictor
+    from grounding_dino.segment import MaskStage
+    from grounding_dino.visualization import draw
+
+    sam = tiny_segmenter_folder("sam", tmp_path / "sam")[2]
+    _write(tmp_path / "photo.png", 0, 96, 128)
+    overrides = ["model.max_detections=3", "train.device=cpu"]
+    command = [*DEMO, "--config-file", str(REPO / "configs" / "shapes_tiny.py")]
+    command += ["--weights", tiny_weights, "--input", "photo.png", "--prompt", "red square"]
+    command += ["--json", "results.json", "--output", "drawn.png", "--box-threshold", "0"]
+    command += ["--sam", sam, "--opts", *overrides]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert "photo.png: 3 masks (" in done.stdout
+    records = json.loads((tmp_path / "results.json").read_text())
+
+    image = cv2.imread(str(tmp_path / "photo.png"))
+    stage = MaskStage.from_pretrained(sam)
+    predictor = GroundingDINOPredictor.from_config_file(
+        str(REPO / "configs" / "shapes_tiny.py"), weights=tiny_weights, overrides=overrides
+    )
+    settings = predictor.settings.replace(box_threshold=0.0, nms_threshold=0.5)
+    output = predictor(image, parse_prompt("red square", True), settings)
+    want = stage(np.ascontiguousarray(image[:, :, ::-1]), output["instances"].pred_boxes.tensor)
+    assert len(records) == len(want.masks) == 3
+    for record, mask, logits in zip(records, want.masks, want.logits):
+        rle = record["segmentation"]
+        decoded = mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()})
+        differ = torch.from_numpy(decoded.astype(bool)) != mask
+        assert not differ.any() or logits[differ].abs().max() < 1e-4  # only at the threshold
+    drawing = cv2.imread(str(tmp_path / "drawn.png"))[:, :, ::-1].astype(int)
+    output["instances"].pred_masks = want.masks
+    with_masks = draw(image, output)
+    output["instances"].remove("pred_masks")
+    without = draw(image, output)
+    assert np.abs(drawing - with_masks).mean() < 0.5 < np.abs(drawing - without).mean()

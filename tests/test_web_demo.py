@@ -1,11 +1,11 @@
 """``demo/web.py``, the Gradio web demo, in a real browser and through ``gradio_client``.
 
 A server subprocess runs the tiny shapes model with random weights (saved with detectron2's
-checkpointer, so the strict loader accepts them); the expected boxes come from
-``GroundingDINOPredictor`` in this process. The browser is Debian's headless Chromium driven by
-Selenium through ``/usr/bin/chromedriver`` (``make test`` installs them:
-``scripts/setup_test_deps.sh``); a
-missing browser fails the test, it is not skipped.
+checkpointer, so the strict loader accepts them) and a tiny random SAM folder (``--sam``,
+``tests/sam_reference.py``); the expected boxes come from ``GroundingDINOPredictor`` in this
+process, the expected masks from the mask stage on those boxes. The browser is Debian's
+headless Chromium driven by Selenium through ``/usr/bin/chromedriver`` (``make test`` installs
+them: ``scripts/setup_test_deps.sh``); a missing browser fails the test, it is not skipped.
 """
 
 import json
@@ -23,7 +23,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from hostile_images import gray_png_bomb, not_an_image, truncated_png
+from sam_reference import tiny_segmenter_folder
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "shapes_tiny.py")
@@ -89,6 +91,12 @@ def weights(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def sam_folder(tmp_path_factory):
+    """A tiny perturbed random SamModel folder (config, weights, processor)."""
+    return tiny_segmenter_folder("sam", tmp_path_factory.mktemp("web_sam") / "sam")[2]
+
+
+@pytest.fixture(scope="module")
 def predictor(weights):
     from grounding_dino.predictor import GroundingDINOPredictor
 
@@ -96,8 +104,8 @@ def predictor(weights):
 
 
 @pytest.fixture(scope="module")
-def server(weights, tmp_path_factory):
-    """The web demo in a subprocess on a free port; yields (url, pid)."""
+def server(weights, sam_folder, tmp_path_factory):
+    """The web demo (with --sam) in a subprocess on a free port; yields (url, pid)."""
     port = _free_port()
     log = tmp_path_factory.mktemp("web_server") / "server.log"
     env = dict(
@@ -109,6 +117,7 @@ def server(weights, tmp_path_factory):
     )
     command = [sys.executable, str(REPO / "demo" / "web.py"), "--config-file", CONFIG]
     command += ["--weights", weights, "--port", str(port), "--box-threshold", "0"]
+    command += ["--sam", sam_folder]
     command += ["--opts", *OVERRIDES]
     with open(log, "w") as out:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -137,8 +146,8 @@ def server(weights, tmp_path_factory):
             process.kill()
 
 
-def expected_rows(predictor, path: str, prompt, box_threshold=0.0, nms=0.5, rec=False):
-    """(phrase, score, x0, y0, x1, y1) rows of the predictor on the same file and settings."""
+def expected_output(predictor, path: str, prompt, box_threshold=0.0, nms=0.5, rec=False):
+    """The predictor's output on the same file with the page's settings."""
     from nms_reference import nms_output
 
     from grounding_dino.modeling.settings import NMS_CANDIDATES
@@ -153,6 +162,12 @@ def expected_rows(predictor, path: str, prompt, box_threshold=0.0, nms=0.5, rec=
         budget = settings.max_detections
         candidates = settings.replace(max_detections=max(budget, NMS_CANDIDATES))
         output = nms_output(predictor(image, prompt, settings=candidates), nms, budget)
+    return output
+
+
+def expected_rows(predictor, path: str, prompt, **settings):
+    """(phrase, score, x0, y0, x1, y1) rows of the predictor on the same file and settings."""
+    output = expected_output(predictor, path, prompt, **settings)
     boxes = output["instances"].pred_boxes.tensor.tolist()
     scores = output["instances"].scores.tolist()
     return [(p, s, *b) for p, s, b in zip(output["phrases"], scores, boxes)]
@@ -215,6 +230,7 @@ def test_browser_upload_prompt_and_table_match_the_predictor(server, predictor, 
 
         upload.send_keys(image)
         driver.find_element(By.CSS_SELECTOR, "#prompt textarea").send_keys(prompt)
+        driver.find_element(By.CSS_SELECTOR, "#masks-switch input[type=checkbox]").click()
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#input-image img"))
         driver.find_element(By.CSS_SELECTOR, "#detect").click()
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#result-image img"))
@@ -234,6 +250,7 @@ def test_browser_upload_prompt_and_table_match_the_predictor(server, predictor, 
     expected = expected_rows(predictor, image, [n.strip() for n in prompt.split(",")])
     assert_rows_equal(rows, expected)
     assert f"{len(expected)} boxes" in page
+    assert "a mask each" in page  # the Masks switch, ticked (the server has --sam)
 
 
 def test_eight_concurrent_clients_and_bad_inputs(server, predictor, tmp_path):
@@ -266,12 +283,13 @@ def test_eight_concurrent_clients_and_bad_inputs(server, predictor, tmp_path):
     elapsed = time.time() - start
     hwm_after = _vm_hwm_kb(pid)
 
-    for (path, prompt, rec), (drawn, table, status) in zip(requests, answers):
+    for (path, prompt, rec), (drawn, table, status, masks) in zip(requests, answers):
         parsed = prompt if rec or "," not in prompt else [p.strip() for p in prompt.split(",")]
         expected = expected_rows(predictor, path, parsed, rec=rec)
         assert_rows_equal(table["data"], expected)
         assert cv2.imread(drawn).shape[:2] == cv2.imread(path).shape[:2]
         assert status.startswith(f"{len(expected)} boxes")
+        assert masks == []  # not asked for
     assert len(answers[-1][1]["data"]) == 1  # REC: exactly one box
 
     # Bad inputs: a message each, and the server keeps serving.
@@ -315,6 +333,77 @@ def test_analytics_are_off_although_the_environment_turns_them_on(server):
     assert config["analytics_enabled"] is False
 
 
+def test_identical_requests_get_distinct_result_files(server, tmp_path):
+    """Two requests with the same answer get a drawing file each (Gradio's content-hashed
+    cache rewrote one shared file while a client downloaded it), complete and equal."""
+    from gradio_client import Client, handle_file
+
+    url, _ = server
+    client = Client(url, verbose=False, download_files=False)
+    scene = _scene(tmp_path / "same.png", seed=5)
+    answers = [
+        client.predict(handle_file(scene), "red square", 0.0, 0.25, False, 0.5, api_name="/detect")
+        for _ in range(2)
+    ]
+    first, second = (answer[0] for answer in answers)
+    assert first["path"] != second["path"]
+    assert os.path.dirname(first["path"]) == os.path.dirname(second["path"])
+    drawings = []
+    for drawn in (first, second):
+        with urllib.request.urlopen(drawn["url"], timeout=30) as response:
+            drawings.append(response.read())
+    assert drawings[0] == drawings[1]
+    image = cv2.imdecode(np.frombuffer(drawings[0], np.uint8), cv2.IMREAD_COLOR)
+    assert image.shape == cv2.imread(scene).shape
+
+
+def test_masks_through_the_api_are_the_stages_rles(server, predictor, sam_folder, tmp_path):
+    """Masks on: one COCO RLE per table row, which pycocotools decodes to the mask the stage
+    gives for the predictor's box; off (the API's default): none."""
+    from gradio_client import Client, handle_file
+    from pycocotools import mask as mask_utils
+
+    from grounding_dino.segment import MaskStage
+
+    url, _ = server
+    client = Client(url, verbose=False)
+    scene = _scene(tmp_path / "masks.png", seed=7)
+    prompt = "red square, blue circle"
+    drawn, table, status, rles = client.predict(
+        handle_file(scene), prompt, 0.0, 0.25, False, 0.5, True, api_name="/detect"
+    )
+    classes = [p.strip() for p in prompt.split(",")]
+    output = expected_output(predictor, scene, classes)
+    boxes = output["instances"].pred_boxes.tensor
+    assert_rows_equal(table["data"], expected_rows(predictor, scene, classes))
+    assert status.endswith("a mask each.") and len(rles) == len(boxes) > 0
+    image = cv2.imread(scene)
+    stage = MaskStage.from_pretrained(sam_folder)
+    want = stage(np.ascontiguousarray(image[:, :, ::-1]), boxes)
+    for rle, mask, logits in zip(rles, want.masks, want.logits):
+        assert rle["size"] == list(image.shape[:2]) and isinstance(rle["counts"], str)
+        decoded = mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()})
+        differ = torch.from_numpy(decoded.astype(bool)) != mask
+        assert not differ.any() or logits[differ].abs().max() < 1e-4  # only at the threshold
+    assert cv2.imread(drawn).shape == image.shape
+    assert client.predict(handle_file(scene), prompt, api_name="/detect")[3] == []
+
+
+def test_masks_without_a_segmenter_are_refused_and_old_drawings_removed(predictor, tmp_path):
+    import gradio as gr
+
+    from grounding_dino.web.app import Detector, ResultFiles
+
+    results = ResultFiles(keep=1, folder=str(tmp_path / "results"))
+    detector = Detector(predictor=predictor, max_pixels=10**6, results=results)
+    scene = _scene(tmp_path / "scene.png", seed=3)
+    with pytest.raises(gr.Error, match="This server has no segmenter, so it cannot give masks"):
+        detector(scene, "red square", 0.0, 0.25, False, 0.5, True)
+    paths = [detector(scene, "red square", 0.0, 0.25, False, 0.5)[0] for _ in range(2)]
+    assert paths[0] != paths[1]
+    assert os.listdir(tmp_path / "results") == [os.path.basename(paths[1])]  # the older removed
+
+
 def test_soak_200_requests_8_at_a_time_with_hostile_uploads(server, tmp_path):
     """200 requests, 8 at a time, every fifth one hostile: each gets its answer or its message,
     the server keeps serving, and its memory does not grow (nothing decodes a hostile upload
@@ -348,7 +437,7 @@ def test_soak_200_requests_8_at_a_time_with_hostile_uploads(server, tmp_path):
                 assert message in str(error), (path, str(error))
                 return message
             raise AssertionError(f"{path} was accepted")
-        _, table, status = client.predict(
+        _, table, status, _ = client.predict(
             handle_file(scenes[index % len(scenes)]),
             "red square, blue circle",
             0.0,

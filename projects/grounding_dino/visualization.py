@@ -11,11 +11,13 @@ __all__ = ["draw"]
 
 def draw(image_bgr: np.ndarray, output: Dict) -> np.ndarray:
     """
-    The boxes of ``output`` with "phrase score" labels, one colour per phrase.
+    The boxes of ``output`` with "phrase score" labels, one colour per phrase, and their masks
+    filled in the same colour when the instances have ``pred_masks`` (the mask stage's).
 
     Args:
         image_bgr: HxWx3 uint8 BGR array, the image the output is of.
-        output: a predictor's ``{"instances": Instances(pred_boxes, scores), "phrases"}``.
+        output: a predictor's ``{"instances": Instances(pred_boxes, scores[, pred_masks (N, H,
+            W) bool]), "phrases"}``.
 
     Returns:
         the drawing, HxWx3 uint8 RGB.
@@ -26,9 +28,11 @@ def draw(image_bgr: np.ndarray, output: Dict) -> np.ndarray:
     phrases = output["phrases"]
     color_of = {p: palette[i % len(palette)] for i, p in enumerate(dict.fromkeys(phrases))}
     labels = [f"{p} {s:.2f}" for p, s in zip(phrases, instances.scores.tolist())]
+    masks = instances.pred_masks.numpy() if instances.has("pred_masks") else None
     drawn = visualizer.overlay_instances(
         boxes=instances.pred_boxes.tensor.numpy(),
         labels=labels,
+        masks=masks,
         assigned_colors=[color_of[p] for p in phrases],
     )
     return drawn.get_image()

@@ -1,7 +1,9 @@
 """
 COCO files from predictor outputs: the records of labelled images and the COCO detection
 dataset made of them, COCO results (the demo's ``--json``), JSON written atomically, and a JSON
-list written record by record.
+list written record by record. When the instances carry ``pred_masks`` (the mask stage's), every
+record also gets its mask as a COCO ``segmentation`` in run-length encoding (pycocotools' RLE,
+``counts`` as a string) and its ``area`` is the mask's.
 """
 
 import json
@@ -10,12 +12,15 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from pycocotools import mask as mask_utils
 
+from ..segment.rle import masks_to_rle
 from .atomic import atomic_file, publish, temporary_path
 
 __all__ = [
     "JsonListWriter",
     "xywh_boxes",
+    "instance_segmentations",
     "label_record",
     "error_record",
     "coco_dataset",
@@ -33,6 +38,14 @@ def xywh_boxes(instances) -> List[List[float]]:
     return torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
 
 
+def instance_segmentations(instances) -> Optional[List[Dict]]:
+    """The ``pred_masks`` ((N, H, W) bool) of ``Instances`` on the CPU as N COCO RLEs
+    (:func:`~grounding_dino.segment.rle.masks_to_rle`); None when they have no masks."""
+    if not instances.has("pred_masks"):
+        return None
+    return masks_to_rle(instances.pred_masks)
+
+
 def label_record(file_name: str, width: int, height: int, output: Dict) -> Dict:
     """
     One labelled image's record (a part-file line of the labeller) from the model's output.
@@ -40,11 +53,15 @@ def label_record(file_name: str, width: int, height: int, output: Dict) -> Dict:
     Args:
         file_name: the image's name relative to the image root.
         width, height: the image's size in pixels.
-        output: ``{"instances": Instances(pred_boxes xyxy, scores, pred_classes)}`` (after
-            NMS), ``pred_classes`` indexing the class list.
+        output: ``{"instances": Instances(pred_boxes xyxy, scores, pred_classes[,
+            pred_masks])}`` (after NMS), ``pred_classes`` indexing the class list.
+
+    Returns:
+        ``{"file_name", "width", "height", "boxes" (xywh), "classes", "scores"}``, and
+        ``"segmentations"`` (COCO RLEs, one per box) when the instances have ``pred_masks``.
     """
     instances = output["instances"].to("cpu")
-    return {
+    record = {
         "file_name": file_name,
         "width": int(width),
         "height": int(height),
@@ -52,6 +69,10 @@ def label_record(file_name: str, width: int, height: int, output: Dict) -> Dict:
         "classes": [int(c) for c in instances.pred_classes.tolist()],
         "scores": [round(float(s), SCORE_DECIMALS) for s in instances.scores.tolist()],
     }
+    segmentations = instance_segmentations(instances)
+    if segmentations is not None:
+        record["segmentations"] = segmentations
+    return record
 
 
 def error_record(file_name: str, path: str, reason: str) -> Dict:
@@ -77,8 +98,10 @@ def coco_dataset(
 
     Returns:
         ``{"info", "images": [{id, file_name, width, height}], "annotations": [{id,
-        image_id, category_id, bbox (xywh), area, score, iscrowd: 0}], "categories":
-        [{id, name}]}``; image and annotation ids count from 1.
+        image_id, category_id, bbox (xywh), area, score, iscrowd: 0[, segmentation]}],
+        "categories": [{id, name}]}``; image and annotation ids count from 1. A record with
+        ``"segmentations"`` gives its annotations a ``segmentation`` (RLE) and the mask's area
+        (``pycocotools.mask.area``); otherwise the area is the box's.
     """
     images, annotations = [], []
     for name in file_names:
@@ -94,18 +117,23 @@ def coco_dataset(
                 "height": record["height"],
             }
         )
-        for box, category, score in zip(record["boxes"], record["classes"], record["scores"]):
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": category + 1,
-                    "bbox": box,
-                    "area": round(box[2] * box[3], BOX_DECIMALS),
-                    "score": score,
-                    "iscrowd": 0,
-                }
-            )
+        segmentations = record.get("segmentations") or [None] * len(record["boxes"])
+        for box, category, score, segmentation in zip(
+            record["boxes"], record["classes"], record["scores"], segmentations
+        ):
+            annotation = {
+                "id": len(annotations) + 1,
+                "image_id": image_id,
+                "category_id": category + 1,
+                "bbox": box,
+                "area": round(box[2] * box[3], BOX_DECIMALS),
+                "score": score,
+                "iscrowd": 0,
+            }
+            if segmentation is not None:
+                annotation["segmentation"] = segmentation
+                annotation["area"] = int(mask_utils.area(segmentation))
+            annotations.append(annotation)
     categories = [{"id": i + 1, "name": name} for i, name in enumerate(classes)]
     return {"info": info, "images": images, "annotations": annotations, "categories": categories}
 
@@ -124,15 +152,18 @@ def coco_results(
 
     Returns:
         ``[{"image_id", "category_id" (pred_classes), "bbox" (xywh pixels), "score",
-        "phrase", "file_name"[, "frame"]}]``, one per box.
+        "phrase", "file_name"[, "frame"][, "segmentation" (RLE)]}]``, one per box; the
+        segmentation when the instances have ``pred_masks``.
     """
     instances = output["instances"].to("cpu")
+    segmentations = instance_segmentations(instances) or [None] * len(instances)
     records = []
-    for box, score, cls, phrase in zip(
+    for box, score, cls, phrase, segmentation in zip(
         xywh_boxes(instances),
         instances.scores.tolist(),
         instances.pred_classes.tolist(),
         output["phrases"],
+        segmentations,
     ):
         record = {
             "image_id": image_id,
@@ -144,6 +175,8 @@ def coco_results(
         }
         if frame is not None:
             record["frame"] = frame
+        if segmentation is not None:
+            record["segmentation"] = segmentation
         records.append(record)
     return records
 

@@ -1,7 +1,9 @@
 """
 A predictor over image and video files (the work of ``demo/demo.py``): each file's detections
 drawn to its target file (:func:`~grounding_dino.io.inputs.plan_outputs`) and appended to a
-COCO-results list (:class:`~grounding_dino.io.coco_files.JsonListWriter`).
+COCO-results list (:class:`~grounding_dino.io.coco_files.JsonListWriter`); with a predictor
+that has a mask stage, every box also has its mask (drawn, and in the list as an RLE
+``segmentation``).
 
 Example::
 
@@ -148,7 +150,8 @@ class FileDetector:
             write_bytes_atomic(target, encoded.tobytes(), replace=self.replace)
         self._record(output, path)
         phrases = ", ".join(dict.fromkeys(output["phrases"])) or "-"
-        return f"{path}: {len(output['instances'])} boxes ({phrases})"
+        things = "masks" if output["instances"].has("pred_masks") else "boxes"
+        return f"{path}: {len(output['instances'])} {things} ({phrases})"
 
     def video(self, path: str) -> str:
         """Detects in every frame of a video file (drawn to a video when it has a target).

@@ -9,7 +9,8 @@ Next to ``--output labels.json`` lives ``labels.json.parts/``:
   error naming the differences (a mix of two class lists in one dataset is never made).
 * ``part-<rank>.jsonl``: one JSON line per finished image, appended by the worker of that
   global rank, flushed and fsynced after every batch. A label line is ``{"file_name",
-  "width", "height", "boxes" (xywh), "classes", "scores"}``, an error line ``{"error",
+  "width", "height", "boxes" (xywh), "classes", "scores"[, "segmentations" (COCO RLEs, with
+  a mask stage)]}``, an error line ``{"error",
   "file_name", "path"}``, and before every batch an attempt line ``{"attempt": [[file_name,
   path], ...]}``: the images a worker is about to decode and label. An image with more attempt
   lines than results was in a batch when its worker died (a crash, the OOM killer): counting

@@ -1,6 +1,6 @@
 """
 ``python -m grounding_dino.label``: label a folder of images with a class list, get a COCO
-detection dataset.
+detection dataset (with ``--sam``, instance segmentation), or a YOLO dataset to train on.
 
 Examples::
 
@@ -10,6 +10,12 @@ Examples::
     # 8 GPUs, 4 images a forward; or --num-gpus 2 on a machine without GPUs: 2 CPU workers
     python -m grounding_dino.label --config-file C --weights W --input "photos/**/*.jpg" \\
         --classes-file names.txt --output labels.json --num-gpus 8 --batch-size 4
+
+    # masks too (Grounded-SAM): COCO "segmentation" as RLE, "area" from the mask
+    python -m grounding_dino.label ... --sam sam-vit-base/ --output labels.json
+
+    # a YOLO dataset (segmentation with --sam), then `yolo train data=yolo_data/data.yaml`
+    python -m grounding_dino.label ... --format yolo --output yolo_data/
 
 Run it again with the same ``--output`` after an interruption (also a ``kill -9``): the images
 already done are skipped. An image that fails is reported and tried again by the next run, up
@@ -24,6 +30,7 @@ from typing import List, Optional, Sequence
 
 from ..io.images import DEFAULT_MAX_PIXELS
 from ..model_zoo import add_model_arguments
+from ..segment.cli import add_sam_arguments
 from .run import prepare_run, run_labelling
 
 __all__ = ["get_parser", "parse_classes", "main"]
@@ -46,7 +53,19 @@ def get_parser() -> argparse.ArgumentParser:
     classes = parser.add_mutually_exclusive_group(required=True)
     classes.add_argument("--classes", help='class names separated by commas: "person, bicycle"')
     classes.add_argument("--classes-file", metavar="FILE", help="class names, one a line")
-    add("--output", required=True, metavar="JSON", help="the COCO dataset to write")
+    add(
+        "--output",
+        required=True,
+        metavar="PATH",
+        help="the COCO dataset (.json) to write; with --format yolo, the dataset's folder",
+    )
+    add(
+        "--format",
+        choices=["coco", "yolo"],
+        default="coco",
+        help="coco: one COCO json; yolo: a YOLO folder (images/, labels/, data.yaml) written by "
+        "supervision, with polygons from the masks when --sam is given (default: coco)",
+    )
     add(
         "--image-root",
         default=None,
@@ -76,6 +95,7 @@ def get_parser() -> argparse.ArgumentParser:
         weights_help="checkpoint (default: the config's)",
         device_help="cuda or cpu (default: cuda when available)",
     )
+    add_sam_arguments(parser)
     add("--num-gpus", type=int, default=1, help="worker processes per machine (CPU: gloo workers)")
     add("--num-machines", type=int, default=1)
     add("--machine-rank", type=int, default=0, help="this machine's rank, 0..num-machines-1")
@@ -114,7 +134,14 @@ def parse_classes(text: Optional[str], path: Optional[str]) -> List[str]:
 def _check_args(args) -> None:
     if not 0 <= args.nms <= 1:
         raise ValueError(f"--nms {args.nms}: an IoU threshold in [0, 1] (0: no NMS)")
-    for name in ("max_per_image", "batch_size", "num_gpus", "num_machines", "max_attempts"):
+    for name in (
+        "max_per_image",
+        "batch_size",
+        "num_gpus",
+        "num_machines",
+        "max_attempts",
+        "sam_batch_size",
+    ):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if args.decode_workers < 0:

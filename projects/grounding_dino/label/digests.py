@@ -1,12 +1,14 @@
-"""The digests that tie a labelling run to its model (config and weights)."""
+"""The digests that tie a labelling run to its models (config and weights, the segmenter's
+folder)."""
 
 import hashlib
 import json
+import os
 from typing import Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-__all__ = ["config_digest", "file_digest"]
+__all__ = ["config_digest", "file_digest", "folder_digest"]
 
 
 def _callable_name(value) -> str:
@@ -41,4 +43,15 @@ def file_digest(path: Optional[str]) -> Optional[str]:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_digest(path: str) -> str:
+    """SHA-256 over the names and the bytes of the files of a folder (a segmenter's: config,
+    weights, processor), hidden files and subfolders left out."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        file = os.path.join(path, name)
+        if not name.startswith(".") and os.path.isfile(file):
+            digest.update(f"{name}\0{file_digest(file)}\0".encode())
     return digest.hexdigest()

@@ -1,6 +1,7 @@
 """
 A labelling run: what it labels and with which settings (checked before any worker starts),
-its workers over the images still to do, and the COCO file made of their part files.
+its workers over the images still to do, and the dataset made of their part files: a COCO file,
+or a YOLO dataset (:mod:`~grounding_dino.label.yolo`).
 """
 
 import os
@@ -18,8 +19,10 @@ from ..io.parts import PartsState, check_run, parts_dir, read_parts, repair_tail
 from ..io.progress import PartsProgress
 from ..model_zoo import load_config
 from ..precision import check_precision
-from .digests import config_digest, file_digest
+from ..segment.loading import read_segmenter_kind
+from .digests import config_digest, file_digest, folder_digest
 from .worker import label_worker
+from .yolo import check_yolo_names, write_yolo_dataset
 
 __all__ = ["prepare_run", "run_labelling"]
 
@@ -58,6 +61,13 @@ def prepare_run(args, classes: List[str]) -> Dict:
         "dtype": args.dtype,
         "image_root": root,
     }
+    # Keys only when used, so that a run made before they existed still resumes.
+    if args.sam:
+        kind = read_segmenter_kind(args.sam)  # a wrong folder is named before any worker starts
+        run["segmenter"] = {"kind": kind.name, "digest": folder_digest(args.sam)}
+    if args.format != "coco":
+        check_yolo_names(names)
+        run["format"] = args.format
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     resuming = check_run(args.output, run)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -107,6 +117,8 @@ def run_labelling(args, prepared: Dict) -> int:
         "batch_size": args.batch_size,
         "decode_workers": args.decode_workers,
         "max_pixels": args.max_pixels,
+        "sam": os.path.abspath(args.sam) if args.sam else None,
+        "sam_batch_size": args.sam_batch_size,
         "main_pid": os.getpid(),
     }
     if todo:
@@ -155,7 +167,8 @@ def _skipped(state: PartsState, max_attempts: int) -> Dict[str, Dict]:
 
 
 def _merge(args, names: Dict[str, str], run: Dict) -> int:
-    """Writes the COCO file when every image is done; returns the exit status."""
+    """Writes the dataset (COCO file or YOLO folder) when every image is done; returns the exit
+    status."""
     classes = run["classes"]
     state = read_parts(parts_dir(args.output))
     labelled, skipped = state.labelled, _skipped(state, args.max_attempts)
@@ -179,13 +192,18 @@ def _merge(args, names: Dict[str, str], run: Dict) -> int:
         **{k: v for k, v in run.items() if k != "classes"},
     }
     dataset = coco_dataset(order, labelled, classes, info)
-    write_json_atomic(args.output, dataset)
+    if run.get("format", "coco") == "coco":
+        write_json_atomic(args.output, dataset)
+    else:
+        write_yolo_dataset(args.output, dataset, names, segmentation="segmenter" in run)
     failures = [failed[n] for n in order if n in failed]
     write_errors(args.output + ".errors", failures)
     retried = [n for n in order if n in failed and n not in skipped]
+    things = "masks" if "segmenter" in run else "boxes"
     print(
         f"Wrote {args.output}: {len(dataset['images'])} images, "
-        f"{len(dataset['annotations'])} boxes, {len(classes)} classes."
+        f"{len(dataset['annotations'])} {things}, {len(classes)} classes"
+        + (" (YOLO: images/, labels/, data.yaml)." if "format" in run else ".")
     )
     if retried:
         print(

@@ -5,7 +5,9 @@ Sharding and the labelling worker.
 (detectron2's ``launch`` on GPUs, gloo processes on the CPU). The images still to do are
 dealt round-robin over the global ranks (``todo[rank::world_size]``); each process reads its
 share through the image DataLoader, runs the model on batches and appends every finished image
-to its own part file. The processes never wait for each other.
+to its own part file. The processes never wait for each other. With a segmenter (``--sam``)
+each process also loads the mask stage, and every box of an image gets its mask (an RLE in the
+image's record).
 
 Every failure of one image (any ``Exception``: an unreadable file, a decompression bomb, a
 ``RuntimeError`` or out-of-memory error of the model) becomes an error line of the part file and
@@ -30,6 +32,7 @@ from ..io.processes import die_with_parent
 from ..model_zoo import load_config
 from ..modeling.settings import InferenceSettings
 from ..predictor import GroundingDINOPredictor
+from ..segment import MaskStage
 
 __all__ = ["shard", "label_worker", "label_batch", "labelling_settings"]
 
@@ -76,7 +79,8 @@ def label_batch(predictor, batch: List[Dict], settings: Dict) -> List[Dict]:
     Labels one loader batch.
 
     Args:
-        predictor: a ``GroundingDINOPredictor``.
+        predictor: a ``GroundingDINOPredictor`` (with a mask stage, the records get
+            ``"segmentations"``).
         batch: the loader's dicts (``image`` or ``error``).
         settings: ``classes``, ``box_threshold``, ``nms`` (IoU, 0 = off), ``max_per_image``.
 
@@ -141,8 +145,16 @@ def label_worker(settings: Dict, todo: Sequence[Tuple[str, str]]) -> None:
     if torch.device(device).type == "cuda" and world_size > 1:
         torch.cuda.set_device(comm.get_local_rank())  # one GPU per worker of this machine
     config = load_config(settings["config_file"], settings["opts"], settings["weights"])
+    mask_stage = None
+    if settings["sam"]:
+        mask_stage = MaskStage.from_pretrained(
+            settings["sam"],
+            device=device,
+            dtype=settings["dtype"],
+            box_batch_size=settings["sam_batch_size"],
+        )
     predictor = GroundingDINOPredictor.from_model_config(
-        config, device=device, dtype=settings["dtype"]
+        config, device=device, dtype=settings["dtype"], mask_stage=mask_stage
     )
     batch_size = settings["batch_size"]
     with PartWriter(settings["parts_dir"], rank) as writer:
