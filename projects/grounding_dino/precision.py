@@ -34,6 +34,7 @@ __all__ = [
     "PRECISIONS",
     "DTYPE_HELP",
     "add_dtype_argument",
+    "add_allow_emulated_bf16_argument",
     "check_precision",
     "precision_context",
     "outputs_to_fp32",
@@ -73,6 +74,12 @@ def add_dtype_argument(add_argument) -> None:
     ``--allow-emulated-bf16`` through ``add_argument`` (an ``argparse`` parser's or group's
     ``add_argument``)."""
     add_argument("--dtype", choices=PRECISIONS, default="fp32", help=DTYPE_HELP)
+    add_allow_emulated_bf16_argument(add_argument)
+
+
+def add_allow_emulated_bf16_argument(add_argument) -> None:
+    """Adds ``--allow-emulated-bf16`` alone (``train_net.py``, whose precision is the config's
+    ``train.amp``)."""
     add_argument(
         "--allow-emulated-bf16",
         action=_AllowEmulatedBf16,
