@@ -28,21 +28,25 @@ def stable_bi_logits(logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """
     The reference's overflow guards on the image-text logits, in float32.
 
+    The reference subtracts the maximum of all logits and clamps them to +-:data:`LOGIT_BOUND`
+    (for the softmax over text tokens), then subtracts each text token's maximum over the image
+    tokens and clamps again (for the softmax over image tokens). Softmax is shift-invariant, so
+    the same softmaxes come from raising every logit below ``maximum - LOGIT_BOUND`` to it,
+    without the subtractions (which would round every logit): that is what this returns. For
+    logits that span less than the bound nothing changes; beyond it the far ones are held
+    instead of becoming -inf in float16 (a row of -inf is a NaN softmax).
+
     Args:
         logits: [B, S, H, L] attention logits of S image tokens and L text tokens per head.
 
     Returns:
-        (image_to_text, text_to_image), both [B, S, H, L] float32: ``logits`` minus their
-        maximum over the whole tensor, clamped to +-:data:`LOGIT_BOUND` (the softmax over text
-        tokens reads it), and that minus its maximum over the image tokens, clamped again (the
-        softmax over image tokens). Softmax is shift-invariant, so for logits that span less than
-        the bound the softmaxes are those of ``logits``; beyond it, the far ones are clamped
-        instead of becoming -inf (a row of -inf is a NaN softmax).
+        (image_to_text, text_to_image), both [B, S, H, L] float32, for the softmax over the
+        text tokens (dim -1) and over the image tokens (dim 1).
     """
     logits = logits.float()  # bf16 would round small logits on the maximum's coarse grid
-    image_to_text = (logits - logits.max()).clamp(-LOGIT_BOUND, LOGIT_BOUND)
-    text_to_image = image_to_text - image_to_text.amax(1, keepdim=True)
-    return image_to_text, text_to_image.clamp(-LOGIT_BOUND, LOGIT_BOUND)
+    image_to_text = torch.maximum(logits, logits.max() - LOGIT_BOUND)
+    floor = image_to_text.amax(1, keepdim=True) - LOGIT_BOUND
+    return image_to_text, torch.maximum(image_to_text, floor)
 
 
 def _float32_if_half(tensor: torch.Tensor):
