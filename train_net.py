@@ -25,8 +25,10 @@ argument of its node's ``_target_`` is an error naming the closest known key
 (``train.max_iterr=1`` -> "did you mean 'train.max_iter'?"); ``+key=value`` adds a new key on
 purpose (:mod:`grounding_dino.config_overrides`). The files of every dataset of the run
 (training and test) are checked before the first iteration. ``train.device=auto`` trains on
-CUDA when it is available, else on the CPU; ``train.amp.enabled=True`` on the CPU is refused
-(``auto``, the default, is mixed precision on CUDA and float32 on the CPU).
+CUDA when it is available, else on the CPU. ``train.amp.enabled=auto`` (the default) is mixed
+precision on CUDA (``train.amp.dtype``: fp16 by default, or bf16) and float32 on the CPU;
+``train.amp.enabled=True`` on the CPU trains with bf16 autocast, refused on a CPU without
+native bfloat16 (emulated, far slower than float32) unless ``--allow-emulated-bf16``.
 
 A NaN or infinite loss stops training with a :class:`FloatingPointError` naming the iteration
 and the losses; the weights are not updated with it, the periodic checkpoints are kept and the
@@ -58,6 +60,7 @@ from grounding_dino.engine import (
 )
 from grounding_dino.config_overrides import UnknownConfigKeyError
 from grounding_dino.model_zoo import get_config, resolve_device
+from grounding_dino.precision import add_allow_emulated_bf16_argument
 
 
 def load_config(args):
@@ -74,7 +77,7 @@ def load_config(args):
         # "auto": CUDA when available, else the CPU; a CUDA device without CUDA is refused.
         cfg.train.device = resolve_device(cfg.train.device)
         if not args.eval_only:
-            use_amp(cfg.train)  # train.amp.enabled=True on the CPU is refused here
+            use_amp(cfg.train)  # fp16 or emulated bf16 on the CPU is refused here
     except ValueError as error:
         raise SystemExit(f"train_net.py: {error}") from None
     return cfg
@@ -100,8 +103,15 @@ def launch_device(args) -> str:
     return load_config(args).train.device
 
 
+def argument_parser():
+    """detectron2's ``default_argument_parser`` with ``--allow-emulated-bf16``."""
+    parser = default_argument_parser()
+    add_allow_emulated_bf16_argument(parser.add_argument)
+    return parser
+
+
 def invoke_main() -> None:
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
     # The whole config is checked (override keys, device, AMP) before any process starts.
     launch_from_args(main, args, (args,), launch_device(args))
 

@@ -123,14 +123,17 @@ def test_train_net_refuses_a_misspelt_key(tmp_path, override, closest):
     assert "Starting training" not in log and not os.path.exists(tmp_path / "out")
 
 
-def test_train_net_refuses_amp_on_the_cpu(tmp_path):
+def test_train_net_refuses_fp16_amp_on_the_cpu(tmp_path):
     rc, log = _train_net(
         "--config-file",
         get_config_file("shapes_tiny.py"),
         f"train.output_dir={tmp_path}/out",
         "train.amp.enabled=True",
+        "train.amp.dtype=fp16",
     )
-    assert rc != 0 and "train.amp.enabled=True but train.device is the CPU" in log, log[-3000:]
+    message = "train.amp.enabled=True with train.amp.dtype=fp16 on train.device=cpu"
+    assert rc != 0 and message in log, log[-3000:]
+    assert not os.path.exists(tmp_path / "out")
 
 
 # ---------------------------------------------------------------- dataset paths up front

@@ -62,7 +62,9 @@ def _coco_ap(gt_file: str, results_json: str, max_dets: int = 300) -> float:
 
 def test_first_run_trains_evaluates_and_draws(first_run):
     out, printed, results = first_run
-    assert "[train] iter 2/2" in printed
+    assert "[train] iter 2/2" in printed and " s/it " in printed and " ETA " in printed
+    # The CPU's instruction sets, first (they decide the time: docs/benchmarks.md).
+    assert printed.startswith("[cpu] ") and " avx2 " in printed.splitlines()[0]
     # The config's kind sampler: the job says how often detection and grounding records are
     # drawn, with the factors of the saved config.
     factors = dict(
@@ -244,6 +246,24 @@ def test_reuse_decision(demo_job, tmp_path):
         "(9 value(s) differ, trained -> now: a: 1 -> 2; b.0: 'x' -> (absent); c: (absent) -> 3; "
         "k0: (absent) -> 0; k1: (absent) -> 1; and 4 more)"
     ) in message
+
+
+def test_cpu_line_names_the_instruction_sets(monkeypatch):
+    from grounding_dino import precision
+
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: {"fpu", "avx", "avx2", "fma"})
+    monkeypatch.setattr(precision, "_cpu_model", lambda: "AMD EPYC 7B13")
+    precision.cpu_has_native_bf16.cache_clear()
+    try:
+        line = precision.describe_cpu()
+        monkeypatch.setattr(precision, "_cpu_flags", lambda: set())
+        precision.cpu_has_native_bf16.cache_clear()
+        unknown = precision.describe_cpu()
+    finally:
+        precision.cpu_has_native_bf16.cache_clear()  # later tests see the real CPU
+    assert line.startswith("AMD EPYC 7B13: avx2 yes, avx512f no, avx512_bf16 no, amx_bf16 no;")
+    assert line.endswith("bfloat16 emulated")
+    assert "instruction sets unknown" in unknown
 
 
 def test_default_config_is_the_packaged_shapes_tiny(demo_job):

@@ -34,10 +34,13 @@ __all__ = [
     "PRECISIONS",
     "DTYPE_HELP",
     "add_dtype_argument",
+    "add_allow_emulated_bf16_argument",
     "check_precision",
     "precision_context",
     "outputs_to_fp32",
     "cpu_has_native_bf16",
+    "CPU_FEATURES",
+    "describe_cpu",
     "ALLOW_EMULATED_BF16_ENV",
     "emulated_bf16_allowed",
 ]
@@ -73,6 +76,12 @@ def add_dtype_argument(add_argument) -> None:
     ``--allow-emulated-bf16`` through ``add_argument`` (an ``argparse`` parser's or group's
     ``add_argument``)."""
     add_argument("--dtype", choices=PRECISIONS, default="fp32", help=DTYPE_HELP)
+    add_allow_emulated_bf16_argument(add_argument)
+
+
+def add_allow_emulated_bf16_argument(add_argument) -> None:
+    """Adds ``--allow-emulated-bf16`` alone (``train_net.py``, whose precision is the config's
+    ``train.amp``)."""
     add_argument(
         "--allow-emulated-bf16",
         action=_AllowEmulatedBf16,
@@ -104,6 +113,44 @@ def _cpu_flags() -> set:
     except OSError:
         pass
     return set()
+
+
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+"""The instruction sets :func:`describe_cpu` reports: AVX2 only (e.g. AMD Zen 3) trains about
+1.8x slower than AVX-512, and bfloat16 is native only with ``avx512_bf16`` or ``amx_bf16``."""
+
+_ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "CPU"
+
+
+def describe_cpu() -> str:
+    """
+    One line on this process's CPU: its model, which of :data:`CPU_FEATURES` ``/proc/cpuinfo``
+    lists, the kernels torch picked (``ATEN_CPU_CAPABILITY``), the variables that hold torch,
+    oneDNN or MKL below the CPU's instruction sets, and whether bfloat16 is native. E.g.
+    ``AMD EPYC 7B13: avx2 yes, avx512f no, avx512_bf16 no, amx_bf16 no; torch kernels AVX2;
+    bfloat16 emulated``.
+    """
+    flags = _cpu_flags()
+    if flags:
+        found = ", ".join(f"{name} {'yes' if name in flags else 'no'}" for name in CPU_FEATURES)
+    else:
+        found = "instruction sets unknown (no flags in /proc/cpuinfo)"
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
+    limits = [f"{name}={os.environ[name]}" for name in _ISA_LIMITS if os.environ.get(name)]
+    held = f" (held by {', '.join(limits)})" if limits else ""
+    bf16 = "native" if cpu_has_native_bf16() else "emulated"
+    return f"{_cpu_model()}: {found}; torch kernels {capability}{held}; bfloat16 {bf16}"
 
 
 def _onednn_allows_bf16() -> bool:

@@ -1,7 +1,7 @@
 """Training engine: the driver of ``train_net.py`` and the demo job (:mod:`.driver`), trainers,
 hooks, optimizer groups, LR schedule, a CPU-aware launch and the evaluation."""
 
-from .defaults import build_hooks, build_trainer, train_value, use_amp, wrap_ddp
+from .defaults import amp_precision, build_hooks, build_trainer, train_value, use_amp, wrap_ddp
 from .driver import check_init_checkpoint, do_eval_only, do_test, do_train, init_partial
 from .evaluation import (
     EVAL_MAX_DETECTIONS,
@@ -52,6 +52,7 @@ __all__ = [
     "step_milestones",
     "train_value",
     "use_amp",
+    "amp_precision",
     "warmup_step_schedule",
     "wrap_ddp",
     "write_eval_metrics",

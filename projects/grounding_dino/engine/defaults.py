@@ -1,18 +1,20 @@
 """Helpers of ``train_net.py``: trainer choice, DDP wrapping and the standard hooks."""
 
 import logging
-from typing import Callable, List, Mapping, Optional
+from typing import Callable, List, Mapping, Optional, Tuple
 
+import torch
 from detectron2.engine import SimpleTrainer, create_ddp_model, default_writers, hooks
 from detectron2.utils import comm
 from torch import nn
 
+from ..precision import check_precision
 from .hooks import LastGoodCheckpointer
 from .launch import is_cpu_device
 from .optimizer import plain_param_groups
 from .trainer import GroundingAMPTrainer, GroundingTrainer
 
-__all__ = ["train_value", "use_amp", "build_trainer", "wrap_ddp", "build_hooks"]
+__all__ = ["train_value", "use_amp", "amp_precision", "build_trainer", "wrap_ddp", "build_hooks"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,32 +39,57 @@ def train_value(train_cfg: Mapping, key: str):
     return node
 
 
-def use_amp(train_cfg: Mapping) -> bool:
+_AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def amp_precision(train_cfg: Mapping) -> Optional[Tuple[str, torch.dtype]]:
     """
-    Whether training runs with CUDA automatic mixed precision, from ``train.amp.enabled``:
-    ``True`` (CUDA only), ``False`` (float32) or ``"auto"`` (mixed precision on CUDA, float32
-    on the CPU, which is logged).
+    The autocast of training, from ``train.amp``: ``enabled`` is ``True``, ``False``
+    (float32) or ``"auto"`` (mixed precision on CUDA, float32 on the CPU, which is logged);
+    ``dtype`` is ``"fp16"``, ``"bf16"`` or ``"auto"`` (fp16 on CUDA, as detectron2's
+    AMPTrainer; bf16 on the CPU, the only half precision offered there). A config without
+    ``amp.dtype`` (written before it existed) means ``"auto"``.
+
+    Returns:
+        ``(device_type, dtype)`` for ``torch.autocast`` ("cuda" or "cpu"; float16 or bfloat16),
+        or None for float32.
 
     Raises:
-        ValueError: ``True`` with a CPU ``train.device`` (the trainer's mixed precision,
-            autocast with a gradient scaler, is CUDA's; it is not switched off without a word),
-            or a value other than the three.
+        ValueError: a value other than those; fp16 on the CPU; bf16 on a CPU without native
+            bfloat16 unless ``GROUNDING_DINO_ALLOW_EMULATED_BF16=1`` (``--allow-emulated-bf16``)
+            asks for it, or on a CUDA device without bfloat16 (:func:`~grounding_dino.
+            precision.check_precision`: each names the setting).
     """
     enabled = train_value(train_cfg, "amp.enabled")
-    on_cpu = is_cpu_device(train_value(train_cfg, "device"))
+    device = train_value(train_cfg, "device")
+    on_cpu = is_cpu_device(device)
     if enabled == "auto":
         if on_cpu:
             logger.info("train.amp.enabled=auto on the CPU: training in float32")
-        return not on_cpu
+            return None
+        enabled = True
     if not isinstance(enabled, bool):
         raise ValueError(f"train.amp.enabled must be True, False or 'auto', got {enabled!r}")
-    if enabled and on_cpu:
+    if not enabled:
+        return None
+    dtype = train_value(train_cfg, "amp").get("dtype", "auto")
+    if dtype == "auto":
+        dtype = "bf16" if on_cpu else "fp16"
+    if dtype not in _AMP_DTYPES:
+        raise ValueError(f"train.amp.dtype must be 'fp16', 'bf16' or 'auto', got {dtype!r}")
+    try:
+        check_precision(dtype, device)
+    except ValueError as error:
         raise ValueError(
-            "train.amp.enabled=True but train.device is the CPU: the trainer's mixed precision "
-            "(CUDA autocast with a gradient scaler) needs CUDA. Set train.amp.enabled=False "
-            "(float32) or train.amp.enabled=auto (mixed precision on CUDA, float32 on the CPU)"
-        )
-    return enabled
+            f"train.amp.enabled=True with train.amp.dtype={dtype} on train.device={device}: "
+            f"{error}"
+        ) from None
+    return torch.device(device).type, _AMP_DTYPES[dtype]
+
+
+def use_amp(train_cfg: Mapping) -> bool:
+    """Whether training runs with automatic mixed precision (:func:`amp_precision`)."""
+    return amp_precision(train_cfg) is not None
 
 
 def wrap_ddp(model: nn.Module, device: str, **ddp_kwargs) -> nn.Module:
@@ -86,14 +113,24 @@ def wrap_ddp(model: nn.Module, device: str, **ddp_kwargs) -> nn.Module:
 
 def build_trainer(train_cfg: Mapping, model: nn.Module, data_loader, optimizer) -> SimpleTrainer:
     """
-    :class:`GroundingAMPTrainer` when :func:`use_amp`, else :class:`GroundingTrainer`, both
-    with ``train.clip_grad``. The optimizer's param groups are made plain Python (see
+    :class:`GroundingAMPTrainer` with the autocast of :func:`amp_precision` (CUDA fp16/bf16
+    or CPU bf16) when there is one, else :class:`GroundingTrainer`, both with
+    ``train.clip_grad``. The optimizer's param groups are made plain Python (see
     :func:`~grounding_dino.engine.optimizer.plain_param_groups`) so checkpoints load safely.
     """
     plain_param_groups(optimizer)
     clip_grad = train_value(train_cfg, "clip_grad")
-    if use_amp(train_cfg):
-        return GroundingAMPTrainer(model, data_loader, optimizer, clip_grad=clip_grad)
+    precision = amp_precision(train_cfg)
+    if precision is not None:
+        device_type, dtype = precision
+        return GroundingAMPTrainer(
+            model,
+            data_loader,
+            optimizer,
+            clip_grad=clip_grad,
+            device_type=device_type,
+            precision=dtype,
+        )
     return GroundingTrainer(model, data_loader, optimizer, clip_grad=clip_grad)
 
 

@@ -22,9 +22,11 @@ from detectron2.engine import HookBase
 from torch import nn
 
 from ..checkpoint import GroundingDINOCheckpointer, check_partial
+from .cpu_allocator import keep_freed_memory
 from .dataset_checks import check_dataset_paths
 from .defaults import build_hooks, build_trainer, wrap_ddp
 from .evaluation import evaluate, write_eval_metrics
+from .launch import is_cpu_device
 from .recipes import prepare_finetuning
 from .retention import retention_config, retention_names, retention_results
 
@@ -119,6 +121,9 @@ def do_train(
     if model is None:
         model = instantiate(cfg.model)
     logger.info(f"Model:\n{model}")
+    if is_cpu_device(cfg.train.device):
+        # Freed activations stay in the process for the next step (engine/cpu_allocator.py).
+        logger.info("CPU training: malloc settings %s", keep_freed_memory())
     model.to(cfg.train.device)
     # train.freeze / train.lora (engine/recipes.py): before the optimizer sees the parameters.
     recipe = prepare_finetuning(cfg, model, lambda: init_partial(cfg))

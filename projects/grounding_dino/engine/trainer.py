@@ -161,11 +161,52 @@ class GroundingTrainer(SimpleTrainer):
 
 
 class GroundingAMPTrainer(GroundingTrainer, AMPTrainer):
-    """:class:`GroundingTrainer` with CUDA automatic mixed precision (as :class:`AMPTrainer`)."""
+    """
+    :class:`GroundingTrainer` with automatic mixed precision, one code path for CUDA (fp16 or
+    bf16) and the CPU (bf16): the forward pass and the losses run in ``torch.autocast`` of
+    ``device_type`` and ``precision``; the backward pass, the unscaling before clipping and the
+    optimizer step go through a gradient scaler, which only float16 needs (its gradients
+    underflow without it): for bfloat16 (float32's range) it is a disabled
+    ``GradScaler``, whose scale, unscale and step are plain backward and step.
+    """
+
+    def __init__(
+        self,
+        model,
+        data_loader,
+        optimizer,
+        *,
+        device_type: str = "cuda",
+        precision: torch.dtype = torch.float16,
+        grad_scaler=None,
+        **kwargs,
+    ):
+        """
+        Args:
+            model, data_loader, optimizer, kwargs: as :class:`GroundingTrainer`.
+            device_type: the autocast's device type, "cuda" or "cpu" (``train.device``'s).
+            precision: torch.float16 (CUDA only) or torch.bfloat16.
+            grad_scaler: default: a ``GradScaler`` for ``device_type``, enabled for float16.
+        """
+        if precision not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"precision must be torch.float16 or torch.bfloat16, got {precision}")
+        if device_type not in ("cuda", "cpu") or (device_type, precision) == (
+            "cpu",
+            torch.float16,
+        ):
+            raise ValueError(
+                f"no mixed precision {precision} on {device_type!r}: float16 or bfloat16 on "
+                "CUDA, bfloat16 on the CPU"
+            )
+        if grad_scaler is None:
+            grad_scaler = _grad_scaler(device_type, enabled=precision == torch.float16)
+        super().__init__(
+            model, data_loader, optimizer, grad_scaler=grad_scaler, precision=precision, **kwargs
+        )
+        self.device_type = device_type
 
     def _autocast(self):
-        assert torch.cuda.is_available(), "[GroundingAMPTrainer] CUDA is required for AMP!"
-        return torch.autocast("cuda", dtype=self.precision)
+        return torch.autocast(self.device_type, dtype=self.precision)
 
     def _backward(self, losses: torch.Tensor) -> None:
         self.grad_scaler.scale(losses).backward()
@@ -178,6 +219,13 @@ class GroundingAMPTrainer(GroundingTrainer, AMPTrainer):
     def _optimizer_step(self) -> None:
         self.grad_scaler.step(self.optimizer)
         self.grad_scaler.update()
+
+
+def _grad_scaler(device_type: str, enabled: bool):
+    """``torch.amp.GradScaler(device_type)`` (torch >= 2.3), else CUDA's."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device_type, enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)  # pragma: no cover (torch < 2.3)
 
 
 _CLIP_GRAD_KEYS = ("enabled", "max_norm", "norm_type")

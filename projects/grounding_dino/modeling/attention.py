@@ -1,10 +1,13 @@
-"""The attentions of the transformer on ``scaled_dot_product_attention``.
+"""The attentions of the transformer.
 
-:class:`MultiheadAttention` has nn.MultiheadAttention's parameter layout (``in_proj_weight``,
-``in_proj_bias``, ``out_proj``), batch first; :class:`BiMultiHeadAttention` is the feature
-enhancer's image<->text attention (the official ``BiMultiHeadAttention``'s parameters).
+:class:`MultiheadAttention` (on ``scaled_dot_product_attention``) has nn.MultiheadAttention's
+parameter layout (``in_proj_weight``, ``in_proj_bias``, ``out_proj``), batch first;
+:class:`BiMultiHeadAttention` is the feature enhancer's image<->text attention (the official
+``BiMultiHeadAttention``'s parameters) with the reference's guards against float16 overflow
+(:func:`stable_bi_logits`).
 """
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -13,7 +16,46 @@ from torch import nn
 
 from .utils import linear_weight
 
-__all__ = ["MultiheadAttention", "BiMultiHeadAttention"]
+__all__ = ["MultiheadAttention", "BiMultiHeadAttention", "LOGIT_BOUND", "stable_bi_logits"]
+
+LOGIT_BOUND = 50000.0
+"""The reference's bound on the image-text logits after subtracting their maximum (official
+``BiMultiHeadAttention``, transformers' ``GroundingDinoBiMultiHeadAttention``): below
+float16's largest finite value (65504), so no logit is -inf before the masks."""
+
+
+def stable_bi_logits(logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    The reference's overflow guards on the image-text logits, in float32.
+
+    The reference subtracts the maximum of all logits and clamps them to +-:data:`LOGIT_BOUND`
+    (for the softmax over text tokens), then subtracts each text token's maximum over the image
+    tokens and clamps again (for the softmax over image tokens). Softmax is shift-invariant, so
+    the same softmaxes come from raising every logit below ``maximum - LOGIT_BOUND`` to it,
+    without the subtractions (which would round every logit): that is what this returns. For
+    logits that span less than the bound nothing changes; beyond it the far ones are held
+    instead of becoming -inf in float16 (a row of -inf is a NaN softmax).
+
+    Args:
+        logits: [B, S, H, L] attention logits of S image tokens and L text tokens per head.
+
+    Returns:
+        (image_to_text, text_to_image), both [B, S, H, L] float32, for the softmax over the
+        text tokens (dim -1) and over the image tokens (dim 1).
+    """
+    logits = logits.float()  # bf16 would round small logits on the maximum's coarse grid
+    image_to_text = torch.maximum(logits, logits.max() - LOGIT_BOUND)
+    floor = image_to_text.amax(1, keepdim=True) - LOGIT_BOUND
+    return image_to_text, torch.maximum(image_to_text, floor)
+
+
+def _float32_if_half(tensor: torch.Tensor):
+    """Autocast off for the logits' products when ``tensor`` is float16 (fp16 autocast or a
+    ``.half()`` model): their sums over the channels can pass float16's 65504 and become inf,
+    which no clamp undoes; bf16 and fp32 have float32's range and keep their dtype."""
+    if tensor.dtype != torch.float16:
+        return contextlib.nullcontext()
+    return torch.autocast(tensor.device.type, enabled=False)
 
 
 class MultiheadAttention(nn.Module):
@@ -164,50 +206,66 @@ class BiMultiHeadAttention(nn.Module):
         scale = dim**-0.5
         key = self.l_proj(text).view(batch, length, heads, dim)  # [B, L, H, d]
         weight_v = linear_weight(self.v_proj).view(heads, dim, -1)  # [H, d, Cv]
-        # [B, Cv, H*L] and [B, 1, H*L]: logits = image @ key_in_image + key_bias
-        key_in_image = torch.einsum("hdc,blhd->bchl", weight_v, key).flatten(2) * scale
-        key_bias = torch.einsum("hd,blhd->bhl", self.v_proj.bias.view(heads, dim), key)
-        key_bias = key_bias.reshape(batch, 1, heads * length) * scale
-        logits = torch.baddbmm(key_bias, image, key_in_image)  # [B, S, H*L]
+        bias_v = self.v_proj.bias.view(heads, dim)
+        with _float32_if_half(key):
+            if key.dtype == torch.float16:
+                key, weight_v, bias_v = key.float(), weight_v.float(), bias_v.float()
+            # [B, Cv, H*L] and [B, 1, H*L]: logits = image @ key_in_image + key_bias
+            key_in_image = torch.einsum("hdc,blhd->bchl", weight_v, key).flatten(2) * scale
+            key_bias = torch.einsum("hd,blhd->bhl", bias_v, key)
+            key_bias = key_bias.reshape(batch, 1, heads * length) * scale
+            image_for_logits = image.to(key_in_image.dtype)
+            logits = torch.baddbmm(key_bias, image_for_logits, key_in_image)  # [B, S, H*L]
+        probs, image_probs = self._softmaxes(
+            logits.view(batch, -1, heads, length), image_mask, text_mask
+        )
 
         # Image -> text: softmax over the text tokens of each head.
-        text_logits = logits.view(batch, -1, heads, length)
-        probs = text_logits.masked_fill(~text_mask[:, None, None, :], float("-inf")).softmax(-1)
         text_values = self.values_l_proj(text).view(batch, length, heads, dim)
         weight_out = linear_weight(self.out_v_proj).view(-1, heads, dim)  # [Cv, H, d]
         projected_values = torch.einsum("blhd,chd->bhlc", text_values, weight_out)
         delta_image = torch.baddbmm(
-            self.out_v_proj.bias, probs.flatten(2), projected_values.flatten(1, 2)
+            self.out_v_proj.bias,
+            probs.flatten(2).to(projected_values.dtype),
+            projected_values.flatten(1, 2),
         )
 
         # Text -> image: softmax over the valid image tokens.
-        image_logits = logits.masked_fill(~image_mask[:, :, None], float("-inf"))
-        image_probs = image_logits.softmax(1).view(batch, -1, heads, length)
-        pooled = torch.einsum("bshl,bsc->bhlc", image_probs, image)  # [B, H, L, Cv]
+        pooled = torch.einsum("bshl,bsc->bhlc", image_probs.to(image.dtype), image)
         weight_vv = linear_weight(self.values_v_proj).view(heads, dim, -1)  # [H, d, Cv]
         text_out = torch.einsum("bhlc,hdc->blhd", pooled, weight_vv)
         text_out = text_out + self.values_v_proj.bias.view(heads, dim)
         delta_text = self.out_l_proj(text_out.reshape(batch, length, self.embed_dim))
         return delta_image, delta_text
 
+    def _softmaxes(self, logits, image_mask, text_mask) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            logits: [B, S, H, L]; image_mask [B, S], text_mask [B, L] (True on valid tokens).
+
+        Returns:
+            float32 [B, S, H, L] softmaxes over the valid text tokens and over the valid image
+            tokens, from the logits guarded as the reference does (:func:`stable_bi_logits`).
+        """
+        image_to_text, text_to_image = stable_bi_logits(logits)
+        probs = image_to_text.masked_fill(~text_mask[:, None, None, :], float("-inf")).softmax(-1)
+        text_to_image = text_to_image.masked_fill(~image_mask[:, :, None, None], float("-inf"))
+        return probs, text_to_image.softmax(1)
+
     def _forward_projected(self, image, text, image_mask, text_mask):
-        """The attention as written in the paper (used in training with dropout)."""
-        query = self._heads(self.v_proj(image))
-        key = self._heads(self.l_proj(text))
+        """The attention as written in the paper, with dropout on both softmaxes (training)."""
+        query = self._heads(self.v_proj(image))  # [B, H, S, d]
+        key = self._heads(self.l_proj(text))  # [B, H, L, d]
+        with _float32_if_half(key):
+            if key.dtype == torch.float16:
+                query, key = query.float(), key.float()
+            logits = torch.einsum("bhsd,bhld->bshl", query, key) * self.head_dim**-0.5
+        probs, image_probs = self._softmaxes(logits, image_mask, text_mask)
+        dropout = self.dropout if self.training else 0.0
+        probs = F.dropout(probs, dropout, self.training)
+        image_probs = F.dropout(image_probs, dropout, self.training)
         image_values = self._heads(self.values_v_proj(image))
         text_values = self._heads(self.values_l_proj(text))
-        dropout = self.dropout if self.training else 0.0
-        # Softmax is shift-invariant, so the reference's max-subtraction and +-50000 clamps
-        # change nothing for finite fp32 logits; SDPA computes the same two attentions.
-        image_out = F.scaled_dot_product_attention(
-            query, key, text_values, attn_mask=text_mask[:, None, None, :], dropout_p=dropout
-        )
-        text_out = F.scaled_dot_product_attention(
-            key,
-            query,
-            image_values,
-            attn_mask=image_mask[:, None, None, :],
-            dropout_p=dropout,
-            scale=self.head_dim**-0.5,
-        )
+        image_out = torch.einsum("bshl,bhld->bhsd", probs.to(text_values.dtype), text_values)
+        text_out = torch.einsum("bshl,bhsd->bhld", image_probs.to(image_values.dtype), image_values)
         return self.out_v_proj(self._merge(image_out)), self.out_l_proj(self._merge(text_out))

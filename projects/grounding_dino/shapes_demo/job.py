@@ -45,6 +45,7 @@ from ..engine import evaluate as evaluate_model
 from ..engine import format_duration
 from ..evaluation import build_evaluator
 from ..io.coco_files import write_json_atomic
+from ..precision import describe_cpu
 from .draw import draw_predictions
 from .record import CHECKPOINT_NAME, config_record, reuse_decision
 from .staging import publish_run, start_staging
@@ -216,6 +217,7 @@ def _run(args: argparse.Namespace) -> Dict:
     output_dir = args.output
     os.makedirs(output_dir, exist_ok=True)
     job_start = time.perf_counter()
+    print(f"[cpu] {describe_cpu()}; {usable_cores()} usable core(s)", flush=True)
     cfg, config_file = load_config(args)
     start = time.perf_counter()
     shapes = cfg.shapes = _shapes_settings(cfg, config_file, args)

@@ -12,9 +12,11 @@ train = dict(
     # then cover only part of the model (e.g. an ImageNet backbone). False: it must match exactly.
     init_partial=False,
     max_iter=90000,
-    # Mixed precision: "auto" is CUDA AMP on a CUDA train.device and float32 on the CPU; True
-    # asks for AMP (an error on the CPU), False for float32.
-    amp=dict(enabled="auto"),
+    # Mixed precision: enabled="auto" is AMP on a CUDA train.device and float32 on the CPU;
+    # True asks for AMP on either (the CPU: bf16 autocast, refused on a CPU without native
+    # bfloat16 unless GROUNDING_DINO_ALLOW_EMULATED_BF16=1), False for float32. dtype: "fp16"
+    # (CUDA only, with a gradient scaler), "bf16", or "auto" (fp16 on CUDA, bf16 on the CPU).
+    amp=dict(enabled="auto", dtype="auto"),
     ddp=dict(  # options of DistributedDataParallel (create_ddp_model)
         broadcast_buffers=False,
         find_unused_parameters=False,

@@ -1,0 +1,67 @@
+"""
+glibc ``malloc`` settings for training on the CPU.
+
+With glibc's defaults, a CPU training step returns its large temporaries (activations, their
+gradients: a few hundred KB to tens of MB each) to the operating system when they are freed
+(``munmap``, or trimming the heap top), and the next step faults the same amount back in,
+page by page, each page zeroed by the kernel. On the shapes demo's training processes that is
+about 10,000 page faults per iteration, most of their system CPU time (docs/benchmarks.md,
+"System CPU time of CPU training"). :func:`keep_freed_memory` makes ``malloc`` keep freed
+memory for the next step instead (``mallopt``, as the ``MALLOC_MMAP_THRESHOLD_``,
+``MALLOC_TRIM_THRESHOLD_`` and ``MALLOC_TOP_PAD_`` environment variables would at start-up).
+"""
+
+import ctypes
+import ctypes.util
+import logging
+import os
+from typing import Dict
+
+__all__ = ["keep_freed_memory", "MALLOC_SETTINGS"]
+
+logger = logging.getLogger(__name__)
+
+# mallopt parameter numbers (glibc's malloc.h).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+MALLOC_SETTINGS: Dict[str, int] = {
+    # Blocks up to 32 MiB (glibc's largest allowed threshold on 64-bit) come from the heap and
+    # are reused, instead of mmap'ed fresh for every allocation.
+    "MALLOC_MMAP_THRESHOLD_": 32 * 1024 * 1024,
+    # Freed memory at the heap top is kept up to 1 GiB instead of 128 KiB.
+    "MALLOC_TRIM_THRESHOLD_": 1024 * 1024 * 1024,
+    # The heap grows by 64 MiB at a time (fewer brk calls).
+    "MALLOC_TOP_PAD_": 64 * 1024 * 1024,
+}
+_PARAMETERS = {
+    "MALLOC_MMAP_THRESHOLD_": _M_MMAP_THRESHOLD,
+    "MALLOC_TRIM_THRESHOLD_": _M_TRIM_THRESHOLD,
+    "MALLOC_TOP_PAD_": _M_TOP_PAD,
+}
+
+
+def keep_freed_memory() -> Dict[str, int]:
+    """
+    Applies :data:`MALLOC_SETTINGS` to this process with glibc's ``mallopt``. A setting given
+    in the environment (``MALLOC_MMAP_THRESHOLD_=...``) is the user's and is left alone.
+
+    Returns:
+        the settings applied, {name: value} (empty where the C library is not glibc, which is
+        logged).
+    """
+    library = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(library)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        logger.info("No glibc mallopt in %s: the allocator keeps its defaults", library)
+        return {}
+    applied = {}
+    for name, value in MALLOC_SETTINGS.items():
+        if name in os.environ:
+            continue
+        if mallopt(ctypes.c_int(_PARAMETERS[name]), ctypes.c_int(value)) != 1:
+            logger.info("mallopt refused %s=%d: left at glibc's default", name, value)
+            continue
+        applied[name] = value
+    return applied
