@@ -7,7 +7,7 @@ import torch
 from .model_zoo import ModelConfig, build_model, load_config, resolve_device
 from .modeling.settings import InferenceSettings, settings_or_default
 from .precision import check_precision, outputs_to_fp32, precision_context
-from .predictor_core import PredictorCore
+from .predictor_core import PredictorCore, mask_stage_for_predictor
 from .resize import official_resize_from_lazy_config
 
 __all__ = ["GroundingDINOPredictor"]
@@ -37,6 +37,7 @@ class GroundingDINOPredictor(PredictorCore):
         device: Optional[str] = None,
         settings: Optional[InferenceSettings] = None,
         allow_emulated_bf16: bool = False,
+        mask_stage=None,
     ):
         """
         Args:
@@ -57,6 +58,10 @@ class GroundingDINOPredictor(PredictorCore):
             allow_emulated_bf16: run ``dtype="bf16"`` on a CPU without native bfloat16 (tens
                 of times slower than fp32) instead of refusing it
                 (:func:`~grounding_dino.precision.check_precision`).
+            mask_stage: a :class:`~grounding_dino.segment.MaskStage` (or the path of a SAM /
+                SAM-HQ / SAM 2 folder, loaded on this device with this ``dtype``) that fills
+                ``pred_masks`` from the boxes; None: the config's ``mask_stage`` node, and
+                without one no masks (nothing is loaded). See docs/segmentation.md.
 
         Raises:
             ValueError: no weights are given (a randomly initialised model is refused),
@@ -72,6 +77,7 @@ class GroundingDINOPredictor(PredictorCore):
         self.stride = self.model.backbone.size_divisibility
         self.resize = official_resize_from_lazy_config(cfg)
         self._settings = settings_or_default(settings, self.model.inference_settings)
+        self.mask_stage = mask_stage_for_predictor(mask_stage, cfg, device, self.dtype)
 
     @classmethod
     def from_config_file(
@@ -79,7 +85,7 @@ class GroundingDINOPredictor(PredictorCore):
     ) -> "GroundingDINOPredictor":
         """Loads a config (a lazy ``.py``/``.yaml``, a packaged config's name, or a thin yacs
         ``.yaml``) and applies ``key=value`` overrides; ``kwargs`` (``input_format``,
-        ``dtype``, ``device``, ``settings``) go to the constructor."""
+        ``dtype``, ``device``, ``settings``, ``mask_stage``) go to the constructor."""
         return cls.from_model_config(load_config(path, overrides, weights), **kwargs)
 
     @classmethod

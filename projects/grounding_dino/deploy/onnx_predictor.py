@@ -22,7 +22,7 @@ from ..config_overrides import apply_overrides
 from ..model_zoo import get_config
 from ..modeling.postprocessing import detections_for_inputs
 from ..modeling.settings import InferenceSettings, settings_or_default
-from ..predictor_core import PredictorCore
+from ..predictor_core import PredictorCore, mask_stage_for_predictor
 from ..preprocessing import normalize_image, runs_for_inputs
 from ..resize import official_resize_from_lazy_config
 
@@ -76,6 +76,7 @@ class OnnxPredictor(PredictorCore):
         threads: Optional[int] = None,
         providers: Optional[List[str]] = None,
         settings: Optional[InferenceSettings] = None,
+        mask_stage=None,
     ):
         """
         Args:
@@ -88,6 +89,10 @@ class OnnxPredictor(PredictorCore):
             threads: ONNX Runtime intra-op threads (None: its default, all cores).
             providers: ONNX Runtime execution providers (default: the CPU).
             settings: the default settings of the calls (None: the config model's).
+            mask_stage: the mask stage, run by PyTorch on the graph's boxes: a
+                :class:`~grounding_dino.segment.MaskStage`, or a SAM / SAM-HQ / SAM 2 folder
+                (loaded on the CPU, fp32); None: the config's ``mask_stage`` node, else no
+                masks (nothing is loaded). See docs/segmentation.md.
 
         Raises:
             FileNotFoundError: the graph or the config file does not exist.
@@ -127,6 +132,7 @@ class OnnxPredictor(PredictorCore):
         self.metadata = read_metadata(self.session.get_modelmeta().custom_metadata_map)
         self._check_graph(onnx_path)
         self.stride = int(self.metadata.get("size_divisibility", 32))
+        self.mask_stage = mask_stage_for_predictor(mask_stage, cfg, "cpu", "fp32")
 
     def _check_graph(self, path: str) -> None:
         inputs = [i.name for i in self.session.get_inputs()]
