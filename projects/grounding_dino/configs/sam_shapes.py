@@ -65,7 +65,10 @@ model = L(SamForBoxTraining)(
                 hidden_size=EMBED,
                 mlp_dim=4 * EMBED,
                 num_hidden_layers=2,
-                num_attention_heads=4,
+                # 16 dimensions per head as in SAM (256 / 2 / 8); fewer cannot tell where a
+                # pixel is from where the box's corners are.
+                num_attention_heads=2,
+                attention_downsample_rate=1,
                 iou_head_hidden_dim=EMBED,
             ),
         )

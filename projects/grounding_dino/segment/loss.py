@@ -55,6 +55,7 @@ def sam_mask_losses(
     focal_weight: float = 20.0,
     dice_weight: float = 1.0,
     iou_weight: float = 1.0,
+    focal_alpha: float = 0.25,
 ) -> Dict[str, torch.Tensor]:
     """
     SAM's losses, averaged over the K masks of the batch.
@@ -65,6 +66,8 @@ def sam_mask_losses(
             edges where they were downsampled).
         iou_predictions: (K,) the IoU head's predictions for these masks.
         focal_weight, dice_weight, iou_weight: the weights (SAM: 20, 1, 1).
+        focal_alpha: the focal loss's weight of the mask pixels (the others get
+            ``1 - focal_alpha``; < 0: no weighting).
 
     Returns:
         {"loss_mask_focal", "loss_mask_dice", "loss_mask_iou"}: weighted scalar losses.
@@ -75,7 +78,7 @@ def sam_mask_losses(
             f"IoU predictions {tuple(iou_predictions.shape)} do not describe the same K masks"
         )
     targets = targets.to(logits.dtype)
-    focal = sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0, reduction="none")
+    focal = sigmoid_focal_loss(logits, targets, alpha=focal_alpha, gamma=2.0, reduction="none")
     true_iou = mask_iou(logits.detach(), targets)
     return {
         "loss_mask_focal": focal_weight * focal.flatten(1).mean(1).mean(),

@@ -57,11 +57,14 @@ def _check_sam(loaded, path):
     return loaded
 
 
-def build_sam(path: Optional[str] = None, config: Optional[Mapping] = None) -> nn.Module:
+def build_sam(
+    path: Optional[str] = None, config: Optional[Mapping] = None, position_scale: float = 1.0
+) -> nn.Module:
     """
     A transformers ``SamModel``: the weights of a segmenter folder (``path``), or a new
     randomly initialised one from ``config`` (``SamConfig`` arguments: ``vision_config``,
-    ``prompt_encoder_config``, ``mask_decoder_config`` dicts).
+    ``prompt_encoder_config``, ``mask_decoder_config`` dicts), its positions encoded with
+    random Fourier features of std ``position_scale`` (SAM's: 1).
     """
     from transformers import SamConfig, SamModel
 
@@ -73,7 +76,19 @@ def build_sam(path: Optional[str] = None, config: Optional[Mapping] = None) -> n
         return _check_sam(load_segmenter(path), path)[1]
     if not isinstance(config, dict):
         config = OmegaConf.to_container(config, resolve=True)
-    return SamModel(SamConfig(**config))
+    model = SamModel(SamConfig(**config))
+    # transformers initialises for loading pretrained weights, not for training: the vision
+    # encoder's weights get std 1e-10 (its output is ~1e-21, no gradient reaches it) and the
+    # rest std 0.02, which at a small width shrinks the mask logits to ~1e-5. The original SAM
+    # uses PyTorch's default initialisation; so does a new model here.
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.Embedding)):
+            module.reset_parameters()
+    # transformers draws the random Fourier features of the positions with std hidden_size // 2
+    # (a buffer that pretrained weights overwrite); the original SAM draws them with std 1, so
+    # that neighbouring embedding cells get similar codes. A new model starts from SAM's.
+    model.shared_image_embedding.positional_embedding.normal_(std=position_scale)
+    return model
 
 
 class SamForBoxTraining(nn.Module):
@@ -93,12 +108,16 @@ class SamForBoxTraining(nn.Module):
         focal_weight: float = 20.0,
         dice_weight: float = 1.0,
         iou_weight: float = 1.0,
+        focal_alpha: float = 0.25,
     ):
         super().__init__()
         self.sam = sam
         self.processor = processor
         self.loss_weights = dict(
-            focal_weight=focal_weight, dice_weight=dice_weight, iou_weight=iou_weight
+            focal_weight=focal_weight,
+            dice_weight=dice_weight,
+            iou_weight=iou_weight,
+            focal_alpha=focal_alpha,
         )
 
     @property
