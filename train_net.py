@@ -42,8 +42,8 @@ without a score threshold and with at least 300 detections per image
 turns the 100 best boxes of each image into masks (``mask_eval_max_per_image``), and the COCO
 evaluator reports ``segm`` AP beside ``bbox`` (docs/evaluation.md)::
 
-    python train_net.py --config-file configs/shapes_tiny.py --eval-only \
-        train.init_checkpoint=output/demo/model_final.pth --sam output/demo/sam
+    python train_net.py --config-file configs/shapes_tiny.py --eval-only --sam output/demo/sam \
+        train.init_checkpoint=output/demo/model_final.pth
 
 Checkpoints must match the model (same keys and shapes), else the run stops with an error
 naming the keys: ``--eval-only`` and ``--resume`` always; ``train.init_checkpoint`` when

@@ -144,3 +144,85 @@ def test_segm_needs_gt_masks_and_masks_everywhere(dataset, tmp_path):
     finally:
         DatasetCatalog.remove(NAME + "_bare")
         MetadataCatalog.remove(NAME + "_bare")
+
+
+SAM_SMALL = dict(
+    vision_config=dict(
+        hidden_size=32,
+        output_channels=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=64,
+        patch_size=16,
+        window_size=2,
+        global_attn_indexes=[0],
+        mlp_dim=64,
+        num_pos_feats=8,
+    ),
+    prompt_encoder_config=dict(hidden_size=16, image_size=64, patch_size=16, mask_input_channels=4),
+    mask_decoder_config=dict(
+        hidden_size=16,
+        mlp_dim=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        iou_head_hidden_dim=16,
+    ),
+)
+
+
+@pytest.mark.slow
+def test_train_net_eval_only_with_sam_reports_segm(tmp_path, converted_tiny):
+    """``train_net.py --eval-only --sam DIR``: the COCO evaluator reports ``segm`` beside
+    ``bbox`` in metrics.json, and the segm AP is pycocotools' on the dumped masks."""
+    import os
+    import subprocess
+    import sys
+
+    import cv2
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from grounding_dino.segment.training import SamForBoxTraining, build_sam, sam_processor
+
+    from test_eval_only import EVAL_CONFIG, HEIGHT, REPO, WIDTH, _image
+
+    _, out_dir, _ = converted_tiny
+    torch.manual_seed(0)
+    sam = SamForBoxTraining(build_sam(config=SAM_SMALL), sam_processor(image_size=64))
+    sam_dir = sam.save_folder(str(tmp_path / "sam"))
+    os.makedirs(tmp_path / "images")
+    cv2.imwrite(str(tmp_path / "images" / "1.png"), cv2.cvtColor(_image(), cv2.COLOR_RGB2BGR))
+    red = np.zeros((HEIGHT, WIDTH), bool)
+    red[10:61, 10:51] = True  # the image's red rectangle
+    categories = [{"id": 3, "name": "red box"}, {"id": 7, "name": "cat"}]
+    annotation = dict(id=1, image_id=1, category_id=3, bbox=[10.0, 10.0, 41.0, 51.0])
+    annotation.update(area=float(red.sum()), segmentation=mask_rle(red), iscrowd=0)
+    images = [{"id": 1, "file_name": "1.png", "height": HEIGHT, "width": WIDTH}]
+    gt = {"images": images, "annotations": [annotation], "categories": categories}
+    (tmp_path / "coco.json").write_text(json.dumps(gt))
+    config = tmp_path / "eval.py"
+    config.write_text(
+        EVAL_CONFIG.format(
+            converted=str(out_dir / "config.yaml"), repo=REPO, height=HEIGHT, width=WIDTH
+        )
+    )
+    command = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", str(config)]
+    # Flags before the key=value overrides (argparse's REMAINDER takes all that follows).
+    command += ["--eval-only", "--sam", sam_dir, f"train.init_checkpoint={out_dir / 'model.pth'}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    run = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    (line,) = (tmp_path / "output" / "metrics.json").read_text().splitlines()
+    metrics = json.loads(line)
+    assert "bbox/AP" in metrics and "segm/AP" in metrics
+    dumped = json.loads((tmp_path / "output" / "inference" / "coco_segm_results.json").read_text())
+    assert dumped and all(d["segmentation"]["size"] == [HEIGHT, WIDTH] for d in dumped)
+    assert len(dumped) <= 100  # masks for the 100 best boxes of the image
+    coco = COCO(str(tmp_path / "coco.json"))
+    evaluation = COCOeval(coco, coco.loadRes([{**d, "bbox": []} for d in dumped]), "segm")
+    evaluation.params.maxDets = [1, 10, 300]
+    evaluation.evaluate()
+    evaluation.accumulate()
+    precision = evaluation.eval["precision"][:, :, :, 0, -1]
+    expected = 100.0 * float(precision[precision > -1].mean())
+    assert metrics["segm/AP"] == pytest.approx(expected, abs=1e-6)

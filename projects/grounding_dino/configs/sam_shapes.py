@@ -16,7 +16,7 @@ The trained segmenter is written to ``train.output_dir/sam`` as a transformers f
 (``config.json``, ``model.safetensors``, ``preprocessor_config.json``) that ``--sam`` loads::
 
     python train_net.py --config-file configs/shapes_tiny.py --eval-only \\
-        train.init_checkpoint=output/demo/model_final.pth --sam output/sam_shapes/sam
+        --sam output/sam_shapes/sam train.init_checkpoint=output/demo/model_final.pth
 """
 
 from detectron2.config import LazyCall as L
