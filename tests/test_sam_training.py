@@ -57,7 +57,8 @@ def test_demo_mask_stage_trains_and_writes_a_sam_folder(tmp_path, capsys):
         "dataloader.train.total_batch_size=2",
     ]
     out = str(tmp_path / "out")
-    stage, info = train_mask_stage(out, shapes, overrides=overrides)
+    root = str(tmp_path / "shapes")
+    stage, info = train_mask_stage(out, shapes, shapes_root=root, overrides=overrides)
     assert not info["sam_reused"] and info["sam_iterations"] == 12
     folder = os.path.join(out, "sam")
     for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
@@ -69,6 +70,6 @@ def test_demo_mask_stage_trains_and_writes_a_sam_folder(tmp_path, capsys):
     image = np.zeros((256, 256, 3), np.uint8)
     output = MaskStage.from_pretrained(folder)(image, torch.tensor([[10.0, 10.0, 60.0, 50.0]]))
     assert output.masks.shape == (1, 256, 256) and output.scores.shape == (1,)
-    again, info = train_mask_stage(out, shapes, overrides=overrides)
+    again, info = train_mask_stage(out, shapes, shapes_root=root, overrides=overrides)
     assert info["sam_reused"] and "reusing the segmenter" in capsys.readouterr().out
     assert isinstance(again, MaskStage)

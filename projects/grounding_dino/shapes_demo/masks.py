@@ -17,11 +17,12 @@ it (``--retrain-masks`` trains again).
 import json
 import os
 import time
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
 from .. import model_zoo
+from ..data.synthetic import register_shapes_datasets
 from ..engine import do_train
 from ..io.coco_files import write_json_atomic
 from ..segment import MaskStage
@@ -67,17 +68,27 @@ def sam_config(output_dir: str, shapes: Dict, overrides: Sequence[str] = ()):
 
 
 def train_mask_stage(
-    output_dir: str, shapes: Dict, *, retrain: bool = False, threads: int = 1, overrides=()
+    output_dir: str,
+    shapes: Dict,
+    *,
+    shapes_root: Optional[str] = None,
+    retrain: bool = False,
+    threads: int = 1,
+    overrides=(),
 ) -> Tuple[MaskStage, Dict]:
     """
-    Trains the segmenter of :data:`SAM_CONFIG` on ``shapes_train`` (registered by the caller)
-    unless ``<output_dir>/sam`` holds one trained with the same config, and loads it.
+    Trains the segmenter of :data:`SAM_CONFIG` on ``shapes_train`` (generated with ``shapes``
+    in ``shapes_root``, default ``<output_dir>/shapes``) unless ``<output_dir>/sam`` holds one
+    trained with the same config, and loads it.
 
     Returns:
         (the mask stage, {"sam_reused", "sam_train_seconds", "sam_train_cpu_seconds",
         "sam_iterations"}).
     """
     cfg = sam_config(output_dir, shapes, overrides)
+    # Loading the config registered the shapes datasets in their default folder: register them
+    # again where the caller's are (the same names the detector's evaluation then reads).
+    register_shapes_datasets(root=shapes_root or os.path.join(output_dir, "shapes"), **shapes)
     folder = cfg.train.hooks[0].folder
     record = config_record(cfg)
     record.pop("train.hooks.0.folder", None)
