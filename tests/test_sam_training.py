@@ -73,3 +73,56 @@ def test_demo_mask_stage_trains_and_writes_a_sam_folder(tmp_path, capsys):
     again, info = train_mask_stage(out, shapes, shapes_root=root, overrides=overrides)
     assert info["sam_reused"] and "reusing the segmenter" in capsys.readouterr().out
     assert isinstance(again, MaskStage)
+
+
+@pytest.mark.slow
+def test_finetune_sam_coco_format_from_the_command_line(tmp_path):
+    """``train_net.py --config-file configs/finetune_sam_coco_format.py`` on a user's SAM folder
+    and COCO polygons: the fine-tuned SAM lands as a folder, its image encoder unchanged
+    (frozen by default) and its mask decoder trained."""
+    import subprocess
+    import sys
+
+    import cv2
+    from safetensors.torch import load_file
+
+    from grounding_dino.segment.training import SamForBoxTraining, build_sam, sam_processor
+
+    from test_segm_eval import SAM_SMALL
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    torch.manual_seed(0)
+    user_sam = SamForBoxTraining(build_sam(config=SAM_SMALL), sam_processor(image_size=64))
+    user_dir = user_sam.save_folder(str(tmp_path / "my_sam"))
+    os.makedirs(tmp_path / "images")
+    images, annotations = [], []
+    for i in (1, 2):
+        image = np.full((48, 64, 3), 90, np.uint8)
+        image[8 : 8 + 10 * i, 10:40] = (230, 40, 40)
+        cv2.imwrite(str(tmp_path / "images" / f"{i}.png"), image)
+        images.append({"id": i, "file_name": f"{i}.png", "height": 48, "width": 64})
+        polygon = [10, 8, 40, 8, 40, 8 + 10 * i, 10, 8 + 10 * i]
+        annotations.append(
+            dict(id=i, image_id=i, category_id=1, bbox=[10, 8, 30, 10 * i], area=300.0 * i)
+        )
+        annotations[-1].update(segmentation=[polygon], iscrowd=0)
+    coco = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "a"}]}
+    (tmp_path / "train.json").write_text(json.dumps(coco))
+    out = tmp_path / "out"
+    command = [sys.executable, os.path.join(repo, "train_net.py"), "--config-file"]
+    command += [os.path.join(repo, "configs", "finetune_sam_coco_format.py")]
+    command += [f"sam.path={user_dir}", f"dataset.train_json={tmp_path / 'train.json'}"]
+    command += [f"dataset.train_images={tmp_path / 'images'}", f"train.output_dir={out}"]
+    command += ["train.device=cpu", "train.max_iter=3", "dataloader.train.total_batch_size=2"]
+    command += ["dataloader.train.num_workers=0", "optimizer.lr=1e-2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    run = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    before = load_file(os.path.join(user_dir, "model.safetensors"))
+    after = load_file(str(out / "sam" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    encoder = [k for k in before if k.startswith("vision_encoder.")]
+    decoder = [k for k in before if k.startswith("mask_decoder.")]
+    assert encoder and all(torch.equal(before[k], after[k]) for k in encoder)
+    assert any(not torch.equal(before[k], after[k]) for k in decoder)
+    assert MaskStage.from_pretrained(str(out / "sam")).kind == "sam"
