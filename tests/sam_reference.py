@@ -114,14 +114,15 @@ def tiny_sam2_config(image_size: int = 2 * IMAGE_SIZE):
     )
 
 
-def perturbed(model, seed: int = 0, scale: float = 0.05):
-    """Adds seeded noise to every parameter and floating buffer (in place); eval mode."""
+def perturbed(model, seed: int = 0, scale: float = 0.25):
+    """Adds seeded noise to every parameter and floating buffer (in place); eval mode. The
+    scale gives the tiny models mask logits of a few units, of both signs."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for tensor in list(model.parameters()) + [
             b for b in model.buffers() if b.is_floating_point()
         ]:
-            tensor.add_(torch.randn(tensor.shape, generator=generator) * scale + scale / 5)
+            tensor.add_(torch.randn(tensor.shape, generator=generator) * scale)
     return model.eval()
 
 

@@ -149,6 +149,34 @@ def test_batch_and_rec_equal_the_torch_predictor(predictors):
     assert len(rec["instances"]) == 1
 
 
+def test_onnx_predictor_runs_the_mask_stage_on_its_boxes(
+    exported, predictors, tmp_path, monkeypatch
+):
+    """The PyTorch side of the ONNX predictor: ``mask_stage`` (here a folder) fills
+    ``pred_masks`` from the graph's boxes, as the torch predictor does from its own."""
+    from sam_reference import tiny_segmenter_folder
+
+    path, config, _ = exported
+    _, _, sam = tiny_segmenter_folder("sam", tmp_path / "sam", seed=8)
+    onnx_predictor = OnnxPredictor(
+        str(path), str(config), overrides=["model.box_threshold=0.0"], threads=1, mask_stage=sam
+    )
+    onnx_predictor.resize = OfficialResize(160, 320)
+    torch_predictor = predictors[1]
+    monkeypatch.setattr(torch_predictor, "mask_stage", onnx_predictor.mask_stage)
+    image = np.random.default_rng(2).integers(0, 255, (120, 90, 3), dtype=np.uint8)
+    ours, theirs = onnx_predictor(image, ["cat", "dog"]), torch_predictor(image, ["cat", "dog"])
+    _assert_same_detections(ours, theirs)
+    masks = ours["instances"].pred_masks
+    assert masks.shape == (len(ours["instances"]), 120, 90) and masks.any()
+    direct = onnx_predictor.mask_stage(
+        np.ascontiguousarray(image[:, :, ::-1]), ours["instances"].pred_boxes.tensor
+    )
+    assert torch.equal(masks, direct.masks)
+    # Boxes equal to 0.05 px give masks equal but for a few boundary pixels.
+    assert (masks != theirs["instances"].pred_masks).float().mean() < 1e-3
+
+
 def test_onnx_predictor_refuses_a_config_that_does_not_match_the_graph(exported, tmp_path):
     path, config, _ = exported
     with pytest.raises(ValueError, match="max_text_len=256.*max_text_len is 128"):

@@ -9,6 +9,7 @@ the project's checkpoints are (``grounding_dino.checkpoint``).
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable, Dict, Tuple
 
@@ -152,8 +153,6 @@ def load_segmenter(path: str):
 
 
 def _matches(key: str, patterns) -> bool:
-    import re
-
     return any(re.search(pattern, key) for pattern in patterns)
 
 

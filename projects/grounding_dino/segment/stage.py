@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from detectron2.structures import Instances
 
+from ..devices import resolve_device
 from ..precision import check_precision, precision_context
 from .loading import SegmenterKind, load_segmenter
 
@@ -78,19 +79,20 @@ class MaskStage:
             model: a transformers ``SamModel``, ``SamHQModel`` or ``Sam2Model``.
             processor: its ``SamProcessor`` / ``SamHQProcessor`` / ``Sam2Processor``.
             kind: the family (``loading.SEGMENTER_KINDS[model.config.model_type]``).
-            device: "cpu", "cuda", "cuda:1", ...
+            device: "cpu", "cuda", "cuda:1", ... or "auto" (CUDA when available); a CUDA
+                device without CUDA is an error (:func:`~grounding_dino.devices.resolve_device`).
             dtype: "fp32", "bf16" or "fp16" (autocast, as the detector's ``--dtype``).
             box_batch_size: boxes per mask-decoder call (memory grows with it).
             mask_threshold: logit threshold of the masks.
             allow_emulated_bf16: as :func:`~grounding_dino.precision.check_precision`.
 
         Raises:
-            ValueError: ``box_batch_size`` < 1, or the precision mode is not offered on the
-                device.
+            ValueError: ``box_batch_size`` < 1, CUDA is asked for but absent, or the precision
+                mode is not offered on the device.
         """
         if int(box_batch_size) < 1:
             raise ValueError(f"box_batch_size must be at least 1, got {box_batch_size}")
-        self.device = torch.device(device)
+        self.device = torch.device(resolve_device(str(device)))
         self.dtype = check_precision(dtype, self.device, allow_emulated_bf16=allow_emulated_bf16)
         self.kind_spec = kind
         self.kind = kind.name
