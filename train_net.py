@@ -40,6 +40,13 @@ without a score threshold and with at least 300 detections per image
 (:func:`grounding_dino.engine.evaluate`). The results are printed and written to
 ``train.output_dir/metrics.json`` (``{"iteration": ..., "bbox/AP": ...}``).
 
+``--sam DIR`` (a SAM / SAM-HQ / SAM 2 transformers folder, or the config's ``mask_stage`` node)
+turns the 100 best boxes of each image into masks (``mask_eval_max_per_image``), and the COCO
+evaluator reports ``segm`` AP beside ``bbox`` (docs/evaluation.md)::
+
+    python train_net.py --config-file configs/shapes_tiny.py --eval-only --sam output/demo/sam \
+        train.init_checkpoint=output/demo/model_final.pth
+
 Checkpoints must match the model (same keys and shapes), else the run stops with an error
 naming the keys: ``--eval-only`` and ``--resume`` always; ``train.init_checkpoint`` when
 training too, unless ``train.init_partial`` is True or a list of key prefixes allowed to stay
@@ -47,6 +54,7 @@ at the model's initialisation (e.g. an ImageNet backbone); what a partial load s
 logged.
 """
 
+from detectron2.config import LazyCall as L
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -61,6 +69,8 @@ from grounding_dino.engine import (
 from grounding_dino.config_overrides import UnknownConfigKeyError
 from grounding_dino.model_zoo import get_config, resolve_device
 from grounding_dino.precision import add_allow_emulated_bf16_argument
+from grounding_dino.segment import MaskStage
+from grounding_dino.segment.cli import add_sam_arguments
 
 
 def load_config(args):
@@ -80,6 +90,12 @@ def load_config(args):
             use_amp(cfg.train)  # fp16 or emulated bf16 on the CPU is refused here
     except ValueError as error:
         raise SystemExit(f"train_net.py: {error}") from None
+    if getattr(args, "sam", None):
+        # The evaluation's mask stage (segm AP beside bbox); the config's own mask_stage
+        # node otherwise (None or absent: boxes only).
+        cfg.mask_stage = L(MaskStage.from_pretrained)(
+            path=args.sam, box_batch_size=args.sam_batch_size
+        )
     return cfg
 
 
@@ -104,9 +120,11 @@ def launch_device(args) -> str:
 
 
 def argument_parser():
-    """detectron2's ``default_argument_parser`` with ``--allow-emulated-bf16``."""
+    """detectron2's ``default_argument_parser`` with ``--allow-emulated-bf16`` and the mask
+    stage's ``--sam DIR`` / ``--sam-batch-size``."""
     parser = default_argument_parser()
     add_allow_emulated_bf16_argument(parser.add_argument)
+    add_sam_arguments(parser)
     return parser
 
 

@@ -20,6 +20,7 @@ from pycocotools.cocoeval import COCOeval
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
 TINY = ["--max-iter", "2", "--num-train", "6", "--num-val", "3", "--num-draw", "1"]
+TINY += ["--mask-iter", "2"]  # the small SAM of the mask stage
 # Smaller model and batch: the test checks the plumbing, not the accuracy.
 OVERRIDES = ["dataloader.train.total_batch_size=2", "model.query_selector.num_queries=20"]
 
@@ -44,13 +45,16 @@ def first_run(tmp_path_factory):
     return out, run.stdout, _read(os.path.join(out, "results.json"))
 
 
-def _coco_ap(gt_file: str, results_json: str, max_dets: int = 300) -> float:
-    """COCO box AP (percent) recomputed with pycocotools from the evaluator's dumped results."""
+def _coco_ap(gt_file: str, results_json: str, max_dets: int = 300, iou_type="bbox") -> float:
+    """COCO box (or mask) AP (percent) recomputed with pycocotools from the evaluator's dumped
+    results."""
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(gt_file)
         detections = _read(results_json)
         assert detections, f"{results_json} holds no detections"
-        evaluation = COCOeval(gt, gt.loadRes(detections), "bbox")
+        if iou_type == "segm":  # as detectron2: the mask's own area, not the box's
+            detections = [{k: v for k, v in d.items() if k != "bbox"} for d in detections]
+        evaluation = COCOeval(gt, gt.loadRes(detections), iou_type)
         evaluation.params.maxDets = [1, 10, max_dets]
         evaluation.evaluate()
         evaluation.accumulate()
@@ -72,7 +76,19 @@ def test_first_run_trains_evaluates_and_draws(first_run):
     )
     assert "[data] training samples: detection " in printed and "grounding " in printed
     assert f"(repeat factors {factors}, dataloader.train.sampler)" in printed
-    assert set(results) == {"bbox", "bbox_unseen", "rec"}
+    assert set(results) == {"bbox", "bbox_unseen", "rec", "segm"}
+    # The mask stage: segm AP on shapes_val equals pycocotools' on the dumped masks, and the
+    # small SAM landed as a transformers folder.
+    (val_gt,) = glob.glob(os.path.join(out, "shapes", "val-*", "coco.json"))
+    dumped = os.path.join(out, "inference", "shapes_val", "coco_segm_results.json")
+    assert all("segmentation" in d for d in _read(dumped))
+    expected = _coco_ap(val_gt, dumped, iou_type="segm")
+    if results["segm"]["AP"] is None:
+        assert expected < 0
+    else:
+        assert results["segm"]["AP"] == pytest.approx(expected, abs=1e-6)
+    assert os.path.isfile(os.path.join(out, "sam", "model.safetensors"))
+    assert "masks (small SAM on the boxes) shapes_val: segm AP" in printed
     # The detection APs equal pycocotools' on the evaluators' dumped detections and the
     # generated ground truth (at most 300 detections per image, as the evaluator).
     for key, dataset, split in (

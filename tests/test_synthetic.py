@@ -372,3 +372,27 @@ def test_generate_shapes_tool_writes_every_split(tmp_path):
     }
     bad = subprocess.run(command + ["--num-train", "0"], capture_output=True, text=True)
     assert bad.returncode != 0 and "--num-train must be >= 1" in bad.stderr
+
+
+def test_coco_segmentation_is_the_drawn_mask(shapes_root):
+    """coco.json's RLE segmentations decode (pycocotools) to render_scene's visible masks;
+    ``area`` and ``bbox`` are those masks' pixel count and tight box; detectron2's dicts carry
+    them."""
+    config, dirs = shapes_root
+    scenes = load_shapes_scenes(dirs["val"])["images"]
+    coco = COCO(os.path.join(dirs["val"], "coco.json"))
+    checked = 0
+    for scene in scenes:
+        _, masks = render_scene(scene)
+        annotated = [m for o, m in zip(scene["objects"], masks) if o["annotated"]]
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=scene["id"]))
+        assert len(anns) == len(annotated)
+        for ann, mask in zip(anns, annotated):
+            decoded = coco.annToMask(ann).astype(bool)
+            assert decoded.shape == (SIZE, SIZE) and np.array_equal(decoded, mask)
+            assert ann["area"] == mask.sum() and ann["bbox"] == drawing.mask_box(mask)
+            checked += 1
+    assert checked > 0
+    register_shapes_datasets(root=os.path.dirname(dirs["val"]), **TINY)
+    record = DatasetCatalog.get("shapes_val")[0]
+    assert all(isinstance(a["segmentation"], dict) for a in record["annotations"])

@@ -22,6 +22,7 @@ from detectron2.engine import HookBase
 from torch import nn
 
 from ..checkpoint import GroundingDINOCheckpointer, check_partial
+from ..segment.from_config import mask_stage_from_config
 from .cpu_allocator import keep_freed_memory
 from .dataset_checks import check_dataset_paths
 from .defaults import build_hooks, build_trainer, wrap_ddp
@@ -38,18 +39,25 @@ logger = logging.getLogger(__name__)
 def do_test(cfg, model: nn.Module) -> Dict:
     """
     Runs ``dataloader.evaluator`` on ``dataloader.test`` without the display threshold
-    (:func:`~grounding_dino.engine.evaluate`), then on each retention set of
+    (:func:`~grounding_dino.engine.evaluate`), with the config's ``mask_stage`` when it sets
+    one (masks for the ``mask_eval_max_per_image``, default 100, best boxes of each image:
+    ``segm`` AP beside ``bbox``), then on each retention set of
     ``dataloader.retention`` (:mod:`~grounding_dino.engine.retention`); prints and returns
     the results, the retention sets' under ``retention/<name>``.
     """
+    stage = mask_stage_from_config(cfg, device=cfg.train.device, dtype="fp32")
+    masks = dict(mask_stage=stage, max_masks_per_image=cfg.get("mask_eval_max_per_image", 100))
     results = evaluate(
-        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator), **masks
     )
     for name in retention_names(cfg):
         logger.info(f"Evaluating the retention set {name} (dataloader.retention)")
         copied = retention_config(cfg, name)
         retained = evaluate(
-            model, instantiate(copied.dataloader.test), instantiate(copied.dataloader.evaluator)
+            model,
+            instantiate(copied.dataloader.test),
+            instantiate(copied.dataloader.evaluator),
+            **masks,
         )
         results = {**(results or {}), **retention_results(retained, name)} if retained else results
     return results
@@ -103,7 +111,9 @@ def do_train(
         resume: continue from the last checkpoint of ``train.output_dir`` when there is one.
         model: the model to train (already initialised, e.g. after seeding); default: a new
             ``instantiate(cfg.model)``. It is moved to ``train.device`` and trained in place.
-        extra_hooks: hooks registered after the standard ones (None entries are skipped).
+        extra_hooks: hooks registered after the standard ones (None entries are skipped);
+            the config's own ``train.hooks`` (lazy calls, e.g. the segmenter's
+            :class:`~grounding_dino.segment.training.SaveSamFolder`) come last.
         checkpoint_extra: entries saved in every checkpoint of the run beside the model and
             trainer state (e.g. a record of the config); ignored when a checkpoint is loaded.
 
@@ -152,6 +162,7 @@ def do_train(
     trainer.register_hooks(
         build_hooks(cfg.train, instantiate(cfg.lr_multiplier), checkpointer, eval_function)
         + list(extra_hooks)
+        + [instantiate(hook) for hook in (cfg.train.get("hooks") or [])]
     )
 
     resuming = resume and checkpointer.has_checkpoint()

@@ -22,6 +22,7 @@ from detectron2.utils.events import EventStorage, JSONWriter
 from torch import nn
 
 from ..evaluation.inference import EVAL_MAX_DETECTIONS, InferenceWithSettings, evaluation_settings
+from ..evaluation.masks import EVAL_MAX_MASKS, InferenceWithMasks
 
 __all__ = [
     "EVAL_MAX_DETECTIONS",
@@ -34,15 +35,29 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def evaluate(model: nn.Module, data_loader, evaluator) -> Dict:
+def evaluate(
+    model: nn.Module,
+    data_loader,
+    evaluator,
+    mask_stage=None,
+    max_masks_per_image: int = EVAL_MAX_MASKS,
+) -> Dict:
     """
     :func:`~detectron2.evaluation.inference_on_dataset` with :func:`evaluation_settings`; the
     main process prints the results (``print_csv_format``; the evaluators log their tables).
+
+    Args:
+        mask_stage: a :class:`~grounding_dino.segment.MaskStage` that turns the
+            ``max_masks_per_image`` best boxes of each image into masks
+            (:class:`~grounding_dino.evaluation.masks.InferenceWithMasks`); the COCO evaluator
+            then reports ``segm`` beside ``bbox``. None: boxes only.
 
     Returns:
         the evaluator's results (``{}`` on the other processes).
     """
     wrapped = InferenceWithSettings(model, evaluation_settings(model))
+    if mask_stage is not None:
+        wrapped = InferenceWithMasks(wrapped, mask_stage, max_masks_per_image)
     results = inference_on_dataset(wrapped, data_loader, evaluator)
     if comm.is_main_process():
         if results:

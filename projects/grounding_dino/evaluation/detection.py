@@ -9,7 +9,9 @@ evaluators only score those instances; they reuse detectron2's ``COCOEvaluator``
 
 import contextlib
 import io
+import json
 import logging
+import os
 from collections import defaultdict
 
 import numpy as np
@@ -141,12 +143,18 @@ def _ensure_category_mapping(metadata, json_file):
 
 
 class ZeroShotDetectionEvaluator(COCOEvaluator):
-    """COCO box AP of zero-shot (category-prompted) detections.
+    """COCO box AP, and mask AP with the mask stage, of zero-shot (category-prompted) detections.
 
     Works for any COCO-format dataset registered in detectron2 (COCO, ODinW's datasets...).
     Results: ``{"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl", "AP-<category>"...}}``
     in percent, logged as tables. At most ``max_dets_per_image`` detections per image (the
     highest-scoring ones) are scored, and COCOeval's ``maxDets`` is set to the same value.
+
+    When the outputs carry masks (the mask stage is on: ``output["mask_instances"]`` from
+    :class:`~grounding_dino.evaluation.masks.InferenceWithMasks`, or ``pred_masks`` on
+    ``output["instances"]``), the results also hold ``"segm"`` (the same metrics on the masks,
+    against the json's ``segmentation``); the mask results are written to
+    ``coco_segm_results.json`` beside ``coco_instances_results.json``.
     """
 
     def __init__(
@@ -196,9 +204,54 @@ class ZeroShotDetectionEvaluator(COCOEvaluator):
         """
         _collect_predictions(self, inputs, outputs)
 
+    def _eval_predictions(self, predictions, img_ids=None):
+        """Box AP on every image's detections, then mask AP on their masks when they have
+        some (``"segm_instances"``, from :func:`_collect_predictions`)."""
+        self._tasks = ("bbox",)
+        super()._eval_predictions(predictions, img_ids=img_ids)
+        with_masks = sum("segm_instances" in p for p in predictions)
+        if not with_masks:
+            return
+        if with_masks != len(predictions):
+            raise ValueError(
+                f"{type(self).__name__}: {with_masks} of {len(predictions)} images have masks; "
+                "the mask AP needs masks for every image (the mask stage on for all of them)"
+            )
+        _check_gt_masks(self._coco_api, self._metadata.json_file)
+        segm = [{"image_id": p["image_id"], "instances": p["segm_instances"]} for p in predictions]
+        output_dir, self._output_dir, self._tasks = self._output_dir, None, ("segm",)
+        try:
+            super()._eval_predictions(segm, img_ids=img_ids)
+        finally:
+            self._output_dir, self._tasks = output_dir, ("bbox",)
+        if output_dir:
+            path = os.path.join(output_dir, "coco_segm_results.json")
+            with PathManager.open(path, "w") as f:
+                json.dump([r for p in segm for r in p["instances"]], f)
+
+
+def _check_gt_masks(coco_api, json_file) -> None:
+    """Raises when an annotation of ``json_file`` has no ``segmentation`` (no mask AP)."""
+    missing = [
+        a["id"] for a in coco_api.dataset.get("annotations", []) if not a.get("segmentation")
+    ]
+    if missing:
+        raise ValueError(
+            f"{json_file}: {len(missing)} annotation(s) have no 'segmentation' (ids "
+            f"{missing[:5]}...), so mask (segm) AP cannot be computed; evaluate without the mask "
+            "stage or add the masks to the json"
+        )
+
+
+def _without_masks(instances: Instances) -> Instances:
+    fields = {k: v for k, v in instances.get_fields().items() if k != "pred_masks"}
+    return Instances(instances.image_size, **fields)
+
 
 def _collect_predictions(evaluator, inputs, outputs) -> None:
-    """Checks each output, keeps its top ``evaluator._max_dets`` and stores it as COCO json."""
+    """Checks each output, keeps its top ``evaluator._max_dets`` and stores it as COCO json;
+    the detections with masks (``output["mask_instances"]``, else ``instances.pred_masks``)
+    also as COCO json with RLE ``segmentation`` (``"segm_instances"``)."""
     name = type(evaluator).__name__
     for input, output in zip(inputs, outputs):
         if "image_id" not in input:
@@ -206,9 +259,20 @@ def _collect_predictions(evaluator, inputs, outputs) -> None:
         image_id = input["image_id"]
         instances = _check_output(name, image_id, output, evaluator._num_classes)
         instances = _topk_by_score(instances, evaluator._max_dets)
-        evaluator._predictions.append(
-            {"image_id": image_id, "instances": instances_to_coco_json(instances, image_id)}
-        )
+        masked = output.get("mask_instances")
+        if masked is None and instances.has("pred_masks"):
+            masked = instances
+        prediction = {
+            "image_id": image_id,
+            "instances": instances_to_coco_json(_without_masks(instances), image_id),
+        }
+        if masked is not None:
+            masked = _check_output(name, image_id, {"instances": masked}, evaluator._num_classes)
+            if not masked.has("pred_masks"):
+                raise ValueError(f"{name}: output['mask_instances'] of {image_id} has no masks")
+            masked = _topk_by_score(masked, evaluator._max_dets)
+            prediction["segm_instances"] = instances_to_coco_json(masked, image_id)
+        evaluator._predictions.append(prediction)
 
 
 @contextlib.contextmanager

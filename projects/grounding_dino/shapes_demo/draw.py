@@ -8,20 +8,33 @@ import numpy as np
 import torch
 from detectron2.config import instantiate
 from detectron2.data import DatasetCatalog
+from detectron2.data.detection_utils import read_image
 from detectron2.structures import BoxMode
 from detectron2.utils.visualizer import Visualizer
+
+from ..segment import add_instances_masks
 
 __all__ = ["draw_predictions", "pick_records"]
 
 
 def _draw(
-    image_rgb: np.ndarray, boxes, labels: List[str], path: str, title: str = "", gt_boxes=()
+    image_rgb: np.ndarray,
+    boxes,
+    labels: List[str],
+    path: str,
+    title: str = "",
+    gt_boxes=(),
+    masks=None,
 ) -> None:
     vis = Visualizer(image_rgb, scale=2.0)
     for gt_box in gt_boxes:
         vis.draw_box(gt_box, edge_color="w", line_style="--")
     if len(boxes):
-        vis.overlay_instances(boxes=np.asarray(boxes, dtype=np.float32), labels=labels)
+        vis.overlay_instances(
+            boxes=np.asarray(boxes, dtype=np.float32),
+            labels=labels,
+            masks=None if masks is None else masks.numpy(),
+        )
     if title:
         vis.draw_text(title, (4, 2), horizontal_alignment="left", color="w", font_size=9)
     out = vis.get_output().get_image()
@@ -38,16 +51,25 @@ def pick_records(records: List[dict], num: int, seed: int) -> List[dict]:
 
 @torch.no_grad()
 def draw_predictions(
-    cfg, model, output_dir: str, num: int, threshold: float, seed: int = 0
+    cfg,
+    model,
+    output_dir: str,
+    num: int,
+    threshold: float,
+    seed: int = 0,
+    mask_stage=None,
+    tasks=("det", "rec"),
 ) -> List[str]:
     """
-    Draws detections on ``shapes_val`` and top-1 REC boxes on ``shapes_rec_val``, on ``num``
-    images of each picked by :func:`pick_records` with ``seed``; the ground truth boxes are
-    dashed white.
+    Draws detections on ``shapes_val`` ("det") and top-1 REC boxes on ``shapes_rec_val``
+    ("rec"), on ``num`` images of each picked by :func:`pick_records` with ``seed``; the ground
+    truth boxes are dashed white. With ``mask_stage`` the detections' masks are drawn too.
     """
     model.eval()
     paths = []
     for dataset, prefix in (("shapes_val", "det"), ("shapes_rec_val", "rec")):
+        if prefix not in tasks:
+            continue
         cfg.dataloader.test.dataset.names = dataset
         mapper = instantiate(cfg.dataloader.test.mapper)
         records = DatasetCatalog.get(dataset)
@@ -70,6 +92,10 @@ def draw_predictions(
                 _draw_rec(image, boxes, labels, gt, path, title)
             else:
                 keep = _dedup(instances, threshold)
+                masks = None
+                if mask_stage is not None:
+                    image_rgb = read_image(record["file_name"], format="RGB")
+                    masks = add_instances_masks(instances[keep], image_rgb, mask_stage).pred_masks
                 boxes = instances.pred_boxes.tensor[keep].numpy()
                 labels = [f"{output['phrases'][i]} {float(instances.scores[i]):.2f}" for i in keep]
                 path = os.path.join(output_dir, f"{prefix}_{k}.png")
@@ -77,7 +103,7 @@ def draw_predictions(
                     BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS)
                     for a in record["annotations"]
                 ]
-                _draw(image, boxes, labels, path, gt_boxes=gt)
+                _draw(image, boxes, labels, path, gt_boxes=gt, masks=masks)
             paths.append(path)
     return paths
 

@@ -116,6 +116,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         default=0,
         help="also save every N iterations, keeping all (train.checkpointer; 0: no)",
     )
+    parser.add_argument(
+        "--no-masks", action="store_true", help="skip the mask stage (the small SAM, segm AP)"
+    )
+    parser.add_argument(
+        "--retrain-masks", action="store_true", help="train the small SAM even if one exists"
+    )
+    parser.add_argument(
+        "--mask-iter", type=int, default=None, help="the small SAM's iterations (sam_shapes.py)"
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
     args = parser.parse_args(argv)
     for name in ("num_train", "num_val", "threads", "workers", "log_period"):
@@ -149,27 +158,52 @@ def load_config(args: argparse.Namespace):
 
 
 # ----------------------------------------------------------------------------- evaluation
-def evaluate(cfg, model, output_dir: str) -> Dict[str, Dict[str, float]]:
-    """Runs the project's evaluators on the three validation splits (``EVALUATIONS``)."""
+def evaluate(
+    cfg, model, output_dir: str, mask_stage=None, datasets: Optional[Sequence[str]] = None
+) -> Dict[str, Dict[str, float]]:
+    """Runs the project's evaluators on the three validation splits (``EVALUATIONS``, or
+    those of them named in ``datasets``); with ``mask_stage`` ``shapes_val`` also gets
+    ``segm`` (masks for its 20 best boxes per image, :mod:`.masks`)."""
+    from .masks import MASK_EVAL_MAX_PER_IMAGE
+
     results = {}
     for dataset, key, result_key in EVALUATIONS:
+        if datasets is not None and dataset not in datasets:
+            continue
         cfg.dataloader.test.dataset.names = dataset
         loader = instantiate(cfg.dataloader.test)
         evaluator = build_evaluator(
             dataset, output_dir=os.path.join(output_dir, "inference", dataset)
         )
+        stage = mask_stage if dataset == "shapes_val" else None
         start = time.perf_counter()
         # The evaluation settings of train_net.py: no score threshold, the top 300 per image.
-        out = evaluate_model(model, loader, evaluator)
+        out = evaluate_model(model, loader, evaluator, stage, MASK_EVAL_MAX_PER_IMAGE)
         if result_key not in out:
             raise KeyError(f"The evaluator of {dataset} returned {sorted(out)}, no {result_key!r}")
         results[key] = {k: _finite(v) for k, v in out[result_key].items()}
-        print(
-            f"[eval] {dataset}: {_headline(key, results[key])} "
-            f"({time.perf_counter() - start:.0f} s)",
-            flush=True,
-        )
+        line = _headline(key, results[key])
+        if stage is not None:
+            results["segm"] = {k: _finite(v) for k, v in out["segm"].items()}
+            line += f"; segm {_headline('segm', results['segm'])}"
+        print(f"[eval] {dataset}: {line} ({time.perf_counter() - start:.0f} s)", flush=True)
     return results
+
+
+def train_mask_stage_for(
+    output_dir: str, shapes: Dict, info: Dict, retrain: bool = False, overrides=()
+):
+    """The demo's small SAM (:func:`.masks.train_mask_stage`, one thread), timed: its training
+    time goes into ``info``; returns a :class:`.masks.TimedStage`."""
+    from .masks import TimedStage, train_mask_stage
+
+    threads = torch.get_num_threads()
+    stage, mask_info = train_mask_stage(
+        output_dir, shapes, retrain=retrain, threads=1, overrides=overrides
+    )
+    torch.set_num_threads(threads)
+    info.update(mask_info)
+    return TimedStage(stage)
 
 
 def _finite(value):
@@ -296,14 +330,28 @@ def _run(args: argparse.Namespace) -> Dict:
             )
         info.update(reused_checkpoint=False, workers=workers, threads=threads, **trained)
 
+    # The mask stage (.masks): a small SAM trained on the shapes' masks, then run on the
+    # detector's boxes in the shapes_val evaluation and in the pictures.
+    mask_stage = None
+    if not args.no_masks:
+        overrides = [] if args.mask_iter is None else [f"train.max_iter={args.mask_iter}"]
+        mask_stage = train_mask_stage_for(output_dir, shapes, info, args.retrain_masks, overrides)
     start = time.perf_counter()
-    results = evaluate(cfg, model, output_dir)
+    results = evaluate(cfg, model, output_dir, mask_stage=mask_stage)
     info["eval_seconds"] = round(time.perf_counter() - start, 1)
     write_json_atomic(os.path.join(output_dir, "results.json"), results)
 
     pictures = draw_predictions(
-        cfg, model, output_dir, args.num_draw, args.draw_threshold, seed=args.draw_seed
+        cfg,
+        model,
+        output_dir,
+        args.num_draw,
+        args.draw_threshold,
+        seed=args.draw_seed,
+        mask_stage=mask_stage,
     )
+    if mask_stage is not None:
+        info.update(mask_stage.timing())
     info["job_seconds"] = round(time.perf_counter() - job_start, 1)
     if not info["reused_checkpoint"]:
         write_json_atomic(os.path.join(output_dir, "run_info.json"), info)
@@ -350,6 +398,8 @@ def _summary(results: Dict, info: Dict, output_dir: str, pictures: List[str]) ->
         f"  unseen colour-shape pairs (val_unseen): AP {get('bbox_unseen', 'AP')}  "
         f"AP50 {get('bbox_unseen', 'AP50')}",
         f"  referring expressions shapes_rec_val:  Acc@0.5 {get('rec', 'Acc@0.5')}",
+        f"  masks (small SAM on the boxes) shapes_val: segm AP {get('segm', 'AP')}  "
+        f"AP50 {get('segm', 'AP50')}",
         f"  results: {os.path.join(output_dir, 'results.json')}",
         f"  pictures: {', '.join(pictures)}",
         f"  job time: {format_duration(info['job_seconds'])}",

@@ -16,8 +16,9 @@ __all__ = [
     "shape_pairs",
 ]
 
-# Bump when the drawing or sampling changes, so that old caches are not reused.
-GENERATOR_VERSION = 1
+# Bump when the drawing, sampling or files change, so that old caches are not reused.
+# 2: coco.json holds each object's mask as an RLE "segmentation".
+GENERATOR_VERSION = 2
 
 COLOR_RGB: Dict[str, Tuple[int, int, int]] = {
     "red": (220, 35, 35),

@@ -1,6 +1,7 @@
 """
 Synthetic shapes splits on disk: PNG images, ``scenes.json`` (layouts and expressions) and
-COCO ``coco.json`` under ``root/<split>-<hash>/``, and their dataset dicts.
+COCO ``coco.json`` (boxes, and each object's exact visible mask as an RLE ``segmentation``)
+under ``root/<split>-<hash>/``, and their dataset dicts.
 """
 
 import dataclasses
@@ -13,6 +14,7 @@ from typing import List, Optional, Sequence
 
 import cv2
 import numpy as np
+import pycocotools.mask as mask_util
 from detectron2.structures import BoxMode
 
 from ...io.atomic import atomic_file, temporary_directory
@@ -29,6 +31,7 @@ __all__ = [
     "load_shapes_scenes",
     "load_shapes_rec",
     "load_shapes_grounding",
+    "mask_rle",
     "GROUNDING_KIND_WEIGHTS",
     "resolve_root",
     "split_classes",
@@ -78,14 +81,22 @@ def generate_scene(config: ShapesConfig, split: str, index: int) -> dict:
     return scene
 
 
-def _coco_json(scenes: List[dict], classes: List[str]) -> dict:
+def mask_rle(mask: np.ndarray) -> dict:
+    """COCO RLE of a bool [H, W] mask, ``counts`` as a str (json-able)."""
+    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def _coco_json(scenes: List[dict], classes: List[str], masks: List[List[np.ndarray]]) -> dict:
+    """COCO json of a split; ``masks[i][k]`` is the visible mask of object k of scene i, written
+    as the annotation's ``segmentation`` (RLE; ``area`` is its pixel count)."""
     cat_ids = {name: i + 1 for i, name in enumerate(classes)}
     images, annotations = [], []
-    for scene in scenes:
+    for scene, scene_masks in zip(scenes, masks):
         images.append(
             {k: scene[k] for k in ("id", "file_name", "height", "width")},
         )
-        for obj in scene["objects"]:
+        for obj, mask in zip(scene["objects"], scene_masks):
             if not obj["annotated"]:
                 continue
             annotations.append(
@@ -95,6 +106,7 @@ def _coco_json(scenes: List[dict], classes: List[str]) -> dict:
                     "category_id": cat_ids[_class_of(obj)],
                     "bbox": obj["bbox"],
                     "area": float(obj["area"]),
+                    "segmentation": mask_rle(mask),
                     "iscrowd": 0,
                 }
             )
@@ -126,10 +138,11 @@ def _render_split(config: ShapesConfig, split: str, tmp_dir: str, out_dir: str) 
     num = config.num_images(split)
     os.makedirs(os.path.join(tmp_dir, "images"))
     logger.info(f"Generating {num} synthetic shapes images for split '{split}' in {out_dir} ...")
-    start, scenes = time.perf_counter(), []
+    start, scenes, masks = time.perf_counter(), [], []
     for index in range(num):
         scene = generate_scene(config, split, index)
-        image, _ = render_scene(scene)
+        image, scene_masks = render_scene(scene)
+        masks.append(scene_masks)
         path = os.path.join(tmp_dir, "images", scene["file_name"])
         if not cv2.imwrite(path, image[:, :, ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 1]):
             raise OSError(f"Could not write synthetic image {path}")
@@ -142,7 +155,7 @@ def _render_split(config: ShapesConfig, split: str, tmp_dir: str, out_dir: str) 
     with open(os.path.join(tmp_dir, "scenes.json"), "w") as f:
         json.dump({**meta, "images": scenes}, f)
     with open(os.path.join(tmp_dir, "coco.json"), "w") as f:
-        json.dump(_coco_json(scenes, meta["classes"]), f)
+        json.dump(_coco_json(scenes, meta["classes"], masks), f)
 
 
 def generate_shapes_split(config: ShapesConfig, split: str, root: Optional[str] = None) -> str:
