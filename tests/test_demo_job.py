@@ -20,7 +20,7 @@ from pycocotools.cocoeval import COCOeval
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
 TINY = ["--max-iter", "2", "--num-train", "6", "--num-val", "3", "--num-draw", "1"]
-TINY += ["--mask-iter", "2"]  # the small SAM of the mask stage
+TINY += ["--masks", "--mask-iter", "2"]  # the small SAM of the mask stage
 # Smaller model and batch: the test checks the plumbing, not the accuracy.
 OVERRIDES = ["dataloader.train.total_batch_size=2", "model.query_selector.num_queries=20"]
 

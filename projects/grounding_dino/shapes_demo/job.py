@@ -117,7 +117,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="also save every N iterations, keeping all (train.checkpointer; 0: no)",
     )
     parser.add_argument(
-        "--no-masks", action="store_true", help="skip the mask stage (the small SAM, segm AP)"
+        "--masks",
+        action="store_true",
+        help="also train the small SAM on the shapes' masks and report segm AP (off: its masks "
+        "are still coarse, see docs/training.md)",
     )
     parser.add_argument(
         "--retrain-masks", action="store_true", help="train the small SAM even if one exists"
@@ -333,7 +336,7 @@ def _run(args: argparse.Namespace) -> Dict:
     # The mask stage (.masks): a small SAM trained on the shapes' masks, then run on the
     # detector's boxes in the shapes_val evaluation and in the pictures.
     mask_stage = None
-    if not args.no_masks:
+    if args.masks:
         overrides = [] if args.mask_iter is None else [f"train.max_iter={args.mask_iter}"]
         mask_stage = train_mask_stage_for(output_dir, shapes, info, args.retrain_masks, overrides)
     start = time.perf_counter()
