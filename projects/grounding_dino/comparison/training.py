@@ -83,20 +83,21 @@ def make_training_batch(size: Tuple[int, int], batch: int) -> TrainingBatch:
     return TrainingBatch(rgb.unsqueeze(0).repeat(batch, 1, 1, 1).contiguous())
 
 
-def _hf_step(hf_dir: str, batch: TrainingBatch) -> Tuple[torch.nn.Module, Callable[[], float]]:
+def _hf_step(hf_dir: str, batch: TrainingBatch, device="cpu"):
     from transformers import GroundingDinoForObjectDetection
 
     from ..text.tokenizer import load_tokenizer, local_bert_dir
 
-    model = GroundingDinoForObjectDetection.from_pretrained(hf_dir).train()
+    model = GroundingDinoForObjectDetection.from_pretrained(hf_dir).to(device).train()
     # Losses of every decoder layer and of the encoder's proposals, as our criterion's.
     model.config.auxiliary_loss = True
     text = load_tokenizer(local_bert_dir())([CAPTION] * len(batch.images), return_tensors="pt")
+    text = {key: value.to(device) for key, value in text.items()}
     # The processor's normalisation (ImageNet mean and std of [0, 1] pixels).
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    pixel_values = (batch.images.float() / 255 - mean) / std
-    labels = batch.hf_labels()
+    pixel_values = ((batch.images.float() / 255 - mean) / std).to(device)
+    labels = [{k: v.to(device) for k, v in label.items()} for label in batch.hf_labels()]
 
     def loss() -> torch.Tensor:
         return model(pixel_values=pixel_values, labels=labels, **text).loss
@@ -104,12 +105,12 @@ def _hf_step(hf_dir: str, batch: TrainingBatch) -> Tuple[torch.nn.Module, Callab
     return model, loss
 
 
-def _ours_step(out_dir: str, batch: TrainingBatch):
+def _ours_step(out_dir: str, batch: TrainingBatch, device="cpu"):
     from detectron2.utils.events import EventStorage
 
     from .. import model_zoo
 
-    model = model_zoo.get(os.path.join(out_dir, "config.yaml"), device="cpu").train()
+    model = model_zoo.get(os.path.join(out_dir, "config.yaml"), device=device).train()
     for parameter in model.parameters():  # every parameter trainable, as transformers'
         parameter.requires_grad_(True)
     inputs = batch.ours(model)
@@ -122,33 +123,37 @@ def _ours_step(out_dir: str, batch: TrainingBatch):
 
 
 def build_training_steps(
-    rows, hf_dir: str, out_dir: str, batch: TrainingBatch, lr: float = 1e-4
+    rows, hf_dir: str, out_dir: str, batch: TrainingBatch, lr: float = 1e-4, device="cpu"
 ) -> Dict[str, Callable[[], float]]:
     """
-    For each benchmark row (keys of :data:`ROWS`) a function that runs one training step:
+    For each benchmark row (keys of :data:`ROWS`, or a mapping like :data:`ROWS` of one's
+    own) a function that runs one training step:
     forward with the loss, backward, AdamW step over every parameter, gradients released; it
     returns the loss. Our rows share one model and optimizer (each step sets its denoising and
-    checkpointing), so that a process holds at most two models.
+    checkpointing), so that a process holds at most two models. Models and inputs go to
+    ``device``.
 
     Raises:
         ValueError: an unknown row; (from a step) a loss that is not finite.
     """
-    unknown = [row for row in rows if row not in ROWS]
-    if unknown:
-        raise ValueError(f"unknown benchmark rows {unknown}; rows: {list(ROWS)}")
-    kinds = {ROWS[row][0] for row in rows}
+    if not isinstance(rows, dict):
+        unknown = [row for row in rows if row not in ROWS]
+        if unknown:
+            raise ValueError(f"unknown benchmark rows {unknown}; rows: {list(ROWS)}")
+        rows = {row: ROWS[row] for row in rows}
+    kinds = {kind for kind, _, _ in rows.values()}
     built = {}
     if "hf" in kinds:
-        built["hf"] = _hf_step(hf_dir, batch)
+        built["hf"] = _hf_step(hf_dir, batch, device)
     if "ours" in kinds:
-        built["ours"] = _ours_step(out_dir, batch)
+        built["ours"] = _ours_step(out_dir, batch, device)
     optimizers = {
         kind: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
         for kind, (model, _) in built.items()
     }
 
     def make_step(row):
-        kind, dn_number, checkpointing = ROWS[row]
+        kind, dn_number, checkpointing = rows[row]
         model, loss_fn = built[kind]
         optimizer = optimizers[kind]
 
