@@ -198,11 +198,12 @@ def run_training_benchmark(
     times = {row: [] for row in rows}
     losses = {row: [] for row in rows}
     loads = [load_average()]
-    for _ in range(steps):
+    for index in range(steps):
         for row, step in step_functions.items():
             start = time.perf_counter()
             losses[row].append(step())
             times[row].append(time.perf_counter() - start)
+            print(f"step {index + 1}/{steps} {row}: {times[row][-1]:.2f} s", flush=True)
         loads.append(load_average())
     del step_functions
     result = {
