@@ -236,7 +236,7 @@ def format_training_report(result: Dict, header: str) -> str:
         speed = f"{reference / median:.2f}x" if reference else "-"
         ratio = f"{peak / hf_peak:.2f}x" if peak and hf_peak else "-"
         lines.append(
-            f"{row:<32}{median:>9.2f}{steps:>28}{peak or 0:>13.0f}{loaded or 0:>11.0f}"
+            f"{row:<32}{median:>9.2f}{steps:>28}{_mb(peak):>13}{_mb(loaded):>11}"
             f"{speed:>10}{ratio:>8}"
         )
     lines.append(
@@ -245,6 +245,10 @@ def format_training_report(result: Dict, header: str) -> str:
         f"load average {result['load_average'][0]} -> {result['load_average'][-1]}"
     )
     return "\n".join(lines)
+
+
+def _mb(value) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def training_memory_child(row: str, hf_dir: str, out_dir: str, size, batch: int, steps: int):
