@@ -3,6 +3,7 @@
 It is a benchmark, not a test of speed: nothing here asserts which implementation is faster.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -122,3 +123,57 @@ def test_drift_on_hand_made_detections():
 def test_bad_options_get_a_clear_error(argv, message):
     run = _run_tool(*argv)
     assert run.returncode == 1 and message in run.stderr, run.stderr[-3000:]
+
+
+def test_train_benchmark_prints_steps_speed_up_and_memory_of_each_row(workdir):
+    """``--train`` on the tiny model: every row's steps, its median (the steps after the first)
+    and its peak memory from a child process, with the ratios against transformers."""
+    rows = ["transformers", "ours (dn on)"]
+    run = _run_tool(
+        "--train", "--tiny", "--size", "64x96", "--steps", "2", "--threads", "1",
+        "--rows", ",".join(rows), "--workdir", str(workdir),
+    )  # fmt: skip
+    out = run.stdout
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "batch 1 of 64x96, 2 steps per row" in out and "1 threads" in out, out
+    found = {}
+    for name in rows:
+        pattern = (
+            rf"^{re.escape(name)}\s+(\d+\.\d+)\s+(\d+\.\d+), (\d+\.\d+)\s+(\d+)\s+(\d+)"
+            rf"\s+(\d+\.\d+)x\s+(\d+\.\d+)x$"
+        )
+        row = re.search(pattern, out, re.MULTILINE)
+        assert row, out
+        median, first, second, peak, loaded, speed_up, memory = map(float, row.groups())
+        # The median leaves the first step out: with two steps it is the second.
+        assert median == pytest.approx(second, abs=0.006)
+        assert peak >= loaded > 100, out
+        found[name] = (median, peak, speed_up, memory)
+    hf, ours = found["transformers"], found["ours (dn on)"]
+    assert hf[2] == 1.0 and hf[3] == 1.0
+    assert ours[2] == pytest.approx(hf[0] / ours[0], rel=0.1, abs=0.02)
+    assert ours[3] == pytest.approx(ours[1] / hf[1], abs=0.006)
+
+
+def test_train_benchmark_refuses_unknown_rows():
+    run = _run_tool("--train", "--rows", "transformers,ours (dn maybe)")
+    assert run.returncode == 1 and "unknown rows ['ours (dn maybe)']" in run.stderr, run.stderr
+
+
+def test_gpu_memory_check_runs_on_the_cpu_with_the_tiny_model(workdir, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    command = [sys.executable, str(TOOLS / "gpu_memory_check.py"), "--tiny", "--size", "64x96"]
+    command += ["--batches", "1,2", "--steps", "1", "--threads", "1", "--device", "cpu"]
+    command += ["--workdir", str(workdir), "--json", str(tmp_path / "memory.json")]
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "No GPU: the peak is the process's resident set size" in run.stdout
+    for batch in (1, 2):
+        assert re.search(rf"batch +{batch}: peak \d+\.\d+ GiB \(peak_rss_mb\)", run.stdout)
+    assert "Largest batch that ran: 2" in run.stdout
+    results = json.loads((tmp_path / "memory.json").read_text())["results"]
+    assert [r["batch"] for r in results] == [1, 2]
+    assert results[1]["peak_rss_mb"] >= results[0]["peak_rss_mb"] > 100
+    # The results file is never overwritten.
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    assert again.returncode == 1 and "exists; it is not overwritten" in again.stderr

@@ -1,9 +1,16 @@
-"""CPU inference benchmark: this project's Grounding DINO against transformers' one.
+"""CPU inference and training benchmark: this project's Grounding DINO against transformers'.
 
 Usage::
 
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 python tools/benchmark.py \\
         [--threads 2] [--runs 5] [--dtype fp32|bf16] [--size 800x1333] [--tiny]
+    python tools/benchmark.py --train [--batch 1] [--steps 3] [--size 800x1333] [--rows ...]
+
+``--train`` times training steps instead (forward with the loss, backward, AdamW over every
+parameter) of transformers' model with ``labels`` and ours with its criterion, denoising off
+(like for like) and on, on the same converted weights, image, caption and three boxes; rows
+alternate step by step in this process, and each row's peak RSS is measured in a child
+process of its own (see ``grounding_dino.comparison.training``).
 
 What it does:
 
@@ -55,7 +62,7 @@ from typing import Callable, Dict, List
 
 import torch
 
-from grounding_dino.comparison import checks, reference
+from grounding_dino.comparison import checks, reference, training
 from grounding_dino.comparison.reference import (
     load_hf,
     load_onnx,
@@ -63,6 +70,7 @@ from grounding_dino.comparison.reference import (
     make_image,
     parse_size,
 )
+from grounding_dino.comparison.training import load_average, peak_memory_mb
 
 __all__ = ["main", "run_benchmark", "peak_memory_mb"]
 
@@ -76,13 +84,6 @@ def _timed(function: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def _load_average() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as info:
@@ -94,20 +95,16 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def peak_memory_mb() -> Dict[str, float]:
-    """This process's current and peak resident set size (``VmRSS``, ``VmHWM``) in MB."""
-    values = {}
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, amount = line.split(":")
-                values[key] = int(amount.split()[0]) / 1024.0
-    return {"rss_mb": values.get("VmRSS", float("nan")), "peak_mb": values.get("VmHWM", 0.0)}
-
-
 def _memory_child(args) -> None:
-    """Child process: loads one implementation, runs two calls, prints its memory as JSON."""
+    """Child process: loads one implementation, runs two calls (``--train``: ``--steps``
+    training steps of row ``--row``), prints its memory as JSON."""
     torch.set_num_threads(args.threads)
+    if args.memory_child == "train":
+        memory = training.training_memory_child(
+            args.row, args.hf_dir, args.out_dir, parse_size(args.size), args.batch, args.steps
+        )
+        print(json.dumps(memory))
+        return
     image = make_image(args.size)
     if args.memory_child == "hf":
         pipeline = load_hf(args.hf_dir, parse_size(args.size))
@@ -121,7 +118,9 @@ def _memory_child(args) -> None:
     print(json.dumps({"loaded_mb": loaded, **peak_memory_mb()}))
 
 
-def _measure_memory(kind: str, args, hf_dir: str, out_dir: str, onnx="") -> Dict[str, float]:
+def _measure_memory(
+    kind: str, args, hf_dir: str, out_dir: str, onnx="", row=""
+) -> Dict[str, float]:
     command = [
         sys.executable,
         os.path.abspath(__file__),
@@ -137,6 +136,12 @@ def _measure_memory(kind: str, args, hf_dir: str, out_dir: str, onnx="") -> Dict
         args.size,
         "--onnx",
         onnx,
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(max(2, args.steps)),
+        "--row",
+        row,
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -166,12 +171,31 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory children")
     parser.add_argument(
+        "--train",
+        action="store_true",
+        help="time and measure training steps instead of inference (see docs/benchmarks.md)",
+    )
+    parser.add_argument("--batch", type=int, default=1, help="--train: images per step")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=3,
+        help="--train: timed steps of each row (the first is "
+        "left out of the median; the memory children run max(2, steps))",
+    )
+    parser.add_argument(
+        "--rows",
+        default="transformers,ours (dn off),ours (dn on)",
+        help=f"--train: comma-separated rows, of: {', '.join(training.ROWS)}",
+    )
+    parser.add_argument(
         "--workdir", default=None, help="keep the models here and reuse them (default: temp)"
     )
     # Internal: the per-implementation memory child.
     parser.add_argument(
-        "--memory-child", choices=["hf", "ours", "onnxruntime"], help=argparse.SUPPRESS
+        "--memory-child", choices=["hf", "ours", "onnxruntime", "train"], help=argparse.SUPPRESS
     )
+    parser.add_argument("--row", default="", help=argparse.SUPPRESS)
     parser.add_argument("--onnx", default="", help=argparse.SUPPRESS)
     parser.add_argument("--hf-dir", help=argparse.SUPPRESS)
     parser.add_argument("--out-dir", help=argparse.SUPPRESS)
@@ -208,13 +232,13 @@ def run_benchmark(args, workdir: str) -> Dict:
 
         pipelines["ours bf16"] = ours_bf16
     times: Dict[str, List[float]] = {name: [] for name in pipelines}
-    loads = [_load_average()]
+    loads = [load_average()]
     for function in pipelines.values():  # warm-up
         function()
     for _ in range(args.runs):
         for name, function in pipelines.items():
             times[name].append(_timed(function))
-        loads.append(_load_average())
+        loads.append(load_average())
     medians = {name: statistics.median(values) for name, values in times.items()}
     result = {
         "check": check,
@@ -283,6 +307,17 @@ def main(argv=None) -> int:
     if args.threads < 1 or args.runs < 1:
         print("error: --threads and --runs must be at least 1", file=sys.stderr)
         return 1
+    if args.batch < 1 or args.steps < 1:
+        print("error: --batch and --steps must be at least 1", file=sys.stderr)
+        return 1
+    rows = [row.strip() for row in args.rows.split(",") if row.strip()]
+    unknown = [row for row in rows if row not in training.ROWS]
+    if args.train and (unknown or not rows):
+        print(
+            f"error: --rows {args.rows!r}: unknown rows {unknown}; rows: {list(training.ROWS)}",
+            file=sys.stderr,
+        )
+        return 1
     try:
         parse_size(args.size)
     except ValueError as error:
@@ -299,8 +334,33 @@ def main(argv=None) -> int:
     else:
         context = tempfile.TemporaryDirectory(prefix="gdino_benchmark_")
     with context as workdir:
+        if args.train:
+            return _train_benchmark(args, workdir, rows)
         result = run_benchmark(args, workdir)
     _report(args, result)
+    return 0
+
+
+def _train_benchmark(args, workdir: str, rows) -> int:
+    """``--train``: the training rows' seconds per step and peak memory, printed as a table."""
+    torch.set_num_threads(args.threads)
+    print(f"Building and converting the {'tiny' if args.tiny else 'Swin-T + BERT-base'} model")
+    hf_dir, out_dir = reference.prepare_models(workdir, args.tiny)
+    size = parse_size(args.size)
+
+    def measure(row):
+        return _measure_memory("train", args, hf_dir, out_dir, row=row)
+
+    result = training.run_training_benchmark(
+        rows, hf_dir, out_dir, size, args.batch, args.steps, None if args.no_memory else measure
+    )
+    header = (
+        f"Training: {_cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{args.threads} threads, {'tiny model' if args.tiny else 'Swin-T + BERT-base'}, "
+        f"batch {args.batch} of {args.size}, {args.steps} steps per row (alternating), "
+        "forward + loss + backward + AdamW"
+    )
+    print(training.format_training_report(result, header))
     return 0
 
 

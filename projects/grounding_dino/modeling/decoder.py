@@ -1,9 +1,11 @@
 """The cross-modality decoder: queries attend to each other, to the text and to the image,
 and refine their boxes layer by layer."""
 
+import functools
 from typing import List, Optional, Tuple
 
 import torch
+import torch.utils.checkpoint as checkpoint
 from torch import nn
 
 from .attention import MultiheadAttention
@@ -104,6 +106,7 @@ class CrossModalityDecoder(nn.Module):
         num_points: int,
         dropout: float,
         per_layer_box_heads: bool = False,
+        use_checkpoint: bool = False,
     ):
         """
         Args:
@@ -116,8 +119,11 @@ class CrossModalityDecoder(nn.Module):
             dropout: dropout of the attentions and FFN (training only).
             per_layer_box_heads: False: one box head ``bbox_embed`` shared by the layers;
                 True: ``bbox_embed`` is a list with one head per layer.
+            use_checkpoint: activation checkpointing of every layer in training (recomputed in
+                the backward: less memory, same values and gradients).
         """
         super().__init__()
+        self.use_checkpoint = use_checkpoint
         self.layers = nn.ModuleList(
             CrossModalityDecoderLayer(
                 d_model=d_model,
@@ -173,6 +179,7 @@ class CrossModalityDecoder(nn.Module):
         ratios = torch.cat([image.valid_ratios, image.valid_ratios], -1)[:, None]
         hidden, boxes = [], []
         shared = not isinstance(self.bbox_embed, nn.ModuleList)
+        checkpointed = self.use_checkpoint and self.training and torch.is_grad_enabled()
         for index, layer in enumerate(self.layers):
             box_head = self.bbox_embed if shared else self.bbox_embed[index]
             points_input = reference_points[:, :, None] * ratios
@@ -182,7 +189,9 @@ class CrossModalityDecoder(nn.Module):
             query_pos = self.ref_point_head(
                 box_sine_embedding(reference_points, num_feats=self.d_model // 2)
             )
-            queries = layer(
+            # Non-reentrant checkpointing: parameters get gradients whatever the inputs.
+            run = functools.partial(checkpoint.checkpoint, layer, use_reentrant=False)
+            queries = (run if checkpointed else layer)(
                 queries,
                 query_pos,
                 points_input,

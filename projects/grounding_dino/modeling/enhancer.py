@@ -8,6 +8,7 @@ import functools
 from typing import Iterable, Sequence, Tuple
 
 import torch
+import torch.utils.checkpoint as checkpoint
 from timm.layers import DropPath
 from torch import nn
 
@@ -175,6 +176,29 @@ class FeatureEnhancerLayer(nn.Module):
             dropout=dropout,
         )
 
+    def forward(self, memory, features, image, text, image_pos, reference_points, text_pos):
+        """
+        Args:
+            memory: [B, S, C] image tokens; features: [B, L, C] text features.
+            image, text: their layouts and masks (:class:`ImageTokens`, :class:`EncodedText`).
+            image_pos: [B, S, C] image positions (with the level embedding).
+            reference_points: [B, S, num_levels, 2]; text_pos: [B, L, C].
+
+        Returns:
+            the updated (memory, features).
+        """
+        memory, features = self.fusion(memory, features, image.valid_mask, text.token_mask)
+        features = self.text_layer(features, text_pos, text.self_attention_mask)
+        memory = self.image_layer(
+            memory,
+            image_pos,
+            reference_points,
+            image.spatial_shapes,
+            image.level_start_index,
+            image.valid_mask,
+        )
+        return memory, features
+
 
 def encoder_reference_points(
     level_sizes: Iterable[Sequence], valid_ratios: torch.Tensor
@@ -230,6 +254,7 @@ class FeatureEnhancer(nn.Module):
         fusion_heads: int,
         dropout: float,
         fusion_drop_path: float,
+        use_checkpoint: bool = False,
     ):
         """
         Args:
@@ -245,8 +270,12 @@ class FeatureEnhancer(nn.Module):
             fusion_heads: heads of the image-text attention.
             dropout: dropout of the attentions and FFNs (training only).
             fusion_drop_path: stochastic depth rate of the image-text fusion residuals.
+            use_checkpoint: activation checkpointing of every layer in training (each layer's
+                activations are recomputed in the backward instead of kept: less memory, about
+                one more forward of the enhancer in time; same values and gradients).
         """
         super().__init__()
+        self.use_checkpoint = use_checkpoint
         self.level_embed = nn.Parameter(torch.empty(num_levels, d_model))
         nn.init.normal_(self.level_embed)
         self.layers = nn.ModuleList(
@@ -293,15 +322,12 @@ class FeatureEnhancer(nn.Module):
         )
         features = text.features
         text_pos = sine_embedding(text.position_ids.float(), num_feats=features.shape[-1])
+        checkpointed = self.use_checkpoint and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            memory, features = layer.fusion(memory, features, image.valid_mask, text.token_mask)
-            features = layer.text_layer(features, text_pos, text.self_attention_mask)
-            memory = layer.image_layer(
-                memory,
-                image_pos,
-                reference_points,
-                spatial_shapes,
-                image.level_start_index,
-                image.valid_mask,
-            )
+            args = (memory, features, image, text, image_pos, reference_points, text_pos)
+            if checkpointed:
+                # Non-reentrant: parameters get gradients even when no input requires them.
+                memory, features = checkpoint.checkpoint(layer, *args, use_reentrant=False)
+            else:
+                memory, features = layer(*args)
         return image.with_tokens(memory), text.with_features(features)

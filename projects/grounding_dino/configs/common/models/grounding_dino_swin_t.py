@@ -91,6 +91,7 @@ model = L(GroundingDINO)(
         fusion_heads=4,
         dropout=0.0,
         fusion_drop_path=0.1,
+        use_checkpoint=False,  # activation checkpointing of every layer (less training memory)
     ),
     query_selector=L(build_query_selector)(
         name="LanguageGuidedQuerySelector",
@@ -109,6 +110,7 @@ model = L(GroundingDINO)(
         num_levels="${..num_feature_levels}",
         num_points=4,
         dropout=0.0,
+        use_checkpoint=False,  # as the enhancer's
     ),
     head=L(ContrastiveHead)(max_text_len="${..max_text_len}", bias_init=None, log_scale_init=None),
     # ---- training

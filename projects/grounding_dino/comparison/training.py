@@ -1,0 +1,280 @@
+"""
+The training steps that ``tools/benchmark.py --train`` times and measures: transformers'
+``GroundingDinoForObjectDetection`` with ``labels`` (its own loss) and this project's model with
+its criterion, on the same converted weights, the same images, caption and boxes, each followed
+by an AdamW step over every parameter.
+"""
+
+import os
+import statistics
+import time
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+__all__ = [
+    "ROWS",
+    "TrainingBatch",
+    "build_training_steps",
+    "format_training_report",
+    "load_average",
+    "make_training_batch",
+    "peak_memory_mb",
+    "run_training_benchmark",
+    "training_memory_child",
+]
+
+# Benchmark rows: name -> (implementation, denoising queries of ours, activation checkpointing).
+ROWS = {
+    "transformers": ("hf", None, False),
+    "ours (dn off)": ("ours", 0, False),
+    "ours (dn on)": ("ours", 100, False),
+    "ours (dn off + checkpointing)": ("ours", 0, True),
+}
+
+CAPTION = "a cat . a remote control . a person on the left ."
+# Three boxes (x0, y0, x1, y1 as fractions of the image) of the caption's phrases 0, 1, 2.
+BOXES = ((0.10, 0.15, 0.45, 0.70), (0.50, 0.40, 0.65, 0.55), (0.05, 0.05, 0.30, 0.95))
+PHRASE_SPANS = ((0, 5), (8, 24), (27, 49))  # "a cat", "a remote control", "a person on the left"
+
+
+class TrainingBatch:
+    """One batch in both formats: ``images`` [B, 3, H, W] uint8 RGB, the caption and boxes."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+        height, width = images.shape[-2:]
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+        self.boxes_xyxy = torch.tensor(BOXES) * scale  # [3, 4] pixels
+        self.classes = torch.arange(len(BOXES))
+
+    def hf_labels(self) -> List[Dict[str, torch.Tensor]]:
+        """transformers' ``labels``: per image ``class_labels`` [N] and cxcywh ``boxes`` [N, 4]
+        normalised by the image size."""
+        height, width = self.images.shape[-2:]
+        x0, y0, x1, y1 = (self.boxes_xyxy / torch.tensor([width, height] * 2)).unbind(-1)
+        boxes = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], -1)
+        return [{"class_labels": self.classes, "boxes": boxes} for _ in self.images]
+
+    def ours(self, model) -> List[Dict]:
+        """Our training inputs (``image``, ``caption``, ``instances`` with positive maps)."""
+        from detectron2.structures import Boxes, Instances
+
+        encoding = model.prompt_encoder.tokenize(CAPTION)
+        positive_map = model.prompt_encoder.positive_map(
+            CAPTION, [[span] for span in PHRASE_SPANS], encoding
+        )
+        records = []
+        for image in self.images:
+            instances = Instances(tuple(image.shape[-2:]))
+            instances.gt_boxes = Boxes(self.boxes_xyxy.clone())
+            instances.gt_classes = self.classes.clone()
+            instances.gt_positive_map = positive_map
+            records.append({"image": image, "caption": CAPTION, "instances": instances})
+        return records
+
+
+def make_training_batch(size: Tuple[int, int], batch: int) -> TrainingBatch:
+    """``batch`` copies of the benchmark's deterministic image of ``size`` (height, width)."""
+    from .reference import make_image
+
+    bgr = make_image(f"{size[0]}x{size[1]}")
+    rgb = torch.from_numpy(bgr[:, :, ::-1].copy()).permute(2, 0, 1)
+    return TrainingBatch(rgb.unsqueeze(0).repeat(batch, 1, 1, 1).contiguous())
+
+
+def _hf_step(hf_dir: str, batch: TrainingBatch, device="cpu"):
+    from transformers import GroundingDinoForObjectDetection
+
+    from ..text.tokenizer import load_tokenizer, local_bert_dir
+
+    model = GroundingDinoForObjectDetection.from_pretrained(hf_dir).to(device).train()
+    # Losses of every decoder layer and of the encoder's proposals, as our criterion's.
+    model.config.auxiliary_loss = True
+    text = load_tokenizer(local_bert_dir())([CAPTION] * len(batch.images), return_tensors="pt")
+    text = {key: value.to(device) for key, value in text.items()}
+    # The processor's normalisation (ImageNet mean and std of [0, 1] pixels).
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    pixel_values = ((batch.images.float() / 255 - mean) / std).to(device)
+    labels = [{k: v.to(device) for k, v in label.items()} for label in batch.hf_labels()]
+
+    def loss() -> torch.Tensor:
+        return model(pixel_values=pixel_values, labels=labels, **text).loss
+
+    return model, loss
+
+
+def _ours_step(out_dir: str, batch: TrainingBatch, device="cpu"):
+    from detectron2.utils.events import EventStorage
+
+    from .. import model_zoo
+
+    model = model_zoo.get(os.path.join(out_dir, "config.yaml"), device=device).train()
+    for parameter in model.parameters():  # every parameter trainable, as transformers'
+        parameter.requires_grad_(True)
+    inputs = batch.ours(model)
+
+    def loss() -> torch.Tensor:
+        with EventStorage():
+            return sum(model(inputs).values())
+
+    return model, loss
+
+
+def build_training_steps(
+    rows, hf_dir: str, out_dir: str, batch: TrainingBatch, lr: float = 1e-4, device="cpu"
+) -> Dict[str, Callable[[], float]]:
+    """
+    For each benchmark row (keys of :data:`ROWS`, or a mapping like :data:`ROWS` of one's
+    own) a function that runs one training step:
+    forward with the loss, backward, AdamW step over every parameter, gradients released; it
+    returns the loss. Our rows share one model and optimizer (each step sets its denoising and
+    checkpointing), so that a process holds at most two models. Models and inputs go to
+    ``device``.
+
+    Raises:
+        ValueError: an unknown row; (from a step) a loss that is not finite.
+    """
+    if not isinstance(rows, dict):
+        unknown = [row for row in rows if row not in ROWS]
+        if unknown:
+            raise ValueError(f"unknown benchmark rows {unknown}; rows: {list(ROWS)}")
+        rows = {row: ROWS[row] for row in rows}
+    kinds = {kind for kind, _, _ in rows.values()}
+    built = {}
+    if "hf" in kinds:
+        built["hf"] = _hf_step(hf_dir, batch, device)
+    if "ours" in kinds:
+        built["ours"] = _ours_step(out_dir, batch, device)
+    optimizers = {
+        kind: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+        for kind, (model, _) in built.items()
+    }
+
+    def make_step(row):
+        kind, dn_number, checkpointing = rows[row]
+        model, loss_fn = built[kind]
+        optimizer = optimizers[kind]
+
+        def step() -> float:
+            if kind == "ours":
+                model.dn_number = dn_number
+                model.enhancer.use_checkpoint = model.decoder.use_checkpoint = checkpointing
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn()
+            if not torch.isfinite(loss):
+                raise ValueError(f"{row}: the training loss is {loss.item()}")
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return float(loss)
+
+        return step
+
+    return {row: make_step(row) for row in rows}
+
+
+def _median_after_first(times: List[float]) -> float:
+    """The median step time without the first step (allocations, lazy optimizer state), or
+    the first step's time when there is only one."""
+    return statistics.median(times[1:] if len(times) > 1 else times)
+
+
+def run_training_benchmark(
+    rows, hf_dir: str, out_dir: str, size, batch: int, steps: int, measure_memory=None
+) -> Dict:
+    """
+    Times ``steps`` training steps of every row, alternating rows step by step in this process,
+    then (``measure_memory(row) -> {"loaded_mb", "peak_mb", ...}``) each row's peak memory in
+    a process of its own.
+
+    Returns:
+        ``{"times": {row: [s, ...]}, "medians": {row: s}, "losses": {row: [...]},
+        "load_average": [...], "memory": {row: {...}}}`` (memory only with ``measure_memory``).
+    """
+    training_batch = make_training_batch(size, batch)
+    step_functions = build_training_steps(rows, hf_dir, out_dir, training_batch)
+    times = {row: [] for row in rows}
+    losses = {row: [] for row in rows}
+    loads = [load_average()]
+    for index in range(steps):
+        for row, step in step_functions.items():
+            start = time.perf_counter()
+            losses[row].append(step())
+            times[row].append(time.perf_counter() - start)
+            print(f"step {index + 1}/{steps} {row}: {times[row][-1]:.2f} s", flush=True)
+        loads.append(load_average())
+    del step_functions
+    result = {
+        "times": times,
+        "medians": {row: _median_after_first(values) for row, values in times.items()},
+        "losses": losses,
+        "load_average": loads,
+    }
+    if measure_memory is not None:
+        result["memory"] = {row: measure_memory(row) for row in rows}
+    return result
+
+
+def format_training_report(result: Dict, header: str) -> str:
+    """The benchmark's table: seconds per step (median without the first step), every step,
+    peak RSS and its ratio to transformers', speed-up over transformers."""
+    memory = result.get("memory", {})
+    medians = result["medians"]
+    reference = medians.get("transformers")
+    lines = [
+        header,
+        f"{'row':<32}{'s/step':>9}{'steps (s)':>28}{'peak RSS MB':>13}{'loaded MB':>11}"
+        f"{'speed-up':>10}{'memory':>8}",
+    ]
+    for row, median in medians.items():
+        steps = ", ".join(f"{t:.2f}" for t in result["times"][row])
+        peak = memory.get(row, {}).get("peak_mb")
+        loaded = memory.get(row, {}).get("loaded_mb")
+        hf_peak = memory.get("transformers", {}).get("peak_mb")
+        speed = f"{reference / median:.2f}x" if reference else "-"
+        ratio = f"{peak / hf_peak:.2f}x" if peak and hf_peak else "-"
+        lines.append(
+            f"{row:<32}{median:>9.2f}{steps:>28}{_mb(peak):>13}{_mb(loaded):>11}"
+            f"{speed:>10}{ratio:>8}"
+        )
+    lines.append(
+        "s/step: median without the first step; speed-up and memory: against transformers; "
+        "peak RSS: a process running only that row, "
+        f"load average {result['load_average'][0]} -> {result['load_average'][-1]}"
+    )
+    return "\n".join(lines)
+
+
+def _mb(value) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def training_memory_child(row: str, hf_dir: str, out_dir: str, size, batch: int, steps: int):
+    """In a child process: builds one row, runs ``steps`` steps (the peak comes at the second,
+    with the optimizer's state allocated) and returns its memory (``peak_memory_mb``)."""
+    step = build_training_steps([row], hf_dir, out_dir, make_training_batch(size, batch))[row]
+    loaded = peak_memory_mb()["rss_mb"]
+    for _ in range(steps):
+        step()
+    return {"loaded_mb": loaded, **peak_memory_mb()}
+
+
+def peak_memory_mb() -> Dict[str, float]:
+    """This process's current and peak resident set size (``VmRSS``, ``VmHWM``) in MB."""
+    values = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, amount = line.split(":")
+                values[key] = int(amount.split()[0]) / 1024.0
+    return {"rss_mb": values.get("VmRSS", float("nan")), "peak_mb": values.get("VmHWM", 0.0)}
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, as text."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
