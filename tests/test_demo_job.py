@@ -268,7 +268,7 @@ def test_cpu_line_names_the_instruction_sets(monkeypatch):
     from grounding_dino import precision
 
     monkeypatch.setattr(precision, "_cpu_flags", lambda: {"fpu", "avx", "avx2", "fma"})
-    monkeypatch.setattr(precision, "_cpu_model", lambda: "AMD EPYC 7B13")
+    monkeypatch.setattr(precision, "cpu_model_name", lambda: "AMD EPYC 7B13")
     precision.cpu_has_native_bf16.cache_clear()
     try:
         line = precision.describe_cpu()

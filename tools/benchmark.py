@@ -52,7 +52,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -71,6 +70,7 @@ from grounding_dino.comparison.reference import (
     parse_size,
 )
 from grounding_dino.comparison.training import load_average, peak_memory_mb
+from grounding_dino.precision import cpu_model_name
 
 __all__ = ["main", "run_benchmark", "peak_memory_mb"]
 
@@ -82,17 +82,6 @@ def _timed(function: Callable[[], object]) -> float:
     start = time.perf_counter()
     function()
     return time.perf_counter() - start
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _memory_child(args) -> None:
@@ -268,7 +257,7 @@ def run_benchmark(args, workdir: str) -> Dict:
 def _report(args, result: Dict) -> None:
     print()
     print(
-        f"Machine: {_cpu_name()}, {os.cpu_count()} CPUs, "
+        f"Machine: {cpu_model_name()}, {os.cpu_count()} CPUs, "
         f"torch {torch.__version__}, {args.threads} threads, image {args.size}, "
         f"{args.runs} runs (medians); load average during runs: "
         f"{result['load_average'][0]} -> {result['load_average'][-1]}"
@@ -355,7 +344,7 @@ def _train_benchmark(args, workdir: str, rows) -> int:
         rows, hf_dir, out_dir, size, args.batch, args.steps, None if args.no_memory else measure
     )
     header = (
-        f"Training: {_cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"Training: {cpu_model_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{args.threads} threads, {'tiny model' if args.tiny else 'Swin-T + BERT-base'}, "
         f"batch {args.batch} of {args.size}, {args.steps} steps per row (alternating), "
         "forward + loss + backward + AdamW"

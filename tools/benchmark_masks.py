@@ -33,9 +33,10 @@ import tempfile
 from typing import Dict, List
 
 import torch
-from benchmark import _cpu_name, _load_average, _timed
+from benchmark import _load_average, _timed
 
 from grounding_dino.comparison.reference import load_ours, make_image, parse_size, prepare_models
+from grounding_dino.precision import cpu_model_name
 from grounding_dino.segment import MaskStage
 from grounding_dino.segment.loading import SEGMENTER_KINDS
 
@@ -124,8 +125,8 @@ def main(argv=None) -> int:
     height, width = parse_size(args.size)
     image_bgr = make_image(args.size)
     image_rgb = image_bgr[:, :, ::-1].copy()
-    print(f"CPU: {_cpu_name()}; torch threads {args.threads}; load average {_load_average()}")
-    results = {"size": args.size, "threads": args.threads, "cpu": _cpu_name()}
+    print(f"CPU: {cpu_model_name()}; torch threads {args.threads}; load average {_load_average()}")
+    results = {"size": args.size, "threads": args.threads, "cpu": cpu_model_name()}
     names = {"sam": "SAM ViT-B", "sam2": "SAM 2.1 Hiera-T"}
     with torch.no_grad():
         for kind in ("sam", "sam2"):

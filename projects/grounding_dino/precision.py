@@ -23,6 +23,7 @@ import contextlib
 import functools
 import logging
 import os
+import platform
 from typing import Dict, List, Union
 
 import torch
@@ -122,7 +123,8 @@ CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 _ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
-def _cpu_model() -> str:
+def cpu_model_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what ``platform`` knows."""
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:
@@ -130,7 +132,7 @@ def _cpu_model() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return "CPU"
+    return platform.processor() or platform.machine() or "CPU"
 
 
 def describe_cpu() -> str:
@@ -150,7 +152,7 @@ def describe_cpu() -> str:
     limits = [f"{name}={os.environ[name]}" for name in _ISA_LIMITS if os.environ.get(name)]
     held = f" (held by {', '.join(limits)})" if limits else ""
     bf16 = "native" if cpu_has_native_bf16() else "emulated"
-    return f"{_cpu_model()}: {found}; torch kernels {capability}{held}; bfloat16 {bf16}"
+    return f"{cpu_model_name()}: {found}; torch kernels {capability}{held}; bfloat16 {bf16}"
 
 
 def _onednn_allows_bf16() -> bool:
