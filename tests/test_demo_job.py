@@ -170,7 +170,7 @@ def test_changed_override_trains_again_and_says_why(first_run):
         "differ, trained -> now: model.query_selector.num_queries: 20 -> 21). The new run "
         "replaces the old run's model_final.pth, config.yaml, metrics.json, run_info.json"
     ) in printed
-    assert "[train] iter 2/2" in printed and "reusing" not in printed
+    assert "[train] iter 2/2" in printed and "reusing the trained model" not in printed
     # The model and its config.yaml were published together when training ended, with a notice.
     (notice,) = [line for line in printed.splitlines() if "replaced the earlier run's" in line]
     assert "config.yaml" in notice and "model_final.pth" in notice and out in notice

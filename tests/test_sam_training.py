@@ -7,10 +7,11 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from grounding_dino.data.synthetic import register_shapes_datasets
 from grounding_dino.segment import MaskStage
-from grounding_dino.segment.data import jitter_boxes
+from grounding_dino.segment.data import _resize_and_pad, jitter_boxes
 from grounding_dino.segment.loss import dice_loss, mask_iou, sam_mask_losses
 from grounding_dino.shapes_demo.masks import train_mask_stage
 
@@ -126,3 +127,14 @@ def test_finetune_sam_coco_format_from_the_command_line(tmp_path):
     assert encoder and all(torch.equal(before[k], after[k]) for k in encoder)
     assert any(not torch.equal(before[k], after[k]) for k in decoder)
     assert MaskStage.from_pretrained(str(out / "sam")).kind == "sam"
+
+
+def test_unresized_masks_are_padded_as_the_resize_would():
+    masks = torch.rand(3, 20, 30) > 0.5
+    fast = _resize_and_pad(masks, [20, 30], (32, 32))  # no resize: the shortcut
+    resized = F.pad(
+        F.interpolate(masks[:, None].float(), size=(20, 30), mode="bilinear"), (0, 2, 0, 12)
+    )
+    assert fast.dtype == torch.uint8 and fast.shape == (3, 32, 32)
+    assert torch.equal(fast, (resized[:, 0] >= 0.5).to(torch.uint8))
+    assert _resize_and_pad(masks, [10, 15], (16, 16)).shape == (3, 16, 16)  # resized path

@@ -11,7 +11,7 @@ patches, so the mask decoder predicts 64x64 masks.
 
 Train with::
 
-    python train_net.py --config-file configs/sam_shapes.py train.max_iter=200
+    python train_net.py --config-file configs/sam_shapes.py train.max_iter=500
 
 The trained segmenter is written to ``train.output_dir/sam`` as a transformers folder
 (``config.json``, ``model.safetensors``, ``preprocessor_config.json``) that ``--sam`` loads::
@@ -111,7 +111,7 @@ lr_multiplier.steps = [0.8]
 
 train.output_dir = "./output/sam_shapes"
 train.device = "cpu"
-train.max_iter = 200
+train.max_iter = 500
 train.eval_period = -1  # no detector evaluator here: segm AP comes with the detector's boxes
 train.checkpointer.update(period=1000, max_to_keep=1)
 train.log_period = 20

@@ -136,6 +136,11 @@ class SamBoxMapper:
 
 def _resize_and_pad(masks: torch.Tensor, resized: List[int], padded) -> torch.Tensor:
     """(K, H, W) bool masks -> (K, *padded) uint8: resized as the image was, padded with 0."""
+    pad = (0, padded[1] - resized[1], 0, padded[0] - resized[0])
+    if list(masks.shape[-2:]) == list(resized):
+        # Not resized (the image is already the processor's size): the bilinear resize would be
+        # the identity, and it is a third of the mapper's time on the demo's 256 px shapes.
+        return F.pad(masks.to(torch.uint8), pad)
     out = F.interpolate(masks[:, None].float(), size=resized, mode="bilinear", align_corners=False)
-    out = F.pad(out[:, 0], (0, padded[1] - resized[1], 0, padded[0] - resized[0]))
+    out = F.pad(out[:, 0], pad)
     return (out >= 0.5).to(torch.uint8)
