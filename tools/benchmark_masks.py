@@ -33,9 +33,10 @@ import tempfile
 from typing import Dict, List
 
 import torch
-from benchmark import _load_average, _timed
+from benchmark import _timed
 
 from grounding_dino.comparison.reference import load_ours, make_image, parse_size, prepare_models
+from grounding_dino.comparison.training import load_average
 from grounding_dino.precision import cpu_model_name
 from grounding_dino.segment import MaskStage
 from grounding_dino.segment.loading import SEGMENTER_KINDS
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
     height, width = parse_size(args.size)
     image_bgr = make_image(args.size)
     image_rgb = image_bgr[:, :, ::-1].copy()
-    print(f"CPU: {cpu_model_name()}; torch threads {args.threads}; load average {_load_average()}")
+    print(f"CPU: {cpu_model_name()}; torch threads {args.threads}; load average {load_average()}")
     results = {"size": args.size, "threads": args.threads, "cpu": cpu_model_name()}
     names = {"sam": "SAM ViT-B", "sam2": "SAM 2.1 Hiera-T"}
     with torch.no_grad():
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
                 results["detector"] = _median_time(
                     lambda: predictor(image_bgr, CAPTION), args.runs, "detector"
                 )
-    results["load_average_after"] = _load_average()
+    results["load_average_after"] = load_average()
     _print_table(results, args.boxes, height, width)
     if args.json:
         with open(args.json, "x") as stream:  # never over a user's file
