@@ -401,13 +401,17 @@ def _summary(results: Dict, info: Dict, output_dir: str, pictures: List[str]) ->
         f"  unseen colour-shape pairs (val_unseen): AP {get('bbox_unseen', 'AP')}  "
         f"AP50 {get('bbox_unseen', 'AP50')}",
         f"  referring expressions shapes_rec_val:  Acc@0.5 {get('rec', 'Acc@0.5')}",
-        f"  masks (small SAM on the boxes) shapes_val: segm AP {get('segm', 'AP')}  "
-        f"AP50 {get('segm', 'AP50')}",
         f"  results: {os.path.join(output_dir, 'results.json')}",
         f"  pictures: {', '.join(pictures)}",
         f"  job time: {format_duration(info['job_seconds'])}",
         "=" * 72,
     ]
+    if "segm" in results:  # the mask stage ran (--masks)
+        lines.insert(
+            -4,
+            f"  masks (small SAM on the boxes) shapes_val: segm AP {get('segm', 'AP')}  "
+            f"AP50 {get('segm', 'AP50')}",
+        )
     print("\n".join(lines), flush=True)
 
 
