@@ -28,7 +28,7 @@ from typing import Dict, List, Optional
 from ..convert.checkpoint import load_checkpoint_file
 from ..io.atomic import publish, refuse_existing, temporary_directory
 from . import convert_keys
-from .loading import load_segmenter
+from .loading import key_names, load_segmenter
 
 __all__ = ["SAM_VARIANTS", "SAM2_VARIANTS", "convert_segmenter", "main"]
 
@@ -150,11 +150,6 @@ def _config_from_file(path: str, kind: str):
     return config
 
 
-def _names(keys: List[str], limit: int = 10) -> str:
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(sorted(keys)[:limit]) + more
-
-
 def convert_segmenter(
     kind: str,
     src: str,
@@ -189,7 +184,9 @@ def convert_segmenter(
         state, rename, dropped_prefixes
     )
     if unknown:
-        raise ValueError(f"{src}: {len(unknown)} keys of no {kind} layout: {_names(unknown)}")
+        raise ValueError(
+            f"{src}: {len(unknown)} keys of no {kind} layout: {key_names(unknown, 10)}"
+        )
     try:
         if config is not None:
             hf_config, variant = _config_from_file(config, kind), f"--config {config}"
@@ -212,8 +209,9 @@ def convert_segmenter(
     if missing or unexpected or shapes:
         raise ValueError(
             f"{src} does not fit the {kind} model ({variant}): missing {len(missing)} "
-            f"[{_names(missing)}]; keys the model lacks {len(unexpected)} [{_names(unexpected)}]; "
-            f"wrong shapes {len(shapes)} [{_names(shapes, 5)}]"
+            f"[{key_names(missing, 10)}]; keys the model lacks {len(unexpected)} "
+            f"[{key_names(unexpected, 10)}]; "
+            f"wrong shapes {len(shapes)} [{key_names(shapes, 5)}]"
         )
     model.load_state_dict({key: value.float() for key, value in renamed.items()}, strict=True)
     files = _write(

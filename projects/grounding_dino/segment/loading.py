@@ -156,8 +156,11 @@ def _matches(key: str, patterns) -> bool:
     return any(re.search(pattern, key) for pattern in patterns)
 
 
-def _listing(keys, limit: int = 8) -> str:
-    if not keys:
-        return "none"
+def key_names(keys, limit: int) -> str:
+    """The first ``limit`` of ``keys`` in sorted order, and how many more there are."""
     more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return f"{len(keys)} ({', '.join(sorted(keys)[:limit])}{more})"
+    return ", ".join(sorted(keys)[:limit]) + more
+
+
+def _listing(keys, limit: int = 8) -> str:
+    return f"{len(keys)} ({key_names(keys, limit)})" if keys else "none"
