@@ -146,30 +146,6 @@ def test_segm_needs_gt_masks_and_masks_everywhere(dataset, tmp_path):
         MetadataCatalog.remove(NAME + "_bare")
 
 
-SAM_SMALL = dict(
-    vision_config=dict(
-        hidden_size=32,
-        output_channels=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=64,
-        patch_size=16,
-        window_size=2,
-        global_attn_indexes=[0],
-        mlp_dim=64,
-        num_pos_feats=8,
-    ),
-    prompt_encoder_config=dict(hidden_size=16, image_size=64, patch_size=16, mask_input_channels=4),
-    mask_decoder_config=dict(
-        hidden_size=16,
-        mlp_dim=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        iou_head_hidden_dim=16,
-    ),
-)
-
-
 @pytest.mark.slow
 def test_train_net_eval_only_with_sam_reports_segm(tmp_path, converted_tiny):
     """``train_net.py --eval-only --sam DIR``: the COCO evaluator reports ``segm`` beside
@@ -182,14 +158,11 @@ def test_train_net_eval_only_with_sam_reports_segm(tmp_path, converted_tiny):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    from grounding_dino.segment.training import SamForBoxTraining, build_sam, sam_processor
-
+    from sam_reference import tiny_segmenter_folder
     from test_eval_only import EVAL_CONFIG, HEIGHT, REPO, WIDTH, _image
 
     _, out_dir, _ = converted_tiny
-    torch.manual_seed(0)
-    sam = SamForBoxTraining(build_sam(config=SAM_SMALL), sam_processor(image_size=64))
-    sam_dir = sam.save_folder(str(tmp_path / "sam"))
+    _, _, sam_dir = tiny_segmenter_folder("sam", tmp_path / "sam")
     os.makedirs(tmp_path / "images")
     cv2.imwrite(str(tmp_path / "images" / "1.png"), cv2.cvtColor(_image(), cv2.COLOR_RGB2BGR))
     red = np.zeros((HEIGHT, WIDTH), bool)
