@@ -87,14 +87,10 @@ def test_finetune_sam_coco_format_from_the_command_line(tmp_path):
     import cv2
     from safetensors.torch import load_file
 
-    from grounding_dino.segment.training import SamForBoxTraining, build_sam, sam_processor
-
-    from test_segm_eval import SAM_SMALL
+    from sam_reference import tiny_segmenter_folder
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    torch.manual_seed(0)
-    user_sam = SamForBoxTraining(build_sam(config=SAM_SMALL), sam_processor(image_size=64))
-    user_dir = user_sam.save_folder(str(tmp_path / "my_sam"))
+    _, _, user_dir = tiny_segmenter_folder("sam", tmp_path / "my_sam")
     os.makedirs(tmp_path / "images")
     images, annotations = [], []
     for i in (1, 2):
