@@ -12,8 +12,9 @@ import logging
 from typing import Dict, List
 
 import torch
-from detectron2.data import detection_utils
 from torch import nn
+
+from ..io.images import read_image_file
 
 __all__ = ["EVAL_MAX_MASKS", "InferenceWithMasks"]
 
@@ -50,7 +51,7 @@ class InferenceWithMasks(nn.Module):
                     "The mask stage reads each image from its 'file_name', which an input of "
                     f"image_id={inputs.get('image_id')} does not have"
                 )
-            image = detection_utils.read_image(inputs["file_name"], format="RGB")
+            image = read_image_file(inputs["file_name"], format="RGB")
             instances = output["instances"].to(torch.device("cpu"))
             if tuple(instances.image_size) != image.shape[:2]:
                 raise ValueError(

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from detectron2.data import detection_utils as utils
 from detectron2.structures import BoxMode
 
+from ..io.images import read_image_file
+
 __all__ = ["SamBoxMapper", "jitter_boxes"]
 
 logger = logging.getLogger(__name__)
@@ -79,7 +81,8 @@ class SamBoxMapper:
                 (:func:`~grounding_dino.segment.training.sam_processor`).
             max_boxes: masks per image at most (a random subset when there are more).
             box_noise, box_noise_max: the prompt jitter (:func:`jitter_boxes`).
-            image_format: the format images are read in (the processor expects RGB).
+            image_format: "RGB" (what the processor expects) or "BGR", read through the
+                project's image reader (:func:`~grounding_dino.io.images.read_image_file`).
             seed: seed of the jitter and subsets (None: a fresh generator).
         """
         if max_boxes < 1:
@@ -111,7 +114,7 @@ class SamBoxMapper:
 
     def __call__(self, record: Dict) -> Optional[Dict]:
         record = copy.deepcopy(record)
-        image = utils.read_image(record["file_name"], format=self.image_format)
+        image = read_image_file(record["file_name"], format=self.image_format)
         utils.check_image_size(record, image)
         targets = self._targets(record, image.shape[:2])
         if targets is None:

@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from detectron2.config import instantiate
 from detectron2.data import DatasetCatalog
-from detectron2.data.detection_utils import read_image
 from detectron2.structures import BoxMode
 from detectron2.utils.visualizer import Visualizer
 
+from ..io.images import read_image_file
 from ..segment import add_instances_masks
 
 __all__ = ["draw_predictions", "pick_records"]
@@ -94,7 +94,7 @@ def draw_predictions(
                 keep = _dedup(instances, threshold)
                 masks = None
                 if mask_stage is not None:
-                    image_rgb = read_image(record["file_name"], format="RGB")
+                    image_rgb = read_image_file(record["file_name"], format="RGB")
                     masks = add_instances_masks(instances[keep], image_rgb, mask_stage).pred_masks
                 boxes = instances.pred_boxes.tensor[keep].numpy()
                 labels = [f"{output['phrases'][i]} {float(instances.scores[i]):.2f}" for i in keep]
