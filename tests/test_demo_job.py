@@ -204,6 +204,13 @@ def test_bad_arguments_are_refused(demo_job):
         demo_job.parse_args(["--workers", "0"])
 
 
+def test_mask_stage_is_on_by_default_and_can_be_turned_off(demo_job):
+    # make demo shows Grounded-SAM masks unless the user asks for boxes only.
+    assert demo_job.parse_args([]).masks is True
+    assert demo_job.parse_args(["--no-masks"]).masks is False
+    assert demo_job.parse_args(["--masks"]).masks is True
+
+
 def test_parallelism_defaults_use_every_core(demo_job):
     plan = demo_job.plan_parallelism
     # One data-parallel process per core, as many as divide the batch; leftover cores as threads.

@@ -1,17 +1,19 @@
 """
-A small box-prompted segmenter (transformers' ``SamModel``, about 0.2M parameters) trained
+A small box-prompted segmenter (transformers' ``SamModel``, about 0.37M parameters) trained
 from scratch on the CPU on the synthetic shapes' exact masks: the mask stage of ``make demo``.
 
 SAM's recipe at a small size: one mask per box prompt (the ground truth box jittered by 10% of
 its side, at most 2% of the image), focal + dice loss on the mask logits and the IoU head's
 squared error (``grounding_dino.segment.loss``; focal weighted 2:1 here, SAM's 20:1 learns
-slower from scratch, see below). Images are 256 px (the processor resizes
-the longest side to ``image_size`` and pads); the image encoder is a 2-layer ViT on 16 px
-patches, so the mask decoder predicts 64x64 masks.
+slower from scratch, see below). The processor resizes the 256 px shapes to 128 px (longest
+side to ``image_size``, then pads); the image encoder is a 2-layer ViT on 8 px patches, so the
+mask decoder predicts 64x64 masks, one mask pixel per 2x2 input pixels. An 8 px patch holds
+little enough that the encoder learns each pixel's side of a shape's edge within a few hundred
+iterations; 16 px patches at 256 px learned it far slower at the same cost.
 
 Train with::
 
-    python train_net.py --config-file configs/sam_shapes.py train.max_iter=500
+    python train_net.py --config-file configs/sam_shapes.py train.max_iter=350
 
 The trained segmenter is written to ``train.output_dir/sam`` as a transformers folder
 (``config.json``, ``model.safetensors``, ``preprocessor_config.json``) that ``--sam`` loads::
@@ -40,16 +42,15 @@ from .common.train import train
 shapes = dict(image_size=256, num_train=2000, num_val=200)
 register_shapes_datasets(**shapes, generate=False)
 
-IMAGE_SIZE = 256
-PATCH = 16
-EMBED = 32  # the image embedding's channels and the prompt encoder / mask decoder width
+IMAGE_SIZE = 128
+PATCH = 8
+EMBED = 64  # the image embedding's channels and the prompt encoder / mask decoder width
 
 model = L(SamForBoxTraining)(
     sam=L(build_sam)(
-        # Sharper position codes than SAM's std 1: over 200 iterations a new model finds the
-        # box sooner (2-image overfit test: dice 0.13 at iteration 200 with std 4, 0.90 at 100
-        # with 1 and still falling slowly).
-        position_scale=4.0,
+        # Smoother position codes than SAM's std 1: at this size a new model learns sooner
+        # which pixels a box encloses (docs/training.md, the demo job, compares them).
+        position_scale=0.5,
         config=dict(
             vision_config=dict(
                 hidden_size=64,
@@ -72,7 +73,7 @@ model = L(SamForBoxTraining)(
                 num_hidden_layers=2,
                 # 16 dimensions per head as in SAM (256 / 2 / 8); fewer cannot tell where a
                 # pixel is from where the box's corners are.
-                num_attention_heads=2,
+                num_attention_heads=4,
                 attention_downsample_rate=1,
                 iou_head_hidden_dim=EMBED,
             ),
@@ -111,7 +112,7 @@ lr_multiplier.steps = [0.8]
 
 train.output_dir = "./output/sam_shapes"
 train.device = "cpu"
-train.max_iter = 500
+train.max_iter = 350
 train.eval_period = -1  # no detector evaluator here: segm AP comes with the detector's boxes
 train.checkpointer.update(period=1000, max_to_keep=1)
 train.log_period = 20

@@ -118,9 +118,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--masks",
-        action="store_true",
-        help="also train the small SAM on the shapes' masks and report segm AP (off: its masks "
-        "are still coarse, see docs/training.md)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="after the detector, train the small SAM on the shapes' masks and report segm AP "
+        "beside bbox AP (default: on; --no-masks stops at boxes)",
     )
     parser.add_argument(
         "--retrain-masks", action="store_true", help="train the small SAM even if one exists"
@@ -166,7 +167,7 @@ def evaluate(
 ) -> Dict[str, Dict[str, float]]:
     """Runs the project's evaluators on the three validation splits (``EVALUATIONS``, or
     those of them named in ``datasets``); with ``mask_stage`` ``shapes_val`` also gets
-    ``segm`` (masks for its 20 best boxes per image, :mod:`.masks`)."""
+    ``segm`` (masks for its :data:`.masks.MASK_EVAL_MAX_PER_IMAGE` best boxes per image)."""
     from .masks import MASK_EVAL_MAX_PER_IMAGE
 
     results = {}
