@@ -92,7 +92,11 @@ dataloader = dict(
     train=L(build_detection_train_loader)(
         dataset=L(get_detection_dataset_dicts)(names="shapes_train", filter_empty=True),
         mapper=L(SamBoxMapper)(
-            processor="${model.processor}", max_boxes=8, box_noise=0.1, box_noise_max=0.02
+            processor="${model.processor}",
+            max_boxes=8,
+            box_noise=0.1,
+            box_noise_max=0.02,
+            seed="${train.seed}",  # the same prompts on every run: the demo is reproducible
         ),
         total_batch_size=8,
         aspect_ratio_grouping=False,  # every input is padded to the same square
