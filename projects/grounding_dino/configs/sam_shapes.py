@@ -100,7 +100,7 @@ dataloader = dict(
         ),
         total_batch_size=8,
         aspect_ratio_grouping=False,  # every input is padded to the same square
-        num_workers=0,
+        num_workers=1,  # the processor resizes the next batch while the model trains
     )
 )
 
