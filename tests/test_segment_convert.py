@@ -1,13 +1,13 @@
 """``python -m grounding_dino.segment.convert``: original SAM / SAM 2 checkpoints -> transformers
 folders.
 
-A small random transformers model is written back in the ORIGINAL key layout by an inverse
-mapping written here, independently of the converter, from the key names of the original
-repositories (segment_anything's ``image_encoder.blocks.0.attn.qkv.weight``,
-``prompt_encoder.point_embeddings.0.weight``, ``mask_decoder.output_upscaling.0.weight``,
-``mask_decoder.iou_prediction_head.layers.0.weight``; sam2's ``image_encoder.trunk...``,
-``sam_mask_decoder...``, plus its video modules). The CLI converts it back; the weights and the
-masks must be identical. Unknown and missing keys are refused by name.
+A small random transformers model is written back in the ORIGINAL key layout by the inverse
+mapping of ``sam_original_layout`` (written independently of the converter, after transformers'
+own conversion scripts and the original modules), with a sam2.1 file's video modules. The CLI
+converts it back; the weights and the masks must be identical. The released structures (SAM
+ViT-B/L/H, SAM 2.1 Hiera-T/S/B+/L, built on the meta device: names and shapes, no memory) map
+name for name, and literal key names of ``sam_vit_h_4b8939.pth`` / ``sam2.1_hiera_large.pt``
+land where transformers' converter puts them. Unknown and missing keys are refused by name.
 """
 
 import json
@@ -18,115 +18,29 @@ import sys
 import numpy as np
 import pytest
 import torch
+from sam_original_layout import (
+    SAM21_HIERA_L_EXAMPLES,
+    SAM21_VIDEO_KEYS,
+    SAM_VIT_H_EXAMPLES,
+    sam2_to_original,
+    sam_to_original,
+)
 from sam_reference import build_segmenter, save_segmenter
 
 from grounding_dino.segment import MaskStage
-from grounding_dino.segment.convert import _sam2_config, _sam_config, main
-
-
-def _mlp_to_original(key, head, depth):
-    """transformers ``<head>.proj_in / layers.i / proj_out`` -> original ``<head>.layers.j``."""
-    prefix, rest = key.split(head + ".", 1)
-    name, tail = rest.split(".", 1)
-    if name == "proj_in":
-        index = 0
-    elif name == "proj_out":
-        index = depth - 1
-    else:  # "layers.i.weight"
-        index, tail = int(tail.split(".", 1)[0]) + 1, tail.split(".", 1)[1]
-    return f"{prefix}{head}.layers.{index}.{tail}"
-
-
-SAM_NAMES = {  # transformers fragment -> original fragment
-    "vision_encoder.": "image_encoder.",
-    ".patch_embed.projection.": ".patch_embed.proj.",
-    ".neck.conv1.": ".neck.0.",
-    ".neck.layer_norm1.": ".neck.1.",
-    ".neck.conv2.": ".neck.2.",
-    ".neck.layer_norm2.": ".neck.3.",
-    ".mask_embed.conv1.": ".mask_downscaling.0.",
-    ".mask_embed.layer_norm1.": ".mask_downscaling.1.",
-    ".mask_embed.conv2.": ".mask_downscaling.3.",
-    ".mask_embed.layer_norm2.": ".mask_downscaling.4.",
-    ".mask_embed.conv3.": ".mask_downscaling.6.",
-    ".upscale_conv1.": ".output_upscaling.0.",
-    ".upscale_layer_norm.": ".output_upscaling.1.",
-    ".upscale_conv2.": ".output_upscaling.3.",
-    ".layer_norm_final_attn.": ".norm_final_attn.",
-}
-
-
-def _heads(key):
-    for head in ("iou_prediction_head", "pred_obj_score_head"):
-        if f".{head}." in key:
-            return head
-    if ".output_hypernetworks_mlps." in key:
-        return "output_hypernetworks_mlps." + key.split("output_hypernetworks_mlps.")[1][0]
-    return None
-
-
-def _common_to_original(key, depth=3):
-    for new, old in SAM_NAMES.items():
-        key = key.replace(new, old)
-    for number in "1234":
-        key = key.replace(f".layer_norm{number}.", f".norm{number}.")
-    key = key.replace("image_encoder.layers.", "image_encoder.blocks.")
-    key = key.replace(".point_embed.", ".point_embeddings.")
-    head = _heads(key)
-    return _mlp_to_original(key, head, depth) if head else key
-
-
-def sam_to_original(state):
-    """A transformers SamModel state dict -> segment_anything's key layout."""
-    out = {}
-    for key, value in state.items():
-        if key == "prompt_encoder.shared_embedding.positional_embedding":
-            continue  # transformers' tied copy
-        if key == "shared_image_embedding.positional_embedding":
-            out["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"] = value
-            continue
-        out[_common_to_original(key)] = value
-    return out
-
-
-def sam2_to_original(state):
-    """A transformers Sam2Model state dict -> sam2's key layout (video modules added)."""
-    out = {}
-    for key, value in state.items():
-        if key == "prompt_encoder.shared_embedding.positional_embedding":
-            continue
-        if key == "shared_image_embedding.positional_embedding":
-            out["sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"] = value
-        elif key == "no_memory_embedding":
-            out["no_mem_embed"] = value
-        elif key == "prompt_encoder.point_embed.weight":
-            for index in range(value.shape[0]):
-                out[f"sam_prompt_encoder.point_embeddings.{index}.weight"] = value[
-                    index : index + 1
-                ]
-        elif key.startswith("vision_encoder.neck.convs."):
-            number, tail = key[len("vision_encoder.neck.convs.") :].split(".", 1)
-            out[f"image_encoder.neck.convs.{number}.conv.{tail}"] = value
-        elif key.startswith("vision_encoder.backbone."):
-            key = "image_encoder.trunk." + key[len("vision_encoder.backbone.") :]
-            key = key.replace(".patch_embed.projection.", ".patch_embed.proj.")
-            key = key.replace(".layer_norm1.", ".norm1.").replace(".layer_norm2.", ".norm2.")
-            key = key.replace(".mlp.proj_in.", ".mlp.layers.0.")
-            out[key.replace(".mlp.proj_out.", ".mlp.layers.1.")] = value
-        else:
-            key = _common_to_original(key)
-            key = key.replace(".o_proj.", ".out_proj.")
-            key = key.replace(".mlp.proj_in.", ".mlp.layers.0.")
-            key = key.replace(".mlp.proj_out.", ".mlp.layers.1.")
-            key = key.replace("prompt_encoder.", "sam_prompt_encoder.", 1)
-            out[key.replace("mask_decoder.", "sam_mask_decoder.", 1)] = value
-    # The video modules of a sam2.1 checkpoint, which the image model has no use for.
-    out["memory_attention.layers.0.self_attn.q_proj.weight"] = torch.randn(4, 4)
-    out["memory_encoder.fuser.layers.0.gamma"] = torch.randn(4)
-    out["maskmem_tpos_enc"] = torch.randn(7, 1, 1, 4)
-    out["obj_ptr_proj.layers.0.weight"] = torch.randn(4, 4)
-    out["no_obj_embed_spatial"] = torch.randn(1, 4)
-    return out
+from grounding_dino.segment.convert import (
+    SAM2_VARIANTS,
+    SAM_VARIANTS,
+    _check_fit,
+    _processor,
+    _processor_normalization,
+    _renamed_state,
+    _sam2_config,
+    _sam_config,
+    _split_normalization,
+    main,
+)
+from grounding_dino.segment.convert_keys import sam2_key, sam_key
 
 
 def _convert_cli(*args):
@@ -145,8 +59,10 @@ def _image():
 def test_original_layout_converts_to_identical_outputs(tmp_path, kind):
     model, processor = build_segmenter(kind, seed=4)
     reference = save_segmenter(model, processor, tmp_path / "reference")
-    original = (sam_to_original if kind == "sam" else sam2_to_original)(model.state_dict())
-    assert any(k.startswith("image_encoder.blocks.0.attn.qkv") for k in original) or kind == "sam2"
+    if kind == "sam":  # with segment_anything's normalization buffers, as some files have
+        original = sam_to_original(model.state_dict(), normalization=True)
+    else:
+        original = sam2_to_original(model.state_dict())
     checkpoint = tmp_path / f"{kind}_original.pth"
     torch.save(original if kind == "sam" else {"model": original}, checkpoint)
     model.config.to_json_file(tmp_path / "config.json")  # the tiny size is no released variant
@@ -156,8 +72,11 @@ def test_original_layout_converts_to_identical_outputs(tmp_path, kind):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Wrote {out} ({kind}, --config" in result.stdout
     if kind == "sam2":
-        assert "dropped: 5 keys of SAM 2's video modules" in result.stdout
-        assert "memory_attention" in result.stdout
+        assert f"dropped: {len(SAM21_VIDEO_KEYS)} keys of SAM 2's video modules" in result.stdout
+        assert "memory_attention" in result.stdout and "no_obj_embed_spatial" in result.stdout
+    else:
+        assert "pixel_mean / pixel_std: mean [0.485, 0.456, 0.406]" in result.stdout
+        assert "the processor's own ImageNet normalization, kept" in result.stdout
     assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= set(os.listdir(out))
 
     converted = MaskStage.from_pretrained(str(out))
@@ -227,3 +146,94 @@ def test_released_variants_are_read_from_the_shapes():
     assert config.vision_config.backbone_channel_list == [1152, 576, 288, 144]
     assert backbone.num_attention_heads_per_stage == [2, 4, 8, 16]
     json.dumps(config.to_dict())
+
+
+def _meta_model(kind, variant):
+    """The transformers model of a released variant on the meta device: names and shapes of
+    the full-size model, no memory, built in well under a second."""
+    from transformers import Sam2Model, SamModel
+
+    if kind == "sam":
+        width = SAM_VARIANTS[variant]["hidden_size"]
+        probe = {"image_encoder.patch_embed.proj.weight": torch.empty(width, 3, 16, 16)}
+        config, _ = _sam_config(probe, variant)
+        model_class = SamModel
+    else:
+        spec = SAM2_VARIANTS[variant]
+        probe = {"image_encoder.trunk.patch_embed.proj.weight": torch.empty(spec["hidden_size"])}
+        blocks = sum(spec["blocks_per_stage"])
+        probe.update({f"image_encoder.trunk.blocks.{i}.norm1.weight": None for i in range(blocks)})
+        config, _ = _sam2_config(probe, variant)
+        model_class = Sam2Model
+    with torch.device("meta"):
+        return model_class(config)
+
+
+RELEASED = [("sam", name) for name in SAM_VARIANTS] + [("sam2", name) for name in SAM2_VARIANTS]
+
+
+@pytest.mark.parametrize("kind, variant", RELEASED)
+def test_released_structures_convert_name_for_name(kind, variant):
+    expected = _meta_model(kind, variant).state_dict()
+    if kind == "sam":
+        original = sam_to_original(expected)
+    else:
+        original = sam2_to_original(expected)  # with a sam2.1 file's video modules
+    assert (_sam_config if kind == "sam" else _sam2_config)(original, None)[1] == variant
+    renamed, dropped, origins = _renamed_state(kind, original, "released")
+    _check_fit(renamed, origins, expected, f"{kind} {variant}")  # raises, naming the keys
+    assert sorted(dropped) == (sorted(SAM21_VIDEO_KEYS) if kind == "sam2" else [])
+
+
+@pytest.mark.parametrize(
+    "kind, variant, examples",
+    [("sam", "vit_h", SAM_VIT_H_EXAMPLES), ("sam2", "hiera_l", SAM21_HIERA_L_EXAMPLES)],
+)
+def test_real_key_names_land_where_transformers_converter_puts_them(kind, variant, examples):
+    from grounding_dino.segment.convert_keys import mlp_depths
+
+    expected = _meta_model(kind, variant).state_dict()
+    original = (sam_to_original if kind == "sam" else sam2_to_original)(expected)
+    rename, depths = (sam_key if kind == "sam" else sam2_key), mlp_depths(original)
+    for old, new in examples:
+        assert old in original, f"the test's original layout lacks the real name {old}"
+        assert rename(old, depths) == new, old
+        assert new in expected, new
+    if kind == "sam2":
+        points = [f"sam_prompt_encoder.point_embeddings.{i}.weight" for i in range(4)]
+        assert [tuple(original[name].shape) for name in points] == [(1, 256)] * 4
+        renamed, dropped, _ = _renamed_state(kind, original, "sam2.1_hiera_large.pt")
+        assert tuple(renamed["prompt_encoder.point_embed.weight"].shape) == (4, 256)
+        assert len(dropped) == len(SAM21_VIDEO_KEYS) == 19
+        assert tuple(original["no_mem_embed"].shape) == (1, 1, 256)  # copied as is
+
+
+def test_sam2_point_embeddings_are_stacked_in_index_order():
+    from grounding_dino.segment.convert_keys import stack_sam2_point_embeddings
+
+    state = {
+        f"sam_prompt_encoder.point_embeddings.{i}.weight": torch.full((1, 2), float(i))
+        for i in (2, 0, 3, 1)
+    }
+    stacked = stack_sam2_point_embeddings(state)
+    assert list(stacked) == ["sam_prompt_encoder.point_embed.weight"]
+    expected = torch.arange(4.0)[:, None].expand(4, 2)
+    assert torch.equal(stacked["sam_prompt_encoder.point_embed.weight"], expected)
+
+
+def test_sam_pixel_normalization_goes_to_the_processor():
+    state = {
+        "mask_decoder.iou_token.weight": torch.ones(1, 4),
+        "pixel_mean": torch.tensor([100.0, 110.0, 120.0]).view(-1, 1, 1),
+        "pixel_std": torch.tensor([50.0, 51.0, 52.0]).view(-1, 1, 1),
+    }
+    rest, normalization = _split_normalization(state, "custom.pth")
+    assert list(rest) == ["mask_decoder.iou_token.weight"]
+    assert normalization["image_mean"] == pytest.approx([100 / 255, 110 / 255, 120 / 255])
+    processor = _processor("sam", 64, _processor_normalization(normalization))
+    assert processor.image_processor.image_std == pytest.approx([50 / 255, 51 / 255, 52 / 255])
+    # The released normalization (ImageNet's) keeps the processor's own values, bit for bit.
+    _, imagenet = _split_normalization(sam_to_original({}, normalization=True), "sam.pth")
+    assert imagenet and _processor_normalization(imagenet) == {}
+    with pytest.raises(ValueError, match="sam.pth has pixel_mean without"):
+        _split_normalization({"pixel_mean": torch.ones(3)}, "sam.pth")

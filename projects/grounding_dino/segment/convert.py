@@ -12,6 +12,8 @@ holds config.json, model.safetensors and preprocessor_config.json (the processor
 model's input size: 1024 px for the released models), loadable by ``SamModel`` /
 ``Sam2Model.from_pretrained`` and by the mask stage. SAM 2's video modules (memory attention
 and encoder, object pointers) are not part of the image segmenter: they are dropped and counted.
+A SAM file's ``pixel_mean`` / ``pixel_std`` (input normalization, which transformers keeps in
+the processor) become the processor's ``image_mean`` / ``image_std``; the command says so.
 
 Every key must find its place: a file with keys the mapping does not know, or without keys the
 model needs, is refused, naming them. Files are read with ``torch.load(weights_only=True)``;
@@ -68,6 +70,42 @@ def _state_dict_of(data: Dict, path: str) -> Dict:
     return state
 
 
+def _split_normalization(state: Dict, path: str):
+    """
+    Takes segment_anything's ``pixel_mean`` / ``pixel_std`` out of a SAM state dict.
+
+    Returns:
+        ``(state without them, {"image_mean": [3 floats], "image_std": [3 floats]} for 0..1
+        pixels, or {} when the file has neither)``.
+    """
+    names = convert_keys.SAM_NORMALIZATION_KEYS
+    found = [name for name in names if name in state]
+    if not found:
+        return state, {}
+    if len(found) != len(names):
+        raise ValueError(f"{path} has {found[0]} without {set(names) - set(found)}")
+    wrong = {name: tuple(state[name].shape) for name in names if state[name].numel() != 3}
+    if wrong:
+        raise ValueError(f"{path}: {wrong} should hold 3 values (one per RGB channel)")
+    rest = {key: value for key, value in state.items() if key not in names}
+    values = [[float(v) / 255.0 for v in state[name].flatten()] for name in names]
+    return rest, dict(zip(("image_mean", "image_std"), values))
+
+
+def _processor_normalization(normalization: Dict) -> Dict:
+    """The processor arguments for a file's normalization: none when it is the processor's own
+    (ImageNet's, which the released SAM uses), so that the default stays bit-identical."""
+    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    default = {"image_mean": IMAGENET_DEFAULT_MEAN, "image_std": IMAGENET_DEFAULT_STD}
+    same = all(
+        abs(a - b) < 1e-6
+        for name in normalization
+        for a, b in zip(normalization[name], default[name])
+    )
+    return {} if same else normalization
+
+
 def _sam_config(state: Dict, variant: Optional[str]):
     from transformers import SamConfig, SamVisionConfig
 
@@ -117,8 +155,9 @@ def _checked_variant(asked: Optional[str], found: Optional[str], what: str, tabl
     return found
 
 
-def _processor(kind: str, image_size: int):
-    """The processor of an input size (the released models': 1024 px, transformers' defaults)."""
+def _processor(kind: str, image_size: int, normalization: Optional[Dict] = None):
+    """The processor of an input size (the released models': 1024 px, transformers' defaults),
+    with ``{"image_mean", "image_std"}`` when they differ from its own (SAM only)."""
     if kind == "sam2":
         from transformers import Sam2ImageProcessorFast, Sam2Processor
 
@@ -135,6 +174,7 @@ def _processor(kind: str, image_size: int):
             pad_size={"height": image_size, "width": image_size},
             mask_size={"longest_edge": image_size // 4},
             mask_pad_size={"height": image_size // 4, "width": image_size // 4},
+            **(normalization or {}),
         )
     )
 
@@ -150,6 +190,55 @@ def _config_from_file(path: str, kind: str):
     return config
 
 
+def _renamed_state(kind: str, state: Dict, src: str):
+    """
+    An original SAM / SAM 2 state dict (without ``pixel_mean`` / ``pixel_std``) under
+    transformers' names.
+
+    Returns:
+        ``(renamed, dropped video keys, {new key: original key})``; ``renamed`` also holds
+        transformers' tied copy of the positional embedding.
+
+    Raises:
+        ValueError: keys of no ``kind`` layout, named.
+    """
+    rename, dropped_prefixes = {
+        "sam": (convert_keys.sam_key, ()),
+        "sam2": (convert_keys.sam2_key, convert_keys.SAM2_VIDEO_PREFIXES),
+    }[kind]
+    if kind == "sam2":
+        state = convert_keys.stack_sam2_point_embeddings(state)
+    renamed, unknown, dropped, origins = convert_keys.rename_state_dict(
+        state, rename, dropped_prefixes
+    )
+    if unknown:
+        raise ValueError(
+            f"{src}: {len(unknown)} keys of no {kind} layout: {key_names(unknown, 10)}"
+        )
+    if "shared_image_embedding.positional_embedding" in renamed:
+        tied = "prompt_encoder.shared_embedding.positional_embedding"
+        renamed[tied] = renamed["shared_image_embedding.positional_embedding"]
+    return renamed, dropped, origins
+
+
+def _check_fit(renamed: Dict, origins: Dict, expected: Dict, what: str) -> None:
+    """Raises ValueError starting with ``what`` unless ``renamed`` has exactly the keys of the
+    model's state dict ``expected``, with its shapes (missing, extra and wrong keys named)."""
+    missing = [key for key in expected if key not in renamed]
+    unexpected = [f"{origins.get(key, key)} (as {key})" for key in renamed if key not in expected]
+    shapes = [
+        f"{key} {tuple(renamed[key].shape)} vs {tuple(value.shape)}"
+        for key, value in expected.items()
+        if key in renamed and renamed[key].shape != value.shape
+    ]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"{what}: missing {len(missing)} [{key_names(missing, 10)}]; keys the model lacks "
+            f"{len(unexpected)} [{key_names(unexpected, 10)}]; "
+            f"wrong shapes {len(shapes)} [{key_names(shapes, 5)}]"
+        )
+
+
 def convert_segmenter(
     kind: str,
     src: str,
@@ -163,7 +252,10 @@ def convert_segmenter(
     Converts an original SAM (``kind="sam"``) or SAM 2 (``"sam2"``) checkpoint.
 
     Returns:
-        ``{"variant", "out_dir", "files", "dropped": [video-only keys]}``.
+        ``{"variant", "out_dir", "files", "dropped": [video-only keys], "normalization",
+        "normalization_set"}``: ``normalization`` is ``{"image_mean", "image_std"}`` read from a
+        SAM file's pixel_mean / pixel_std (or {}), ``normalization_set`` whether they differ
+        from the processor's own and were written into it.
 
     Raises:
         FileNotFoundError: ``src`` or ``config`` does not exist.
@@ -174,19 +266,12 @@ def convert_segmenter(
     from transformers import Sam2Model, SamModel
 
     state = _state_dict_of(load_checkpoint_file(src), src)
-    if kind == "sam2":
-        state = convert_keys.stack_sam2_point_embeddings(state)
-    rename, dropped_prefixes, model_class, make_config = {
-        "sam": (convert_keys.sam_key, (), SamModel, _sam_config),
-        "sam2": (convert_keys.sam2_key, convert_keys.SAM2_VIDEO_PREFIXES, Sam2Model, _sam2_config),
-    }[kind]
-    renamed, unknown, dropped, origins = convert_keys.rename_state_dict(
-        state, rename, dropped_prefixes
-    )
-    if unknown:
-        raise ValueError(
-            f"{src}: {len(unknown)} keys of no {kind} layout: {key_names(unknown, 10)}"
-        )
+    normalization = {}
+    if kind == "sam":
+        state, normalization = _split_normalization(state, src)
+    renamed, dropped, origins = _renamed_state(kind, state, src)
+    model_class = {"sam": SamModel, "sam2": Sam2Model}[kind]
+    make_config = {"sam": _sam_config, "sam2": _sam2_config}[kind]
     try:
         if config is not None:
             hf_config, variant = _config_from_file(config, kind), f"--config {config}"
@@ -195,30 +280,22 @@ def convert_segmenter(
     except KeyError as error:
         raise ValueError(f"{src} lacks {error}, a key every {kind} checkpoint has") from error
     model = model_class(hf_config).eval()
-    expected = model.state_dict()
-    tied = "prompt_encoder.shared_embedding.positional_embedding"
-    if "shared_image_embedding.positional_embedding" in renamed:
-        renamed[tied] = renamed["shared_image_embedding.positional_embedding"]
-    missing = [key for key in expected if key not in renamed]
-    unexpected = [f"{origins[key]} (as {key})" for key in renamed if key not in expected]
-    shapes = [
-        f"{key} {tuple(renamed[key].shape)} vs {tuple(value.shape)}"
-        for key, value in expected.items()
-        if key in renamed and renamed[key].shape != value.shape
-    ]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"{src} does not fit the {kind} model ({variant}): missing {len(missing)} "
-            f"[{key_names(missing, 10)}]; keys the model lacks {len(unexpected)} "
-            f"[{key_names(unexpected, 10)}]; "
-            f"wrong shapes {len(shapes)} [{key_names(shapes, 5)}]"
-        )
-    model.load_state_dict({key: value.float() for key, value in renamed.items()}, strict=True)
-    files = _write(
-        model, _processor(kind, int(hf_config.prompt_encoder_config.image_size)), out_dir, force
+    _check_fit(
+        renamed, origins, model.state_dict(), f"{src} does not fit the {kind} model ({variant})"
     )
+    model.load_state_dict({key: value.float() for key, value in renamed.items()}, strict=True)
+    image_size = int(hf_config.prompt_encoder_config.image_size)
+    processor_normalization = _processor_normalization(normalization)
+    files = _write(model, _processor(kind, image_size, processor_normalization), out_dir, force)
     load_segmenter(out_dir)  # what was written loads back strictly
-    return {"variant": variant, "out_dir": out_dir, "files": files, "dropped": dropped}
+    return {
+        "variant": variant,
+        "out_dir": out_dir,
+        "files": files,
+        "dropped": dropped,
+        "normalization": normalization,
+        "normalization_set": bool(processor_normalization),
+    }
 
 
 def _write(model, processor, out_dir: str, force: bool) -> List[str]:
@@ -273,6 +350,17 @@ def main(argv=None) -> int:
         print(
             f"dropped: {len(report['dropped'])} keys of SAM 2's video modules "
             f"({', '.join(prefixes)}): the image segmenter has no use for them"
+        )
+    if report["normalization"]:
+        mean, std = report["normalization"]["image_mean"], report["normalization"]["image_std"]
+        what = (
+            "set as the processor's image_mean / image_std"
+            if report["normalization_set"]
+            else "the processor's own ImageNet normalization, kept"
+        )
+        print(
+            f"pixel_mean / pixel_std: mean {[round(v, 4) for v in mean]}, std "
+            f"{[round(v, 4) for v in std]} (0..1 pixels): {what}"
         )
     print(
         f"Wrote {args.out_dir} ({args.kind}, {report['variant']}): "

@@ -22,12 +22,22 @@ not have: they are dropped and counted (:data:`SAM2_VIDEO_PREFIXES`).
 
 Every function returns the transformers name or None for a key it does not know; the caller
 refuses the file naming those keys.
+
+Checked, name by name, against transformers' own conversion scripts (``convert_sam_to_hf.py``
+and ``convert_sam2_to_hf.py``, whose patterns are the original names) and the original module
+definitions (``segment_anything/modeling``, ``sam2/modeling``): the same transformers name for
+every key of the released SAM ViT-B/L/H and SAM 2 / 2.1 Hiera-T/S/B+/L files, the same value
+transforms (none but SAM 2's four point embeddings stacked into one (4, C) table; no qkv split,
+transpose or positional-embedding reshape; ``no_mem_embed`` (1, 1, C) is copied as is), and the
+same video keys left out (the ones ``Sam2Model`` ignores on load). transformers also drops
+segment_anything's ``pixel_mean`` / ``pixel_std`` (:data:`SAM_NORMALIZATION_KEYS`).
 """
 
 import re
 from typing import Dict, List, Optional, Tuple
 
 __all__ = [
+    "SAM_NORMALIZATION_KEYS",
     "sam_key",
     "sam2_key",
     "SAM2_VIDEO_PREFIXES",
@@ -104,6 +114,12 @@ def mlp_depths(keys) -> Dict[str, int]:
     return depths
 
 
+SAM_NORMALIZATION_KEYS = ("pixel_mean", "pixel_std")
+"""segment_anything's input normalization ((3, 1, 1) each, for 0..255 pixels): buffers, not
+weights (the released files lack them: they are not persistent), which transformers keeps in
+the processor (``image_mean`` / ``image_std`` for 0..1 pixels)."""
+
+
 def sam_key(key: str, depths: Dict[str, int]) -> Optional[str]:
     """An original SAM key -> transformers' ``SamModel`` key (None: not a SAM key)."""
     if key == f"prompt_encoder.{_POSITIONAL}":
@@ -128,7 +144,11 @@ SAM2_VIDEO_PREFIXES = (
     "no_obj_ptr",
     "no_obj_embed_spatial",
 )
-"""Original SAM 2 keys of the video modules, which transformers' image ``Sam2Model`` lacks."""
+"""Original SAM 2 keys of the video modules, which transformers' image ``Sam2Model`` lacks: under
+their transformers names (``memory_*``, ``mask_downsample``, ``object_pointer_proj``,
+``temporal_positional_encoding_projection_layer``, ``no_memory_positional_encoding``,
+``no_object_pointer``, ``occlusion_spatial_embedding_parameter``) they are the keys
+``Sam2Model._keys_to_ignore_on_load_unexpected`` ignores."""
 
 _SAM2_VISION = [
     (r"^image_encoder\.trunk\.", "vision_encoder.backbone."),
