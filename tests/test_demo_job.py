@@ -315,3 +315,23 @@ def test_interrupted_retrain_keeps_the_old_model_with_its_config(
     with pytest.raises(KeyboardInterrupt):
         demo_job.run_demo(args)
     assert {n: Path(out, n).read_bytes() for n in before} == before
+
+
+def test_demo_mask_stage_runs_on_one_thread_and_restores_the_callers():
+    from grounding_dino.shapes_demo.masks import TimedStage
+
+    seen = []
+
+    def stage(image, boxes):
+        seen.append(torch.get_num_threads())
+        return "masks"
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        timed = TimedStage(stage)
+        assert timed(None, None) == "masks" and seen == [1]
+        assert torch.get_num_threads() == 2
+        assert timed.timing()["mask_stage_seconds"] >= 0.0
+    finally:
+        torch.set_num_threads(previous)
