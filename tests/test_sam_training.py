@@ -74,6 +74,14 @@ def test_demo_mask_stage_trains_and_writes_a_sam_folder(tmp_path, capsys):
     again, info = train_mask_stage(out, shapes, shapes_root=root, overrides=overrides)
     assert info["sam_reused"] and "reusing the segmenter" in capsys.readouterr().out
     assert isinstance(again, MaskStage)
+    # Training again gives the same segmenter: seeded initialisation, sampler and prompts.
+    first = {k: v.clone() for k, v in again.model.state_dict().items()}
+    retrained, info = train_mask_stage(
+        out, shapes, shapes_root=root, overrides=overrides, retrain=True
+    )
+    assert not info["sam_reused"]
+    second = retrained.model.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first), "retraining differs"
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ from ..engine import do_train
 from ..io.coco_files import write_json_atomic
 from ..segment import MaskStage
 from .record import config_differences, config_record
+from .training import seed_everything
 
 __all__ = ["SAM_CONFIG", "MASK_EVAL_MAX_PER_IMAGE", "TimedStage", "train_mask_stage"]
 
@@ -115,7 +116,8 @@ def train_mask_stage(
     torch.set_num_threads(threads)
     start, cpu = time.perf_counter(), time.process_time()
     try:
-        torch.manual_seed(int(cfg.train.seed))
+        # NumPy's too: the loader's sampler draws its shuffling seed from it.
+        seed_everything(cfg.train.seed)
         do_train(cfg)
     finally:
         torch.set_num_threads(previous)
