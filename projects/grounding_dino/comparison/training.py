@@ -89,6 +89,12 @@ def _hf_step(hf_dir: str, batch: TrainingBatch, device="cpu"):
     from ..text.tokenizer import load_tokenizer, local_bert_dir
 
     model = GroundingDinoForObjectDetection.from_pretrained(hf_dir).to(device).train()
+    # from_pretrained maps model.safetensors: the weights are read from the file when first
+    # used, so the process's memory "after loading" would leave them out (0.66 GB for Swin-T +
+    # BERT-base) and count them in the step's growth. Read them now, as ours are after loading.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.sum()
     # Losses of every decoder layer and of the encoder's proposals, as our criterion's.
     model.config.auxiliary_loss = True
     text = load_tokenizer(local_bert_dir())([CAPTION] * len(batch.images), return_tensors="pt")
