@@ -128,7 +128,7 @@ def test_bad_options_get_a_clear_error(argv, message):
 def test_train_benchmark_prints_steps_speed_up_and_memory_of_each_row(workdir):
     """``--train`` on the tiny model: every row's steps, its median (the steps after the first)
     and its peak memory from a child process, with the ratios against transformers."""
-    rows = ["transformers", "ours (dn on)"]
+    rows = ["transformers", "ours (dn on)", "ours (dn off + checkpointing with Swin)"]
     run = _run_tool(
         "--train", "--tiny", "--size", "64x96", "--steps", "2", "--threads", "1",
         "--rows", ",".join(rows), "--workdir", str(workdir),

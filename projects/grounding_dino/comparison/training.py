@@ -24,13 +24,16 @@ __all__ = [
     "training_memory_child",
 ]
 
-# Benchmark rows: name -> (implementation, denoising queries of ours, activation checkpointing).
+# Benchmark rows: name -> (implementation, denoising queries of ours, the model's parts whose
+# layers use activation checkpointing: their ``use_checkpoint``).
 ROWS = {
-    "transformers": ("hf", None, False),
-    "ours (dn off)": ("ours", 0, False),
-    "ours (dn on)": ("ours", 100, False),
-    "ours (dn off + checkpointing)": ("ours", 0, True),
+    "transformers": ("hf", None, ()),
+    "ours (dn off)": ("ours", 0, ()),
+    "ours (dn on)": ("ours", 100, ()),
+    "ours (dn off + checkpointing)": ("ours", 0, ("enhancer", "decoder")),
+    "ours (dn off + checkpointing with Swin)": ("ours", 0, ("enhancer", "decoder", "backbone")),
 }
+CHECKPOINTED_PARTS = ("enhancer", "decoder", "backbone")
 
 CAPTION = "a cat . a remote control . a person on the left ."
 # Three boxes (x0, y0, x1, y1 as fractions of the image) of the caption's phrases 0, 1, 2.
@@ -166,7 +169,7 @@ def build_training_steps(
         def step() -> float:
             if kind == "ours":
                 model.dn_number = dn_number
-                model.enhancer.use_checkpoint = model.decoder.use_checkpoint = checkpointing
+                _set_checkpointing(model, checkpointing)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn()
             if not torch.isfinite(loss):
@@ -179,6 +182,17 @@ def build_training_steps(
         return step
 
     return {row: make_step(row) for row in rows}
+
+
+def _set_checkpointing(model, parts) -> None:
+    """``use_checkpoint`` on for every module of the model's ``parts`` that has it (the
+    enhancer and decoder themselves, the Swin body inside the backbone), off elsewhere."""
+    for part in CHECKPOINTED_PARTS:
+        switches = [m for m in getattr(model, part).modules() if hasattr(m, "use_checkpoint")]
+        if part in parts and not switches:
+            raise ValueError(f"{part} has no activation checkpointing (use_checkpoint)")
+        for module in switches:
+            module.use_checkpoint = part in parts
 
 
 def _median_after_first(times: List[float]) -> float:
@@ -231,7 +245,7 @@ def format_training_report(result: Dict, header: str) -> str:
     reference = medians.get("transformers")
     lines = [
         header,
-        f"{'row':<32}{'s/step':>9}{'steps (s)':>28}{'peak RSS MB':>13}{'loaded MB':>11}"
+        f"{'row':<42}{'s/step':>9}{'steps (s)':>28}{'peak RSS MB':>13}{'loaded MB':>11}"
         f"{'speed-up':>10}{'memory':>8}",
     ]
     for row, median in medians.items():
@@ -242,7 +256,7 @@ def format_training_report(result: Dict, header: str) -> str:
         speed = f"{reference / median:.2f}x" if reference else "-"
         ratio = f"{peak / hf_peak:.2f}x" if peak and hf_peak else "-"
         lines.append(
-            f"{row:<32}{median:>9.2f}{steps:>28}{_mb(peak):>13}{_mb(loaded):>11}"
+            f"{row:<42}{median:>9.2f}{steps:>28}{_mb(peak):>13}{_mb(loaded):>11}"
             f"{speed:>10}{ratio:>8}"
         )
     lines.append(
