@@ -164,6 +164,7 @@ def test_gpu_memory_check_runs_on_the_cpu_with_the_tiny_model(workdir, tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     command = [sys.executable, str(TOOLS / "gpu_memory_check.py"), "--tiny", "--size", "64x96"]
     command += ["--batches", "1,2", "--steps", "1", "--threads", "1", "--device", "cpu"]
+    command += ["--checkpointing"]  # the enhancer, decoder and Swin layers
     command += ["--workdir", str(workdir), "--json", str(tmp_path / "memory.json")]
     run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
