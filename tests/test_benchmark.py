@@ -178,3 +178,30 @@ def test_gpu_memory_check_runs_on_the_cpu_with_the_tiny_model(workdir, tmp_path)
     # The results file is never overwritten.
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     assert again.returncode == 1 and "exists; it is not overwritten" in again.stderr
+
+
+def test_checkpointing_rows_switch_the_outermost_modules_of_their_parts():
+    """The Swin body is checkpointed whole: its stages' own switches stay off (checkpointing
+    them too would recompute twice)."""
+    from torch import nn
+
+    from grounding_dino.comparison.training import _set_checkpointing
+
+    def switch(*children):
+        module = nn.Sequential(*children)
+        module.use_checkpoint = False
+        return module
+
+    stage = switch()
+    model = nn.Module()
+    model.enhancer, model.decoder = switch(), switch()
+    model.backbone = nn.Sequential(switch(stage))
+    _set_checkpointing(model, ("enhancer", "backbone"))
+    assert model.enhancer.use_checkpoint and model.backbone[0].use_checkpoint
+    assert not model.decoder.use_checkpoint and not stage.use_checkpoint
+    _set_checkpointing(model, ())
+    assert not model.enhancer.use_checkpoint and not model.backbone[0].use_checkpoint
+    model.backbone = nn.Sequential(nn.Linear(2, 2))
+    _set_checkpointing(model, ("enhancer",))  # a part without checkpointing, not asked: fine
+    with pytest.raises(ValueError, match="backbone has no activation checkpointing"):
+        _set_checkpointing(model, ("backbone",))

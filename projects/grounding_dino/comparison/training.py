@@ -184,11 +184,20 @@ def build_training_steps(
     return {row: make_step(row) for row in rows}
 
 
+def _outermost_switches(module) -> List:
+    """The outermost modules in ``module`` (itself included) with a ``use_checkpoint``: the
+    enhancer and decoder themselves, the Swin body inside the backbone (not its stages, which
+    the body checkpoints whole)."""
+    if hasattr(module, "use_checkpoint"):
+        return [module]
+    return [found for child in module.children() for found in _outermost_switches(child)]
+
+
 def _set_checkpointing(model, parts) -> None:
-    """``use_checkpoint`` on for every module of the model's ``parts`` that has it (the
-    enhancer and decoder themselves, the Swin body inside the backbone), off elsewhere."""
+    """Activation checkpointing (``use_checkpoint``) on in the model's ``parts``, off in the
+    other :data:`CHECKPOINTED_PARTS`."""
     for part in CHECKPOINTED_PARTS:
-        switches = [m for m in getattr(model, part).modules() if hasattr(m, "use_checkpoint")]
+        switches = _outermost_switches(getattr(model, part))
         if part in parts and not switches:
             raise ValueError(f"{part} has no activation checkpointing (use_checkpoint)")
         for module in switches:
