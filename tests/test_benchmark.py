@@ -140,11 +140,12 @@ def test_train_benchmark_prints_steps_speed_up_and_memory_of_each_row(workdir):
     for name in rows:
         pattern = (
             rf"^{re.escape(name)}\s+(\d+\.\d+)\s+(\d+\.\d+), (\d+\.\d+)\s+(\d+)\s+(\d+)"
-            rf"\s+(\d+\.\d+)x\s+(\d+\.\d+)x$"
+            rf"\s+(\d+\.\d+)x\s+(\d+\.\d+)x\s+(\d+\.\d+)\s+(\d+\.\d+)x$"
         )
         row = re.search(pattern, out, re.MULTILINE)
         assert row, out
-        median, first, second, peak, loaded, speed_up, memory = map(float, row.groups())
+        median, first, second, peak, loaded, speed_up, memory, cpu, _ = map(float, row.groups())
+        assert cpu > 0
         # The median leaves the first step out: with two steps it is the second.
         assert median == pytest.approx(second, abs=0.006)
         assert peak >= loaded > 100, out
