@@ -281,7 +281,7 @@ def format_training_report(result: Dict, header: str) -> str:
         cpu = cpu_medians[row]
         cpu_speed = f"{cpu_reference / cpu:.2f}x" if cpu_reference else "-"
         lines.append(
-            f"{row:<42}{median:>9.2f}{steps:>28}{_mb(peak):>13}{_mb(loaded):>11}"
+            f"{row:<42}{median:>9.2f} {steps:>27}{_mb(peak):>13}{_mb(loaded):>11}"
             f"{speed:>10}{ratio:>8}{cpu:>12.2f}{cpu_speed:>14}"
         )
     lines.append(
