@@ -128,7 +128,7 @@ def test_bad_options_get_a_clear_error(argv, message):
 def test_train_benchmark_prints_steps_speed_up_and_memory_of_each_row(workdir):
     """``--train`` on the tiny model: every row's steps, its median (the steps after the first)
     and its peak memory from a child process, with the ratios against transformers."""
-    rows = ["transformers", "ours (dn on)"]
+    rows = ["transformers", "ours (dn on)", "ours (dn off + checkpointing with Swin)"]
     run = _run_tool(
         "--train", "--tiny", "--size", "64x96", "--steps", "2", "--threads", "1",
         "--rows", ",".join(rows), "--workdir", str(workdir),
@@ -140,11 +140,12 @@ def test_train_benchmark_prints_steps_speed_up_and_memory_of_each_row(workdir):
     for name in rows:
         pattern = (
             rf"^{re.escape(name)}\s+(\d+\.\d+)\s+(\d+\.\d+), (\d+\.\d+)\s+(\d+)\s+(\d+)"
-            rf"\s+(\d+\.\d+)x\s+(\d+\.\d+)x$"
+            rf"\s+(\d+\.\d+)x\s+(\d+\.\d+)x\s+(\d+\.\d+)\s+(\d+\.\d+)x$"
         )
         row = re.search(pattern, out, re.MULTILINE)
         assert row, out
-        median, first, second, peak, loaded, speed_up, memory = map(float, row.groups())
+        median, first, second, peak, loaded, speed_up, memory, cpu, _ = map(float, row.groups())
+        assert cpu > 0
         # The median leaves the first step out: with two steps it is the second.
         assert median == pytest.approx(second, abs=0.006)
         assert peak >= loaded > 100, out
@@ -164,6 +165,7 @@ def test_gpu_memory_check_runs_on_the_cpu_with_the_tiny_model(workdir, tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     command = [sys.executable, str(TOOLS / "gpu_memory_check.py"), "--tiny", "--size", "64x96"]
     command += ["--batches", "1,2", "--steps", "1", "--threads", "1", "--device", "cpu"]
+    command += ["--checkpointing"]  # the enhancer, decoder and Swin layers
     command += ["--workdir", str(workdir), "--json", str(tmp_path / "memory.json")]
     run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -177,3 +179,30 @@ def test_gpu_memory_check_runs_on_the_cpu_with_the_tiny_model(workdir, tmp_path)
     # The results file is never overwritten.
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     assert again.returncode == 1 and "exists; it is not overwritten" in again.stderr
+
+
+def test_checkpointing_rows_switch_the_outermost_modules_of_their_parts():
+    """The Swin body is checkpointed whole: its stages' own switches stay off (checkpointing
+    them too would recompute twice)."""
+    from torch import nn
+
+    from grounding_dino.comparison.training import _set_checkpointing
+
+    def switch(*children):
+        module = nn.Sequential(*children)
+        module.use_checkpoint = False
+        return module
+
+    stage = switch()
+    model = nn.Module()
+    model.enhancer, model.decoder = switch(), switch()
+    model.backbone = nn.Sequential(switch(stage))
+    _set_checkpointing(model, ("enhancer", "backbone"))
+    assert model.enhancer.use_checkpoint and model.backbone[0].use_checkpoint
+    assert not model.decoder.use_checkpoint and not stage.use_checkpoint
+    _set_checkpointing(model, ())
+    assert not model.enhancer.use_checkpoint and not model.backbone[0].use_checkpoint
+    model.backbone = nn.Sequential(nn.Linear(2, 2))
+    _set_checkpointing(model, ("enhancer",))  # a part without checkpointing, not asked: fine
+    with pytest.raises(ValueError, match="backbone has no activation checkpointing"):
+        _set_checkpointing(model, ("backbone",))

@@ -128,3 +128,27 @@ def test_default_init_and_errors():
     with pytest.raises(ValueError, match="spatial_shapes"):
         small(torch.zeros(1, 3, 32), torch.zeros(1, 3, 4, 2), torch.zeros(1, num_values, 32),
               spatial[:3], start[:3])  # fmt: skip
+
+
+def test_padded_value_table_is_the_zero_bordered_copy_and_its_gradient_the_slices():
+    """The table built by split/pad/cat equals a zero table with every level assigned in place
+    (the earlier construction), and its gradient is exactly the probe's level slices."""
+    from grounding_dino.modeling.deformable_kernels import padded_value_table
+
+    spatial, start, num_values = _levels()
+    gen = torch.Generator().manual_seed(2)
+    value = torch.randn(2, num_values, 3, 4, generator=gen, requires_grad=True)
+    padded = padded_value_table(value, spatial, start)
+    expected = value.new_zeros(padded.table.shape)
+    probe = torch.randn(padded.table.shape, generator=gen)
+    expected_grad = torch.empty_like(value)
+    for (h, w), first, row in zip(SHAPES, start.tolist(), padded.padded_starts):
+        level = expected[:, row : row + (h + 3) * (w + 3)].view(2, h + 3, w + 3, -1)
+        level[:, 1 : h + 1, 1 : w + 1] = value[:, first : first + h * w].view(2, h, w, -1)
+        probe_level = probe[:, row : row + (h + 3) * (w + 3)].view(2, h + 3, w + 3, 3, 4)
+        expected_grad[:, first : first + h * w] = probe_level[:, 1 : h + 1, 1 : w + 1].flatten(1, 2)
+    assert torch.equal(padded.table, expected)
+    (grad,) = torch.autograd.grad((padded.table * probe).sum(), value)
+    assert torch.equal(grad, expected_grad)
+    with pytest.raises(ValueError, match="level_start_index"):
+        padded_value_table(value, spatial, start.flip(0))

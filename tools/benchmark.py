@@ -9,8 +9,8 @@ Usage::
 ``--train`` times training steps instead (forward with the loss, backward, AdamW over every
 parameter) of transformers' model with ``labels`` and ours with its criterion, denoising off
 (like for like) and on, on the same converted weights, image, caption and three boxes; rows
-alternate step by step in this process, and each row's peak RSS is measured in a child
-process of its own (see ``grounding_dino.comparison.training``).
+alternate step by step in this process (wall and CPU time of every step), and each row's
+peak RSS is measured in a child process of its own (see ``grounding_dino.comparison.training``).
 
 What it does:
 

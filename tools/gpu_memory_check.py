@@ -48,7 +48,7 @@ def _parser():
     parser.add_argument(
         "--checkpointing",
         action="store_true",
-        help="activation checkpointing of the enhancer and decoder layers",
+        help="activation checkpointing of the enhancer, decoder and Swin layers",
     )
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on the CPU")
@@ -70,7 +70,8 @@ def _peak_mb(device: str) -> dict:
 def _measure(args, out_dir: str, device: str, batch: int) -> dict:
     """One batch size: ``args.steps`` steps; the peak memory and the median seconds per step."""
     size = reference.parse_size(args.size)
-    rows = {"ours": ("ours", args.dn_number, args.checkpointing)}
+    parts = training.CHECKPOINTED_PARTS if args.checkpointing else ()
+    rows = {"ours": ("ours", args.dn_number, parts)}
     images = training.make_training_batch(size, batch)
     step = training.build_training_steps(rows, "", out_dir, images, device=device)["ours"]
     if device.startswith("cuda"):

@@ -251,18 +251,23 @@ class GroundingDINOCheckpointer(DetectionCheckpointer):
     _partial: Partial = False
     _path: str = ""
     _convert_sources: bool = False
+    _map_file: bool = False
 
-    def load(self, path: str, *args, partial: Partial = False, **kwargs):
+    def load(self, path: str, *args, partial: Partial = False, map_file: bool = False, **kwargs):
         """
         :meth:`DetectionCheckpointer.load` (``path``, ``checkpointables``) with the model
         check above. ``partial``: False, True or a tuple of key prefixes (:func:`check_partial`).
+        ``map_file``: map the file rather than read it whole (see
+        :func:`~grounding_dino.convert.checkpoint.load_checkpoint_file`); only where nothing
+        of the returned checkpoint is kept (loading weights for a model, no checkpointables).
         """
         self._partial = check_partial(partial, "partial")
         self._path = path
+        self._map_file = map_file
         try:
             return super().load(path, *args, **kwargs)
         finally:
-            self._partial, self._path = False, ""
+            self._partial, self._path, self._map_file = False, "", False
 
     def resume_or_load(
         self,
@@ -296,7 +301,7 @@ class GroundingDINOCheckpointer(DetectionCheckpointer):
             raise ValueError(f"{filename}: pickled detectron2 model-zoo files are not supported")
         if self._convert_sources:
             return self._load_init_source(filename)
-        data = load_checkpoint_file(filename)
+        data = load_checkpoint_file(filename, map_file=self._map_file)
         if "model" not in data:
             data = {"model": data}
         data.setdefault("matching_heuristics", False)

@@ -196,7 +196,9 @@ def build_model(cfg, weights: Optional[str] = None, device: Optional[str] = None
         )
     model = instantiate(cfg.model)
     model.to(resolve_device(device, cfg)).eval()
-    GroundingDINOCheckpointer(model).load(weights)
+    # Mapped, not read whole: the state dict is copied into the model and dropped, and a read
+    # copy would stay in the heap after loading (0.3 GB for Swin-T + BERT-base).
+    GroundingDINOCheckpointer(model).load(weights, map_file=True)
     return model
 
 

@@ -24,13 +24,16 @@ __all__ = [
     "training_memory_child",
 ]
 
-# Benchmark rows: name -> (implementation, denoising queries of ours, activation checkpointing).
+# Benchmark rows: name -> (implementation, denoising queries of ours, the model's parts whose
+# layers use activation checkpointing: their ``use_checkpoint``).
 ROWS = {
-    "transformers": ("hf", None, False),
-    "ours (dn off)": ("ours", 0, False),
-    "ours (dn on)": ("ours", 100, False),
-    "ours (dn off + checkpointing)": ("ours", 0, True),
+    "transformers": ("hf", None, ()),
+    "ours (dn off)": ("ours", 0, ()),
+    "ours (dn on)": ("ours", 100, ()),
+    "ours (dn off + checkpointing)": ("ours", 0, ("enhancer", "decoder")),
+    "ours (dn off + checkpointing with Swin)": ("ours", 0, ("enhancer", "decoder", "backbone")),
 }
+CHECKPOINTED_PARTS = ("enhancer", "decoder", "backbone")
 
 CAPTION = "a cat . a remote control . a person on the left ."
 # Three boxes (x0, y0, x1, y1 as fractions of the image) of the caption's phrases 0, 1, 2.
@@ -89,6 +92,12 @@ def _hf_step(hf_dir: str, batch: TrainingBatch, device="cpu"):
     from ..text.tokenizer import load_tokenizer, local_bert_dir
 
     model = GroundingDinoForObjectDetection.from_pretrained(hf_dir).to(device).train()
+    # from_pretrained maps model.safetensors: the weights are read from the file when first
+    # used, so the process's memory "after loading" would leave them out (0.66 GB for Swin-T +
+    # BERT-base) and count them in the step's growth. Read them now, as ours are after loading.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.sum()
     # Losses of every decoder layer and of the encoder's proposals, as our criterion's.
     model.config.auxiliary_loss = True
     text = load_tokenizer(local_bert_dir())([CAPTION] * len(batch.images), return_tensors="pt")
@@ -160,7 +169,7 @@ def build_training_steps(
         def step() -> float:
             if kind == "ours":
                 model.dn_number = dn_number
-                model.enhancer.use_checkpoint = model.decoder.use_checkpoint = checkpointing
+                _set_checkpointing(model, checkpointing)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn()
             if not torch.isfinite(loss):
@@ -173,6 +182,26 @@ def build_training_steps(
         return step
 
     return {row: make_step(row) for row in rows}
+
+
+def _outermost_switches(module) -> List:
+    """The outermost modules in ``module`` (itself included) with a ``use_checkpoint``: the
+    enhancer and decoder themselves, the Swin body inside the backbone (not its stages, which
+    the body checkpoints whole)."""
+    if hasattr(module, "use_checkpoint"):
+        return [module]
+    return [found for child in module.children() for found in _outermost_switches(child)]
+
+
+def _set_checkpointing(model, parts) -> None:
+    """Activation checkpointing (``use_checkpoint``) on in the model's ``parts``, off in the
+    other :data:`CHECKPOINTED_PARTS`."""
+    for part in CHECKPOINTED_PARTS:
+        switches = _outermost_switches(getattr(model, part))
+        if part in parts and not switches:
+            raise ValueError(f"{part} has no activation checkpointing (use_checkpoint)")
+        for module in switches:
+            module.use_checkpoint = part in parts
 
 
 def _median_after_first(times: List[float]) -> float:
@@ -190,25 +219,37 @@ def run_training_benchmark(
     a process of its own.
 
     Returns:
-        ``{"times": {row: [s, ...]}, "medians": {row: s}, "losses": {row: [...]},
-        "load_average": [...], "memory": {row: {...}}}`` (memory only with ``measure_memory``).
+        ``{"times": {row: [s, ...]}, "medians": {row: s}, "cpu_times": {row: [s, ...]},
+        "cpu_medians": {row: s}, "losses": {row: [...]}, "load_average": [...],
+        "memory": {row: {...}}}`` (memory only with ``measure_memory``). CPU times are the
+        process's (all its threads, ``time.process_time``): on a machine shared with other
+        jobs they vary far less than wall times with 1 thread (with more, waiting threads
+        may spin).
     """
     training_batch = make_training_batch(size, batch)
     step_functions = build_training_steps(rows, hf_dir, out_dir, training_batch)
     times = {row: [] for row in rows}
+    cpu_times = {row: [] for row in rows}
     losses = {row: [] for row in rows}
     loads = [load_average()]
     for index in range(steps):
         for row, step in step_functions.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             losses[row].append(step())
             times[row].append(time.perf_counter() - start)
-            print(f"step {index + 1}/{steps} {row}: {times[row][-1]:.2f} s", flush=True)
+            cpu_times[row].append(time.process_time() - cpu_start)
+            print(
+                f"step {index + 1}/{steps} {row}: {times[row][-1]:.2f} s "
+                f"({cpu_times[row][-1]:.2f} s CPU)",
+                flush=True,
+            )
         loads.append(load_average())
     del step_functions
     result = {
         "times": times,
         "medians": {row: _median_after_first(values) for row, values in times.items()},
+        "cpu_times": cpu_times,
+        "cpu_medians": {row: _median_after_first(values) for row, values in cpu_times.items()},
         "losses": losses,
         "load_average": loads,
     }
@@ -219,14 +260,16 @@ def run_training_benchmark(
 
 def format_training_report(result: Dict, header: str) -> str:
     """The benchmark's table: seconds per step (median without the first step), every step,
-    peak RSS and its ratio to transformers', speed-up over transformers."""
+    peak RSS and its ratio to transformers', speed-up over transformers, the same in CPU time."""
     memory = result.get("memory", {})
     medians = result["medians"]
     reference = medians.get("transformers")
+    cpu_medians = result["cpu_medians"]
+    cpu_reference = cpu_medians.get("transformers")
     lines = [
         header,
-        f"{'row':<32}{'s/step':>9}{'steps (s)':>28}{'peak RSS MB':>13}{'loaded MB':>11}"
-        f"{'speed-up':>10}{'memory':>8}",
+        f"{'row':<42}{'s/step':>9}{'steps (s)':>28}{'peak RSS MB':>13}{'loaded MB':>11}"
+        f"{'speed-up':>10}{'memory':>8}{'CPU s/step':>12}{'CPU speed-up':>14}",
     ]
     for row, median in medians.items():
         steps = ", ".join(f"{t:.2f}" for t in result["times"][row])
@@ -235,12 +278,15 @@ def format_training_report(result: Dict, header: str) -> str:
         hf_peak = memory.get("transformers", {}).get("peak_mb")
         speed = f"{reference / median:.2f}x" if reference else "-"
         ratio = f"{peak / hf_peak:.2f}x" if peak and hf_peak else "-"
+        cpu = cpu_medians[row]
+        cpu_speed = f"{cpu_reference / cpu:.2f}x" if cpu_reference else "-"
         lines.append(
-            f"{row:<32}{median:>9.2f}{steps:>28}{_mb(peak):>13}{_mb(loaded):>11}"
-            f"{speed:>10}{ratio:>8}"
+            f"{row:<42}{median:>9.2f} {steps:>27}{_mb(peak):>13}{_mb(loaded):>11}"
+            f"{speed:>10}{ratio:>8}{cpu:>12.2f}{cpu_speed:>14}"
         )
     lines.append(
-        "s/step: median without the first step; speed-up and memory: against transformers; "
+        "s/step (wall) and CPU s/step (the process's CPU time): medians without the first "
+        "step; speed-ups and memory: against transformers; "
         "peak RSS: a process running only that row, "
         f"load average {result['load_average'][0]} -> {result['load_average'][-1]}"
     )

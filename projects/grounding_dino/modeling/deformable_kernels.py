@@ -85,10 +85,19 @@ def padded_value_table(
     for h, w in shapes:
         padded_starts.append(total)
         total += (h + 3) * (w + 3)
-    table = value.new_zeros(batch, total, num_heads * head_dim)
-    for (h, w), start, pstart in zip(shapes, starts, padded_starts):
-        level = table[:, pstart : pstart + (h + 3) * (w + 3)].view(batch, h + 3, w + 3, -1)
-        level[:, 1 : h + 1, 1 : w + 1] = value[:, start : start + h * w].view(batch, h, w, -1)
+    if any(start != sum(h * w for h, w in shapes[:i]) for i, start in enumerate(starts)):
+        raise ValueError(f"level_start_index {starts} does not follow spatial_shapes {shapes}")
+    # Split, pad and concatenate rather than assign into a zero table: the backward of a slice
+    # assignment clones the whole table's gradient once per level, that of pad and cat only
+    # takes views (the same values: pure data movement).
+    levels = value.flatten(2).split([h * w for h, w in shapes], dim=1)
+    table = torch.cat(
+        [
+            F.pad(level.view(batch, h, w, -1), (0, 0, 1, 2, 1, 2)).view(batch, -1, level.shape[-1])
+            for level, (h, w) in zip(levels, shapes)
+        ],
+        dim=1,
+    )
     return PaddedValueTable(table, shapes, padded_starts, num_heads)
 
 

@@ -28,5 +28,10 @@ class PostNormFFNLayer(nn.Module):
 
     def ffn(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         """[..., d_model] -> ``norm(x + FFN(x))``, row by row (rows may run in chunks)."""
-        hidden = self.dropout(F.relu(self.linear1(x), inplace=True))
+        hidden = self.linear1(x)
+        # In place only without autograd (inference: no second [..., ffn_dim] tensor). With
+        # autograd, linear1's output is a view of its matrix product, and an in-place ReLU on
+        # it makes the backward clone and zero the whole [rows, ffn_dim] gradient (CopySlices).
+        hidden = F.relu(hidden, inplace=not (torch.is_grad_enabled() and hidden.requires_grad))
+        hidden = self.dropout(hidden)
         return norm(x + self.dropout(self.linear2(hidden)))
