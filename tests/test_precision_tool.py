@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
-TINY = ["--max-iter", "2", "--num-train", "6", "--num-val", "3", "--num-draw", "1"]
+TINY = ["--max-iter", "2", "--num-train", "6", "--num-val", "3", "--num-draw", "1", "--no-masks"]
 OVERRIDES = ["dataloader.train.total_batch_size=2", "model.query_selector.num_queries=20"]
 
 
