@@ -201,11 +201,10 @@ def train_mask_stage_for(
     time goes into ``info``; returns a :class:`.masks.TimedStage`."""
     from .masks import TimedStage, train_mask_stage
 
-    threads = torch.get_num_threads()
+    # train_mask_stage restores the caller's thread count itself.
     stage, mask_info = train_mask_stage(
         output_dir, shapes, retrain=retrain, threads=1, overrides=overrides
     )
-    torch.set_num_threads(threads)
     info.update(mask_info)
     return TimedStage(stage)
 

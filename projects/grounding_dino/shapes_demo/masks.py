@@ -14,6 +14,7 @@ on the other commands) with ``training_record.json``; a later run with the same 
 it (``--retrain-masks`` trains again).
 """
 
+import contextlib
 import json
 import os
 import time
@@ -39,6 +40,17 @@ MASK_EVAL_MAX_PER_IMAGE = 10
 RECORD_NAME = "training_record.json"
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """Runs the block on ``threads`` torch threads, then restores the caller's number."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 class TimedStage:
     """
     A mask stage that adds up its own wall and CPU time (the stage's cost in the job), run on
@@ -51,12 +63,10 @@ class TimedStage:
 
     def __call__(self, image_rgb, boxes, **kwargs):
         start, cpu = time.perf_counter(), time.process_time()
-        previous = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
         try:
-            return self.stage(image_rgb, boxes, **kwargs)
+            with torch_threads(self.threads):
+                return self.stage(image_rgb, boxes, **kwargs)
         finally:
-            torch.set_num_threads(previous)
             self.seconds += time.perf_counter() - start
             self.cpu_seconds += time.process_time() - cpu
 
@@ -112,15 +122,11 @@ def train_mask_stage(
             return MaskStage.from_pretrained(folder), {**info, "sam_reused": True}
         reason = f"{folder} was trained with another config ({'; '.join(differences[:3])})"
     print(f"[masks] training the segmenter: {reason}", flush=True)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
     start, cpu = time.perf_counter(), time.process_time()
-    try:
+    with torch_threads(threads):
         # NumPy's too: the loader's sampler draws its shuffling seed from it.
         seed_everything(cfg.train.seed)
         do_train(cfg)
-    finally:
-        torch.set_num_threads(previous)
     info.update(
         sam_reused=False,
         sam_train_seconds=round(time.perf_counter() - start, 1),
