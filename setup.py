@@ -35,7 +35,8 @@ setup(
     packages=_packages(),
     package_dir={"grounding_dino": PROJECT_DIR},
     # The configs ship inside the package (``grounding_dino.model_zoo.get_config``); the
-    # repository's top-level ``configs`` is a link to ``projects/grounding_dino/configs``.
-    package_data={"grounding_dino": _config_files()},
+    # repository's top-level ``configs`` is a link to ``projects/grounding_dino/configs``. The C
+    # sources of the optional CPU kernels are compiled on first use (modeling/native_kernels.py).
+    package_data={"grounding_dino": _config_files() + ["modeling/native/*.c"]},
     install_requires=[],  # the pinned stack lives in requirements.txt
 )

@@ -20,11 +20,14 @@ from grounding_dino.text.positive_map import positive_map_from_spans
 SHAPES = [(9, 11), (5, 6), (3, 3), (1, 2)]
 
 
-@pytest.fixture(params=["dense", "image_by_image"])
+@pytest.fixture(params=["native", "dense", "image_by_image"])
 def backward_path(request, monkeypatch):
-    """Each backward path of the weighted gather; the image-by-image one in chunks of 5 bags
-    (the last one partial)."""
-    if request.param == "dense":
+    """Each backward path of the weighted gather: the compiled CPU kernel, and without it the
+    dense one and the image-by-image one in chunks of 5 bags (the last one partial)."""
+    monkeypatch.setenv("GROUNDING_DINO_NATIVE_KERNELS", "1" if request.param == "native" else "0")
+    if request.param == "native":
+        assert weighted_gather.weighted_gather_backward_kernel(torch.float64, torch.int32)
+    elif request.param == "dense":
         monkeypatch.setattr(weighted_gather, "DENSE_BACKWARD_LIMIT", 1 << 30)
     else:
         monkeypatch.setattr(weighted_gather, "DENSE_BACKWARD_LIMIT", 0)
@@ -158,10 +161,14 @@ def _assert_equal(first, second, rtol):
         torch.testing.assert_close(grad, grads_b[name], rtol=rtol, atol=rtol * scale, msg=name)
 
 
-def test_tiny_model_training_gradients_equal_grid_sample_kernel(tiny_training_model, monkeypatch):
-    """The whole training loss (matching, denoising, every layer): our kernel with its
-    image-by-image backward (the one of large images) against the reference formulation
-    (per-level ``grid_sample``, autograd's backward)."""
+@pytest.mark.parametrize("native", [True, False])
+def test_tiny_model_training_gradients_equal_grid_sample_kernel(
+    tiny_training_model, monkeypatch, native
+):
+    """The whole training loss (matching, denoising, every layer): our kernel with its compiled
+    CPU backward, or without it the image-by-image backward (the one of large images), against
+    the reference formulation (per-level ``grid_sample``, autograd's backward)."""
+    monkeypatch.setenv("GROUNDING_DINO_NATIVE_KERNELS", "1" if native else "0")
     monkeypatch.setattr(weighted_gather, "DENSE_BACKWARD_LIMIT", 0)
     monkeypatch.setattr(weighted_gather, "WEIGHTS_GRADIENT_CHUNK", 1000 * 64 * 16)
     model = tiny_training_model

@@ -1,5 +1,6 @@
 """The deformable attention's weighted gather: its block-structured backward equals autograd's
-``embedding_bag`` backward, on both of its paths (dense per-block products and sparse)."""
+``embedding_bag`` backward, on each of its paths (the compiled CPU kernel, dense per-block
+products and image by image)."""
 
 import pytest
 import torch
@@ -36,11 +37,16 @@ def _reference(table, rows, weights):
     return (table[rows.long()] * weights.unsqueeze(-1)).sum(1)
 
 
-@pytest.mark.parametrize("dense", [True, False])
+@pytest.mark.parametrize("path", ["native", "dense", "image_by_image"])
 @pytest.mark.parametrize("which", [(True, True), (True, False), (False, True)])
-def test_gradients_equal_embedding_bag(monkeypatch, dense, which):
-    monkeypatch.setattr(module, "DENSE_BACKWARD_LIMIT", 1 << 30 if dense else 0)
-    inputs = _inputs()
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_gradients_equal_embedding_bag(monkeypatch, path, which, index_dtype):
+    monkeypatch.setenv("GROUNDING_DINO_NATIVE_KERNELS", "1" if path == "native" else "0")
+    monkeypatch.setattr(module, "DENSE_BACKWARD_LIMIT", 1 << 30 if path == "dense" else 0)
+    if path == "native":
+        assert module.weighted_gather_backward_kernel(torch.float64, index_dtype) is not None
+    table, rows, weights, probe = _inputs()
+    inputs = table, rows.to(index_dtype), weights, probe
     expected = _gradients(_reference, *inputs, which=which)
     got = _gradients(lambda t, r, w: weighted_gather(t, r, w, BATCH, HEADS), *inputs, which=which)
     assert len(got) == len(expected) == 1 + sum(which)

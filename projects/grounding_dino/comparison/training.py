@@ -5,10 +5,11 @@ its criterion, on the same converted weights, the same images, caption and boxes
 by an AdamW step over every parameter.
 """
 
+import contextlib
 import os
 import statistics
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, NamedTuple, Tuple
 
 import torch
 
@@ -24,14 +25,26 @@ __all__ = [
     "training_memory_child",
 ]
 
-# Benchmark rows: name -> (implementation, denoising queries of ours, the model's parts whose
-# layers use activation checkpointing: their ``use_checkpoint``).
+
+class Row(NamedTuple):
+    """One benchmark row: ``kind`` "hf" (transformers) or "ours"; for ours, the denoising
+    queries, the parts whose layers use activation checkpointing (their ``use_checkpoint``) and
+    whether the deformable attention's backward uses its compiled CPU kernel
+    (:mod:`grounding_dino.modeling.native_kernels`)."""
+
+    kind: str
+    dn_number: int = 0
+    checkpointing: Tuple[str, ...] = ()
+    native: bool = True
+
+
 ROWS = {
-    "transformers": ("hf", None, ()),
-    "ours (dn off)": ("ours", 0, ()),
-    "ours (dn on)": ("ours", 100, ()),
-    "ours (dn off + checkpointing)": ("ours", 0, ("enhancer", "decoder")),
-    "ours (dn off + checkpointing with Swin)": ("ours", 0, ("enhancer", "decoder", "backbone")),
+    "transformers": Row("hf"),
+    "ours (dn off)": Row("ours", 0),
+    "ours (dn on)": Row("ours", 100),
+    "ours (dn off + checkpointing)": Row("ours", 0, ("enhancer", "decoder")),
+    "ours (dn off + checkpointing with Swin)": Row("ours", 0, ("enhancer", "decoder", "backbone")),
+    "ours (dn off + pure-PyTorch backward)": Row("ours", 0, (), native=False),
 }
 CHECKPOINTED_PARTS = ("enhancer", "decoder", "backbone")
 
@@ -150,7 +163,8 @@ def build_training_steps(
         if unknown:
             raise ValueError(f"unknown benchmark rows {unknown}; rows: {list(ROWS)}")
         rows = {row: ROWS[row] for row in rows}
-    kinds = {kind for kind, _, _ in rows.values()}
+    rows = {name: Row(*spec) for name, spec in rows.items()}
+    kinds = {spec.kind for spec in rows.values()}
     built = {}
     if "hf" in kinds:
         built["hf"] = _hf_step(hf_dir, batch, device)
@@ -162,7 +176,7 @@ def build_training_steps(
     }
 
     def make_step(row):
-        kind, dn_number, checkpointing = rows[row]
+        kind, dn_number, checkpointing, native = rows[row]
         model, loss_fn = built[kind]
         optimizer = optimizers[kind]
 
@@ -174,7 +188,8 @@ def build_training_steps(
             loss = loss_fn()
             if not torch.isfinite(loss):
                 raise ValueError(f"{row}: the training loss is {loss.item()}")
-            loss.backward()
+            with _native_kernels(native):
+                loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             return float(loss)
@@ -182,6 +197,22 @@ def build_training_steps(
         return step
 
     return {row: make_step(row) for row in rows}
+
+
+@contextlib.contextmanager
+def _native_kernels(enabled: bool):
+    """``GROUNDING_DINO_NATIVE_KERNELS`` set for the block, restored after."""
+    from ..modeling.native_kernels import ENABLE_VARIABLE
+
+    before = os.environ.get(ENABLE_VARIABLE)
+    os.environ[ENABLE_VARIABLE] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[ENABLE_VARIABLE]
+        else:
+            os.environ[ENABLE_VARIABLE] = before
 
 
 def _outermost_switches(module) -> List:

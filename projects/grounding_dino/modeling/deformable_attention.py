@@ -2,7 +2,9 @@
 
 The module has the parameter names of the official and the Hugging Face implementations
 (``sampling_offsets``, ``attention_weights``, ``value_proj``, ``output_proj``), so their
-weights load one to one. Nothing here is compiled: the sampling runs on any device.
+weights load one to one. The sampling is PyTorch and runs on any device; only the training
+backward on the CPU has a compiled helper, built on first use where a C compiler exists and
+replaced by PyTorch where not (:mod:`.native_kernels`, :mod:`.weighted_gather`).
 
 The default kernel (:func:`ms_deform_attn_embedding_bag`) folds the bilinear corner weights
 and the attention weights into one weighted gather-and-sum,

@@ -7,6 +7,11 @@ CPU it sorts all ``N * K`` row indices to sum the table's gradient, and computes
 gradient row by row, so that it, not the forward, dominates the deformable attention's
 training time.
 
+On the CPU a compiled kernel (:mod:`.native_kernels`, ``native/weighted_gather_backward.c``)
+computes both gradients in one pass over the corners, holding nothing but its outputs. Where it
+is not available (other devices and dtypes, no C compiler, turned off) the backward below runs
+in PyTorch.
+
 Here every bag ``n = (b, q, m)`` (image, query, head) reads only rows of its own image and head
 (``rows = (b * T + t) * M + m`` for a pixel ``t`` of the image's padded table of ``T`` pixels),
 so both gradients are batched matrix products per (image, head):
@@ -27,6 +32,8 @@ gradients of ``embedding_bag`` (up to float summation order).
 
 import torch
 import torch.nn.functional as F
+
+from .native_kernels import weighted_gather_backward_kernel
 
 __all__ = ["weighted_gather"]
 
@@ -55,6 +62,11 @@ class _BlockWeightedGather(torch.autograd.Function):
         pixels = table.shape[0] // (batch * heads)
         need_table, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         grad = grad.contiguous()
+        kernel = _native_kernel(table, rows, weights, grad)
+        if kernel is not None:
+            return _native_backward(
+                kernel, table, rows, weights, grad, heads, need_table, need_weights
+            )
         if batch * heads * queries * pixels <= DENSE_BACKWARD_LIMIT:
             # Pixel of each corner within its (image, head) block: [B, M, Q, K].
             base = torch.arange(batch, device=rows.device, dtype=rows.dtype).view(-1, 1, 1, 1)
@@ -102,6 +114,45 @@ def weighted_gather(
     return _BlockWeightedGather.apply(table, rows, weights, batch, heads)
 
 
+def _native_kernel(table, rows, weights, grad):
+    """The compiled CPU backward for these tensors, or None (other devices and dtypes, kernels
+    turned off or not built)."""
+    if table.device.type != "cpu" or not (table.dtype == weights.dtype == grad.dtype):
+        return None
+    return weighted_gather_backward_kernel(table.dtype, rows.dtype)
+
+
+def _native_backward(kernel, table, rows, weights, grad, heads, need_table, need_weights):
+    """Both gradients in one pass over the corners (``native/weighted_gather_backward.c``), on
+    torch's intra-op thread count; no index tensors or gathered rows are held.
+
+    Args:
+        kernel: from :func:`weighted_gather_backward_kernel`.
+        table: [R, D]; rows, weights: [N, K]; grad: [N, D] contiguous; heads: M.
+
+    Returns:
+        the ``backward`` tuple, as :func:`_blockwise_backward`.
+    """
+    table, rows, weights = table.contiguous(), rows.contiguous(), weights.contiguous()
+    num_bags, num_corners = rows.shape
+    grad_table = torch.zeros_like(table) if need_table else None
+    grad_weights = torch.empty_like(weights) if need_weights else None
+    kernel(
+        table.data_ptr(),
+        rows.data_ptr(),
+        weights.data_ptr(),
+        grad.data_ptr(),
+        num_bags,
+        num_corners,
+        table.shape[1],
+        heads,
+        grad_table.data_ptr() if need_table else None,
+        grad_weights.data_ptr() if need_weights else None,
+        torch.get_num_threads(),
+    )
+    return grad_table, None, grad_weights, None, None
+
+
 def _blockwise_backward(table, rows, weights, grad, batch, heads, need_table, need_weights):
     """The gradients of ``embedding_bag`` image by image, in bounded memory.
 
@@ -125,7 +176,8 @@ def _blockwise_backward(table, rows, weights, grad, batch, heads, need_table, ne
         # corners sorted by row form one bag per table row (rows nobody reads get zeros). One
         # sort per image: a large sort is much faster per element than many small ones.
         for b in range(batch):
-            flat = rows[b * bags : (b + 1) * bags].reshape(-1).long().sub_(b * table_rows)
+            # Out of place: int64 rows would otherwise be the saved indices themselves.
+            flat = rows[b * bags : (b + 1) * bags].reshape(-1).long() - b * table_rows
             order = torch.argsort(flat)
             offsets = torch.zeros(table_rows, dtype=torch.long, device=flat.device)
             torch.cumsum(torch.bincount(flat, minlength=table_rows)[:-1], 0, out=offsets[1:])
