@@ -1,4 +1,5 @@
-"""Packaging: the wheel ships the library and its configs, not the tools; model_zoo finds them."""
+"""Packaging: the wheel ships the library, its configs and its C kernel source, not the tools;
+model_zoo finds them."""
 
 import os
 import shutil
@@ -65,6 +66,8 @@ def test_wheel_ships_the_configs_and_not_the_tools(wheel):
     assert in_repo <= names, sorted(in_repo - names)
     assert "grounding_dino/__init__.py" in names and "grounding_dino/model_zoo.py" in names
     assert "grounding_dino/data/synthetic.py" in names
+    # The C source that the CPU backward kernel is compiled from on first use.
+    assert "grounding_dino/modeling/native/weighted_gather_backward.c" in names
     # Applications are tools/, not library modules.
     for name in names:
         assert not name.startswith("tools/"), name

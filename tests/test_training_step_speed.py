@@ -63,3 +63,58 @@ def test_deformable_attention_trains_without_copy_slices():
     value = torch.randn(1, 39, 32, requires_grad=True)
     out = attention(torch.randn(1, 7, 32), torch.rand(1, 7, 2, 2), value, shapes, starts)
     assert "CopySlices" not in _graph_nodes(out)
+
+
+def test_bilinear_sampling_keeps_only_its_inputs_for_the_backward():
+    """The sampling's training graph saves the table, the coordinates and the attention
+    weights, not the corner rows, corner weights and their products (recomputed in the
+    backward); its gradients equal autograd's through the written-out formula."""
+    from grounding_dino.modeling.deformable_kernels import padded_value_table, sample_padded_table
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = torch.tensor([[6, 5], [3, 4]])
+    starts = torch.tensor([0, 30])
+    value = torch.randn(2, 42, 3, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    # Coordinates beyond the maps too (-1.7 .. W + 0.7): the clamp's gradient mask.
+    size = shapes.flip(-1).double().view(1, 1, 1, 2, 1, 2)
+    points = torch.rand(2, 5, 3, 2, 4, 2, dtype=torch.float64, generator=gen) * 1.3 - 0.15
+    points = (points * (size + 1.4) - 1.7).requires_grad_()
+    attention = torch.rand(2, 5, 3, 2, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    probe = torch.randn(2, 5, 24, dtype=torch.float64, generator=gen)
+
+    table = padded_value_table(value, shapes, starts)
+    x, y = points[..., 0], points[..., 1]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = sample_padded_table(table, x, y, attention)
+    kept = {t.untyped_storage().data_ptr() for t in saved}
+    inputs = {t.untyped_storage().data_ptr() for t in (table.table, points, attention)}
+    assert kept == inputs, [tuple(t.shape) for t in saved]
+    grads = torch.autograd.grad((out * probe).sum(), [value, points, attention])
+
+    # The formula through autograd: bilinear corners of the coordinates clamped to [-1, W].
+    expected = torch.zeros(2, 5, 3, 8, dtype=torch.float64)
+    for level, ((h, w), start) in enumerate(zip(shapes.tolist(), starts.tolist())):
+        grid = value[:, start : start + h * w].view(2, h, w, 3, 8)
+        grid = F.pad(grid, (0, 0, 0, 0, 1, 2, 1, 2))  # zero border, as the table's
+        cx = points[:, :, :, level, :, 0].clamp(-1, w)
+        cy = points[:, :, :, level, :, 1].clamp(-1, h)
+        x0, y0 = cx.detach().floor(), cy.detach().floor()
+        fx, fy = cx - x0, cy - y0
+        heads = torch.arange(3).view(1, 1, 3, 1).expand(2, 5, 3, 4)
+        batch = torch.arange(2).view(2, 1, 1, 1).expand(2, 5, 3, 4)
+        for dx, dy, weight in (
+            (0, 0, (1 - fx) * (1 - fy)),
+            (1, 0, fx * (1 - fy)),
+            (0, 1, (1 - fx) * fy),
+            (1, 1, fx * fy),
+        ):
+            xi, yi = (x0 + dx + 1).long(), (y0 + dy + 1).long()
+            corner = grid[batch, yi, xi, heads]  # [2, 5, 3, 4, 8]
+            expected = expected + (corner * (weight * attention[:, :, :, level])[..., None]).sum(3)
+    expected = expected.view(2, 5, 24)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+    expected_grads = torch.autograd.grad((expected * probe).sum(), [value, points, attention])
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-12, rtol=0)
+        assert grad.abs().sum() > 0

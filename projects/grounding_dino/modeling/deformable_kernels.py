@@ -19,7 +19,7 @@ from typing import List, NamedTuple, Tuple
 import torch
 import torch.nn.functional as F
 
-from .weighted_gather import weighted_gather
+from .bilinear_sampling import sample_corners
 
 __all__ = [
     "ms_deform_attn_embedding_bag",
@@ -116,7 +116,7 @@ def sample_pixels_embedding_bag(
         spatial_shapes: [L, 2] long, (H_l, W_l) of each level.
         level_start_index: [L] long, first row of each level in S.
         x, y: [B, Q, M, L, P] pixel coordinates (pixel centres at integers, i.e.
-            ``location * size - 0.5``). They may be overwritten.
+            ``location * size - 0.5``).
         attention_weights: [B, Q, M, L, P].
 
     Returns:
@@ -133,70 +133,14 @@ def sample_padded_table(
 
     Args:
         padded: the values' table.
-        x, y: [B, Q, M, L, P] pixel coordinates. They may be overwritten.
+        x, y: [B, Q, M, L, P] pixel coordinates.
         attention_weights: [B, Q, M, L, P].
 
     Returns:
-        [B, Q, M*D].
+        [B, Q, M*D]. In training the backward keeps only the table, coordinates and weights
+        (:mod:`.bilinear_sampling`).
     """
-    table, shapes, padded_starts, num_heads = padded
-    batch, total = table.shape[:2]
-    head_dim = table.shape[2] // num_heads
-    num_queries = x.shape[1]
-    device, dtype = table.device, x.dtype
-
-    size = torch.tensor(shapes, dtype=dtype, device=device)
-    height = size[:, 0:1]  # [L, 1] broadcasts against [B, Q, M, L, P]
-    width = size[:, 1:2]
-    # Beyond [-1, W] all corners are outside and weigh nothing, as at -1 or W exactly.
-    minus_one = size.new_tensor(-1.0)
-    x = torch.clamp(x, min=minus_one, max=width)
-    y = torch.clamp(y, min=minus_one, max=height)
-    x0 = x.floor()
-    y0 = y.floor()
-    fx = x - x0
-    fy = y - y0
-
-    # Row of table.view(-1, D) of the top-left corner, within one batch element:
-    # (start_l + (y0 + 1) * (W_l + 3) + (x0 + 1)) * M + m. Exact in float32 below 2**24.
-    rows_per_image = total * num_heads
-    index_dtype = torch.int32 if batch * rows_per_image < 2**31 else torch.int64
-    exact = torch.float32 if rows_per_image < 2**24 else torch.float64
-    padded_width = torch.tensor([w + 3 for _, w in shapes], dtype=exact, device=device)
-    offset = (
-        (torch.tensor(padded_starts, dtype=exact, device=device) + padded_width + 1) * num_heads
-    ).view(1, 1, 1, -1, 1) + torch.arange(num_heads, dtype=exact, device=device).view(
-        1, 1, -1, 1, 1
-    )  # [1, 1, M, L, 1]
-    top_left = y0.to(exact) * (padded_width * num_heads).view(-1, 1)
-    top_left.add_(x0.to(exact), alpha=num_heads).add_(offset)
-    # Corner offsets (tl, tr, bl, br) per level plus the batch offset: [B, 1, 1, L, 1, 4].
-    row = (padded_width * num_heads).to(index_dtype).view(-1, 1, 1)
-    corners = torch.cat([row * 0, row * 0 + num_heads, row, row + num_heads], dim=-1)
-    batch_offset = torch.arange(batch, dtype=index_dtype, device=device) * rows_per_image
-    corners = corners + batch_offset.view(batch, 1, 1, 1, 1, 1)
-    rows = top_left.to(index_dtype).unsqueeze(-1) + corners  # [B, Q, M, L, P, 4]
-
-    fy_a = fy * attention_weights
-    wy0 = attention_weights - fy_a
-    wx0 = 1 - fx
-    if any(t.requires_grad for t in (wy0, fy_a, wx0, fx)):
-        weights = torch.stack((wy0 * wx0, wy0 * fx, fy_a * wx0, fy_a * fx), dim=-1)
-    else:  # inference: write the four products in place, no temporaries
-        weights = wy0.new_empty(wy0.shape + (4,))
-        torch.mul(wy0, wx0, out=weights[..., 0])
-        torch.mul(wy0, fx, out=weights[..., 1])
-        torch.mul(fy_a, wx0, out=weights[..., 2])
-        torch.mul(fy_a, fx, out=weights[..., 3])
-
-    out = weighted_gather(
-        table.view(batch * rows_per_image, head_dim),
-        rows.view(batch * num_queries * num_heads, -1),
-        weights.view(batch * num_queries * num_heads, -1).to(table.dtype),
-        batch,
-        num_heads,
-    )
-    return out.view(batch, num_queries, num_heads * head_dim)
+    return sample_corners(padded, x, y, attention_weights)
 
 
 def ms_deform_attn_embedding_bag(

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .native_kernels import weighted_gather_backward_kernel
 
-__all__ = ["weighted_gather"]
+__all__ = ["weighted_gather", "weighted_gather_gradients"]
 
 # Above this many elements of a [B, M, Q, T] matrix (64 MiB in float32) the backward goes image
 # by image (_blockwise_backward), whose memory grows with one image's N * K instead of Q * T.
@@ -55,41 +55,63 @@ class _BlockWeightedGather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         table, rows, weights = ctx.saved_tensors
-        batch, heads = ctx.batch, ctx.heads
-        num_bags, num_corners = rows.shape
-        dim = table.shape[1]
-        queries = num_bags // (batch * heads)
-        pixels = table.shape[0] // (batch * heads)
-        need_table, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        grad = grad.contiguous()
-        kernel = _native_kernel(table, rows, weights, grad)
-        if kernel is not None:
-            return _native_backward(
-                kernel, table, rows, weights, grad, heads, need_table, need_weights
-            )
-        if batch * heads * queries * pixels <= DENSE_BACKWARD_LIMIT:
-            # Pixel of each corner within its (image, head) block: [B, M, Q, K].
-            base = torch.arange(batch, device=rows.device, dtype=rows.dtype).view(-1, 1, 1, 1)
-            head = torch.arange(heads, device=rows.device, dtype=rows.dtype).view(1, 1, -1, 1)
-            local = rows.view(batch, queries, heads, num_corners) - base * (pixels * heads) - head
-            local = torch.div(local, heads, rounding_mode="floor").transpose(1, 2).long()
-            grad_blocks = grad.view(batch, queries, heads, dim).transpose(1, 2)  # [B, M, Q, D]
-            grad_table = grad_weights = None
-            if need_table:
-                scatter = grad.new_zeros(batch, heads, queries, pixels)
-                block_weights = weights.view(batch, queries, heads, num_corners).transpose(1, 2)
-                scatter.scatter_add_(3, local, block_weights.to(grad.dtype))
-                grad_table = torch.matmul(scatter.transpose(2, 3), grad_blocks)  # [B, M, T, D]
-                grad_table = grad_table.transpose(1, 2).reshape(table.shape)
-            if need_weights:
-                table_blocks = table.view(batch, pixels, heads, dim).permute(0, 2, 3, 1)
-                scores = torch.matmul(grad_blocks, table_blocks)  # [B, M, Q, T]
-                grad_weights = scores.gather(3, local).transpose(1, 2).reshape(weights.shape)
-            return grad_table, None, grad_weights, None, None
+        grad_table, grad_weights = weighted_gather_gradients(
+            table, rows, weights, grad, ctx.batch, ctx.heads, *ctx.needs_input_grad[0:3:2]
+        )
+        return grad_table, None, grad_weights, None, None
 
+
+def weighted_gather_gradients(
+    table: torch.Tensor,
+    rows: torch.Tensor,
+    weights: torch.Tensor,
+    grad: torch.Tensor,
+    batch: int,
+    heads: int,
+    need_table: bool = True,
+    need_weights: bool = True,
+):
+    """
+    The gradients of :func:`weighted_gather` (the module docstring says how).
+
+    Args:
+        table, rows, weights, batch, heads: as :func:`weighted_gather`.
+        grad: [N, D] the gradient of its output.
+        need_table, need_weights: which gradients to compute.
+
+    Returns:
+        (grad_table [B * T * M, D] or None, grad_weights [N, K] or None).
+    """
+    num_bags, num_corners = rows.shape
+    dim = table.shape[1]
+    queries = num_bags // (batch * heads)
+    pixels = table.shape[0] // (batch * heads)
+    grad = grad.contiguous()
+    kernel = _native_kernel(table, rows, weights, grad)
+    if kernel is not None:
+        return _native_backward(kernel, table, rows, weights, grad, heads, need_table, need_weights)
+    if batch * heads * queries * pixels > DENSE_BACKWARD_LIMIT:
         return _blockwise_backward(
             table, rows, weights, grad, batch, heads, need_table, need_weights
         )
+    # Pixel of each corner within its (image, head) block: [B, M, Q, K].
+    base = torch.arange(batch, device=rows.device, dtype=rows.dtype).view(-1, 1, 1, 1)
+    head = torch.arange(heads, device=rows.device, dtype=rows.dtype).view(1, 1, -1, 1)
+    local = rows.view(batch, queries, heads, num_corners) - base * (pixels * heads) - head
+    local = torch.div(local, heads, rounding_mode="floor").transpose(1, 2).long()
+    grad_blocks = grad.view(batch, queries, heads, dim).transpose(1, 2)  # [B, M, Q, D]
+    grad_table = grad_weights = None
+    if need_table:
+        scatter = grad.new_zeros(batch, heads, queries, pixels)
+        block_weights = weights.view(batch, queries, heads, num_corners).transpose(1, 2)
+        scatter.scatter_add_(3, local, block_weights.to(grad.dtype))
+        grad_table = torch.matmul(scatter.transpose(2, 3), grad_blocks)  # [B, M, T, D]
+        grad_table = grad_table.transpose(1, 2).reshape(table.shape)
+    if need_weights:
+        table_blocks = table.view(batch, pixels, heads, dim).permute(0, 2, 3, 1)
+        scores = torch.matmul(grad_blocks, table_blocks)  # [B, M, Q, T]
+        grad_weights = scores.gather(3, local).transpose(1, 2).reshape(weights.shape)
+    return grad_table, grad_weights
 
 
 def weighted_gather(
@@ -131,7 +153,7 @@ def _native_backward(kernel, table, rows, weights, grad, heads, need_table, need
         table: [R, D]; rows, weights: [N, K]; grad: [N, D] contiguous; heads: M.
 
     Returns:
-        the ``backward`` tuple, as :func:`_blockwise_backward`.
+        (grad_table or None, grad_weights or None).
     """
     table, rows, weights = table.contiguous(), rows.contiguous(), weights.contiguous()
     num_bags, num_corners = rows.shape
@@ -150,7 +172,7 @@ def _native_backward(kernel, table, rows, weights, grad, heads, need_table, need
         grad_weights.data_ptr() if need_weights else None,
         torch.get_num_threads(),
     )
-    return grad_table, None, grad_weights, None, None
+    return grad_table, grad_weights
 
 
 def _blockwise_backward(table, rows, weights, grad, batch, heads, need_table, need_weights):
@@ -162,8 +184,7 @@ def _blockwise_backward(table, rows, weights, grad, batch, heads, need_table, ne
         need_table, need_weights: which gradients to compute.
 
     Returns:
-        the ``backward`` tuple: ``grad_table`` [B * T * M, D] (or None), None,
-        ``grad_weights`` [N, K] (or None), None, None.
+        (``grad_table`` [B * T * M, D] or None, ``grad_weights`` [N, K] or None).
     """
     num_bags, num_corners = rows.shape
     dim = table.shape[1]
@@ -202,4 +223,4 @@ def _blockwise_backward(table, rows, weights, grad, batch, heads, need_table, ne
                 torch.bmm(gathered, grad[start:end, :, None], out=grad_weights[start:end, :, None])
             else:
                 grad_weights[start:end] = torch.bmm(gathered, grad[start:end, :, None])[..., 0]
-    return grad_table, None, grad_weights, None, None
+    return grad_table, grad_weights
