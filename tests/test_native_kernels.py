@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from test_train_net import REPO, write_fixture
+from test_weighted_gather import make_inputs
 
 from grounding_dino.modeling import native_kernels
 from grounding_dino.modeling.weighted_gather import weighted_gather
@@ -33,15 +34,7 @@ def fresh_build(monkeypatch, tmp_path):
 
 
 def _inputs(dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    table = torch.randn(BATCH * PIXELS * HEADS, DIM, dtype=dtype, generator=gen)
-    pixel = torch.randint(0, PIXELS, (BATCH, QUERIES, HEADS, CORNERS), generator=gen)
-    image = torch.arange(BATCH).view(-1, 1, 1, 1)
-    head = torch.arange(HEADS).view(1, 1, -1, 1)
-    rows = ((image * PIXELS + pixel) * HEADS + head).view(-1, CORNERS).to(torch.int32)
-    weights = torch.rand(rows.shape, dtype=dtype, generator=gen)
-    probe = torch.randn(BATCH * QUERIES * HEADS, DIM, dtype=dtype, generator=gen)
-    return table, rows, weights, probe
+    return make_inputs(seed, dtype, (BATCH, HEADS, QUERIES, PIXELS, CORNERS, DIM))
 
 
 def _gradients(table, rows, weights, probe):

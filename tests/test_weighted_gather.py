@@ -12,15 +12,18 @@ from grounding_dino.modeling.weighted_gather import weighted_gather
 BATCH, HEADS, QUERIES, PIXELS, CORNERS, DIM = 3, 4, 7, 13, 10, 5
 
 
-def _inputs(seed=0, dtype=torch.float64):
+def make_inputs(seed=0, dtype=torch.float64, sizes=(BATCH, HEADS, QUERIES, PIXELS, CORNERS, DIM)):
+    """(table, int32 rows, weights, probe) of a weighted gather with ``sizes`` (batch, heads,
+    queries, pixels, corners, dim): each bag reads rows of its own image and head."""
+    batch, heads, queries, pixels, corners, dim = sizes
     gen = torch.Generator().manual_seed(seed)
-    table = torch.randn(BATCH * PIXELS * HEADS, DIM, dtype=dtype, generator=gen)
-    pixel = torch.randint(0, PIXELS, (BATCH, QUERIES, HEADS, CORNERS), generator=gen)
-    image = torch.arange(BATCH).view(-1, 1, 1, 1)
-    head = torch.arange(HEADS).view(1, 1, -1, 1)
-    rows = ((image * PIXELS + pixel) * HEADS + head).view(-1, CORNERS).to(torch.int32)
+    table = torch.randn(batch * pixels * heads, dim, dtype=dtype, generator=gen)
+    pixel = torch.randint(0, pixels, (batch, queries, heads, corners), generator=gen)
+    image = torch.arange(batch).view(-1, 1, 1, 1)
+    head = torch.arange(heads).view(1, 1, -1, 1)
+    rows = ((image * pixels + pixel) * heads + head).view(-1, corners).to(torch.int32)
     weights = torch.rand(rows.shape, dtype=dtype, generator=gen)
-    probe = torch.randn(BATCH * QUERIES * HEADS, DIM, dtype=dtype, generator=gen)
+    probe = torch.randn(batch * queries * heads, dim, dtype=dtype, generator=gen)
     return table, rows, weights, probe
 
 
@@ -45,7 +48,7 @@ def test_gradients_equal_embedding_bag(monkeypatch, path, which, index_dtype):
     monkeypatch.setattr(module, "DENSE_BACKWARD_LIMIT", 1 << 30 if path == "dense" else 0)
     if path == "native":
         assert module.weighted_gather_backward_kernel(torch.float64, index_dtype) is not None
-    table, rows, weights, probe = _inputs()
+    table, rows, weights, probe = make_inputs()
     inputs = table, rows.to(index_dtype), weights, probe
     expected = _gradients(_reference, *inputs, which=which)
     got = _gradients(lambda t, r, w: weighted_gather(t, r, w, BATCH, HEADS), *inputs, which=which)
@@ -56,7 +59,7 @@ def test_gradients_equal_embedding_bag(monkeypatch, path, which, index_dtype):
 
 
 def test_without_gradients_it_is_embedding_bag():
-    table, rows, weights, _ = _inputs(dtype=torch.float32)
+    table, rows, weights, _ = make_inputs(dtype=torch.float32)
     with torch.no_grad():
         out = weighted_gather(table, rows, weights, BATCH, HEADS)
     assert torch.equal(out, F.embedding_bag(rows, table, mode="sum", per_sample_weights=weights))
