@@ -159,3 +159,40 @@ def test_train_net_without_a_compiler_says_so_and_trains(tmp_path):
     assert "no-such-cc" in output and "pure-PyTorch backward" in output
     assert (output_dir / "model_final.pth").is_file()
     assert not kernels.exists() or not list(kernels.glob("*.so"))
+
+
+def _sampling_gradients(dtype):
+    """Gradients of the deformable sampling (table, coordinates, attention weights) on 2
+    images, 3 heads, 2 levels, coordinates beyond the maps too."""
+    from grounding_dino.modeling.deformable_kernels import padded_value_table, sample_padded_table
+
+    gen = torch.Generator().manual_seed(2)  # drawn in float64, then cast: the same values
+    shapes, starts = torch.tensor([[7, 9], [4, 5]]), torch.tensor([0, 63])
+    value = torch.randn(2, 83, 3, 16, dtype=torch.float64, generator=gen)
+    size = shapes.flip(-1).double().view(1, 1, 1, 2, 1, 2)
+    points = torch.rand(2, 11, 3, 2, 4, 2, dtype=torch.float64, generator=gen) * (size + 3) - 1.5
+    attention = torch.rand(2, 11, 3, 2, 4, dtype=torch.float64, generator=gen)
+    probe = torch.randn(2, 11, 48, dtype=torch.float64, generator=gen).to(dtype)
+    value, points, attention = (t.to(dtype).requires_grad_() for t in (value, points, attention))
+    table = padded_value_table(value, shapes, starts)
+    out = sample_padded_table(table, points[..., 0], points[..., 1], attention)
+    return torch.autograd.grad((out * probe).sum(), [value, points, attention])
+
+
+def test_sampling_kernel_float32_equals_float64_on_any_thread_count(fresh_build):
+    assert native_kernels.bilinear_sampling_backward_kernel(torch.float32) is not None
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 5):
+            torch.set_num_threads(count)
+            results.append(_sampling_gradients(torch.float32))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+    os.environ[native_kernels.ENABLE_VARIABLE] = "0"  # restored by fresh_build's monkeypatch
+    expected = _sampling_gradients(torch.float64)
+    for got, want in zip(results[0], expected):
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
+        assert got.abs().sum() > 0

@@ -67,7 +67,7 @@ def test_wheel_ships_the_configs_and_not_the_tools(wheel):
     assert "grounding_dino/__init__.py" in names and "grounding_dino/model_zoo.py" in names
     assert "grounding_dino/data/synthetic.py" in names
     # The C source that the CPU backward kernel is compiled from on first use.
-    assert "grounding_dino/modeling/native/weighted_gather_backward.c" in names
+    assert "grounding_dino/modeling/native/deformable_sampling_backward.c" in names
     # Applications are tools/, not library modules.
     for name in names:
         assert not name.startswith("tools/"), name

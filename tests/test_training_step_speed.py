@@ -4,6 +4,7 @@ autograd, and the deformable attention's value table is built without slice assi
 that no backward clones a whole gradient (``CopySlices``); outputs and gradients stay equal.
 """
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,11 +66,17 @@ def test_deformable_attention_trains_without_copy_slices():
     assert "CopySlices" not in _graph_nodes(out)
 
 
-def test_bilinear_sampling_keeps_only_its_inputs_for_the_backward():
+@pytest.mark.parametrize("native", [True, False])
+def test_bilinear_sampling_keeps_only_its_inputs_for_the_backward(monkeypatch, native):
     """The sampling's training graph saves the table, the coordinates and the attention
     weights, not the corner rows, corner weights and their products (recomputed in the
-    backward); its gradients equal autograd's through the written-out formula."""
+    backward); its gradients, from the compiled CPU kernel or from PyTorch, equal autograd's
+    through the written-out formula."""
+    from grounding_dino.modeling import native_kernels
     from grounding_dino.modeling.deformable_kernels import padded_value_table, sample_padded_table
+
+    monkeypatch.setenv(native_kernels.ENABLE_VARIABLE, "1" if native else "0")
+    assert (native_kernels.bilinear_sampling_backward_kernel(torch.float64) is not None) == native
 
     gen = torch.Generator().manual_seed(0)
     shapes = torch.tensor([[6, 5], [3, 4]])

@@ -15,6 +15,7 @@ from typing import Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .native_kernels import bilinear_sampling_backward_kernel
 from .weighted_gather import weighted_gather_gradients
 
 __all__ = ["corner_rows_and_fractions", "corner_weights", "sample_corners"]
@@ -112,6 +113,10 @@ class _BilinearGather(torch.autograd.Function):
         table, x, y, attention = ctx.saved_tensors
         shapes, padded_starts, num_heads = ctx.layout
         need_table, need_x, need_y, need_attention = ctx.needs_input_grad[:4]
+        kernel = _native_kernel(table, x, y, attention, grad)
+        if kernel is not None:
+            saved = (table, x, y, attention)
+            return _native_backward(kernel, ctx, saved, grad) + (None, None, None)
         rows, fx, fy = corner_rows_and_fractions((table, shapes, padded_starts, num_heads), x, y)
         weights = corner_weights(fx, fy, attention)
         batch, num_queries = x.shape[:2]
@@ -145,6 +150,57 @@ class _BilinearGather(torch.autograd.Function):
                 grad_x = (attention - fy_a) * (g1 - g0) + fy_a * (g3 - g2)
                 grad_x = (grad_x * _inside(x, shapes, 1)).to(x.dtype)
         return grad_table, grad_x, grad_y, grad_attention, None, None, None
+
+
+def _native_kernel(table, x, y, attention, grad):
+    """The compiled CPU backward for these tensors, or None (other devices, mixed dtypes,
+    kernels turned off or not built)."""
+    if table.device.type != "cpu" or not (
+        table.dtype == x.dtype == y.dtype == attention.dtype == grad.dtype
+    ):
+        return None
+    return bilinear_sampling_backward_kernel(table.dtype)
+
+
+def _native_backward(kernel, ctx, saved, grad):
+    """All four gradients in one pass over the sampling points
+    (``native/deformable_sampling_backward.c``), on torch's intra-op thread count.
+
+    Returns:
+        (grad_table, grad_x, grad_y, grad_attention), None where not needed.
+    """
+    table, x, y, attention = (t.contiguous() for t in saved)
+    shapes, padded_starts, num_heads = ctx.layout
+    need = ctx.needs_input_grad[:4]
+    grad = grad.contiguous()
+    batch, num_queries, _, num_levels, num_points = x.shape
+    levels = torch.tensor(
+        [[h for h, _ in shapes], [w for _, w in shapes], list(padded_starts)], dtype=torch.int64
+    )
+    outputs = [
+        (torch.zeros_like if i == 0 else torch.empty_like)(t) if need[i] else None
+        for i, t in enumerate((table, x, y, attention))
+    ]
+    kernel(
+        table.data_ptr(),
+        x.data_ptr(),
+        y.data_ptr(),
+        attention.data_ptr(),
+        grad.data_ptr(),
+        levels[0].data_ptr(),
+        levels[1].data_ptr(),
+        levels[2].data_ptr(),
+        batch,
+        num_queries,
+        num_heads,
+        num_levels,
+        num_points,
+        table.shape[2] // num_heads,
+        table.shape[1] * num_heads,
+        *(t.data_ptr() if t is not None else None for t in outputs),
+        torch.get_num_threads(),
+    )
+    return tuple(outputs)
 
 
 def _inside(coordinate: torch.Tensor, shapes: Sequence[Tuple[int, int]], axis: int):

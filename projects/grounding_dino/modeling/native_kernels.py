@@ -23,11 +23,16 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-__all__ = ["native_kernels_enabled", "weighted_gather_backward_kernel", "kernel_library"]
+__all__ = [
+    "bilinear_sampling_backward_kernel",
+    "kernel_library",
+    "native_kernels_enabled",
+    "weighted_gather_backward_kernel",
+]
 
 logger = logging.getLogger(__name__)
 
-SOURCE = os.path.join(os.path.dirname(__file__), "native", "weighted_gather_backward.c")
+SOURCE = os.path.join(os.path.dirname(__file__), "native", "deformable_sampling_backward.c")
 ENABLE_VARIABLE = "GROUNDING_DINO_NATIVE_KERNELS"
 DIRECTORY_VARIABLE = "GROUNDING_DINO_KERNEL_DIR"
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-pthread", "-shared", "-fPIC")
@@ -73,7 +78,7 @@ def _compile(compiler: str, directory: str) -> str:
     key = hashlib.sha256(
         b"\0".join([code, version.encode(), " ".join(FLAGS).encode(), _cpu_signature().encode()])
     ).hexdigest()[:16]
-    path = os.path.join(directory, f"weighted_gather_backward-{key}.so")
+    path = os.path.join(directory, f"deformable_sampling_backward-{key}.so")
     if os.path.isfile(path):
         return path
     os.makedirs(directory, exist_ok=True)
@@ -83,7 +88,10 @@ def _compile(compiler: str, directory: str) -> str:
     os.close(handle)
     try:
         subprocess.run(
-            [compiler, *FLAGS, "-o", partial, SOURCE], capture_output=True, text=True, check=True
+            [compiler, *FLAGS, "-o", partial, SOURCE, "-lm"],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         os.replace(partial, path)
     finally:
@@ -125,7 +133,7 @@ def weighted_gather_backward_kernel(
     scalar: torch.dtype, index: torch.dtype
 ) -> Optional[Callable[..., None]]:
     """
-    The C function of ``native/weighted_gather_backward.c`` for these dtypes:
+    The C function of ``native/deformable_sampling_backward.c`` for these dtypes:
     ``kernel(table, rows, weights, grad, num_bags, corners, dim, heads, grad_table,
     grad_weights, threads)`` on contiguous CPU tensors' ``data_ptr()`` (outputs may be 0 for
     "not needed"; ``grad_table`` zeroed). None where the dtypes have no kernel, the kernels are
@@ -141,5 +149,27 @@ def weighted_gather_backward_kernel(
     if function.restype is not None:  # first use: declare the signature
         pointer, size = ctypes.c_void_p, ctypes.c_int64
         function.argtypes = [pointer] * 4 + [size] * 4 + [pointer, pointer, ctypes.c_int]
+        function.restype = None
+    return function
+
+
+def bilinear_sampling_backward_kernel(scalar: torch.dtype) -> Optional[Callable[..., None]]:
+    """
+    The C function of the whole bilinear sampling's backward
+    (``bilinear_sampling_backward_f32/f64``): ``kernel(table, x, y, attention, grad, heights,
+    widths, padded_starts, batch, queries, heads, levels, points, dim, rows_per_image,
+    grad_table, grad_x, grad_y, grad_attention, threads)`` on contiguous CPU tensors'
+    ``data_ptr()`` (int64 level arrays; outputs may be 0; ``grad_table`` zeroed). None as
+    :func:`weighted_gather_backward_kernel`.
+    """
+    if scalar not in _SCALARS or not native_kernels_enabled():
+        return None
+    library = kernel_library()
+    if library is None:
+        return None
+    function = getattr(library, f"bilinear_sampling_backward_{_SCALARS[scalar][0]}")
+    if function.restype is not None:  # first use: declare the signature
+        pointer, size = ctypes.c_void_p, ctypes.c_int64
+        function.argtypes = [pointer] * 8 + [size] * 7 + [pointer] * 4 + [ctypes.c_int]
         function.restype = None
     return function

@@ -7,7 +7,7 @@ CPU it sorts all ``N * K`` row indices to sum the table's gradient, and computes
 gradient row by row, so that it, not the forward, dominates the deformable attention's
 training time.
 
-On the CPU a compiled kernel (:mod:`.native_kernels`, ``native/weighted_gather_backward.c``)
+On the CPU a compiled kernel (:mod:`.native_kernels`, ``native/deformable_sampling_backward.c``)
 computes both gradients in one pass over the corners, holding nothing but its outputs. Where it
 is not available (other devices and dtypes, no C compiler, turned off) the backward below runs
 in PyTorch.
@@ -145,7 +145,7 @@ def _native_kernel(table, rows, weights, grad):
 
 
 def _native_backward(kernel, table, rows, weights, grad, heads, need_table, need_weights):
-    """Both gradients in one pass over the corners (``native/weighted_gather_backward.c``), on
+    """Both gradients in one pass over the corners (``native/deformable_sampling_backward.c``), on
     torch's intra-op thread count; no index tensors or gathered rows are held.
 
     Args:

@@ -1,0 +1,204 @@
+/*
+ * The deformable attention's training backward on the CPU: two kernels, the backward of the
+ * weighted gather and, below it, that of the whole bilinear sampling.
+ *
+ * The weighted gather (grounding_dino/modeling/weighted_gather.py):
+ *
+ *   forward:       out[n] = sum_k weights[n, k] * table[rows[n, k]]
+ *   grad_table:    grad_table[rows[n, k]] += weights[n, k] * grad[n]
+ *   grad_weights:  grad_weights[n, k] = table[rows[n, k]] . grad[n]
+ *
+ * in one pass over the corners, with no index tensors or gathered copies. Bag n = (b, q, m)
+ * reads only rows of head m = n % heads (row % heads == m), so threads that own disjoint sets of
+ * heads write disjoint rows of grad_table: no atomics, and each row's sum is made in bag order,
+ * the same order on every run and any number of threads.
+ *
+ * Plain C with pthreads, loaded with ctypes (grounding_dino/modeling/native_kernels.py): it
+ * needs no Python or torch headers and compiles in well under a second.
+ */
+#include <pthread.h>
+#include <stddef.h>
+#include <math.h>
+#include <stdint.h>
+
+#define MAX_THREADS 64
+
+#define DEFINE_BACKWARD(NAME, SCALAR, INDEX)                                                     \
+  typedef struct {                                                                             \
+    const SCALAR* table;                                                                       \
+    const INDEX* rows;                                                                         \
+    const SCALAR* weights;                                                                     \
+    const SCALAR* grad;                                                                        \
+    SCALAR* grad_table;                                                                        \
+    SCALAR* grad_weights;                                                                      \
+    int64_t num_bags, corners, dim, heads, head_begin, head_end;                               \
+  } NAME##_job;                                                                                \
+                                                                                               \
+  static void* NAME##_run(void* argument) {                                                    \
+    const NAME##_job* job = (const NAME##_job*)argument;                                       \
+    const int64_t corners = job->corners, dim = job->dim;                                      \
+    for (int64_t head = job->head_begin; head < job->head_end; ++head) {                       \
+      for (int64_t bag = head; bag < job->num_bags; bag += job->heads) {                       \
+        const SCALAR* g = job->grad + bag * dim;                                               \
+        const INDEX* bag_rows = job->rows + bag * corners;                                     \
+        const SCALAR* bag_weights = job->weights + bag * corners;                              \
+        for (int64_t k = 0; k < corners; ++k) {                                                \
+          const int64_t row = (int64_t)bag_rows[k];                                            \
+          if (job->grad_weights) {                                                             \
+            const SCALAR* t = job->table + row * dim;                                          \
+            SCALAR dot = 0;                                                                    \
+            _Pragma("omp simd reduction(+ : dot)") for (int64_t d = 0; d < dim; ++d) dot +=    \
+                t[d] * g[d];                                                                   \
+            job->grad_weights[bag * corners + k] = dot;                                        \
+          }                                                                                    \
+          if (job->grad_table) {                                                               \
+            SCALAR* out = job->grad_table + row * dim;                                         \
+            const SCALAR w = bag_weights[k];                                                   \
+            _Pragma("omp simd") for (int64_t d = 0; d < dim; ++d) out[d] += w * g[d];          \
+          }                                                                                    \
+        }                                                                                      \
+      }                                                                                        \
+    }                                                                                          \
+    return NULL;                                                                               \
+  }                                                                                            \
+                                                                                               \
+  /* grad_table must be zeroed by the caller; either output may be NULL. */                   \
+  void NAME(const SCALAR* table, const INDEX* rows, const SCALAR* weights, const SCALAR* grad,   \
+           int64_t num_bags, int64_t corners, int64_t dim, int64_t heads, SCALAR* grad_table,  \
+           SCALAR* grad_weights, int threads) {                                                \
+    NAME##_job jobs[MAX_THREADS];                                                              \
+    pthread_t handles[MAX_THREADS];                                                            \
+    if (threads > heads) threads = (int)heads;                                                 \
+    if (threads > MAX_THREADS) threads = MAX_THREADS;                                          \
+    if (threads < 1) threads = 1;                                                              \
+    for (int i = 0; i < threads; ++i) {                                                        \
+      NAME##_job job = {table, rows, weights, grad, grad_table, grad_weights, num_bags,        \
+                        corners, dim, heads, heads * i / threads, heads * (i + 1) / threads};  \
+      jobs[i] = job;                                                                           \
+    }                                                                                          \
+    int started[MAX_THREADS] = {0};                                                            \
+    for (int i = 1; i < threads; ++i) /* a thread that cannot start runs in the caller */      \
+      started[i] = pthread_create(&handles[i], NULL, NAME##_run, &jobs[i]) == 0;              \
+    for (int i = 0; i < threads; ++i)                                                          \
+      if (!started[i]) NAME##_run(&jobs[i]);                                                   \
+    for (int i = 1; i < threads; ++i)                                                          \
+      if (started[i]) pthread_join(handles[i], NULL);                                          \
+  }
+
+DEFINE_BACKWARD(weighted_gather_backward_f32_i32, float, int32_t)
+DEFINE_BACKWARD(weighted_gather_backward_f32_i64, float, int64_t)
+DEFINE_BACKWARD(weighted_gather_backward_f64_i32, double, int32_t)
+DEFINE_BACKWARD(weighted_gather_backward_f64_i64, double, int64_t)
+
+/*
+ * The whole backward of the deformable attention's bilinear sampling (see
+ * grounding_dino/modeling/bilinear_sampling.py) from its inputs alone: for each sampling point
+ * (bag n = (b, q, m), level l, point p) at pixel coordinates (x, y) with attention weight a,
+ * clamped to [-1, W_l] x [-1, H_l], the four corners of its cell in the zero-bordered table
+ * (rows ((start_l + (y0 + 1) * (W_l + 3) + x0 + 1) * heads + m) + b * rows_per_image and the
+ * next column and row), their bilinear weights times a, and
+ *
+ *   grad_table[corner] += weight * grad[n]
+ *   dot_k = table[corner_k] . grad[n]
+ *   grad_a = lerp(top, bottom, fy), grad_y = a * (bottom - top), grad_x = a (1 - fy)
+ *   (dot_1 - dot_0) + a fy (dot_3 - dot_2), with top = (1 - fx) dot_0 + fx dot_1 and bottom
+ *   = (1 - fx) dot_2 + fx dot_3; grad_x and grad_y are zero where the clamp held the point.
+ *
+ * Threads own disjoint heads, as above.
+ */
+#define DEFINE_SAMPLING_BACKWARD(NAME, SCALAR)                                                  \
+  typedef struct {                                                                             \
+    const SCALAR *table, *x, *y, *attention, *grad;                                            \
+    const int64_t *heights, *widths, *starts;                                                  \
+    SCALAR *grad_table, *grad_x, *grad_y, *grad_attention;                                     \
+    int64_t batch, queries, heads, levels, points, dim, rows_per_image, head_begin, head_end;  \
+  } NAME##_job;                                                                                \
+                                                                                               \
+  static void* NAME##_run(void* argument) {                                                    \
+    const NAME##_job* job = (const NAME##_job*)argument;                                       \
+    const int64_t dim = job->dim, heads = job->heads;                                          \
+    const int need_dots = job->grad_x || job->grad_y || job->grad_attention;                  \
+    for (int64_t m = job->head_begin; m < job->head_end; ++m) {                                \
+      for (int64_t bq = 0; bq < job->batch * job->queries; ++bq) {                             \
+        const int64_t bag = bq * heads + m;                                                    \
+        const int64_t image_row = (bq / job->queries) * job->rows_per_image + m;               \
+        const SCALAR* g = job->grad + bag * dim;                                               \
+        for (int64_t l = 0; l < job->levels; ++l) {                                            \
+          const SCALAR height = (SCALAR)job->heights[l], width = (SCALAR)job->widths[l];       \
+          const int64_t padded_width = job->widths[l] + 3;                                     \
+          for (int64_t p = 0; p < job->points; ++p) {                                          \
+            const int64_t i = (bag * job->levels + l) * job->points + p;                       \
+            const SCALAR x = job->x[i], y = job->y[i], a = job->attention[i];                  \
+            const int inside_x = x >= -1 && x <= width, inside_y = y >= -1 && y <= height;     \
+            if (!(x == x && y == y)) continue; /* NaN: no gradient (the forward refuses it) */  \
+            const SCALAR xc = x < -1 ? -1 : (x > width ? width : x);                           \
+            const SCALAR yc = y < -1 ? -1 : (y > height ? height : y);                         \
+            const SCALAR x0 = floor(xc), y0 = floor(yc);                                       \
+            const SCALAR fx = xc - x0, fy = yc - y0;                                           \
+            const SCALAR fy_a = fy * a, wy0 = a - fy_a, wx0 = 1 - fx;                          \
+            const SCALAR w[4] = {wy0 * wx0, wy0 * fx, fy_a * wx0, fy_a * fx};                  \
+            const int64_t top_left =                                                           \
+                (job->starts[l] + ((int64_t)y0 + 1) * padded_width + (int64_t)x0 + 1) * heads + \
+                image_row;                                                                     \
+            const int64_t rows[4] = {top_left, top_left + heads, top_left + padded_width * heads, \
+                                     top_left + (padded_width + 1) * heads};                   \
+            SCALAR dots[4] = {0, 0, 0, 0};                                                     \
+            for (int k = 0; k < 4; ++k) {                                                      \
+              if (need_dots) {                                                                 \
+                const SCALAR* t = job->table + rows[k] * dim;                                  \
+                SCALAR dot = 0;                                                                \
+                _Pragma("omp simd reduction(+ : dot)") for (int64_t d = 0; d < dim; ++d) dot += \
+                    t[d] * g[d];                                                               \
+                dots[k] = dot;                                                                 \
+              }                                                                                \
+              if (job->grad_table) {                                                           \
+                SCALAR* out = job->grad_table + rows[k] * dim;                                 \
+                const SCALAR wk = w[k];                                                        \
+                _Pragma("omp simd") for (int64_t d = 0; d < dim; ++d) out[d] += wk * g[d];     \
+              }                                                                                \
+            }                                                                                  \
+            const SCALAR top = wx0 * dots[0] + fx * dots[1];                                   \
+            const SCALAR bottom = wx0 * dots[2] + fx * dots[3];                                \
+            if (job->grad_attention) job->grad_attention[i] = top + fy * (bottom - top);       \
+            if (job->grad_y) job->grad_y[i] = inside_y ? a * (bottom - top) : 0;               \
+            if (job->grad_x)                                                                   \
+              job->grad_x[i] =                                                                 \
+                  inside_x ? wy0 * (dots[1] - dots[0]) + fy_a * (dots[3] - dots[2]) : 0;       \
+          }                                                                                    \
+        }                                                                                      \
+      }                                                                                        \
+    }                                                                                          \
+    return NULL;                                                                               \
+  }                                                                                            \
+                                                                                               \
+  /* grad_table must be zeroed by the caller; any output may be NULL. */                       \
+  void NAME(const SCALAR* table, const SCALAR* x, const SCALAR* y, const SCALAR* attention,    \
+            const SCALAR* grad, const int64_t* heights, const int64_t* widths,                 \
+            const int64_t* starts, int64_t batch, int64_t queries, int64_t heads,              \
+            int64_t levels, int64_t points, int64_t dim, int64_t rows_per_image,               \
+            SCALAR* grad_table, SCALAR* grad_x, SCALAR* grad_y, SCALAR* grad_attention,        \
+            int threads) {                                                                     \
+    NAME##_job jobs[MAX_THREADS];                                                              \
+    pthread_t handles[MAX_THREADS];                                                            \
+    if (threads > heads) threads = (int)heads;                                                 \
+    if (threads > MAX_THREADS) threads = MAX_THREADS;                                          \
+    if (threads < 1) threads = 1;                                                              \
+    for (int i = 0; i < threads; ++i) {                                                        \
+      NAME##_job job = {table,     x,          y,          attention,      grad,               \
+                        heights,   widths,     starts,     grad_table,     grad_x,             \
+                        grad_y,    grad_attention, batch,  queries,        heads,              \
+                        levels,    points,     dim,        rows_per_image, heads * i / threads, \
+                        heads * (i + 1) / threads};                                            \
+      jobs[i] = job;                                                                           \
+    }                                                                                          \
+    int started[MAX_THREADS] = {0};                                                            \
+    for (int i = 1; i < threads; ++i) /* a thread that cannot start runs in the caller */      \
+      started[i] = pthread_create(&handles[i], NULL, NAME##_run, &jobs[i]) == 0;              \
+    for (int i = 0; i < threads; ++i)                                                          \
+      if (!started[i]) NAME##_run(&jobs[i]);                                                   \
+    for (int i = 1; i < threads; ++i)                                                          \
+      if (started[i]) pthread_join(handles[i], NULL);                                          \
+  }
+
+DEFINE_SAMPLING_BACKWARD(bilinear_sampling_backward_f32, float)
+DEFINE_SAMPLING_BACKWARD(bilinear_sampling_backward_f64, double)
