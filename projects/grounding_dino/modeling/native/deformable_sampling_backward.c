@@ -23,6 +23,46 @@
 
 #define MAX_THREADS 64
 
+/* Threads for `heads` heads: at most one per head, and 1 to MAX_THREADS. */
+static int thread_count(int threads, int64_t heads) {
+  if (threads > heads) threads = (int)heads;
+  if (threads > MAX_THREADS) threads = MAX_THREADS;
+  return threads < 1 ? 1 : threads;
+}
+
+/* run(job i) for i < threads, jobs of job_size bytes: jobs 1.. on new threads, job 0 (and any
+ * whose thread cannot start) in the caller. */
+static void run_jobs(void* jobs, size_t job_size, int threads, void* (*run)(void*)) {
+  pthread_t handles[MAX_THREADS];
+  int started[MAX_THREADS] = {0};
+  char* base = (char*)jobs;
+  for (int i = 1; i < threads; ++i)
+    started[i] = pthread_create(&handles[i], NULL, run, base + i * job_size) == 0;
+  for (int i = 0; i < threads; ++i)
+    if (!started[i]) run(base + i * job_size);
+  for (int i = 1; i < threads; ++i)
+    if (started[i]) pthread_join(handles[i], NULL);
+}
+
+/* One corner of a bag: out += w * g (when out is not NULL), and returns table_row . g (when
+ * need_dot, else 0); rows of dim values. */
+#define DEFINE_CORNER(SCALAR)                                                                   \
+  static inline SCALAR corner_##SCALAR(const SCALAR* table_row, SCALAR* out, const SCALAR* g,  \
+                                       SCALAR w, int64_t dim, int need_dot) {                  \
+    SCALAR dot = 0;                                                                            \
+    if (need_dot) {                                                                            \
+      _Pragma("omp simd reduction(+ : dot)") for (int64_t d = 0; d < dim; ++d) dot +=          \
+          table_row[d] * g[d];                                                                 \
+    }                                                                                          \
+    if (out) {                                                                                 \
+      _Pragma("omp simd") for (int64_t d = 0; d < dim; ++d) out[d] += w * g[d];                \
+    }                                                                                          \
+    return dot;                                                                                \
+  }
+
+DEFINE_CORNER(float)
+DEFINE_CORNER(double)
+
 #define DEFINE_BACKWARD(NAME, SCALAR, INDEX)                                                     \
   typedef struct {                                                                             \
     const SCALAR* table;                                                                       \
@@ -44,18 +84,10 @@
         const SCALAR* bag_weights = job->weights + bag * corners;                              \
         for (int64_t k = 0; k < corners; ++k) {                                                \
           const int64_t row = (int64_t)bag_rows[k];                                            \
-          if (job->grad_weights) {                                                             \
-            const SCALAR* t = job->table + row * dim;                                          \
-            SCALAR dot = 0;                                                                    \
-            _Pragma("omp simd reduction(+ : dot)") for (int64_t d = 0; d < dim; ++d) dot +=    \
-                t[d] * g[d];                                                                   \
-            job->grad_weights[bag * corners + k] = dot;                                        \
-          }                                                                                    \
-          if (job->grad_table) {                                                               \
-            SCALAR* out = job->grad_table + row * dim;                                         \
-            const SCALAR w = bag_weights[k];                                                   \
-            _Pragma("omp simd") for (int64_t d = 0; d < dim; ++d) out[d] += w * g[d];          \
-          }                                                                                    \
+          const SCALAR dot = corner_##SCALAR(                                                  \
+              job->table + row * dim, job->grad_table ? job->grad_table + row * dim : NULL, g, \
+              bag_weights[k], dim, job->grad_weights != NULL);                                 \
+          if (job->grad_weights) job->grad_weights[bag * corners + k] = dot;                   \
         }                                                                                      \
       }                                                                                        \
     }                                                                                          \
@@ -67,22 +99,13 @@
            int64_t num_bags, int64_t corners, int64_t dim, int64_t heads, SCALAR* grad_table,  \
            SCALAR* grad_weights, int threads) {                                                \
     NAME##_job jobs[MAX_THREADS];                                                              \
-    pthread_t handles[MAX_THREADS];                                                            \
-    if (threads > heads) threads = (int)heads;                                                 \
-    if (threads > MAX_THREADS) threads = MAX_THREADS;                                          \
-    if (threads < 1) threads = 1;                                                              \
+    threads = thread_count(threads, heads);                                                    \
     for (int i = 0; i < threads; ++i) {                                                        \
       NAME##_job job = {table, rows, weights, grad, grad_table, grad_weights, num_bags,        \
                         corners, dim, heads, heads * i / threads, heads * (i + 1) / threads};  \
       jobs[i] = job;                                                                           \
     }                                                                                          \
-    int started[MAX_THREADS] = {0};                                                            \
-    for (int i = 1; i < threads; ++i) /* a thread that cannot start runs in the caller */      \
-      started[i] = pthread_create(&handles[i], NULL, NAME##_run, &jobs[i]) == 0;              \
-    for (int i = 0; i < threads; ++i)                                                          \
-      if (!started[i]) NAME##_run(&jobs[i]);                                                   \
-    for (int i = 1; i < threads; ++i)                                                          \
-      if (started[i]) pthread_join(handles[i], NULL);                                          \
+    run_jobs(jobs, sizeof(NAME##_job), threads, NAME##_run);                                   \
   }
 
 DEFINE_BACKWARD(weighted_gather_backward_f32_i32, float, int32_t)
@@ -142,21 +165,12 @@ DEFINE_BACKWARD(weighted_gather_backward_f64_i64, double, int64_t)
                 image_row;                                                                     \
             const int64_t rows[4] = {top_left, top_left + heads, top_left + padded_width * heads, \
                                      top_left + (padded_width + 1) * heads};                   \
-            SCALAR dots[4] = {0, 0, 0, 0};                                                     \
-            for (int k = 0; k < 4; ++k) {                                                      \
-              if (need_dots) {                                                                 \
-                const SCALAR* t = job->table + rows[k] * dim;                                  \
-                SCALAR dot = 0;                                                                \
-                _Pragma("omp simd reduction(+ : dot)") for (int64_t d = 0; d < dim; ++d) dot += \
-                    t[d] * g[d];                                                               \
-                dots[k] = dot;                                                                 \
-              }                                                                                \
-              if (job->grad_table) {                                                           \
-                SCALAR* out = job->grad_table + rows[k] * dim;                                 \
-                const SCALAR wk = w[k];                                                        \
-                _Pragma("omp simd") for (int64_t d = 0; d < dim; ++d) out[d] += wk * g[d];     \
-              }                                                                                \
-            }                                                                                  \
+            SCALAR dots[4];                                                                    \
+            for (int k = 0; k < 4; ++k)                                                        \
+              dots[k] = corner_##SCALAR(                                                       \
+                  job->table + rows[k] * dim,                                                  \
+                  job->grad_table ? job->grad_table + rows[k] * dim : NULL, g, w[k], dim,      \
+                  need_dots);                                                                  \
             const SCALAR top = wx0 * dots[0] + fx * dots[1];                                   \
             const SCALAR bottom = wx0 * dots[2] + fx * dots[3];                                \
             if (job->grad_attention) job->grad_attention[i] = top + fy * (bottom - top);       \
@@ -179,10 +193,7 @@ DEFINE_BACKWARD(weighted_gather_backward_f64_i64, double, int64_t)
             SCALAR* grad_table, SCALAR* grad_x, SCALAR* grad_y, SCALAR* grad_attention,        \
             int threads) {                                                                     \
     NAME##_job jobs[MAX_THREADS];                                                              \
-    pthread_t handles[MAX_THREADS];                                                            \
-    if (threads > heads) threads = (int)heads;                                                 \
-    if (threads > MAX_THREADS) threads = MAX_THREADS;                                          \
-    if (threads < 1) threads = 1;                                                              \
+    threads = thread_count(threads, heads);                                                    \
     for (int i = 0; i < threads; ++i) {                                                        \
       NAME##_job job = {table,     x,          y,          attention,      grad,               \
                         heights,   widths,     starts,     grad_table,     grad_x,             \
@@ -191,13 +202,7 @@ DEFINE_BACKWARD(weighted_gather_backward_f64_i64, double, int64_t)
                         heads * (i + 1) / threads};                                            \
       jobs[i] = job;                                                                           \
     }                                                                                          \
-    int started[MAX_THREADS] = {0};                                                            \
-    for (int i = 1; i < threads; ++i) /* a thread that cannot start runs in the caller */      \
-      started[i] = pthread_create(&handles[i], NULL, NAME##_run, &jobs[i]) == 0;              \
-    for (int i = 0; i < threads; ++i)                                                          \
-      if (!started[i]) NAME##_run(&jobs[i]);                                                   \
-    for (int i = 1; i < threads; ++i)                                                          \
-      if (started[i]) pthread_join(handles[i], NULL);                                          \
+    run_jobs(jobs, sizeof(NAME##_job), threads, NAME##_run);                                   \
   }
 
 DEFINE_SAMPLING_BACKWARD(bilinear_sampling_backward_f32, float)
