@@ -10,14 +10,10 @@ import sys
 import pytest
 import torch
 from test_train_net import REPO, write_fixture
-from test_weighted_gather import make_inputs
 
 from grounding_dino.modeling import native_kernels
-from grounding_dino.modeling.weighted_gather import weighted_gather
 
 PYTHON = sys.executable
-
-BATCH, HEADS, QUERIES, PIXELS, CORNERS, DIM = 2, 4, 9, 11, 12, 32
 
 
 @pytest.fixture
@@ -33,26 +29,6 @@ def fresh_build(monkeypatch, tmp_path):
     native_kernels._library.update(saved)
 
 
-def _inputs(dtype=torch.float32, seed=0):
-    return make_inputs(seed, dtype, (BATCH, HEADS, QUERIES, PIXELS, CORNERS, DIM))
-
-
-def _gradients(table, rows, weights, probe):
-    table = table.clone().requires_grad_()
-    weights = weights.clone().requires_grad_()
-    weighted_gather(table, rows, weights, BATCH, HEADS).backward(probe)
-    return table.grad, weights.grad
-
-
-def _reference_gradients(table, rows, weights, probe):
-    """autograd through the sum written out, in float64."""
-    table = table.double().requires_grad_()
-    weights = weights.double().requires_grad_()
-    out = (table[rows.long()] * weights.unsqueeze(-1)).sum(1)
-    out.backward(probe.double())
-    return table.grad, weights.grad
-
-
 def test_kernel_is_built_once_and_reused(fresh_build):
     assert native_kernels.kernel_library() is not None
     built = sorted(fresh_build.iterdir())
@@ -64,46 +40,23 @@ def test_kernel_is_built_once_and_reused(fresh_build):
     assert built[0].stat().st_mtime_ns == modified
 
 
-def test_float32_gradients_equal_float64_autograd(fresh_build):
-    assert native_kernels.weighted_gather_backward_kernel(torch.float32, torch.int32)
-    inputs = _inputs()
-    got = _gradients(*inputs)
-    expected = _reference_gradients(*inputs)
-    for a, b in zip(got, expected):
-        assert a.dtype == torch.float32
-        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
-        assert a.abs().sum() > 0
-
-
-def test_gradients_are_the_same_on_any_thread_count(fresh_build):
-    inputs = _inputs(seed=3)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for count in (1, 2, 3, HEADS + 3):
-            torch.set_num_threads(count)
-            results.append(_gradients(*inputs))
-    finally:
-        torch.set_num_threads(threads)
-    for other in results[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
-
-
 def test_turned_off_by_the_variable(fresh_build, monkeypatch):
     monkeypatch.setenv(native_kernels.ENABLE_VARIABLE, "0")
     assert not native_kernels.native_kernels_enabled()
-    assert native_kernels.weighted_gather_backward_kernel(torch.float32, torch.int32) is None
+    assert native_kernels.bilinear_sampling_backward_kernel(torch.float32) is None
     assert not fresh_build.exists()  # nothing was compiled
 
 
 def test_half_precision_has_no_kernel(fresh_build):
-    assert native_kernels.weighted_gather_backward_kernel(torch.bfloat16, torch.int32) is None
+    assert native_kernels.bilinear_sampling_backward_kernel(torch.bfloat16) is None
 
 
 @pytest.mark.parametrize("failure", ["no_compiler", "bad_source"])
 def test_a_failed_build_warns_once_and_falls_back(
     fresh_build, monkeypatch, tmp_path, caplog, failure
 ):
+    expected = _sampling_gradients(torch.float64)  # the compiled kernel's
+    native_kernels._library.clear()  # as a new process, which cannot build it:
     if failure == "no_compiler":
         monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
         reason = "no-such-cc"
@@ -112,16 +65,16 @@ def test_a_failed_build_warns_once_and_falls_back(
         broken.write_text("this is not C;\n")
         monkeypatch.setattr(native_kernels, "SOURCE", str(broken))
         reason = "broken.c"
-    inputs = _inputs(dtype=torch.float64)
+    for built in fresh_build.iterdir():
+        built.unlink()
     with caplog.at_level(logging.WARNING, logger=native_kernels.__name__):
-        got = _gradients(*inputs)
-        again = _gradients(*inputs)
+        got = _sampling_gradients(torch.float64)
+        again = _sampling_gradients(torch.float64)
     warnings = [r for r in caplog.records if r.name == native_kernels.__name__]
     assert len(warnings) == 1
     message = warnings[0].getMessage()
     assert reason in message and "pure-PyTorch backward" in message
     assert native_kernels.ENABLE_VARIABLE in message
-    expected = _reference_gradients(*inputs)
     for a, b, c in zip(got, again, expected):
         torch.testing.assert_close(a, c, atol=1e-12, rtol=0)
         assert torch.equal(a, b)

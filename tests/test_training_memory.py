@@ -10,7 +10,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from grounding_dino.model_zoo import get_config
-from grounding_dino.modeling import weighted_gather
+from grounding_dino.modeling import native_kernels, weighted_gather
 from grounding_dino.modeling.deformable_attention import (
     MultiScaleDeformableAttention,
     deformable_kernel,
@@ -26,7 +26,7 @@ def backward_path(request, monkeypatch):
     dense one and the image-by-image one in chunks of 5 bags (the last one partial)."""
     monkeypatch.setenv("GROUNDING_DINO_NATIVE_KERNELS", "1" if request.param == "native" else "0")
     if request.param == "native":
-        assert weighted_gather.weighted_gather_backward_kernel(torch.float64, torch.int32)
+        assert native_kernels.bilinear_sampling_backward_kernel(torch.float64)
     elif request.param == "dense":
         monkeypatch.setattr(weighted_gather, "DENSE_BACKWARD_LIMIT", 1 << 30)
     else:

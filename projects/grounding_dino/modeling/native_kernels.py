@@ -23,12 +23,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-__all__ = [
-    "bilinear_sampling_backward_kernel",
-    "kernel_library",
-    "native_kernels_enabled",
-    "weighted_gather_backward_kernel",
-]
+__all__ = ["bilinear_sampling_backward_kernel", "kernel_library", "native_kernels_enabled"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +35,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-pthread", "-shared", "-fPIC"
 _lock = threading.Lock()
 _library: Dict[str, object] = {}  # "lib": the CDLL or None once tried; "why": the reason if None
 
-_SCALARS = {torch.float32: ("f32", ctypes.c_float), torch.float64: ("f64", ctypes.c_double)}
-_INDICES = {torch.int32: "i32", torch.int64: "i64"}
+_SCALARS = {torch.float32: "f32", torch.float64: "f64"}
 
 
 def native_kernels_enabled() -> bool:
@@ -129,45 +123,22 @@ def kernel_library() -> Optional[ctypes.CDLL]:
         return library
 
 
-def weighted_gather_backward_kernel(
-    scalar: torch.dtype, index: torch.dtype
-) -> Optional[Callable[..., None]]:
-    """
-    The C function of ``native/deformable_sampling_backward.c`` for these dtypes:
-    ``kernel(table, rows, weights, grad, num_bags, corners, dim, heads, grad_table,
-    grad_weights, threads)`` on contiguous CPU tensors' ``data_ptr()`` (outputs may be 0 for
-    "not needed"; ``grad_table`` zeroed). None where the dtypes have no kernel, the kernels are
-    turned off (``GROUNDING_DINO_NATIVE_KERNELS=0``) or the library cannot be built.
-    """
-    if scalar not in _SCALARS or index not in _INDICES or not native_kernels_enabled():
-        return None
-    library = kernel_library()
-    if library is None:
-        return None
-    scalar_name, _ = _SCALARS[scalar]
-    function = getattr(library, f"weighted_gather_backward_{scalar_name}_{_INDICES[index]}")
-    if function.restype is not None:  # first use: declare the signature
-        pointer, size = ctypes.c_void_p, ctypes.c_int64
-        function.argtypes = [pointer] * 4 + [size] * 4 + [pointer, pointer, ctypes.c_int]
-        function.restype = None
-    return function
-
-
 def bilinear_sampling_backward_kernel(scalar: torch.dtype) -> Optional[Callable[..., None]]:
     """
     The C function of the whole bilinear sampling's backward
     (``bilinear_sampling_backward_f32/f64``): ``kernel(table, x, y, attention, grad, heights,
     widths, padded_starts, batch, queries, heads, levels, points, dim, rows_per_image,
     grad_table, grad_x, grad_y, grad_attention, threads)`` on contiguous CPU tensors'
-    ``data_ptr()`` (int64 level arrays; outputs may be 0; ``grad_table`` zeroed). None as
-    :func:`weighted_gather_backward_kernel`.
+    ``data_ptr()`` (int64 level arrays; outputs may be 0; ``grad_table`` zeroed). None where
+    the dtype has no kernel, the kernels are turned off (``GROUNDING_DINO_NATIVE_KERNELS=0``) or
+    the library cannot be built.
     """
     if scalar not in _SCALARS or not native_kernels_enabled():
         return None
     library = kernel_library()
     if library is None:
         return None
-    function = getattr(library, f"bilinear_sampling_backward_{_SCALARS[scalar][0]}")
+    function = getattr(library, f"bilinear_sampling_backward_{_SCALARS[scalar]}")
     if function.restype is not None:  # first use: declare the signature
         pointer, size = ctypes.c_void_p, ctypes.c_int64
         function.argtypes = [pointer] * 8 + [size] * 7 + [pointer] * 4 + [ctypes.c_int]

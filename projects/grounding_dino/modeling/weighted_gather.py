@@ -1,41 +1,32 @@
-"""The weighted gather of the deformable attention's ``embedding_bag`` kernel, with a backward
-that uses its block structure.
+"""The gradients of a block-structured weighted gather, in PyTorch: the backward of the
+deformable attention's sampling (:mod:`.bilinear_sampling`) where its compiled CPU kernel is not
+used (other devices and dtypes, no C compiler, kernels turned off).
 
-Forward, ``out[n] = sum_k weights[n, k] * table[rows[n, k]]`` is one
-:func:`torch.nn.functional.embedding_bag`, which is fast. Its autograd backward is not: on the
-CPU it sorts all ``N * K`` row indices to sum the table's gradient, and computes the weights'
-gradient row by row, so that it, not the forward, dominates the deformable attention's
-training time.
-
-On the CPU a compiled kernel (:mod:`.native_kernels`, ``native/deformable_sampling_backward.c``)
-computes both gradients in one pass over the corners, holding nothing but its outputs. Where it
-is not available (other devices and dtypes, no C compiler, turned off) the backward below runs
-in PyTorch.
-
-Here every bag ``n = (b, q, m)`` (image, query, head) reads only rows of its own image and head
-(``rows = (b * T + t) * M + m`` for a pixel ``t`` of the image's padded table of ``T`` pixels),
-so both gradients are batched matrix products per (image, head):
+The gather is ``out[n] = sum_k weights[n, k] * table[rows[n, k]]``, the forward's
+:func:`torch.nn.functional.embedding_bag`. Autograd's backward of ``embedding_bag`` sorts all
+``N * K`` row indices on the CPU to sum the table's gradient, and computes the weights'
+gradient row by row. Here every bag ``n = (b, q, m)`` (image, query, head) reads only rows of
+its own image and head (``rows = (b * T + t) * M + m`` for a pixel ``t`` of the image's padded
+table of ``T`` pixels), so both gradients are batched matrix products per (image, head):
 
 - ``S[b, m]`` [Q, T] scatters the bag weights onto pixels (a dense scatter-add);
 - ``grad_table[b, m] = S[b, m]^T @ grad[b, m]`` [T, D];
 - ``grad_weights[b, q, m, k] = (grad[b, m] @ table[b, m]^T)[q, t(b, q, m, k)]``, a gather.
 
-When the dense ``[B, M, Q, T]`` matrices would be large (big images in training), the backward
-goes image by image (:func:`_blockwise_backward`) and never holds more than one image's
-indices or a bounded chunk of gathered rows: an image's table gradient is the transposed gather,
-one ``embedding_bag`` over its corners sorted by row, and the weights' gradient a row gather of
+When the dense ``[B, M, Q, T]`` matrices would be large (big images in training), the gradients
+go image by image (:func:`_blockwise_backward`) and never hold more than one image's indices
+or a bounded chunk of gathered rows: an image's table gradient is the transposed gather, one
+``embedding_bag`` over its corners sorted by row, and the weights' gradient a row gather of
 ``WEIGHTS_GRADIENT_CHUNK`` elements at a time. (The sparse-dense product and the row gather of
 all ``N * K`` rows at once that it replaces held about 1.8 GB at 800x1333 per image and encoder
-layer: a ``[N * K, D]`` gather and ``[2, N * K]`` int64 indices.) All paths give the autograd
+layer: a ``[N * K, D]`` gather and ``[2, N * K]`` int64 indices.) Both paths give the autograd
 gradients of ``embedding_bag`` (up to float summation order).
 """
 
 import torch
 import torch.nn.functional as F
 
-from .native_kernels import weighted_gather_backward_kernel
-
-__all__ = ["weighted_gather", "weighted_gather_gradients"]
+__all__ = ["weighted_gather_gradients"]
 
 # Above this many elements of a [B, M, Q, T] matrix (64 MiB in float32) the backward goes image
 # by image (_blockwise_backward), whose memory grows with one image's N * K instead of Q * T.
@@ -43,22 +34,6 @@ DENSE_BACKWARD_LIMIT = 1 << 24
 # Elements of the gathered table rows that one step of the weights' gradient holds (32 MiB in
 # float32): 4096 queries of 64 corners of 32 channels.
 WEIGHTS_GRADIENT_CHUNK = 1 << 23
-
-
-class _BlockWeightedGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, table, rows, weights, batch: int, heads: int):
-        ctx.save_for_backward(table, rows, weights)
-        ctx.batch, ctx.heads = batch, heads
-        return F.embedding_bag(rows, table, mode="sum", per_sample_weights=weights)
-
-    @staticmethod
-    def backward(ctx, grad):
-        table, rows, weights = ctx.saved_tensors
-        grad_table, grad_weights = weighted_gather_gradients(
-            table, rows, weights, grad, ctx.batch, ctx.heads, *ctx.needs_input_grad[0:3:2]
-        )
-        return grad_table, None, grad_weights, None, None
 
 
 def weighted_gather_gradients(
@@ -72,11 +47,16 @@ def weighted_gather_gradients(
     need_weights: bool = True,
 ):
     """
-    The gradients of :func:`weighted_gather` (the module docstring says how).
+    The gradients of ``out[n] = sum_k weights[n, k] * table[rows[n, k]]`` (the module
+    docstring says how).
 
     Args:
-        table, rows, weights, batch, heads: as :func:`weighted_gather`.
-        grad: [N, D] the gradient of its output.
+        table: [B * T * M, D] rows ``(b * T + t) * M + m`` (image b, pixel t, head m).
+        rows: [N, K] int32/int64 rows, N = B * Q * M bags in (b, q, m) order, each reading only
+            rows of its own image b and head m.
+        weights: [N, K] per-row weights.
+        grad: [N, D] the gradient of ``out``.
+        batch, heads: B and M.
         need_table, need_weights: which gradients to compute.
 
     Returns:
@@ -87,9 +67,6 @@ def weighted_gather_gradients(
     queries = num_bags // (batch * heads)
     pixels = table.shape[0] // (batch * heads)
     grad = grad.contiguous()
-    kernel = _native_kernel(table, rows, weights, grad)
-    if kernel is not None:
-        return _native_backward(kernel, table, rows, weights, grad, heads, need_table, need_weights)
     if batch * heads * queries * pixels > DENSE_BACKWARD_LIMIT:
         return _blockwise_backward(
             table, rows, weights, grad, batch, heads, need_table, need_weights
@@ -111,67 +88,6 @@ def weighted_gather_gradients(
         table_blocks = table.view(batch, pixels, heads, dim).permute(0, 2, 3, 1)
         scores = torch.matmul(grad_blocks, table_blocks)  # [B, M, Q, T]
         grad_weights = scores.gather(3, local).transpose(1, 2).reshape(weights.shape)
-    return grad_table, grad_weights
-
-
-def weighted_gather(
-    table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, batch: int, heads: int
-) -> torch.Tensor:
-    """
-    ``out[n] = sum_k weights[n, k] * table[rows[n, k]]``.
-
-    Args:
-        table: [B * T * M, D] rows ``(b * T + t) * M + m`` (image b, pixel t, head m).
-        rows: [N, K] int32/int64 rows, N = B * Q * M bags in (b, q, m) order, each reading only
-            rows of its own image b and head m.
-        weights: [N, K] per-row weights.
-        batch, heads: B and M.
-
-    Returns:
-        [N, D]. Gradients flow to ``table`` and ``weights`` (see the module docstring); without
-        gradients this is ``embedding_bag`` itself.
-    """
-    if not (table.requires_grad or weights.requires_grad) or not torch.is_grad_enabled():
-        return F.embedding_bag(rows, table, mode="sum", per_sample_weights=weights)
-    return _BlockWeightedGather.apply(table, rows, weights, batch, heads)
-
-
-def _native_kernel(table, rows, weights, grad):
-    """The compiled CPU backward for these tensors, or None (other devices and dtypes, kernels
-    turned off or not built)."""
-    if table.device.type != "cpu" or not (table.dtype == weights.dtype == grad.dtype):
-        return None
-    return weighted_gather_backward_kernel(table.dtype, rows.dtype)
-
-
-def _native_backward(kernel, table, rows, weights, grad, heads, need_table, need_weights):
-    """Both gradients in one pass over the corners (``native/deformable_sampling_backward.c``), on
-    torch's intra-op thread count; no index tensors or gathered rows are held.
-
-    Args:
-        kernel: from :func:`weighted_gather_backward_kernel`.
-        table: [R, D]; rows, weights: [N, K]; grad: [N, D] contiguous; heads: M.
-
-    Returns:
-        (grad_table or None, grad_weights or None).
-    """
-    table, rows, weights = table.contiguous(), rows.contiguous(), weights.contiguous()
-    num_bags, num_corners = rows.shape
-    grad_table = torch.zeros_like(table) if need_table else None
-    grad_weights = torch.empty_like(weights) if need_weights else None
-    kernel(
-        table.data_ptr(),
-        rows.data_ptr(),
-        weights.data_ptr(),
-        grad.data_ptr(),
-        num_bags,
-        num_corners,
-        table.shape[1],
-        heads,
-        grad_table.data_ptr() if need_table else None,
-        grad_weights.data_ptr() if need_weights else None,
-        torch.get_num_threads(),
-    )
     return grad_table, grad_weights
 
 

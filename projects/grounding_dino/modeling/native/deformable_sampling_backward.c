@@ -1,17 +1,10 @@
 /*
- * The deformable attention's training backward on the CPU: two kernels, the backward of the
- * weighted gather and, below it, that of the whole bilinear sampling.
- *
- * The weighted gather (grounding_dino/modeling/weighted_gather.py):
- *
- *   forward:       out[n] = sum_k weights[n, k] * table[rows[n, k]]
- *   grad_table:    grad_table[rows[n, k]] += weights[n, k] * grad[n]
- *   grad_weights:  grad_weights[n, k] = table[rows[n, k]] . grad[n]
- *
- * in one pass over the corners, with no index tensors or gathered copies. Bag n = (b, q, m)
- * reads only rows of head m = n % heads (row % heads == m), so threads that own disjoint sets of
- * heads write disjoint rows of grad_table: no atomics, and each row's sum is made in bag order,
- * the same order on every run and any number of threads.
+ * The backward of the deformable attention's bilinear sampling on the CPU (see
+ * grounding_dino/modeling/bilinear_sampling.py), in one pass over the sampling points, from the
+ * saved table, coordinates and attention weights alone: no index tensors or gathered copies.
+ * Bag n = (b, q, m) reads only rows of head m (row % heads == m), so threads that own disjoint
+ * sets of heads write disjoint rows of grad_table: no atomics, and each row's sum is made in bag
+ * order, the same order on every run and any number of threads.
  *
  * Plain C with pthreads, loaded with ctypes (grounding_dino/modeling/native_kernels.py): it
  * needs no Python or torch headers and compiles in well under a second.
@@ -63,61 +56,9 @@ static void run_jobs(void* jobs, size_t job_size, int threads, void* (*run)(void
 DEFINE_CORNER(float)
 DEFINE_CORNER(double)
 
-#define DEFINE_BACKWARD(NAME, SCALAR, INDEX)                                                     \
-  typedef struct {                                                                             \
-    const SCALAR* table;                                                                       \
-    const INDEX* rows;                                                                         \
-    const SCALAR* weights;                                                                     \
-    const SCALAR* grad;                                                                        \
-    SCALAR* grad_table;                                                                        \
-    SCALAR* grad_weights;                                                                      \
-    int64_t num_bags, corners, dim, heads, head_begin, head_end;                               \
-  } NAME##_job;                                                                                \
-                                                                                               \
-  static void* NAME##_run(void* argument) {                                                    \
-    const NAME##_job* job = (const NAME##_job*)argument;                                       \
-    const int64_t corners = job->corners, dim = job->dim;                                      \
-    for (int64_t head = job->head_begin; head < job->head_end; ++head) {                       \
-      for (int64_t bag = head; bag < job->num_bags; bag += job->heads) {                       \
-        const SCALAR* g = job->grad + bag * dim;                                               \
-        const INDEX* bag_rows = job->rows + bag * corners;                                     \
-        const SCALAR* bag_weights = job->weights + bag * corners;                              \
-        for (int64_t k = 0; k < corners; ++k) {                                                \
-          const int64_t row = (int64_t)bag_rows[k];                                            \
-          const SCALAR dot = corner_##SCALAR(                                                  \
-              job->table + row * dim, job->grad_table ? job->grad_table + row * dim : NULL, g, \
-              bag_weights[k], dim, job->grad_weights != NULL);                                 \
-          if (job->grad_weights) job->grad_weights[bag * corners + k] = dot;                   \
-        }                                                                                      \
-      }                                                                                        \
-    }                                                                                          \
-    return NULL;                                                                               \
-  }                                                                                            \
-                                                                                               \
-  /* grad_table must be zeroed by the caller; either output may be NULL. */                   \
-  void NAME(const SCALAR* table, const INDEX* rows, const SCALAR* weights, const SCALAR* grad,   \
-           int64_t num_bags, int64_t corners, int64_t dim, int64_t heads, SCALAR* grad_table,  \
-           SCALAR* grad_weights, int threads) {                                                \
-    NAME##_job jobs[MAX_THREADS];                                                              \
-    threads = thread_count(threads, heads);                                                    \
-    for (int i = 0; i < threads; ++i) {                                                        \
-      NAME##_job job = {table, rows, weights, grad, grad_table, grad_weights, num_bags,        \
-                        corners, dim, heads, heads * i / threads, heads * (i + 1) / threads};  \
-      jobs[i] = job;                                                                           \
-    }                                                                                          \
-    run_jobs(jobs, sizeof(NAME##_job), threads, NAME##_run);                                   \
-  }
-
-DEFINE_BACKWARD(weighted_gather_backward_f32_i32, float, int32_t)
-DEFINE_BACKWARD(weighted_gather_backward_f32_i64, float, int64_t)
-DEFINE_BACKWARD(weighted_gather_backward_f64_i32, double, int32_t)
-DEFINE_BACKWARD(weighted_gather_backward_f64_i64, double, int64_t)
-
 /*
- * The whole backward of the deformable attention's bilinear sampling (see
- * grounding_dino/modeling/bilinear_sampling.py) from its inputs alone: for each sampling point
- * (bag n = (b, q, m), level l, point p) at pixel coordinates (x, y) with attention weight a,
- * clamped to [-1, W_l] x [-1, H_l], the four corners of its cell in the zero-bordered table
+ * For each sampling point (bag n = (b, q, m), level l, point p) at pixel coordinates (x, y)
+ * with attention weight a, clamped to [-1, W_l] x [-1, H_l], the four corners of its cell in the zero-bordered table
  * (rows ((start_l + (y0 + 1) * (W_l + 3) + x0 + 1) * heads + m) + b * rows_per_image and the
  * next column and row), their bilinear weights times a, and
  *
@@ -126,8 +67,6 @@ DEFINE_BACKWARD(weighted_gather_backward_f64_i64, double, int64_t)
  *   grad_a = lerp(top, bottom, fy), grad_y = a * (bottom - top), grad_x = a (1 - fy)
  *   (dot_1 - dot_0) + a fy (dot_3 - dot_2), with top = (1 - fx) dot_0 + fx dot_1 and bottom
  *   = (1 - fx) dot_2 + fx dot_3; grad_x and grad_y are zero where the clamp held the point.
- *
- * Threads own disjoint heads, as above.
  */
 #define DEFINE_SAMPLING_BACKWARD(NAME, SCALAR)                                                  \
   typedef struct {                                                                             \
