@@ -15,7 +15,7 @@ import torch
 from detectron2.structures import Boxes, Instances
 
 from grounding_dino.comparison import checks as check
-from grounding_dino.comparison import reference
+from grounding_dino.comparison import reference, training
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
@@ -136,6 +136,8 @@ def test_train_benchmark_prints_steps_speed_up_and_memory_of_each_row(workdir):
     out = run.stdout
     assert run.returncode == 0, run.stderr[-3000:]
     assert "batch 1 of 64x96, 2 steps per row" in out and "1 threads" in out, out
+    # Every row runs under train_net.py's CPU malloc settings unless --glibc-defaults.
+    assert "malloc: train_net.py's CPU settings" in out and "MALLOC_MMAP_MAX_=0" in out, out
     found = {}
     for name in rows:
         pattern = (
@@ -158,6 +160,10 @@ def test_train_benchmark_prints_steps_speed_up_and_memory_of_each_row(workdir):
     high = (hf[0] + 0.005) / max(ours[0] - 0.005, 1e-9) + 0.005
     assert low <= ours[2] <= high, (ours[2], hf[0], ours[0])
     assert ours[3] == pytest.approx(ours[1] / hf[1], abs=0.006)
+
+
+def test_glibc_defaults_leave_malloc_alone():
+    assert training.use_allocator(glibc_defaults=True) == "malloc: glibc defaults"
 
 
 def test_train_benchmark_refuses_unknown_rows():

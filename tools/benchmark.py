@@ -4,13 +4,16 @@ Usage::
 
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 python tools/benchmark.py \\
         [--threads 2] [--runs 5] [--dtype fp32|bf16] [--size 800x1333] [--tiny]
-    python tools/benchmark.py --train [--batch 1] [--steps 3] [--size 800x1333] [--rows ...]
+    python tools/benchmark.py --train [--batch 1] [--steps 3] [--size 800x1333] [--rows ...] \\
+        [--glibc-defaults]
 
 ``--train`` times training steps instead (forward with the loss, backward, AdamW over every
 parameter) of transformers' model with ``labels`` and ours with its criterion, denoising off
 (like for like) and on, on the same converted weights, image, caption and three boxes; rows
 alternate step by step in this process (wall and CPU time of every step), and each row's
 peak RSS is measured in a child process of its own (see ``grounding_dino.comparison.training``).
+All of these processes run every row under the same ``malloc`` settings: ``train_net.py``'s
+CPU training ones, or glibc's defaults with ``--glibc-defaults``.
 
 What it does:
 
@@ -89,6 +92,7 @@ def _memory_child(args) -> None:
     training steps of row ``--row``), prints its memory as JSON."""
     torch.set_num_threads(args.threads)
     if args.memory_child == "train":
+        training.use_allocator(args.glibc_defaults)
         memory = training.training_memory_child(
             args.row, args.hf_dir, args.out_dir, parse_size(args.size), args.batch, args.steps
         )
@@ -131,7 +135,7 @@ def _measure_memory(
         str(max(2, args.steps)),
         "--row",
         row,
-    ]
+    ] + (["--glibc-defaults"] if args.glibc_defaults else [])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
@@ -176,6 +180,12 @@ def _parser() -> argparse.ArgumentParser:
         "--rows",
         default="transformers,ours (dn off),ours (dn on)",
         help=f"--train: comma-separated rows, of: {', '.join(training.ROWS)}",
+    )
+    parser.add_argument(
+        "--glibc-defaults",
+        action="store_true",
+        help="--train: leave malloc at glibc's defaults in every process (default: "
+        "train_net.py's CPU settings, grounding_dino.engine.cpu_allocator, for every row)",
     )
     parser.add_argument(
         "--workdir", default=None, help="keep the models here and reuse them (default: temp)"
@@ -333,6 +343,7 @@ def main(argv=None) -> int:
 def _train_benchmark(args, workdir: str, rows) -> int:
     """``--train``: the training rows' seconds per step and peak memory, printed as a table."""
     torch.set_num_threads(args.threads)
+    allocator = training.use_allocator(args.glibc_defaults)
     print(f"Building and converting the {'tiny' if args.tiny else 'Swin-T + BERT-base'} model")
     hf_dir, out_dir = reference.prepare_models(workdir, args.tiny)
     size = parse_size(args.size)
@@ -347,7 +358,7 @@ def _train_benchmark(args, workdir: str, rows) -> int:
         f"Training: {cpu_model_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{args.threads} threads, {'tiny model' if args.tiny else 'Swin-T + BERT-base'}, "
         f"batch {args.batch} of {args.size}, {args.steps} steps per row (alternating), "
-        "forward + loss + backward + AdamW"
+        f"forward + loss + backward + AdamW; {allocator} (every row)"
     )
     print(training.format_training_report(result, header))
     return 0

@@ -3,6 +3,13 @@ The training steps that ``tools/benchmark.py --train`` times and measures: trans
 ``GroundingDinoForObjectDetection`` with ``labels`` (its own loss) and this project's model with
 its criterion, on the same converted weights, the same images, caption and boxes, each followed
 by an AdamW step over every parameter.
+
+Every process of the benchmark (the timing one, running all rows, and each row's memory child)
+uses the same ``malloc`` settings: by default the project's CPU-training ones
+(:func:`~grounding_dino.engine.cpu_allocator.keep_freed_memory`, as ``train_net.py`` applies
+them), or glibc's defaults (:func:`use_allocator`). Under glibc's defaults every large
+temporary is faulted in again each step, which costs each model system time in proportion to
+the memory it allocates per step.
 """
 
 import contextlib
@@ -23,6 +30,7 @@ __all__ = [
     "peak_memory_mb",
     "run_training_benchmark",
     "training_memory_child",
+    "use_allocator",
 ]
 
 
@@ -326,6 +334,27 @@ def format_training_report(result: Dict, header: str) -> str:
 
 def _mb(value) -> str:
     return "-" if value is None else f"{value:.0f}"
+
+
+def use_allocator(glibc_defaults: bool) -> str:
+    """
+    Sets this process's ``malloc`` for the benchmark: the project's CPU-training settings
+    (:func:`~grounding_dino.engine.cpu_allocator.keep_freed_memory`) unless ``glibc_defaults``.
+    Call it before building the models, in every process of the benchmark.
+
+    Returns:
+        the allocator in words, for the report.
+    """
+    if glibc_defaults:
+        return "malloc: glibc defaults"
+    from ..engine.cpu_allocator import keep_freed_memory
+
+    applied = keep_freed_memory()
+    if not applied:
+        return "malloc: glibc defaults (mallopt unavailable or all set in the environment)"
+    return "malloc: train_net.py's CPU settings " + ", ".join(
+        f"{name}={value}" for name, value in applied.items()
+    )
 
 
 def training_memory_child(row: str, hf_dir: str, out_dir: str, size, batch: int, steps: int):
