@@ -2,6 +2,8 @@
 Grounding DINO code and with transformers; batch invariance of ``forward_images``; freezing
 and checkpointing of the Swin body."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -23,6 +25,7 @@ from grounding_dino.modeling.backbone import (
     TinyCNNBackbone,
 )
 from grounding_dino.modeling.registry import IMAGE_BACKBONE_REGISTRY, build_image_backbone
+from grounding_dino.modeling.backbone import swin as swin_module
 
 from padded_reference import forward_padded
 
@@ -342,15 +345,29 @@ def test_swin_freezing_matches_official(frozen_stages):
         assert layer.training == ref.layers[i].training
 
 
-def test_swin_checkpointing_gives_the_same_gradients_with_a_frozen_stem():
-    """Non-reentrant checkpointing: gradients reach every trainable parameter even when the
-    input of the first block does not require one (detectron2's reentrant one gives none)."""
+@pytest.mark.parametrize("use_checkpoint", [True, (0, 2), [1]])
+def test_swin_checkpointing_gives_the_same_gradients_with_a_frozen_stem(
+    use_checkpoint, monkeypatch
+):
+    """Non-reentrant checkpointing of every stage or of some: gradients reach every trainable
+    parameter even when the input of the first block does not require one (detectron2's
+    reentrant one gives none)."""
     plain = _perturb(_swin(frozen_stages=2)).train()
-    checkpointed = _swin(frozen_stages=2, use_checkpoint=True).train()
+    checkpointed = _swin(frozen_stages=2, use_checkpoint=use_checkpoint).train()
     checkpointed.load_state_dict(plain.state_dict())
+    recomputed = []
+    checkpoint = swin_module.checkpoint.checkpoint
+
+    def recording_checkpoint(layer, *args, **kwargs):
+        recomputed.append(list(checkpointed.layers).index(layer))
+        return checkpoint(layer, *args, **kwargs)
+
+    monkeypatch.setattr(swin_module.checkpoint, "checkpoint", recording_checkpoint)
     x = _images(1, 3, 64, 80)
     for model in (plain, checkpointed):
         sum(o.square().sum() for o in model(x).values()).backward()
+    expected = [0, 1, 2, 3] if use_checkpoint is True else list(use_checkpoint)
+    assert recomputed == expected
     grads = dict(checkpointed.named_parameters())
     for name, p in plain.named_parameters():
         if p.requires_grad:
@@ -358,3 +375,44 @@ def test_swin_checkpointing_gives_the_same_gradients_with_a_frozen_stem():
             torch.testing.assert_close(grads[name].grad, p.grad, atol=1e-5, rtol=1e-4)
         else:
             assert grads[name].grad is None
+
+
+def test_swin_checkpointing_stages_out_of_range_are_refused():
+    with pytest.raises(ValueError, match=r"use_checkpoint stages \(0, 4\) must be in \[0, 4\)"):
+        _swin(use_checkpoint=(0, 4))
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_swin_window_attention_equals_detectron2s_bit_for_bit(shifted):
+    """The attention that takes q, k, v with ``unbind`` gives detectron2's outputs and
+    gradients exactly (only the backward's zero-filled intermediates are gone)."""
+    from detectron2.modeling.backbone.swin import WindowAttention
+
+    torch.manual_seed(0)
+    reference = WindowAttention(32, (7, 7), num_heads=4, qkv_bias=True)
+    with torch.no_grad():
+        reference.relative_position_bias_table.normal_()
+    ours = copy.deepcopy(reference)
+    ours.__class__ = swin_module._UnbindWindowAttention
+    x = torch.randn(6, 49, 32)
+    mask = None
+    if shifted:  # 3 windows per image, some pairs masked as in shifted windows
+        mask = torch.zeros(3, 49, 49).masked_fill(torch.rand(3, 49, 49) > 0.7, float("-inf"))
+        mask.diagonal(dim1=1, dim2=2).zero_()
+    results = []
+    for module in (reference, ours):
+        inputs = x.clone().requires_grad_()
+        out = module(inputs, mask=mask)
+        out.mul(torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads = [p.grad.clone() for p in module.parameters()]
+        results.append((out, inputs.grad, grads))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+    for reference_grad, our_grad in zip(results[0][2], results[1][2]):
+        assert torch.equal(reference_grad, our_grad)
+
+
+def test_swin_uses_the_unbind_window_attention():
+    model = _swin()
+    kinds = {type(m) for m in model.modules() if "Attention" in type(m).__name__}
+    assert kinds == {swin_module._UnbindWindowAttention}

@@ -212,6 +212,9 @@ def test_checkpointing_rows_switch_the_outermost_modules_of_their_parts():
     assert not model.decoder.use_checkpoint and not stage.use_checkpoint
     _set_checkpointing(model, ())
     assert not model.enhancer.use_checkpoint and not model.backbone[0].use_checkpoint
+    _set_checkpointing(model, ("decoder",), swin_stages=(0, 1))  # some Swin stages alone
+    assert model.backbone[0].use_checkpoint == (0, 1) and model.decoder.use_checkpoint is True
+    assert model.enhancer.use_checkpoint is False and not stage.use_checkpoint
     model.backbone = nn.Sequential(nn.Linear(2, 2))
     _set_checkpointing(model, ("enhancer",))  # a part without checkpointing, not asked: fine
     with pytest.raises(ValueError, match="backbone has no activation checkpointing"):

@@ -36,14 +36,15 @@ __all__ = [
 
 class Row(NamedTuple):
     """One benchmark row: ``kind`` "hf" (transformers) or "ours"; for ours, the denoising
-    queries, the parts whose layers use activation checkpointing (their ``use_checkpoint``) and
+    queries, the parts whose layers use activation checkpointing (their ``use_checkpoint``),
     whether the deformable attention's backward uses its compiled CPU kernel
-    (:mod:`grounding_dino.modeling.native_kernels`)."""
+    (:mod:`grounding_dino.modeling.native_kernels`) and the Swin stages checkpointed alone."""
 
     kind: str
     dn_number: int = 0
     checkpointing: Tuple[str, ...] = ()
     native: bool = True
+    swin_stages: Tuple[int, ...] = ()  # checkpointed Swin stages, without "backbone" in parts
 
 
 ROWS = {
@@ -53,6 +54,7 @@ ROWS = {
     "ours (dn off + checkpointing)": Row("ours", 0, ("enhancer", "decoder")),
     "ours (dn off + checkpointing with Swin)": Row("ours", 0, ("enhancer", "decoder", "backbone")),
     "ours (dn off + pure-PyTorch backward)": Row("ours", 0, (), native=False),
+    "ours (dn off + checkpointing Swin stages 0-1)": Row("ours", 0, (), swin_stages=(0, 1)),
 }
 CHECKPOINTED_PARTS = ("enhancer", "decoder", "backbone")
 
@@ -184,14 +186,14 @@ def build_training_steps(
     }
 
     def make_step(row):
-        kind, dn_number, checkpointing, native = rows[row]
+        kind, dn_number, checkpointing, native, swin_stages = rows[row]
         model, loss_fn = built[kind]
         optimizer = optimizers[kind]
 
         def step() -> float:
             if kind == "ours":
                 model.dn_number = dn_number
-                _set_checkpointing(model, checkpointing)
+                _set_checkpointing(model, checkpointing, swin_stages)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn()
             if not torch.isfinite(loss):
@@ -232,15 +234,22 @@ def _outermost_switches(module) -> List:
     return [found for child in module.children() for found in _outermost_switches(child)]
 
 
-def _set_checkpointing(model, parts) -> None:
+def _set_checkpointing(model, parts, swin_stages=()) -> None:
     """Activation checkpointing (``use_checkpoint``) on in the model's ``parts``, off in the
-    other :data:`CHECKPOINTED_PARTS`."""
+    other :data:`CHECKPOINTED_PARTS`, but for ``swin_stages`` (stage indices) of the Swin body
+    when the backbone is not in ``parts``."""
     for part in CHECKPOINTED_PARTS:
+        if part in parts:
+            value = True
+        elif part == "backbone" and swin_stages:
+            value = tuple(swin_stages)
+        else:
+            value = False
         switches = _outermost_switches(getattr(model, part))
-        if part in parts and not switches:
+        if value and not switches:
             raise ValueError(f"{part} has no activation checkpointing (use_checkpoint)")
         for module in switches:
-            module.use_checkpoint = part in parts
+            module.use_checkpoint = value
 
 
 def _median_after_first(times: List[float]) -> float:

@@ -40,8 +40,10 @@ MALLOC_SETTINGS: Dict[str, int] = {
     "MALLOC_MMAP_THRESHOLD_": 32 * 1024 * 1024,
     # Larger blocks too: no allocation is mmap'ed (the heap serves them all).
     "MALLOC_MMAP_MAX_": 0,
-    # Freed memory at the heap top is kept up to 1 GiB instead of 128 KiB.
-    "MALLOC_TRIM_THRESHOLD_": 1024 * 1024 * 1024,
+    # Freed memory at the heap top is kept (-1: never trimmed; glibc's default gives back
+    # what passes 128 KiB). A step of a model at the official sizes frees gigabytes at once,
+    # which a finite threshold would hand back to the kernel at every step.
+    "MALLOC_TRIM_THRESHOLD_": -1,
     # The heap grows by 64 MiB at a time (fewer brk calls).
     "MALLOC_TOP_PAD_": 64 * 1024 * 1024,
 }

@@ -23,7 +23,7 @@ from typing import Dict, Mapping, Sequence, Tuple, Union
 import torch
 import torch.utils.checkpoint as checkpoint
 from detectron2.modeling.backbone import SwinTransformer
-from detectron2.modeling.backbone.swin import Mlp
+from detectron2.modeling.backbone.swin import Mlp, WindowAttention
 
 from ..registry import IMAGE_BACKBONE_REGISTRY
 from ..utils import rowwise_in_chunks
@@ -55,6 +55,37 @@ class _RowChunkedMlp(Mlp):
         if self.training and torch.is_grad_enabled():
             return super().forward(x)
         return rowwise_in_chunks(super().forward, x, MLP_CHUNK_TOKENS)
+
+
+class _UnbindWindowAttention(WindowAttention):
+    """detectron2's ``WindowAttention`` (same parameters, keys and results) taking q, k and v
+    from the fused projection with ``unbind``: indexing it three times (``qkv[0]``...) makes
+    the backward build three zero-filled gradients of the whole [3, windows, heads, N, d]
+    tensor and add them, where ``unbind``'s backward stacks the three once."""
+
+    def forward(self, x: torch.Tensor, mask=None) -> torch.Tensor:
+        """
+        Args:
+            x: [windows * B, N, C] tokens of each window.
+            mask: [windows, N, N] of 0 / -inf (shifted windows), or None.
+
+        Returns:
+            [windows * B, N, C]
+        """
+        windows, tokens, channels = x.shape
+        qkv = self.qkv(x).reshape(windows, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        area = self.window_size[0] * self.window_size[1]  # = tokens: windows are padded
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        attn = attn + bias.view(area, area, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+        if mask is not None:
+            num_windows = mask.shape[0]
+            attn = attn.view(-1, num_windows, self.num_heads, tokens, tokens)
+            attn = (attn + mask.unsqueeze(1).unsqueeze(0)).view(-1, self.num_heads, tokens, tokens)
+        attn = self.attn_drop(self.softmax(attn))
+        x = (attn @ v).transpose(1, 2).reshape(windows, tokens, channels)
+        return self.proj_drop(self.proj(x))
 
 
 def _variant_sizes(variant: Union[str, Mapping]) -> Dict:
@@ -90,7 +121,10 @@ class SwinBackbone(SwinTransformer):
         frozen_stages: detectron2's (mmdet's) convention: -1 nothing; 0 or 1 the patch
             embedding; k >= 2 also stages 0..k-2. Frozen modules get ``requires_grad=False``
             and stay in eval mode.
-        use_checkpoint: gradient checkpointing of every stage in training.
+        use_checkpoint: activation checkpointing in training: True for every stage, or the
+            indices of the stages to checkpoint, e.g. (0, 1): the early stages hold the most
+            activations per multiply-add (the most tokens, the fewest channels), so they free
+            the most memory for the least recomputation.
     """
 
     # Shape-agnostic forwards (see modeling.switches); values equal detectron2's.
@@ -103,7 +137,7 @@ class SwinBackbone(SwinTransformer):
         out_indices: Sequence[int],
         drop_path_rate: float,
         frozen_stages: int,
-        use_checkpoint: bool,
+        use_checkpoint: Union[bool, Sequence[int]],
     ):
         sizes = _variant_sizes(variant)
         out_indices = tuple(int(i) for i in out_indices)
@@ -112,6 +146,12 @@ class SwinBackbone(SwinTransformer):
             raise ValueError(f"Swin out_indices {out_indices} must be in [0, {num_stages})")
         if list(out_indices) != sorted(set(out_indices)):
             raise ValueError(f"Swin out_indices {out_indices} must be increasing")
+        if not isinstance(use_checkpoint, bool):
+            use_checkpoint = tuple(int(i) for i in use_checkpoint)
+            if not all(0 <= i < num_stages for i in use_checkpoint):
+                raise ValueError(
+                    f"Swin use_checkpoint stages {use_checkpoint} must be in [0, {num_stages})"
+                )
         if not -1 <= frozen_stages <= num_stages + 1:
             raise ValueError(f"Swin frozen_stages={frozen_stages} not in [-1, {num_stages + 1}]")
         with warnings.catch_warnings():  # detectron2's torch.meshgrid and timm import
@@ -128,9 +168,19 @@ class SwinBackbone(SwinTransformer):
         for module in self.modules():
             if type(module) is Mlp:
                 module.__class__ = _RowChunkedMlp
+            elif type(module) is WindowAttention:
+                module.__class__ = _UnbindWindowAttention
             index = getattr(module, "relative_position_index", None)
             if isinstance(index, torch.Tensor):
                 module.register_buffer("relative_position_index", index, persistent=False)
+
+    def _checkpointed_stages(self) -> Tuple[int, ...]:
+        """The stages whose activations are recomputed in the backward (training only)."""
+        if not self.training or not self.use_checkpoint:
+            return ()
+        if self.use_checkpoint is True:
+            return tuple(range(len(self.layers)))
+        return tuple(self.use_checkpoint)
 
     @property
     def size_divisibility(self) -> int:
@@ -153,7 +203,7 @@ class SwinBackbone(SwinTransformer):
         """
         if images.dim() != 4:
             raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
-        checkpointed = self.use_checkpoint and self.training and torch.is_grad_enabled()
+        checkpointed = self._checkpointed_stages() if torch.is_grad_enabled() else ()
         if not (checkpointed or self.traceable):
             return super().forward(images)
         if self.traceable:
@@ -166,10 +216,12 @@ class SwinBackbone(SwinTransformer):
         for i, layer in enumerate(self.layers):
             if self.traceable:
                 out, h_out, w_out, x, h, w = basic_layer_forward(layer, x, h, w)
-            else:
+            elif i in checkpointed:
                 out, h_out, w_out, x, h, w = checkpoint.checkpoint(
                     layer, x, h, w, use_reentrant=False
                 )
+            else:
+                out, h_out, w_out, x, h, w = layer(x, h, w)
             if i in self.out_indices:
                 out = getattr(self, f"norm{i}")(out).view(-1, h_out, w_out, self.num_features[i])
                 outputs[f"p{i}"] = out.permute(0, 3, 1, 2).contiguous()
