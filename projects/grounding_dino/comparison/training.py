@@ -314,9 +314,10 @@ def format_training_report(result: Dict, header: str) -> str:
     reference = medians.get("transformers")
     cpu_medians = result["cpu_medians"]
     cpu_reference = cpu_medians.get("transformers")
+    width = max(len(row) for row in ["row", *medians]) + 2
     lines = [
         header,
-        f"{'row':<42}{'s/step':>9}{'steps (s)':>28}{'peak RSS MB':>13}{'loaded MB':>11}"
+        f"{'row':<{width}}{'s/step':>9}{'steps (s)':>28}{'peak RSS MB':>13}{'loaded MB':>11}"
         f"{'speed-up':>10}{'memory':>8}{'CPU s/step':>12}{'CPU speed-up':>14}",
     ]
     for row, median in medians.items():
@@ -329,7 +330,7 @@ def format_training_report(result: Dict, header: str) -> str:
         cpu = cpu_medians[row]
         cpu_speed = f"{cpu_reference / cpu:.2f}x" if cpu_reference else "-"
         lines.append(
-            f"{row:<42}{median:>9.2f} {steps:>27}{_mb(peak):>13}{_mb(loaded):>11}"
+            f"{row:<{width}}{median:>9.2f} {steps:>27}{_mb(peak):>13}{_mb(loaded):>11}"
             f"{speed:>10}{ratio:>8}{cpu:>12.2f}{cpu_speed:>14}"
         )
     lines.append(

@@ -8,17 +8,14 @@ page by page, each page zeroed by the kernel. On the shapes demo's training proc
 about 10,000 page faults per iteration, most of their system CPU time (docs/benchmarks.md,
 "System CPU time of CPU training"). :func:`keep_freed_memory` makes ``malloc`` keep freed
 memory for the next step instead (``mallopt``, as the ``MALLOC_MMAP_THRESHOLD_``,
-``MALLOC_MMAP_MAX_``, ``MALLOC_TRIM_THRESHOLD_`` and ``MALLOC_TOP_PAD_`` environment variables
-would at start-up).
+``MALLOC_TRIM_THRESHOLD_`` and ``MALLOC_TOP_PAD_`` environment variables would at start-up).
 
-Blocks above 32 MiB, glibc's largest mmap threshold, are always mmap'ed unless mmap is off
-(``MALLOC_MMAP_MAX_=0``). A model at the official sizes has many of them: the enhancer's
-[tokens, 2048] FFN hidden layer and its gradient (64 MB per layer at 480x800), BERT's
-[30522, 768] embedding gradient and AdamW temporaries (94 MB). With mmap off they come from
-the heap and are reused like the small ones. The price is that the heap keeps the process's
-peak: memory freed below its top stays with the process (a training process returns to the
-same peak every step anyway). ``MALLOC_MMAP_MAX_=65536`` in the environment restores glibc's
-default.
+Blocks above 32 MiB, glibc's largest mmap threshold, stay mmap'ed (fresh pages at every step).
+At the official sizes there are many (the enhancer's [tokens, 2048] FFN hidden layers, BERT's
+embedding gradient), and turning mmap off (``MALLOC_MMAP_MAX_=0``) with no trimming makes such
+a step faster. It is not the default because a heap that serves every block and never shrinks
+grows with fragmentation when image sizes change from step to step (multi-scale training:
+docs/benchmarks.md, "malloc at the official sizes"); set those variables to choose it.
 """
 
 import ctypes
@@ -32,24 +29,19 @@ __all__ = ["keep_freed_memory", "MALLOC_SETTINGS"]
 logger = logging.getLogger(__name__)
 
 # mallopt parameter numbers (glibc's malloc.h).
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
 MALLOC_SETTINGS: Dict[str, int] = {
     # Blocks up to 32 MiB (glibc's largest allowed threshold on 64-bit) come from the heap and
     # are reused, instead of mmap'ed fresh for every allocation.
     "MALLOC_MMAP_THRESHOLD_": 32 * 1024 * 1024,
-    # Larger blocks too: no allocation is mmap'ed (the heap serves them all).
-    "MALLOC_MMAP_MAX_": 0,
-    # Freed memory at the heap top is kept (-1: never trimmed; glibc's default gives back
-    # what passes 128 KiB). A step of a model at the official sizes frees gigabytes at once,
-    # which a finite threshold would hand back to the kernel at every step.
-    "MALLOC_TRIM_THRESHOLD_": -1,
+    # Freed memory at the heap top is kept up to 1 GiB instead of 128 KiB.
+    "MALLOC_TRIM_THRESHOLD_": 1024 * 1024 * 1024,
     # The heap grows by 64 MiB at a time (fewer brk calls).
     "MALLOC_TOP_PAD_": 64 * 1024 * 1024,
 }
 _PARAMETERS = {
     "MALLOC_MMAP_THRESHOLD_": _M_MMAP_THRESHOLD,
-    "MALLOC_MMAP_MAX_": _M_MMAP_MAX,
     "MALLOC_TRIM_THRESHOLD_": _M_TRIM_THRESHOLD,
     "MALLOC_TOP_PAD_": _M_TOP_PAD,
 }
