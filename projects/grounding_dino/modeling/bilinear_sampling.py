@@ -115,8 +115,9 @@ class _BilinearGather(torch.autograd.Function):
         need_table, need_x, need_y, need_attention = ctx.needs_input_grad[:4]
         kernel = _native_kernel(table, x, y, attention, grad)
         if kernel is not None:
-            saved = (table, x, y, attention)
-            return _native_backward(kernel, ctx, saved, grad) + (None, None, None)
+            saved = (table, x, y, attention)  # ctx.saved_tensors unpacks once (checkpointing)
+            gradients = _native_backward(kernel, saved, ctx.layout, ctx.needs_input_grad[:4], grad)
+            return gradients + (None, None, None)
         rows, fx, fy = corner_rows_and_fractions((table, shapes, padded_starts, num_heads), x, y)
         weights = corner_weights(fx, fy, attention)
         batch, num_queries = x.shape[:2]
@@ -162,16 +163,22 @@ def _native_kernel(table, x, y, attention, grad):
     return bilinear_sampling_backward_kernel(table.dtype)
 
 
-def _native_backward(kernel, ctx, saved, grad):
+def _native_backward(kernel, saved, layout, need, grad):
     """All four gradients in one pass over the sampling points
     (``native/deformable_sampling_backward.c``), on torch's intra-op thread count.
+
+    Args:
+        kernel: from :func:`_native_kernel`.
+        saved: (table, x, y, attention) as :class:`_BilinearGather` saved them.
+        layout: (shapes, padded_starts, num_heads) of the table.
+        need: four bools, which gradients to compute.
+        grad: [B, Q, M * D] the gradient of the output.
 
     Returns:
         (grad_table, grad_x, grad_y, grad_attention), None where not needed.
     """
     table, x, y, attention = (t.contiguous() for t in saved)
-    shapes, padded_starts, num_heads = ctx.layout
-    need = ctx.needs_input_grad[:4]
+    shapes, padded_starts, num_heads = layout
     grad = grad.contiguous()
     batch, num_queries, _, num_levels, num_points = x.shape
     levels = torch.tensor(
