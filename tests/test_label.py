@@ -167,6 +167,16 @@ def _label_lines_of(part):
     return [r for r in lines if "error" not in r and "attempt" not in r]
 
 
+def _open_part(pid):
+    """The part file process ``pid`` holds open, or None."""
+    for fd in Path(f"/proc/{pid}/fd").glob("*"):
+        with contextlib.suppress(OSError):
+            target = Path(os.readlink(fd))
+            if target.name.startswith("part-") and target.suffix == ".jsonl":
+                return target
+    return None
+
+
 def _alive(pid):
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -335,20 +345,26 @@ def test_kill_and_resume_equals_an_uninterrupted_run(setup, reference):
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+    frozen = {}  # worker pid -> its decoding processes
     try:
         deadline = time.monotonic() + 300
-        while process.poll() is None:
+        while process.poll() is None and len(frozen) < 2:
             assert time.monotonic() < deadline
-            workers = _children(process.pid)  # 2 workers (and multiprocessing's tracker)
-            decoders = [pid for worker in workers for pid in _children(worker)]
-            # both part files started: both workers are in their loop, decoders alive
-            if len(decoders) >= 2 and len(_part_names(parts)) == 2:
-                break
-            time.sleep(0.05)
+            for worker in _children(process.pid):  # 2 workers (and multiprocessing's tracker)
+                part, decoders = _open_part(worker), _children(worker)
+                # Stopped once it has labelled an image while its decoders are alive, so that
+                # neither worker can finish its shard before the kill, however fast the machine.
+                if worker not in frozen and part and decoders and _label_lines_of(part):
+                    os.kill(worker, signal.SIGSTOP)
+                    frozen[worker] = decoders
+            time.sleep(0.01)
         os.kill(process.pid, signal.SIGKILL)  # the main process only
-        descendants = workers + decoders
+        descendants = list(frozen) + [pid for pids in frozen.values() for pid in pids]
     finally:
+        if process.poll() is None:
+            process.kill()
         process.wait()
+    assert len(frozen) == 2, "both workers should be stopped mid-run"
     assert not output.exists()
     done_before = len(_label_lines(parts))
     assert 2 <= done_before < len(NAMES), "the run should be killed half-way"
@@ -388,8 +404,13 @@ def test_a_killed_decoding_process_does_not_stop_the_run(setup, reference):
         deadline = time.monotonic() + 300
         while len(_label_lines(parts)) < 2 and process.poll() is None:
             assert time.monotonic() < deadline
-            time.sleep(0.05)
-        os.kill(_children(process.pid)[0], signal.SIGKILL)
+            time.sleep(0.01)
+        # Stopped while its decoder is killed, so that the run cannot end first on a fast machine.
+        os.kill(process.pid, signal.SIGSTOP)
+        decoders = _children(process.pid)
+        assert decoders, "the decoding process should be alive mid-run"
+        os.kill(decoders[0], signal.SIGKILL)
+        os.kill(process.pid, signal.SIGCONT)
         stdout, stderr = process.communicate(timeout=300)
     finally:
         process.kill()
