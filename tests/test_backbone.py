@@ -416,3 +416,51 @@ def test_swin_uses_the_unbind_window_attention():
     model = _swin()
     kinds = {type(m) for m in model.modules() if "Attention" in type(m).__name__}
     assert kinds == {swin_module._UnbindWindowAttention}
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_swin_mlp_keeps_one_hidden_tensor_and_equals_detectron2s(approximate):
+    """In training the MLP saves GELU's input only (its output is computed again in the
+    backward): the same outputs as detectron2's ``Mlp`` bit for bit, gradients equal to
+    rounding, and one hidden-size tensor saved instead of two."""
+    from detectron2.modeling.backbone.swin import Mlp
+
+    torch.manual_seed(0)
+    reference = Mlp(32, 128, act_layer=lambda: torch.nn.GELU(approximate=approximate)).train()
+    ours = copy.deepcopy(reference)
+    ours.__class__ = swin_module._RowChunkedMlp
+    x = torch.randn(2, 50, 32)
+    results = []
+    for module in (reference, ours):
+        inputs = x.clone().requires_grad_()
+        saved = []
+
+        def keep(tensor, saved=saved):
+            saved.append(tuple(tensor.shape))
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            out = module(inputs)
+        out.mul(torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        hidden = [shape for shape in saved if shape[-1] == 128 and shape[0] != 32]  # not fc2's
+        results.append((out, inputs.grad, [p.grad for p in module.parameters()], hidden))
+    assert torch.equal(results[0][0], results[1][0])
+    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-6, rtol=1e-5)
+    for reference_grad, our_grad in zip(results[0][2], results[1][2]):
+        torch.testing.assert_close(our_grad, reference_grad, atol=1e-6, rtol=1e-5)
+    assert len(results[0][3]) == 2 and len(results[1][3]) == 1
+
+
+def test_swin_mlp_under_autocast_takes_the_plain_path():
+    from detectron2.modeling.backbone.swin import Mlp
+
+    torch.manual_seed(0)
+    reference = Mlp(32, 128).train()
+    ours = copy.deepcopy(reference)
+    ours.__class__ = swin_module._RowChunkedMlp
+    x = torch.randn(2, 50, 32)
+    with torch.autocast("cpu", torch.bfloat16):
+        out, expected = ours(x), reference(x)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+    out.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in ours.parameters())

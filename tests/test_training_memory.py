@@ -191,3 +191,102 @@ def test_activation_checkpointing_gives_equal_losses_and_gradients(tiny_training
         model.enhancer.use_checkpoint = model.decoder.use_checkpoint = False
     # Recomputation replays the same operations on the same inputs: equal to rounding.
     _assert_equal(plain, checkpointed, rtol=1e-5)
+
+
+def test_layer_norm_linear_equals_the_two_modules_and_saves_one_tensor_less():
+    """``layer_norm_linear`` gives the norm's and the linear layer's outputs and every gradient
+    bit for bit, and keeps the norm's input but not its output for the backward."""
+    from grounding_dino.modeling.recomputed_linear import layer_norm_linear
+
+    torch.manual_seed(0)
+    norm, linear = torch.nn.LayerNorm(32), torch.nn.Linear(32, 64)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 50, 32)
+    results = []
+    for fused in (False, True):
+        inputs = x.clone().requires_grad_()
+        norm.zero_grad(set_to_none=True)
+        linear.zero_grad(set_to_none=True)
+        saved = []
+
+        def keep(tensor, saved=saved):
+            saved.append(tensor)
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            if fused:
+                normed, out = layer_norm_linear(inputs, norm, linear)
+            else:
+                normed = norm(inputs)
+                out = linear(normed)
+        # The normalised tensor also goes on (a residual), as in the enhancer.
+        (normed.sin().sum() + out.cos().sum()).backward()
+        grads = [inputs.grad] + [p.grad for p in (*norm.parameters(), *linear.parameters())]
+        activations = {t.data_ptr() for t in saved if t.numel() == x.numel()}
+        results.append(([normed, out] + grads, len(activations)))
+    for reference, ours in zip(results[0][0], results[1][0]):
+        assert torch.equal(reference, ours)
+    assert results[0][1] == 2 and results[1][1] == 1
+
+
+def test_recomputing_linears_in_the_model_give_equal_losses_and_gradients(
+    tiny_training_model, monkeypatch
+):
+    """The whole training loss with ``layer_norm_linear`` (enhancer) and ``sum_linear``
+    (deformable attention of the enhancer) against the plain modules."""
+    from grounding_dino.modeling import deformable_attention, enhancer
+
+    model = tiny_training_model
+    fused = _losses_and_gradients(model)
+    calls = []
+
+    def plain_norm_linear(x, norm, linear):
+        calls.append("norm")
+        normed = norm(x)
+        return normed, linear(normed)
+
+    def plain_sum_linear(x, pos, weight, bias):
+        calls.append("sum")
+        return torch.nn.functional.linear(x + pos, weight, bias)
+
+    monkeypatch.setattr(enhancer, "layer_norm_linear", plain_norm_linear)
+    monkeypatch.setattr(deformable_attention, "sum_linear", plain_sum_linear)
+    reference = _losses_and_gradients(model)
+    layers = len(model.enhancer.layers)
+    assert calls.count("norm") == layers and calls.count("sum") == 2 * layers
+    _assert_equal(fused, reference, rtol=1e-6)
+
+
+@pytest.mark.parametrize("pos_shape", [(2, 50, 32), (1, 50, 32)])
+def test_sum_linear_equals_linear_of_the_sum_and_keeps_no_sum(pos_shape):
+    from grounding_dino.modeling.recomputed_linear import sum_linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 64)
+    x, pos = torch.randn(2, 50, 32), torch.randn(pos_shape)
+    results = []
+    for fused in (False, True):
+        inputs, position = x.clone().requires_grad_(), pos.clone().requires_grad_()
+        linear.zero_grad(set_to_none=True)
+        saved = []
+
+        def keep(tensor, saved=saved):
+            saved.append(tensor)
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            if fused:
+                out = sum_linear(inputs, position, linear.weight, linear.bias)
+            else:
+                out = linear(inputs + position)
+        out.cos().sum().backward()
+        grads = [inputs.grad, position.grad, linear.weight.grad, linear.bias.grad]
+        kept = {t.data_ptr() for t in saved} - {p.data_ptr() for p in linear.parameters()}
+        summed_kept = not kept <= {inputs.data_ptr(), position.data_ptr(), out.data_ptr()}
+        results.append((out, grads, summed_kept))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    for reference, ours in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+    assert results[0][2] and not results[1][2]

@@ -37,6 +37,7 @@ from .deformable_kernels import (
     sample_padded_table,
     sample_pixels_embedding_bag,
 )
+from .recomputed_linear import sum_linear
 from .switches import switched
 from .utils import linear_weight, rowwise_in_chunks
 
@@ -138,7 +139,7 @@ class MultiScaleDeformableAttention(nn.Module):
         ref = reference_points[:, :, None, :, None, :]
         return ref[..., :2] + offsets / self.num_points * ref[..., 2:] * 0.5
 
-    def _pixel_locations(self, query, reference_points, spatial_shapes):
+    def _pixel_locations(self, query, reference_points, spatial_shapes, query_pos=None):
         """Sampling locations directly in pixels (``location * size - 0.5``).
 
         The offset projection's rows are reordered so that x and y offsets come out as
@@ -153,7 +154,9 @@ class MultiScaleDeformableAttention(nn.Module):
         weight = weight.permute(3, 0, 1, 2, 4).reshape(-1, channels)
         bias = self.sampling_offsets.bias.view(m, n_lvl, p, 2).permute(3, 0, 1, 2).reshape(-1)
         off_x, off_y = (
-            F.linear(query, weight, bias).view(batch, num_queries, 2, m, n_lvl, p).unbind(2)
+            _linear(query, query_pos, weight, bias)
+            .view(batch, num_queries, 2, m, n_lvl, p)
+            .unbind(2)
         )
         size = spatial_shapes.to(query.dtype)
         height, width = size[:, 0], size[:, 1]  # [L]
@@ -174,10 +177,12 @@ class MultiScaleDeformableAttention(nn.Module):
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
         value_mask: Optional[torch.Tensor] = None,
+        query_pos: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """
         Args:
-            query: [B, Q, C] queries (position embedding already added).
+            query: [B, Q, C] queries (with their position embedding added, or with
+                ``query_pos`` given).
             reference_points: [B, Q, L, 2] normalised (x, y) points, or [B, Q, L, 4]
                 normalised (cx, cy, w, h) boxes (offsets then scale with the box size).
             value: [B, S, C] flattened features of all levels, S = sum_l H_l * W_l.
@@ -185,6 +190,8 @@ class MultiScaleDeformableAttention(nn.Module):
             level_start_index: [L] long, offset of each level in S.
             value_mask: optional [B, S] bool, True on valid positions; padded values are
                 zeroed before sampling.
+            query_pos: optional [B, Q, C] position embedding added to ``query``. In training
+                the sum is not kept for the backward (:func:`.recomputed_linear.sum_linear`).
 
         Returns:
             [B, Q, C] attended features.
@@ -207,6 +214,9 @@ class MultiScaleDeformableAttention(nn.Module):
                 f"{reference_points.shape[-1]}"
             )
 
+        training = self.training and torch.is_grad_enabled()
+        if query_pos is not None and not (training and self.kernel == "embedding_bag"):
+            query, query_pos = query + query_pos, None
         value = self.value_proj(value)
         if value_mask is not None:
             value = value.masked_fill(~value_mask[..., None], 0.0)
@@ -216,11 +226,11 @@ class MultiScaleDeformableAttention(nn.Module):
             table = padded_value_table(value, spatial_shapes, level_start_index)
 
             def attend(query, reference_points):
-                x, y = self._pixel_locations(query, reference_points, spatial_shapes)
-                weights = self._weights(query)
+                x, y = self._pixel_locations(query, reference_points, spatial_shapes, query_pos)
+                weights = self._weights(query, query_pos)
                 return self.output_proj(sample_padded_table(table, x, y, weights))
 
-            if self.training and torch.is_grad_enabled():
+            if training:
                 return attend(query, reference_points)
             # Inference: every query samples on its own; chunks of queries keep the
             # [B, Q, M, L, P, 4] corner tensors small (see rowwise_in_chunks).
@@ -231,12 +241,25 @@ class MultiScaleDeformableAttention(nn.Module):
         )
         return self.output_proj(out)
 
-    def _weights(self, query: torch.Tensor) -> torch.Tensor:
-        """[B, Q, C] -> [B, Q, M, L, P] attention weights (softmax over L * P per head)."""
+    def _weights(self, query: torch.Tensor, query_pos=None) -> torch.Tensor:
+        """[B, Q, C] (and its position embedding or None) -> [B, Q, M, L, P] attention weights
+        (softmax over L * P per head)."""
         batch, num_queries, _ = query.shape
         m, n_lvl, p = self.num_heads, self.num_levels, self.num_points
-        weights = self.attention_weights(query).view(batch, num_queries, m, n_lvl * p)
+        layer = self.attention_weights
+        if query_pos is None:
+            logits = layer(query)
+        elif type(layer) is nn.Linear:
+            logits = sum_linear(query, query_pos, layer.weight, layer.bias)
+        else:  # a wrapped layer (LoRA) is called
+            logits = layer(query + query_pos)
+        weights = logits.view(batch, num_queries, m, n_lvl * p)
         return weights.softmax(-1).view(batch, num_queries, m, n_lvl, p)
+
+
+def _linear(x, pos, weight, bias) -> torch.Tensor:
+    """``F.linear(x + pos, ...)``, or of ``x`` alone where ``pos`` is None."""
+    return F.linear(x, weight, bias) if pos is None else sum_linear(x, pos, weight, bias)
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from torch import nn
 from .attention import BiMultiHeadAttention, MultiheadAttention
 from .deformable_attention import MultiScaleDeformableAttention
 from .ffn import PostNormFFNLayer
+from .recomputed_linear import layer_norm_linear
 from .registry import FEATURE_ENHANCER_REGISTRY
 from .structures import EncodedText, ImageTokens
 from .switches import level_sizes_of
@@ -120,16 +121,21 @@ class DeformableEncoderLayer(PostNormFFNLayer):
         self, image, image_pos, reference_points, spatial_shapes, level_start_index, image_mask
     ):
         attended = self.self_attn(
-            image + image_pos,
+            image,
             reference_points,
             image,
             spatial_shapes,
             level_start_index,
             image_mask,
+            query_pos=image_pos,
         )
-        image = self.norm1(image + self.dropout(attended))
         if self.training and torch.is_grad_enabled():
-            return self.ffn(image, self.norm2)
+            # norm1's output is kept once for the backward, not twice (see layer_norm_linear).
+            image, hidden = layer_norm_linear(
+                image + self.dropout(attended), self.norm1, self.linear1
+            )
+            return self.ffn_after_linear1(image, hidden, self.norm2)
+        image = self.norm1(image + self.dropout(attended))
         # Inference: the [B, S, ffn_dim] hidden layer, one row per image token, is the
         # enhancer's largest tensor; row chunks reuse one small buffer (see rowwise_in_chunks).
         ffn = functools.partial(self.ffn, norm=self.norm2)

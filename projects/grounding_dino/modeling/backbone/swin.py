@@ -27,6 +27,7 @@ from detectron2.modeling.backbone.swin import Mlp, WindowAttention
 
 from ..registry import IMAGE_BACKBONE_REGISTRY
 from ..utils import rowwise_in_chunks
+from .gelu_linear import gelu_linear
 from .swin_traceable import basic_layer_forward, patch_embed_forward
 
 __all__ = ["SWIN_VARIANTS", "SwinBackbone", "swin_variant_from_sizes"]
@@ -49,12 +50,27 @@ MLP_CHUNK_TOKENS = 4096
 
 
 class _RowChunkedMlp(Mlp):
-    """detectron2's ``Mlp`` (same parameters and keys), run on chunks of tokens in inference."""
+    """detectron2's ``Mlp`` (same parameters, keys and outputs), run on chunks of tokens in
+    inference; in training its backward keeps one hidden-size tensor instead of two
+    (:func:`.gelu_linear.gelu_linear`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and torch.is_grad_enabled():
+        """x: [..., C] tokens -> [..., C]."""
+        if not (self.training and torch.is_grad_enabled()):
+            return rowwise_in_chunks(super().forward, x, MLP_CHUNK_TOKENS)
+        if not self._fusable():
             return super().forward(x)
-        return rowwise_in_chunks(super().forward, x, MLP_CHUNK_TOKENS)
+        return gelu_linear(self.fc1(x), self.fc2.weight, self.fc2.bias, self.act.approximate)
+
+    def _fusable(self) -> bool:
+        # Under autocast the saved hidden layer and fc2's weight differ in dtype; the plain
+        # path casts them.
+        return (
+            type(self.act) is torch.nn.GELU
+            and self.drop.p == 0
+            and not torch.is_autocast_enabled()
+            and not torch.is_autocast_cpu_enabled()
+        )
 
 
 class _UnbindWindowAttention(WindowAttention):
