@@ -234,13 +234,25 @@ def test_layer_norm_linear_equals_the_two_modules_and_saves_one_tensor_less():
 def test_recomputing_linears_in_the_model_give_equal_losses_and_gradients(
     tiny_training_model, monkeypatch
 ):
-    """The whole training loss with ``layer_norm_linear`` (enhancer) and ``sum_linear``
-    (deformable attention of the enhancer) against the plain modules."""
+    """The whole training loss with ``layer_norm_linear`` (enhancer), ``sum_linear``
+    (deformable attention of the enhancer) and the value tables rebuilt in the backward (every
+    deformable attention) against the plain modules."""
     from grounding_dino.modeling import deformable_attention, enhancer
 
     model = tiny_training_model
-    fused = _losses_and_gradients(model)
     calls = []
+    attention = deformable_attention.MultiScaleDeformableAttention
+    rebuilt_table = attention._rebuilt_table
+
+    def counted_rebuild(self, *args):
+        calls.append("table")
+        return rebuilt_table(self, *args)
+
+    monkeypatch.setattr(attention, "_rebuilt_table", counted_rebuild)
+    fused = _losses_and_gradients(model)
+    attentions = [m for m in model.modules() if isinstance(m, attention)]
+    assert calls.count("table") == len(attentions) > len(model.enhancer.layers)
+    calls.clear()
 
     def plain_norm_linear(x, norm, linear):
         calls.append("norm")
@@ -253,9 +265,11 @@ def test_recomputing_linears_in_the_model_give_equal_losses_and_gradients(
 
     monkeypatch.setattr(enhancer, "layer_norm_linear", plain_norm_linear)
     monkeypatch.setattr(deformable_attention, "sum_linear", plain_sum_linear)
+    monkeypatch.setattr(attention, "_rebuildable", lambda self: False)
     reference = _losses_and_gradients(model)
     layers = len(model.enhancer.layers)
     assert calls.count("norm") == layers and calls.count("sum") == 2 * layers
+    assert "table" not in calls
     _assert_equal(fused, reference, rtol=1e-6)
 
 

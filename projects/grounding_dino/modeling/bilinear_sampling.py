@@ -100,24 +100,31 @@ def _gather(padded, rows, weights):
 
 class _BilinearGather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, table, x, y, attention_weights, shapes, padded_starts, num_heads):
+    def forward(ctx, table, x, y, attention_weights, shapes, padded_starts, num_heads, rebuild):
         padded = (table, shapes, padded_starts, num_heads)
         rows, fx, fy = corner_rows_and_fractions(padded, x, y)
         out = _gather(padded, rows, corner_weights(fx, fy, attention_weights))
-        ctx.save_for_backward(table, x, y, attention_weights)
+        ctx.rebuild = None if rebuild is None else rebuild[0]
+        sources = (table,) if rebuild is None else tuple(rebuild[1])
+        ctx.save_for_backward(x, y, attention_weights, *sources)
         ctx.layout = (shapes, padded_starts, num_heads)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        table, x, y, attention = ctx.saved_tensors
+        x, y, attention, *sources = ctx.saved_tensors
+        if ctx.rebuild is None:
+            (table,) = sources
+        else:
+            with torch.no_grad():
+                table = ctx.rebuild(*sources)
         shapes, padded_starts, num_heads = ctx.layout
         need_table, need_x, need_y, need_attention = ctx.needs_input_grad[:4]
         kernel = _native_kernel(table, x, y, attention, grad)
         if kernel is not None:
             saved = (table, x, y, attention)  # ctx.saved_tensors unpacks once (checkpointing)
             gradients = _native_backward(kernel, saved, ctx.layout, ctx.needs_input_grad[:4], grad)
-            return gradients + (None, None, None)
+            return gradients + (None, None, None, None)
         rows, fx, fy = corner_rows_and_fractions((table, shapes, padded_starts, num_heads), x, y)
         weights = corner_weights(fx, fy, attention)
         batch, num_queries = x.shape[:2]
@@ -150,7 +157,7 @@ class _BilinearGather(torch.autograd.Function):
                 fy_a = fy * attention
                 grad_x = (attention - fy_a) * (g1 - g0) + fy_a * (g3 - g2)
                 grad_x = (grad_x * _inside(x, shapes, 1)).to(x.dtype)
-        return grad_table, grad_x, grad_y, grad_attention, None, None, None
+        return grad_table, grad_x, grad_y, grad_attention, None, None, None, None
 
 
 def _native_kernel(table, x, y, attention, grad):
@@ -218,7 +225,9 @@ def _inside(coordinate: torch.Tensor, shapes: Sequence[Tuple[int, int]], axis: i
     return ((coordinate >= -1) & (coordinate <= size)).to(coordinate.dtype)
 
 
-def sample_corners(padded, x: torch.Tensor, y: torch.Tensor, attention_weights: torch.Tensor):
+def sample_corners(
+    padded, x: torch.Tensor, y: torch.Tensor, attention_weights: torch.Tensor, rebuild=None
+):
     """
     Weighted bilinear sampling of ``padded`` at pixel coordinates (the body of
     :func:`.deformable_kernels.sample_padded_table`).
@@ -227,6 +236,10 @@ def sample_corners(padded, x: torch.Tensor, y: torch.Tensor, attention_weights: 
         padded: a ``PaddedValueTable``.
         x, y: [B, Q, M, L, P] pixel coordinates (not modified).
         attention_weights: [B, Q, M, L, P].
+        rebuild: optional ``(function, tensors)``: ``function(*tensors)`` gives the table's
+            values again, bit for bit. The backward then keeps ``tensors`` (which the graph
+            keeps anyway, e.g. the input of the value projection) instead of the table and
+            calls ``function`` for it (one projection more per layer, one table less).
 
     Returns:
         [B, Q, M * D]; differentiable in the table, the coordinates and the weights, with a
@@ -235,7 +248,7 @@ def sample_corners(padded, x: torch.Tensor, y: torch.Tensor, attention_weights: 
     table, shapes, padded_starts, num_heads = padded
     if torch.is_grad_enabled() and any(t.requires_grad for t in (table, x, y, attention_weights)):
         return _BilinearGather.apply(
-            table, x, y, attention_weights, list(shapes), list(padded_starts), num_heads
+            table, x, y, attention_weights, list(shapes), list(padded_starts), num_heads, rebuild
         )
     rows, fx, fy = corner_rows_and_fractions(padded, x, y)
     return _gather(padded, rows, corner_weights(fx, fy, attention_weights))

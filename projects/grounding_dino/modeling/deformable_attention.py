@@ -197,8 +197,7 @@ class MultiScaleDeformableAttention(nn.Module):
             [B, Q, C] attended features.
         """
         batch, num_queries, _ = query.shape
-        num_values = value.shape[1]
-        num_levels, num_heads = self.num_levels, self.num_heads
+        num_levels = self.num_levels
         if spatial_shapes.shape != (num_levels, 2):
             raise ValueError(
                 f"spatial_shapes must be [{num_levels}, 2], got {tuple(spatial_shapes.shape)}"
@@ -217,29 +216,55 @@ class MultiScaleDeformableAttention(nn.Module):
         training = self.training and torch.is_grad_enabled()
         if query_pos is not None and not (training and self.kernel == "embedding_bag"):
             query, query_pos = query + query_pos, None
-        value = self.value_proj(value)
-        if value_mask is not None:
-            value = value.masked_fill(~value_mask[..., None], 0.0)
-        value = value.view(batch, num_values, num_heads, self.embed_dim // num_heads)
-
         if self.kernel == "embedding_bag":
-            table = padded_value_table(value, spatial_shapes, level_start_index)
+            table = self._value_table(value, value_mask, spatial_shapes, level_start_index)
+            rebuild = None
+            if training and self._rebuildable():
+                # The backward projects the values again instead of keeping the table.
+                sources = (value, value_mask, spatial_shapes, level_start_index)
+                rebuild = (self._rebuilt_table, sources)
 
             def attend(query, reference_points):
                 x, y = self._pixel_locations(query, reference_points, spatial_shapes, query_pos)
                 weights = self._weights(query, query_pos)
-                return self.output_proj(sample_padded_table(table, x, y, weights))
+                return self.output_proj(sample_padded_table(table, x, y, weights, rebuild))
 
             if training:
                 return attend(query, reference_points)
             # Inference: every query samples on its own; chunks of queries keep the
             # [B, Q, M, L, P, 4] corner tensors small (see rowwise_in_chunks).
             return rowwise_in_chunks(attend, query, QUERY_CHUNK, reference_points)
+        value = self._projected_values(value, value_mask)
         locations = self._locations(query, reference_points, spatial_shapes)
         out = self._KERNELS[self.kernel](
             value, spatial_shapes, level_start_index, locations, self._weights(query)
         )
         return self.output_proj(out)
+
+    def _projected_values(self, value, value_mask) -> torch.Tensor:
+        """[B, S, C] -> [B, S, M, D] projected values, zero where ``value_mask`` is False."""
+        batch, num_values, _ = value.shape
+        value = self.value_proj(value)
+        if value_mask is not None:
+            value = value.masked_fill(~value_mask[..., None], 0.0)
+        return value.view(batch, num_values, self.num_heads, self.embed_dim // self.num_heads)
+
+    def _value_table(self, value, value_mask, spatial_shapes, level_start_index):
+        """[B, S, C] -> the projected values' ``PaddedValueTable``."""
+        value = self._projected_values(value, value_mask)
+        return padded_value_table(value, spatial_shapes, level_start_index)
+
+    def _rebuilt_table(self, value, value_mask, spatial_shapes, level_start_index):
+        return self._value_table(value, value_mask, spatial_shapes, level_start_index).table
+
+    def _rebuildable(self) -> bool:
+        # A wrapped projection (LoRA, with its own dropout) may not give the same values twice,
+        # and under autocast the backward would project in another dtype.
+        return (
+            type(self.value_proj) is nn.Linear
+            and not torch.is_autocast_enabled()
+            and not torch.is_autocast_cpu_enabled()
+        )
 
     def _weights(self, query: torch.Tensor, query_pos=None) -> torch.Tensor:
         """[B, Q, C] (and its position embedding or None) -> [B, Q, M, L, P] attention weights

@@ -127,7 +127,11 @@ def sample_pixels_embedding_bag(
 
 
 def sample_padded_table(
-    padded: PaddedValueTable, x: torch.Tensor, y: torch.Tensor, attention_weights: torch.Tensor
+    padded: PaddedValueTable,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attention_weights: torch.Tensor,
+    rebuild=None,
 ) -> torch.Tensor:
     """:func:`sample_pixels_embedding_bag` from a :func:`padded_value_table`.
 
@@ -135,12 +139,13 @@ def sample_padded_table(
         padded: the values' table.
         x, y: [B, Q, M, L, P] pixel coordinates.
         attention_weights: [B, Q, M, L, P].
+        rebuild: optional, see :func:`.bilinear_sampling.sample_corners`.
 
     Returns:
-        [B, Q, M*D]. In training the backward keeps only the table, coordinates and weights
-        (:mod:`.bilinear_sampling`).
+        [B, Q, M*D]. In training the backward keeps only the table (or what ``rebuild``
+        rebuilds it from), coordinates and weights (:mod:`.bilinear_sampling`).
     """
-    return sample_corners(padded, x, y, attention_weights)
+    return sample_corners(padded, x, y, attention_weights, rebuild)
 
 
 def ms_deform_attn_embedding_bag(
