@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -142,18 +143,24 @@ def test_train_benchmark_prints_steps_speed_up_and_memory_of_each_row(workdir):
     for name in rows:
         pattern = (
             rf"^{re.escape(name)}\s+(\d+\.\d+)\s+(\d+\.\d+), (\d+\.\d+)\s+(\d+)\s+(\d+)"
-            rf"\s+(\d+\.\d+)x\s+(\d+\.\d+)x\s+(\d+\.\d+)\s+(\d+\.\d+)x$"
+            rf"\s+(\d+)\s+(\d+\.\d+)x\s+(\d+\.\d+)x\s+(\d+\.\d+)x\s+(\d+\.\d+)"
+            rf"\s+(\d+\.\d+)x$"
         )
         row = re.search(pattern, out, re.MULTILINE)
         assert row, out
-        median, first, second, peak, loaded, speed_up, memory, cpu, _ = map(float, row.groups())
+        median, _, second, peak, allocated, loaded, speed_up, memory, allocated_ratio, cpu, _ = map(
+            float, row.groups()
+        )
         assert cpu > 0
         # The median leaves the first step out: with two steps it is the second.
         assert median == pytest.approx(second, abs=0.006)
         assert peak >= loaded > 100, out
-        found[name] = (median, peak, speed_up, memory)
+        # The weights and the optimizer's state at least; no more than is resident.
+        assert 0 < allocated <= peak, out
+        found[name] = (median, peak, speed_up, memory, allocated, allocated_ratio)
     hf, ours = found["transformers"], found["ours (dn on)"]
-    assert hf[2] == 1.0 and hf[3] == 1.0
+    assert hf[2] == 1.0 and hf[3] == 1.0 and hf[5] == 1.0
+    assert ours[5] == pytest.approx(ours[4] / hf[4], abs=0.006)
     # The speed-up comes from the unrounded medians; the printed medians have 2 decimals, so
     # it must lie within what their rounding allows (plus its own rounding).
     low = (hf[0] - 0.005) / (ours[0] + 0.005) - 0.005
@@ -219,3 +226,18 @@ def test_checkpointing_rows_switch_the_outermost_modules_of_their_parts():
     _set_checkpointing(model, ("enhancer",))  # a part without checkpointing, not asked: fine
     with pytest.raises(ValueError, match="backbone has no activation checkpointing"):
         _set_checkpointing(model, ("backbone",))
+
+
+def test_peak_allocated_sees_a_freed_tensor():
+    """The sampled peak of malloc's allocated bytes includes a 256 MB tensor that lived for
+    0.2 s inside the block and was freed before its end."""
+    from grounding_dino.comparison.allocated import PeakAllocated
+
+    with PeakAllocated() as before:
+        pass
+    with PeakAllocated() as allocated:
+        tensor = torch.ones(64, 1024, 1024)  # 256 MB
+        time.sleep(0.2)
+        del tensor
+    assert before.peak_mb is not None and allocated.peak_mb is not None
+    assert allocated.peak_mb - before.peak_mb > 250

@@ -20,6 +20,8 @@ from typing import Callable, Dict, List, NamedTuple, Tuple
 
 import torch
 
+from .allocated import PeakAllocated
+
 __all__ = [
     "ROWS",
     "TrainingBatch",
@@ -117,10 +119,11 @@ def _hf_step(hf_dir: str, batch: TrainingBatch, device="cpu"):
     model = GroundingDinoForObjectDetection.from_pretrained(hf_dir).to(device).train()
     # from_pretrained maps model.safetensors: the weights are read from the file when first
     # used, so the process's memory "after loading" would leave them out (0.66 GB for Swin-T +
-    # BERT-base) and count them in the step's growth. Read them now, as ours are after loading.
+    # BERT-base) and count them in the step's growth, and malloc's allocated bytes would never
+    # count them. Copy them into the process's own memory now, as ours are after loading.
     with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.sum()
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
     # Losses of every decoder layer and of the encoder's proposals, as our criterion's.
     model.config.auxiliary_loss = True
     text = load_tokenizer(local_bert_dir())([CAPTION] * len(batch.images), return_tensors="pt")
@@ -308,7 +311,8 @@ def run_training_benchmark(
 
 def format_training_report(result: Dict, header: str) -> str:
     """The benchmark's table: seconds per step (median without the first step), every step,
-    peak RSS and its ratio to transformers', speed-up over transformers, the same in CPU time."""
+    peak RSS and peak allocated memory and their ratios to transformers', speed-up over
+    transformers, the same in CPU time."""
     memory = result.get("memory", {})
     medians = result["medians"]
     reference = medians.get("transformers")
@@ -317,26 +321,29 @@ def format_training_report(result: Dict, header: str) -> str:
     width = max(len(row) for row in ["row", *medians]) + 2
     lines = [
         header,
-        f"{'row':<{width}}{'s/step':>9}{'steps (s)':>28}{'peak RSS MB':>13}{'loaded MB':>11}"
-        f"{'speed-up':>10}{'memory':>8}{'CPU s/step':>12}{'CPU speed-up':>14}",
+        f"{'row':<{width}}{'s/step':>9}{'steps (s)':>28}{'peak RSS MB':>13}"
+        f"{'allocated MB':>14}{'loaded MB':>11}{'speed-up':>10}{'RSS':>7}{'alloc.':>8}"
+        f"{'CPU s/step':>12}{'CPU speed-up':>14}",
     ]
+    hf_memory = memory.get("transformers", {})
     for row, median in medians.items():
         steps = ", ".join(f"{t:.2f}" for t in result["times"][row])
-        peak = memory.get(row, {}).get("peak_mb")
-        loaded = memory.get(row, {}).get("loaded_mb")
-        hf_peak = memory.get("transformers", {}).get("peak_mb")
+        peak, allocated, loaded = (
+            memory.get(row, {}).get(key) for key in ("peak_mb", "allocated_mb", "loaded_mb")
+        )
         speed = f"{reference / median:.2f}x" if reference else "-"
-        ratio = f"{peak / hf_peak:.2f}x" if peak and hf_peak else "-"
         cpu = cpu_medians[row]
         cpu_speed = f"{cpu_reference / cpu:.2f}x" if cpu_reference else "-"
         lines.append(
-            f"{row:<{width}}{median:>9.2f} {steps:>27}{_mb(peak):>13}{_mb(loaded):>11}"
-            f"{speed:>10}{ratio:>8}{cpu:>12.2f}{cpu_speed:>14}"
+            f"{row:<{width}}{median:>9.2f} {steps:>27}{_mb(peak):>13}{_mb(allocated):>14}"
+            f"{_mb(loaded):>11}{speed:>10}{_ratio(peak, hf_memory.get('peak_mb')):>7}"
+            f"{_ratio(allocated, hf_memory.get('allocated_mb')):>8}{cpu:>12.2f}{cpu_speed:>14}"
         )
     lines.append(
         "s/step (wall) and CPU s/step (the process's CPU time): medians without the first "
-        "step; speed-ups and memory: against transformers; "
-        "peak RSS: a process running only that row, "
+        "step; speed-ups, RSS and alloc.: against transformers; "
+        "peak RSS and peak allocated (malloc's bytes in use, without what it keeps after "
+        "frees): a process running only that row, "
         f"load average {result['load_average'][0]} -> {result['load_average'][-1]}"
     )
     return "\n".join(lines)
@@ -344,6 +351,10 @@ def format_training_report(result: Dict, header: str) -> str:
 
 def _mb(value) -> str:
     return "-" if value is None else f"{value:.0f}"
+
+
+def _ratio(value, reference) -> str:
+    return f"{value / reference:.2f}x" if value and reference else "-"
 
 
 def use_allocator(glibc_defaults: bool) -> str:
@@ -369,12 +380,14 @@ def use_allocator(glibc_defaults: bool) -> str:
 
 def training_memory_child(row: str, hf_dir: str, out_dir: str, size, batch: int, steps: int):
     """In a child process: builds one row, runs ``steps`` steps (the peak comes at the second,
-    with the optimizer's state allocated) and returns its memory (``peak_memory_mb``)."""
+    with the optimizer's state allocated) and returns its memory (``peak_memory_mb``, and
+    ``allocated_mb``: the peak of malloc's allocated bytes, :class:`.allocated.PeakAllocated`)."""
     step = build_training_steps([row], hf_dir, out_dir, make_training_batch(size, batch))[row]
     loaded = peak_memory_mb()["rss_mb"]
-    for _ in range(steps):
-        step()
-    return {"loaded_mb": loaded, **peak_memory_mb()}
+    with PeakAllocated() as allocated:
+        for _ in range(steps):
+            step()
+    return {"loaded_mb": loaded, **peak_memory_mb(), "allocated_mb": allocated.peak_mb}
 
 
 def peak_memory_mb() -> Dict[str, float]:
