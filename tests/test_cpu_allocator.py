@@ -68,3 +68,36 @@ def test_the_users_malloc_variables_are_left_alone():
         return
     applied, _ = _run_step("keep", MALLOC_TRIM_THRESHOLD_="131072")
     assert applied == sorted(set(MALLOC_SETTINGS) - {"MALLOC_TRIM_THRESHOLD_"})
+
+
+TRIM = """
+import ctypes, importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("cpu_allocator", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def anonymous_mb():
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("RssAnon:"))
+    return int(line.split()[1]) / 1024
+size = 60 << 10  # heap blocks (under glibc's mmap threshold)
+blocks = [libc.malloc(size) for _ in range(2000)]
+for block in blocks:
+    ctypes.memset(block, 1, size)
+for block in blocks[:-1]:  # the last one keeps the freed ones from being the heap's top
+    libc.free(block)
+before = anonymous_mb()
+trimmed = module.return_freed_memory()
+print(json.dumps({"trimmed": trimmed, "released_mb": before - anonymous_mb()}))
+"""
+
+
+def test_return_freed_memory_gives_freed_heap_blocks_back():
+    """120 MB freed below a live block stay in the process until ``return_freed_memory``."""
+    module = os.path.join(REPO, "projects", "grounding_dino", "engine", "cpu_allocator.py")
+    run = subprocess.run([sys.executable, "-c", TRIM, module], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["trimmed"] and result["released_mb"] > 100, result

@@ -111,19 +111,44 @@ def make_training_batch(size: Tuple[int, int], batch: int) -> TrainingBatch:
     return TrainingBatch(rgb.unsqueeze(0).repeat(batch, 1, 1, 1).contiguous())
 
 
-def _hf_step(hf_dir: str, batch: TrainingBatch, device="cpu"):
-    from transformers import GroundingDinoForObjectDetection
+def _load_hf_model(hf_dir: str):
+    """
+    transformers' model of ``hf_dir`` with its weights in the process's own memory.
 
+    ``from_pretrained`` maps ``model.safetensors`` and keeps the mapping: the weights would be
+    read from the file when first used (the memory "after loading" would leave them out and
+    count them in the step's growth) and never be in malloc's allocated bytes, and copies of
+    them would be counted twice in the resident size. So the model is built from its config
+    and given the file's tensors read into memory; what building it allocated and freed is
+    returned to the kernel, as our loader leaves nothing behind.
+    """
+    import safetensors.torch
+    from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection
+
+    from ..engine.cpu_allocator import return_freed_memory
+
+    model = GroundingDinoForObjectDetection(GroundingDinoConfig.from_pretrained(hf_dir))
+    with open(os.path.join(hf_dir, "model.safetensors"), "rb") as file:
+        state = safetensors.torch.load(file.read())
+    result = model.load_state_dict(state, strict=False)
+    loaded = {model.state_dict()[key].data_ptr() for key in state}
+    # Keys the file leaves out must be tied to loaded ones (the shared decoder heads).
+    untied = [
+        key for key in result.missing_keys if model.state_dict()[key].data_ptr() not in loaded
+    ]
+    if untied or result.unexpected_keys:
+        raise RuntimeError(
+            f"{hf_dir}: weights missing {untied[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+    del state
+    return_freed_memory()
+    return model
+
+
+def _hf_step(hf_dir: str, batch: TrainingBatch, device="cpu"):
     from ..text.tokenizer import load_tokenizer, local_bert_dir
 
-    model = GroundingDinoForObjectDetection.from_pretrained(hf_dir).to(device).train()
-    # from_pretrained maps model.safetensors: the weights are read from the file when first
-    # used, so the process's memory "after loading" would leave them out (0.66 GB for Swin-T +
-    # BERT-base) and count them in the step's growth, and malloc's allocated bytes would never
-    # count them. Copy them into the process's own memory now, as ours are after loading.
-    with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
-            tensor.data = tensor.data.clone()
+    model = _load_hf_model(hf_dir).to(device).train()
     # Losses of every decoder layer and of the encoder's proposals, as our criterion's.
     model.config.auxiliary_loss = True
     text = load_tokenizer(local_bert_dir())([CAPTION] * len(batch.images), return_tensors="pt")

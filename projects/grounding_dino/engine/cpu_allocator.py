@@ -24,7 +24,7 @@ import logging
 import os
 from typing import Dict
 
-__all__ = ["keep_freed_memory", "MALLOC_SETTINGS"]
+__all__ = ["keep_freed_memory", "return_freed_memory", "MALLOC_SETTINGS"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,3 +72,19 @@ def keep_freed_memory() -> Dict[str, int]:
             continue
         applied[name] = value
     return applied
+
+
+def return_freed_memory() -> bool:
+    """
+    Gives the memory ``malloc`` keeps after frees back to the kernel (glibc's
+    ``malloc_trim(0)``), e.g. after loading a model through temporary copies.
+
+    Returns:
+        whether glibc's ``malloc_trim`` ran (False with another C library).
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.malloc_trim(ctypes.c_size_t(0))
+    except (OSError, AttributeError, TypeError):
+        return False
+    return True
