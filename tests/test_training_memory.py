@@ -193,6 +193,18 @@ def test_activation_checkpointing_gives_equal_losses_and_gradients(tiny_training
     _assert_equal(plain, checkpointed, rtol=1e-5)
 
 
+def _with_saved(forward, *args):
+    """``forward(*args)``'s result and the tensors autograd kept for its backward."""
+    saved = []
+
+    def keep(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        return forward(*args), saved
+
+
 def test_layer_norm_linear_equals_the_two_modules_and_saves_one_tensor_less():
     """``layer_norm_linear`` gives the norm's and the linear layer's outputs and every gradient
     bit for bit, and keeps the norm's input but not its output for the backward."""
@@ -209,18 +221,12 @@ def test_layer_norm_linear_equals_the_two_modules_and_saves_one_tensor_less():
         inputs = x.clone().requires_grad_()
         norm.zero_grad(set_to_none=True)
         linear.zero_grad(set_to_none=True)
-        saved = []
-
-        def keep(tensor, saved=saved):
-            saved.append(tensor)
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-            if fused:
-                normed, out = layer_norm_linear(inputs, norm, linear)
-            else:
-                normed = norm(inputs)
-                out = linear(normed)
+        if fused:
+            (normed, out), saved = _with_saved(layer_norm_linear, inputs, norm, linear)
+        else:
+            normed, saved = _with_saved(norm, inputs)
+            out, saved_by_linear = _with_saved(linear, normed)
+            saved += saved_by_linear
         # The normalised tensor also goes on (a residual), as in the enhancer.
         (normed.sin().sum() + out.cos().sum()).backward()
         grads = [inputs.grad] + [p.grad for p in (*norm.parameters(), *linear.parameters())]
@@ -284,17 +290,10 @@ def test_sum_linear_equals_linear_of_the_sum_and_keeps_no_sum(pos_shape):
     for fused in (False, True):
         inputs, position = x.clone().requires_grad_(), pos.clone().requires_grad_()
         linear.zero_grad(set_to_none=True)
-        saved = []
-
-        def keep(tensor, saved=saved):
-            saved.append(tensor)
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-            if fused:
-                out = sum_linear(inputs, position, linear.weight, linear.bias)
-            else:
-                out = linear(inputs + position)
+        if fused:
+            out, saved = _with_saved(sum_linear, inputs, position, linear.weight, linear.bias)
+        else:
+            out, saved = _with_saved(lambda a, b: linear(a + b), inputs, position)
         out.cos().sum().backward()
         grads = [inputs.grad, position.grad, linear.weight.grad, linear.bias.grad]
         kept = {t.data_ptr() for t in saved} - {p.data_ptr() for p in linear.parameters()}
