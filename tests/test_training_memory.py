@@ -303,3 +303,28 @@ def test_sum_linear_equals_linear_of_the_sum_and_keeps_no_sum(pos_shape):
     for reference, ours in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
     assert results[0][2] and not results[1][2]
+
+
+def test_layer_norm_linear_calls_a_wrapped_linear_layer():
+    """A linear layer that is not exactly ``nn.Linear`` (a LoRA adapter adds its own weights)
+    is called, not read: its output and its own parameters' gradients are kept."""
+    from grounding_dino.modeling.recomputed_linear import layer_norm_linear
+
+    class Adapted(torch.nn.Linear):
+        def __init__(self):
+            super().__init__(8, 4)
+            self.extra = torch.nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return super().forward(x) * self.extra
+
+    norm, linear = torch.nn.LayerNorm(8), Adapted()
+    with torch.no_grad():
+        linear.extra.fill_(3.0)
+    x = torch.randn(5, 8, requires_grad=True)
+    normed, out = layer_norm_linear(x, norm, linear)
+    torch.testing.assert_close(
+        out, torch.nn.functional.linear(norm(x), linear.weight) * 3 + linear.bias * 3
+    )
+    out.sum().backward()
+    assert linear.extra.grad is not None and linear.extra.grad.abs().sum() > 0

@@ -76,7 +76,9 @@ def layer_norm_linear(
     Returns:
         [..., C] the normalised ``x`` and [..., D] the linear layer's output.
     """
-    if not (_fusable() and norm.elementwise_affine):
+    # A wrapped linear layer (a LoRA adapter: its own weights, its dropout) is called.
+    plain_modules = type(norm) is nn.LayerNorm and type(linear) is nn.Linear
+    if not (_fusable() and plain_modules and norm.elementwise_affine):
         normed = norm(x)
         return normed, linear(normed)
     shape: Sequence[int] = list(norm.normalized_shape)

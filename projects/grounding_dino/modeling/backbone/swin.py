@@ -67,6 +67,7 @@ class _RowChunkedMlp(Mlp):
         # path casts them.
         return (
             type(self.act) is torch.nn.GELU
+            and type(self.fc2) is torch.nn.Linear  # not an adapter (its weights, its dropout)
             and self.drop.p == 0
             and not torch.is_autocast_enabled()
             and not torch.is_autocast_cpu_enabled()
