@@ -13,10 +13,11 @@ milliseconds or more) are not.
 """
 
 import ctypes
-import ctypes.util
 import threading
 import time
 from typing import Optional
+
+from ..engine.cpu_allocator import glibc_function
 
 __all__ = ["PeakAllocated"]
 
@@ -41,11 +42,9 @@ class _MallInfo2(ctypes.Structure):
 
 def _mallinfo2():
     """glibc's ``mallinfo2`` function, or None (another C library, glibc before 2.33)."""
-    try:
-        function = ctypes.CDLL(ctypes.util.find_library("c")).mallinfo2
-    except (OSError, AttributeError, TypeError):
-        return None
-    function.restype = _MallInfo2
+    function = glibc_function("mallinfo2")
+    if function is not None:
+        function.restype = _MallInfo2
     return function
 
 

@@ -131,11 +131,10 @@ def _load_hf_model(hf_dir: str):
     with open(os.path.join(hf_dir, "model.safetensors"), "rb") as file:
         state = safetensors.torch.load(file.read())
     result = model.load_state_dict(state, strict=False)
-    loaded = {model.state_dict()[key].data_ptr() for key in state}
+    tensors = model.state_dict()
+    loaded = {tensors[key].data_ptr() for key in state}
     # Keys the file leaves out must be tied to loaded ones (the shared decoder heads).
-    untied = [
-        key for key in result.missing_keys if model.state_dict()[key].data_ptr() not in loaded
-    ]
+    untied = [key for key in result.missing_keys if tensors[key].data_ptr() not in loaded]
     if untied or result.unexpected_keys:
         raise RuntimeError(
             f"{hf_dir}: weights missing {untied[:5]}, unexpected {result.unexpected_keys[:5]}"

@@ -24,7 +24,7 @@ import logging
 import os
 from typing import Dict
 
-__all__ = ["keep_freed_memory", "return_freed_memory", "MALLOC_SETTINGS"]
+__all__ = ["glibc_function", "keep_freed_memory", "return_freed_memory", "MALLOC_SETTINGS"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +56,9 @@ def keep_freed_memory() -> Dict[str, int]:
         the settings applied, {name: value} (empty where the C library is not glibc, which is
         logged).
     """
-    library = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(library)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
-        logger.info("No glibc mallopt in %s: the allocator keeps its defaults", library)
+    mallopt = glibc_function("mallopt")
+    if mallopt is None:
+        logger.info("No glibc mallopt: the allocator keeps its defaults")
         return {}
     applied = {}
     for name, value in MALLOC_SETTINGS.items():
@@ -82,9 +79,17 @@ def return_freed_memory() -> bool:
     Returns:
         whether glibc's ``malloc_trim`` ran (False with another C library).
     """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        libc.malloc_trim(ctypes.c_size_t(0))
-    except (OSError, AttributeError, TypeError):
+    malloc_trim = glibc_function("malloc_trim")
+    if malloc_trim is None:
         return False
+    malloc_trim(ctypes.c_size_t(0))
     return True
+
+
+def glibc_function(name: str):
+    """The C library's function ``name`` through ctypes, or None where the library has none
+    (another C library than glibc, an older glibc)."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c")), name)
+    except (OSError, AttributeError, TypeError):
+        return None

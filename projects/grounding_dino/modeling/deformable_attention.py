@@ -37,7 +37,7 @@ from .deformable_kernels import (
     sample_padded_table,
     sample_pixels_embedding_bag,
 )
-from .recomputed_linear import sum_linear
+from .recomputed_linear import can_recompute, sum_linear
 from .switches import switched
 from .utils import linear_weight, rowwise_in_chunks
 
@@ -258,13 +258,8 @@ class MultiScaleDeformableAttention(nn.Module):
         return self._value_table(value, value_mask, spatial_shapes, level_start_index).table
 
     def _rebuildable(self) -> bool:
-        # A wrapped projection (LoRA, with its own dropout) may not give the same values twice,
-        # and under autocast the backward would project in another dtype.
-        return (
-            type(self.value_proj) is nn.Linear
-            and not torch.is_autocast_enabled()
-            and not torch.is_autocast_cpu_enabled()
-        )
+        # A wrapped projection (LoRA, with its own dropout) may not give the same values twice.
+        return type(self.value_proj) is nn.Linear and can_recompute()
 
     def _weights(self, query: torch.Tensor, query_pos=None) -> torch.Tensor:
         """[B, Q, C] (and its position embedding or None) -> [B, Q, M, L, P] attention weights

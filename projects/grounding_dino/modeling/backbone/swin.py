@@ -25,9 +25,9 @@ import torch.utils.checkpoint as checkpoint
 from detectron2.modeling.backbone import SwinTransformer
 from detectron2.modeling.backbone.swin import Mlp, WindowAttention
 
+from ..recomputed_linear import gelu_linear
 from ..registry import IMAGE_BACKBONE_REGISTRY
 from ..utils import rowwise_in_chunks
-from .gelu_linear import gelu_linear
 from .swin_traceable import basic_layer_forward, patch_embed_forward
 
 __all__ = ["SWIN_VARIANTS", "SwinBackbone", "swin_variant_from_sizes"]
@@ -52,26 +52,15 @@ MLP_CHUNK_TOKENS = 4096
 class _RowChunkedMlp(Mlp):
     """detectron2's ``Mlp`` (same parameters, keys and outputs), run on chunks of tokens in
     inference; in training its backward keeps one hidden-size tensor instead of two
-    (:func:`.gelu_linear.gelu_linear`)."""
+    (:func:`..recomputed_linear.gelu_linear`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., C] tokens -> [..., C]."""
         if not (self.training and torch.is_grad_enabled()):
             return rowwise_in_chunks(super().forward, x, MLP_CHUNK_TOKENS)
-        if not self._fusable():
+        if type(self.act) is not torch.nn.GELU or self.drop.p != 0:
             return super().forward(x)
-        return gelu_linear(self.fc1(x), self.fc2.weight, self.fc2.bias, self.act.approximate)
-
-    def _fusable(self) -> bool:
-        # Under autocast the saved hidden layer and fc2's weight differ in dtype; the plain
-        # path casts them.
-        return (
-            type(self.act) is torch.nn.GELU
-            and type(self.fc2) is torch.nn.Linear  # not an adapter (its weights, its dropout)
-            and self.drop.p == 0
-            and not torch.is_autocast_enabled()
-            and not torch.is_autocast_cpu_enabled()
-        )
+        return gelu_linear(self.fc1(x), self.fc2, self.act.approximate)
 
 
 class _UnbindWindowAttention(WindowAttention):
