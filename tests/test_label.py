@@ -157,11 +157,6 @@ def _children(pid):
     return children
 
 
-def _part_names(folder):
-    """The part files that hold at least one label line."""
-    return [p.name for p in Path(folder).glob("part-*.jsonl") if _label_lines_of(p)]
-
-
 def _label_lines_of(part):
     lines = [json.loads(line) for line in part.read_text().splitlines() if line.endswith("}")]
     return [r for r in lines if "error" not in r and "attempt" not in r]

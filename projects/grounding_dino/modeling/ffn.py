@@ -34,7 +34,7 @@ class PostNormFFNLayer(nn.Module):
         self, x: torch.Tensor, hidden: torch.Tensor, norm: nn.Module
     ) -> torch.Tensor:
         """:meth:`ffn` given ``hidden`` = ``linear1(x)`` [..., ffn_dim] (computed by the caller,
-        e.g. with the norm before it: :func:`..norm_linear.layer_norm_linear`)."""
+        e.g. with the norm before it: :func:`.recomputed_linear.layer_norm_linear`)."""
         # In place only without autograd (inference: no second [..., ffn_dim] tensor). With
         # autograd, linear1's output is a view of its matrix product, and an in-place ReLU on
         # it makes the backward clone and zero the whole [rows, ffn_dim] gradient (CopySlices).
