@@ -237,15 +237,20 @@ def test_layer_norm_linear_equals_the_two_modules_and_saves_one_tensor_less():
     assert results[0][1] == 2 and results[1][1] == 1
 
 
+@pytest.mark.parametrize("enhancer_dropout", [0.1, 0.0])
 def test_recomputing_linears_in_the_model_give_equal_losses_and_gradients(
-    tiny_training_model, monkeypatch
+    tiny_training_model, monkeypatch, enhancer_dropout
 ):
-    """The whole training loss with ``layer_norm_linear`` (enhancer), ``sum_linear``
-    (deformable attention of the enhancer) and the value tables rebuilt in the backward (every
-    deformable attention) against the plain modules."""
+    """The whole training loss with the enhancer's FFN recomputed (``chunked_ffn``, without
+    dropout; ``layer_norm_linear`` with it), ``sum_linear`` (deformable attention of the
+    enhancer) and the value tables rebuilt in the backward (every deformable attention)
+    against the plain modules."""
     from grounding_dino.modeling import deformable_attention, enhancer
 
     model = tiny_training_model
+    layers = [layer.image_layer for layer in model.enhancer.layers]
+    for layer in layers:
+        monkeypatch.setattr(layer.dropout, "p", enhancer_dropout)
     calls = []
     attention = deformable_attention.MultiScaleDeformableAttention
     rebuilt_table = attention._rebuilt_table
@@ -254,14 +259,25 @@ def test_recomputing_linears_in_the_model_give_equal_losses_and_gradients(
         calls.append("table")
         return rebuilt_table(self, *args)
 
+    def counted(name, function):
+        def call(*args):
+            calls.append(name)
+            return function(*args)
+
+        return call
+
     monkeypatch.setattr(attention, "_rebuilt_table", counted_rebuild)
+    monkeypatch.setattr(enhancer, "chunked_ffn", counted("ffn", enhancer.chunked_ffn))
+    monkeypatch.setattr(enhancer, "layer_norm_linear", counted("norm", enhancer.layer_norm_linear))
     fused = _losses_and_gradients(model)
     attentions = [m for m in model.modules() if isinstance(m, attention)]
-    assert calls.count("table") == len(attentions) > len(model.enhancer.layers)
+    assert calls.count("table") == len(attentions) > len(layers)
+    recomputed = "ffn" if enhancer_dropout == 0 else "norm"
+    assert calls.count(recomputed) == len(layers) and len(calls) == len(attentions) + len(layers)
     calls.clear()
 
     def plain_norm_linear(x, norm, linear):
-        calls.append("norm")
+        calls.append("plain norm")
         normed = norm(x)
         return normed, linear(normed)
 
@@ -269,13 +285,13 @@ def test_recomputing_linears_in_the_model_give_equal_losses_and_gradients(
         calls.append("sum")
         return torch.nn.functional.linear(x + pos, weight, bias)
 
+    monkeypatch.setattr(enhancer, "can_chunk", lambda *modules: False)
     monkeypatch.setattr(enhancer, "layer_norm_linear", plain_norm_linear)
     monkeypatch.setattr(deformable_attention, "sum_linear", plain_sum_linear)
     monkeypatch.setattr(attention, "_rebuildable", lambda self: False)
     reference = _losses_and_gradients(model)
-    layers = len(model.enhancer.layers)
-    assert calls.count("norm") == layers and calls.count("sum") == 2 * layers
-    assert "table" not in calls
+    assert calls.count("plain norm") == len(layers) and calls.count("sum") == 2 * len(layers)
+    assert "table" not in calls and "ffn" not in calls
     _assert_equal(fused, reference, rtol=1e-6)
 
 

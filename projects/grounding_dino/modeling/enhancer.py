@@ -15,6 +15,7 @@ from torch import nn
 from .attention import BiMultiHeadAttention, MultiheadAttention
 from .deformable_attention import MultiScaleDeformableAttention
 from .ffn import PostNormFFNLayer
+from .recomputed_ffn import can_chunk, chunked_ffn
 from .recomputed_linear import layer_norm_linear
 from .registry import FEATURE_ENHANCER_REGISTRY
 from .structures import EncodedText, ImageTokens
@@ -130,10 +131,15 @@ class DeformableEncoderLayer(PostNormFFNLayer):
             query_pos=image_pos,
         )
         if self.training and torch.is_grad_enabled():
+            residual = image + self.dropout(attended)
+            if can_chunk(self.norm1, self.linear1, self.linear2, self.dropout):
+                # Neither norm1's output nor the FFN's hidden layer is kept (see chunked_ffn).
+                image, ffn_out = chunked_ffn(
+                    residual, self.norm1, self.linear1, self.linear2, "relu", FFN_CHUNK_TOKENS
+                )
+                return self.norm2(image + ffn_out)
             # norm1's output is kept once for the backward, not twice (see layer_norm_linear).
-            image, hidden = layer_norm_linear(
-                image + self.dropout(attended), self.norm1, self.linear1
-            )
+            image, hidden = layer_norm_linear(residual, self.norm1, self.linear1)
             return self.ffn_after_linear1(image, hidden, self.norm2)
         image = self.norm1(image + self.dropout(attended))
         # Inference: the [B, S, ffn_dim] hidden layer, one row per image token, is the

@@ -13,11 +13,7 @@ elementwise pass over [tokens, C], bit for bit the forward's output).
 position embedding, which the layer keeps or reuses anyway), not their sum: the deformable
 attention's offset and weight projections of ``query + query_pos``.
 
-:func:`gelu_linear`: ``linear(gelu(a))`` keeps ``a``, not ``gelu(a)`` too. In an MLP
-``fc2(gelu(fc1(x)))`` autograd keeps GELU's input (for its own backward) and its output (for
-``fc2``'s weight gradient), two tensors of the hidden size, 4x the channels: in Swin's first
-stage the body's largest saved tensors. The backward computes GELU again (one elementwise
-pass) for its one matrix product.
+:mod:`.recomputed_ffn` does the same for whole FFNs, hidden layer included.
 
 Each runs the plain modules where :func:`can_recompute` is False and for a linear layer that is
 not exactly ``nn.Linear`` (a LoRA adapter: its own weights and dropout, which must be called).
@@ -29,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["can_recompute", "gelu_linear", "layer_norm_linear", "sum_linear"]
+__all__ = ["can_recompute", "layer_norm_linear", "sum_linear"]
 
 
 def can_recompute() -> bool:
@@ -144,43 +140,3 @@ def sum_linear(
     if not can_recompute():
         return F.linear(x + pos, weight, bias)
     return _SumLinear.apply(x, pos, weight, bias)
-
-
-class _GeluLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, approximate):
-        ctx.save_for_backward(hidden, weight)
-        ctx.has_bias, ctx.approximate = bias is not None, approximate
-        return F.linear(F.gelu(hidden, approximate=approximate), weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        hidden, weight = ctx.saved_tensors
-        grad_hidden = grad_weight = grad_bias = None
-        rows = grad.reshape(-1, grad.shape[-1])
-        if ctx.needs_input_grad[0]:
-            grad_hidden = torch.ops.aten.gelu_backward(
-                grad @ weight, hidden, approximate=ctx.approximate
-            )
-        if ctx.needs_input_grad[1]:
-            activated = F.gelu(hidden, approximate=ctx.approximate)
-            grad_weight = rows.t() @ activated.reshape(-1, activated.shape[-1])
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = rows.sum(0)
-        return grad_hidden, grad_weight, grad_bias, None
-
-
-def gelu_linear(hidden: torch.Tensor, linear: nn.Linear, approximate: str = "none") -> torch.Tensor:
-    """
-    ``linear(F.gelu(hidden, approximate=approximate))``, saving ``hidden`` and not its GELU for
-    the backward when autograd records (the plain calls otherwise, and under autocast).
-
-    Args:
-        hidden: [..., H] GELU's input; linear: H -> C.
-
-    Returns:
-        [..., C]
-    """
-    if not (can_recompute() and type(linear) is nn.Linear):
-        return linear(F.gelu(hidden, approximate=approximate))
-    return _GeluLinear.apply(hidden, linear.weight, linear.bias, approximate)

@@ -25,7 +25,7 @@ import torch.utils.checkpoint as checkpoint
 from detectron2.modeling.backbone import SwinTransformer
 from detectron2.modeling.backbone.swin import Mlp, WindowAttention
 
-from ..recomputed_linear import gelu_linear
+from ..recomputed_ffn import can_chunk, chunked_ffn
 from ..registry import IMAGE_BACKBONE_REGISTRY
 from ..utils import rowwise_in_chunks
 from .swin_traceable import basic_layer_forward, patch_embed_forward
@@ -50,17 +50,20 @@ MLP_CHUNK_TOKENS = 4096
 
 
 class _RowChunkedMlp(Mlp):
-    """detectron2's ``Mlp`` (same parameters, keys and outputs), run on chunks of tokens in
-    inference; in training its backward keeps one hidden-size tensor instead of two
-    (:func:`..recomputed_linear.gelu_linear`)."""
+    """detectron2's ``Mlp`` (same parameters, keys and outputs), run on chunks of tokens; in
+    training its backward computes the hidden layer again instead of keeping it
+    (:func:`..recomputed_ffn.chunked_ffn`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., C] tokens -> [..., C]."""
         if not (self.training and torch.is_grad_enabled()):
             return rowwise_in_chunks(super().forward, x, MLP_CHUNK_TOKENS)
-        if type(self.act) is not torch.nn.GELU or self.drop.p != 0:
+        if type(self.act) is not torch.nn.GELU or not can_chunk(
+            None, self.fc1, self.fc2, self.drop
+        ):
             return super().forward(x)
-        return gelu_linear(self.fc1(x), self.fc2, self.act.approximate)
+        activation = "gelu" if self.act.approximate == "none" else "gelu_tanh"
+        return chunked_ffn(x, None, self.fc1, self.fc2, activation, MLP_CHUNK_TOKENS)
 
 
 class _UnbindWindowAttention(WindowAttention):
