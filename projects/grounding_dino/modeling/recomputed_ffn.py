@@ -179,13 +179,18 @@ def chunked_ffn(
 
     Args:
         x: [..., C]; norm: an affine LayerNorm over C, or None; linear1: C -> F;
-        linear2: F -> C_out; activation: a key of :data:`ACTIVATIONS`; chunk: rows per chunk.
+        linear2: F -> C_out; activation: a key of :data:`ACTIVATIONS`; chunk: rows per chunk
+        on the CPU (other devices: one chunk).
 
     Returns:
         [..., C_out] the FFN's output; with a norm, ``(norm(x), output)``.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown FFN activation {activation!r}; known: {list(ACTIVATIONS)}")
+    if x.device.type != "cpu":
+        # A caching allocator (CUDA's) hands out blocks again without page faults, and small
+        # products would leave a GPU idle: all rows at once, the hidden layer still not kept.
+        chunk = max(1, x.numel() // max(1, x.shape[-1]))
     spec = _Spec(None if norm is None else list(norm.normalized_shape), 0.0, activation, chunk)
     norm_weight = norm_bias = None
     if norm is not None:
