@@ -126,3 +126,24 @@ def test_unknown_activation_is_named():
     _, linear1, _, linear2 = _modules(False, "relu")
     with pytest.raises(ValueError, match="'swish'"):
         chunked_ffn(torch.randn(4, CHANNELS), None, linear1, linear2, "swish", 2)
+
+
+def test_chunked_ffn_costs_one_more_product_of_linear1():
+    """Counted by torch's FLOP counter (which also checks that the function runs under a
+    dispatch mode): the plain FFN's 6 products of [rows, C] x [C, F] per step, plus the
+    backward's recomputation of ``linear1``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    norm, linear1, act, linear2 = _modules(True, "relu")
+    x = torch.randn(2, 50, CHANNELS, requires_grad=True)
+    flops = []
+    for fn in (
+        lambda i: linear2(act(linear1(norm(i)))),
+        lambda i: chunked_ffn(i, norm, linear1, linear2, "relu", 16)[1],
+    ):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            fn(x).sum().backward()
+        flops.append(counter.get_total_flops())
+    product = 2 * 100 * CHANNELS * HIDDEN
+    assert flops == [6 * product, 7 * product]

@@ -40,7 +40,7 @@ class _Spec(NamedTuple):
 
 
 def _pre_activation(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
-    """rows @ weight.T + bias: [n, C] -> [n, ffn_dim]."""
+    """rows @ weight.T + bias: [n, C_in] -> [n, C_out]."""
     return rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())
 
 
@@ -67,10 +67,8 @@ class _ChunkSums:
         self._sums = {}
 
     def add_product(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
-        if name in self._sums:
-            self._sums[name].addmm_(a, b)
-        else:
-            self._sums[name] = a @ b
+        # Not ``addmm_``: torch 2.3's FLOP counter does not count in-place products.
+        self._sums[name] = torch.addmm(self._sums[name], a, b) if name in self._sums else a @ b
 
     def add_row_sum(self, name: str, rows: torch.Tensor) -> None:
         if name in self._sums:
@@ -95,10 +93,8 @@ class _ChunkedFFN(torch.autograd.Function):
         for start in range(0, rows.shape[0], spec.chunk):
             part = slice(start, start + spec.chunk)
             hidden = _activated(_pre_activation(rows[part], weight1, bias1), spec.activation)
-            if bias2 is None:
-                torch.mm(hidden, weight2.t(), out=out[part])
-            else:
-                torch.addmm(bias2, hidden, weight2.t(), out=out[part])
+            # Assigned, not written with ``out=``: torch 2.3's FLOP counter fails on ``out=``.
+            out[part] = _pre_activation(hidden, weight2, bias2)
         ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, weight1, bias1, weight2)
         ctx.spec, ctx.has_bias2 = spec, bias2 is not None
         out = out.view(*x.shape[:-1], out.shape[-1])
@@ -130,7 +126,7 @@ class _ChunkedFFN(torch.autograd.Function):
             if bias1 is not None and needs[4]:
                 sums.add_row_sum("bias1", grad_hidden)
             if grad_input is not None:
-                torch.mm(grad_hidden, weight1, out=grad_input[part])
+                grad_input[part] = grad_hidden @ weight1
         grad_x = grad_norm_weight = grad_norm_bias = None
         if grad_input is not None:
             grad_x = grad_input.view(x.shape)
