@@ -180,8 +180,13 @@ def test_tiny_model_training_gradients_equal_grid_sample_kernel(
     assert ours[1][sampling].abs().sum() > 0
 
 
-def test_activation_checkpointing_gives_equal_losses_and_gradients(tiny_training_model):
+@pytest.mark.parametrize("enhancer_dropout", [0.1, 0.0])  # 0: the chunked FFN is checkpointed
+def test_activation_checkpointing_gives_equal_losses_and_gradients(
+    tiny_training_model, monkeypatch, enhancer_dropout
+):
     model = tiny_training_model
+    for layer in model.enhancer.layers:
+        monkeypatch.setattr(layer.image_layer.dropout, "p", enhancer_dropout)
     assert not model.enhancer.use_checkpoint and not model.decoder.use_checkpoint
     plain = _losses_and_gradients(model)
     model.enhancer.use_checkpoint = model.decoder.use_checkpoint = True
