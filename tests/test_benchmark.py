@@ -119,6 +119,8 @@ def test_drift_on_hand_made_detections():
         (["--size", "800by1333"], "--size must be HEIGHTxWIDTH"),
         (["--size", "32x32"], "at least 64 pixels"),
         (["--runs", "0"], "--threads and --runs must be at least 1"),
+        (["--train", "--rows-apart", "--no-memory"], "cannot be combined with --no-memory"),
+        (["--rows-apart"], "it needs --train"),
     ],
 )
 def test_bad_options_get_a_clear_error(argv, message):
@@ -167,6 +169,32 @@ def test_train_benchmark_prints_steps_speed_up_and_memory_of_each_row(workdir):
     high = (hf[0] + 0.005) / max(ours[0] - 0.005, 1e-9) + 0.005
     assert low <= ours[2] <= high, (ours[2], hf[0], ours[0])
     assert ours[3] == pytest.approx(ours[1] / hf[1], abs=0.006)
+
+
+def test_train_benchmark_times_rows_apart_in_their_own_processes(workdir):
+    """``--rows-apart``: each row's steps come from its own process, run one after the other
+    (announced as they go), and the table says so."""
+    rows = ["transformers", "ours (dn off)"]
+    run = _run_tool(
+        "--train", "--tiny", "--size", "64x96", "--steps", "3", "--threads", "1",
+        "--rows", ",".join(rows), "--workdir", str(workdir), "--rows-apart",
+    )  # fmt: skip
+    out = run.stdout
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "3 steps per row (each row alone in its own process)" in out, out
+    assert "step 1/" not in out  # no alternating timing in the parent
+    for index, name in enumerate(rows):
+        assert f"row {index + 1}/2 {name}: its own process" in out, out
+        announced = re.search(rf"row {index + 1}/2 {re.escape(name)}: steps (.+)$", out, re.M)
+        steps = [float(value.rstrip(" s")) for value in announced.group(1).split(", ")]
+        pattern = rf"^{re.escape(name)}\s+(\d+\.\d+)\s+([\d., ]+?)\s+(\d+)\s+(\d+)\s+(\d+)\s"
+        row = re.search(pattern, out, re.MULTILINE)
+        assert row, out
+        assert [float(v) for v in row.group(2).split(", ")] == pytest.approx(steps, abs=0.006)
+        assert float(row.group(1)) == pytest.approx(
+            sorted(steps[1:])[0] / 2 + sorted(steps[1:])[1] / 2, abs=0.006
+        )
+        assert 0 < int(row.group(4)) <= int(row.group(3)), out
 
 
 def test_glibc_defaults_leave_malloc_alone():

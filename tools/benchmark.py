@@ -182,6 +182,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"--train: comma-separated rows, of: {', '.join(training.ROWS)}",
     )
     parser.add_argument(
+        "--rows-apart",
+        action="store_true",
+        help="--train: time each row alone in its own process, one after the other (where the "
+        "rows do not fit one process; default: alternating step by step in one process)",
+    )
+    parser.add_argument(
         "--glibc-defaults",
         action="store_true",
         help="--train: leave malloc at glibc's defaults in every process (default: "
@@ -309,6 +315,13 @@ def main(argv=None) -> int:
     if args.batch < 1 or args.steps < 1:
         print("error: --batch and --steps must be at least 1", file=sys.stderr)
         return 1
+    if args.rows_apart and (args.no_memory or not args.train):
+        print(
+            "error: --rows-apart times --train rows in their memory processes: it needs --train "
+            "and cannot be combined with --no-memory",
+            file=sys.stderr,
+        )
+        return 1
     rows = [row.strip() for row in args.rows.split(",") if row.strip()]
     unknown = [row for row in rows if row not in training.ROWS]
     if args.train and (unknown or not rows):
@@ -352,12 +365,21 @@ def _train_benchmark(args, workdir: str, rows) -> int:
         return _measure_memory("train", args, hf_dir, out_dir, row=row)
 
     result = training.run_training_benchmark(
-        rows, hf_dir, out_dir, size, args.batch, args.steps, None if args.no_memory else measure
+        rows,
+        hf_dir,
+        out_dir,
+        size,
+        args.batch,
+        args.steps,
+        None if args.no_memory else measure,
+        apart=args.rows_apart,
     )
+    steps = max(2, args.steps) if args.rows_apart else args.steps
+    order = "each row alone in its own process" if args.rows_apart else "alternating"
     header = (
         f"Training: {cpu_model_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{args.threads} threads, {'tiny model' if args.tiny else 'Swin-T + BERT-base'}, "
-        f"batch {args.batch} of {args.size}, {args.steps} steps per row (alternating), "
+        f"batch {args.batch} of {args.size}, {steps} steps per row ({order}), "
         f"forward + loss + backward + AdamW; {allocator} (every row)"
     )
     print(training.format_training_report(result, header))

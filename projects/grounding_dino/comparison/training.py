@@ -286,12 +286,13 @@ def _median_after_first(times: List[float]) -> float:
 
 
 def run_training_benchmark(
-    rows, hf_dir: str, out_dir: str, size, batch: int, steps: int, measure_memory=None
+    rows, hf_dir: str, out_dir: str, size, batch: int, steps: int, measure_memory=None, apart=False
 ) -> Dict:
     """
     Times ``steps`` training steps of every row, alternating rows step by step in this process,
     then (``measure_memory(row) -> {"loaded_mb", "peak_mb", ...}``) each row's peak memory in
-    a process of its own.
+    a process of its own. With ``apart``, the times are those of the memory processes (each
+    row alone, one after the other: for sizes where the rows do not fit one process).
 
     Returns:
         ``{"times": {row: [s, ...]}, "medians": {row: s}, "cpu_times": {row: [s, ...]},
@@ -301,6 +302,10 @@ def run_training_benchmark(
         jobs they vary far less than wall times with 1 thread (with more, waiting threads
         may spin).
     """
+    if apart:
+        if measure_memory is None:
+            raise ValueError("rows timed apart are timed in their memory processes")
+        return _training_benchmark_apart(rows, measure_memory)
     training_batch = make_training_batch(size, batch)
     step_functions = build_training_steps(rows, hf_dir, out_dir, training_batch)
     times = {row: [] for row in rows}
@@ -331,6 +336,29 @@ def run_training_benchmark(
     if measure_memory is not None:
         result["memory"] = {row: measure_memory(row) for row in rows}
     return result
+
+
+def _training_benchmark_apart(rows, measure_memory) -> Dict:
+    """:func:`run_training_benchmark` with every row timed in its own memory process."""
+    loads, memory = [load_average()], {}
+    for index, row in enumerate(rows):
+        print(f"row {index + 1}/{len(rows)} {row}: its own process", flush=True)
+        memory[row] = measure_memory(row)
+        steps = ", ".join(f"{t:.2f} s" for t in memory[row]["times"])
+        print(f"row {index + 1}/{len(rows)} {row}: steps {steps}", flush=True)
+        loads.append(load_average())
+    series = {key: {row: memory[row].pop(key) for row in rows} for key in ("times", "cpu_times")}
+    return {
+        "times": series["times"],
+        "medians": {row: _median_after_first(values) for row, values in series["times"].items()},
+        "cpu_times": series["cpu_times"],
+        "cpu_medians": {
+            row: _median_after_first(values) for row, values in series["cpu_times"].items()
+        },
+        "losses": {row: memory[row].pop("losses") for row in rows},
+        "load_average": loads,
+        "memory": memory,
+    }
 
 
 def format_training_report(result: Dict, header: str) -> str:
@@ -405,13 +433,25 @@ def use_allocator(glibc_defaults: bool) -> str:
 def training_memory_child(row: str, hf_dir: str, out_dir: str, size, batch: int, steps: int):
     """In a child process: builds one row, runs ``steps`` steps (the peak comes at the second,
     with the optimizer's state allocated) and returns its memory (``peak_memory_mb``, and
-    ``allocated_mb``: the peak of malloc's allocated bytes, :class:`.allocated.PeakAllocated`)."""
+    ``allocated_mb``: the peak of malloc's allocated bytes, :class:`.allocated.PeakAllocated`)
+    and its steps' ``times``, ``cpu_times`` and ``losses``."""
     step = build_training_steps([row], hf_dir, out_dir, make_training_batch(size, batch))[row]
     loaded = peak_memory_mb()["rss_mb"]
+    times, cpu_times, losses = [], [], []
     with PeakAllocated() as allocated:
         for _ in range(steps):
-            step()
-    return {"loaded_mb": loaded, **peak_memory_mb(), "allocated_mb": allocated.peak_mb}
+            start, cpu_start = time.perf_counter(), time.process_time()
+            losses.append(step())
+            times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
+    return {
+        "loaded_mb": loaded,
+        **peak_memory_mb(),
+        "allocated_mb": allocated.peak_mb,
+        "times": times,
+        "cpu_times": cpu_times,
+        "losses": losses,
+    }
 
 
 def peak_memory_mb() -> Dict[str, float]:
