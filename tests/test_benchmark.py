@@ -269,3 +269,6 @@ def test_peak_allocated_sees_a_freed_tensor():
         del tensor
     assert before.peak_mb is not None and allocated.peak_mb is not None
     assert allocated.peak_mb - before.peak_mb > 250
+    # The sampling thread's own CPU time, which the training children leave out of theirs:
+    # some, and no more than the block's wall time.
+    assert 0 < allocated.sampler_cpu_s < 0.5

@@ -434,16 +434,18 @@ def training_memory_child(row: str, hf_dir: str, out_dir: str, size, batch: int,
     """In a child process: builds one row, runs ``steps`` steps (the peak comes at the second,
     with the optimizer's state allocated) and returns its memory (``peak_memory_mb``, and
     ``allocated_mb``: the peak of malloc's allocated bytes, :class:`.allocated.PeakAllocated`)
-    and its steps' ``times``, ``cpu_times`` and ``losses``."""
+    and its steps' ``times``, ``cpu_times`` (without the sampling thread's) and ``losses``."""
     step = build_training_steps([row], hf_dir, out_dir, make_training_batch(size, batch))[row]
     loaded = peak_memory_mb()["rss_mb"]
     times, cpu_times, losses = [], [], []
     with PeakAllocated() as allocated:
         for _ in range(steps):
             start, cpu_start = time.perf_counter(), time.process_time()
+            sampler_start = allocated.sampler_cpu_s
             losses.append(step())
             times.append(time.perf_counter() - start)
-            cpu_times.append(time.process_time() - cpu_start)
+            sampler = allocated.sampler_cpu_s - sampler_start
+            cpu_times.append(time.process_time() - cpu_start - sampler)
     return {
         "loaded_mb": loaded,
         **peak_memory_mb(),
