@@ -3,7 +3,8 @@
 An FFN ``linear2(act(linear1(y)))`` keeps its [tokens, ffn_dim] hidden layer for ``linear2``'s
 weight gradient and the activation's backward: 4x (Swin's MLP) or 8x (the enhancer's FFN) the
 channels of a token, the largest tensors a training step keeps (at 800x1333 about 180 MB per
-encoder layer, a quarter of everything the step saves; Swin's first stage 74 MB per block).
+encoder layer, a quarter of everything the step saves; in Swin's first stage about 100 MB
+per block).
 :func:`chunked_ffn` keeps the FFN's input only, and its backward computes the hidden layer
 again, which costs one more product of ``linear1`` (a sixth of the FFN's matrix work).
 
@@ -13,8 +14,8 @@ norm's statistics and not ``y`` either, as :func:`.recomputed_linear.layer_norm_
 Forward and backward run in chunks of rows, so that no [tokens, ffn_dim] tensor is allocated:
 a chunk's hidden layer is a few MB that the allocator hands out again for the next chunk,
 instead of a fresh [tokens, ffn_dim] block per layer (at the official sizes above glibc's
-largest mmap threshold: fresh pages faulted in at every step). That pays for the product
-computed again. The outputs and the input's gradient are those of the plain modules; the
+largest mmap threshold: fresh pages faulted in at every step). That pays for most of the
+product computed again (docs/benchmarks.md: a step 3% dearer at 480x800). The outputs and the input's gradient are those of the plain modules; the
 weight gradients are sums over the chunks, equal to the plain ones up to float rounding.
 """
 
