@@ -64,7 +64,7 @@ from typing import Callable, Dict, List
 
 import torch
 
-from grounding_dino.comparison import checks, reference, training
+from grounding_dino.comparison import checks, reference, training, training_run
 from grounding_dino.comparison.reference import (
     load_hf,
     load_onnx,
@@ -364,7 +364,7 @@ def _train_benchmark(args, workdir: str, rows) -> int:
     def measure(row):
         return _measure_memory("train", args, hf_dir, out_dir, row=row)
 
-    result = training.run_training_benchmark(
+    result = training_run.run_training_benchmark(
         rows,
         hf_dir,
         out_dir,
@@ -382,7 +382,7 @@ def _train_benchmark(args, workdir: str, rows) -> int:
         f"batch {args.batch} of {args.size}, {steps} steps per row ({order}), "
         f"forward + loss + backward + AdamW; {allocator} (every row)"
     )
-    print(training.format_training_report(result, header))
+    print(training_run.format_training_report(result, header))
     return 0
 
 

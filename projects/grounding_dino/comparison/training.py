@@ -14,7 +14,6 @@ the memory it allocates per step.
 
 import contextlib
 import os
-import statistics
 import time
 from typing import Callable, Dict, List, NamedTuple, Tuple
 
@@ -26,11 +25,9 @@ __all__ = [
     "ROWS",
     "TrainingBatch",
     "build_training_steps",
-    "format_training_report",
     "load_average",
     "make_training_batch",
     "peak_memory_mb",
-    "run_training_benchmark",
     "training_memory_child",
     "use_allocator",
 ]
@@ -277,136 +274,6 @@ def _set_checkpointing(model, parts, swin_stages=()) -> None:
             raise ValueError(f"{part} has no activation checkpointing (use_checkpoint)")
         for module in switches:
             module.use_checkpoint = value
-
-
-def _median_after_first(times: List[float]) -> float:
-    """The median step time without the first step (allocations, lazy optimizer state), or
-    the first step's time when there is only one."""
-    return statistics.median(times[1:] if len(times) > 1 else times)
-
-
-def run_training_benchmark(
-    rows, hf_dir: str, out_dir: str, size, batch: int, steps: int, measure_memory=None, apart=False
-) -> Dict:
-    """
-    Times ``steps`` training steps of every row, alternating rows step by step in this process,
-    then (``measure_memory(row) -> {"loaded_mb", "peak_mb", ...}``) each row's peak memory in
-    a process of its own. With ``apart``, the times are those of the memory processes (each
-    row alone, one after the other: for sizes where the rows do not fit one process).
-
-    Returns:
-        ``{"times": {row: [s, ...]}, "medians": {row: s}, "cpu_times": {row: [s, ...]},
-        "cpu_medians": {row: s}, "losses": {row: [...]}, "load_average": [...],
-        "memory": {row: {...}}}`` (memory only with ``measure_memory``). CPU times are the
-        process's (all its threads, ``time.process_time``): on a machine shared with other
-        jobs they vary far less than wall times with 1 thread (with more, waiting threads
-        may spin).
-    """
-    if apart:
-        if measure_memory is None:
-            raise ValueError("rows timed apart are timed in their memory processes")
-        return _training_benchmark_apart(rows, measure_memory)
-    training_batch = make_training_batch(size, batch)
-    step_functions = build_training_steps(rows, hf_dir, out_dir, training_batch)
-    times = {row: [] for row in rows}
-    cpu_times = {row: [] for row in rows}
-    losses = {row: [] for row in rows}
-    loads = [load_average()]
-    for index in range(steps):
-        for row, step in step_functions.items():
-            start, cpu_start = time.perf_counter(), time.process_time()
-            losses[row].append(step())
-            times[row].append(time.perf_counter() - start)
-            cpu_times[row].append(time.process_time() - cpu_start)
-            print(
-                f"step {index + 1}/{steps} {row}: {times[row][-1]:.2f} s "
-                f"({cpu_times[row][-1]:.2f} s CPU)",
-                flush=True,
-            )
-        loads.append(load_average())
-    del step_functions
-    result = {
-        "times": times,
-        "medians": {row: _median_after_first(values) for row, values in times.items()},
-        "cpu_times": cpu_times,
-        "cpu_medians": {row: _median_after_first(values) for row, values in cpu_times.items()},
-        "losses": losses,
-        "load_average": loads,
-    }
-    if measure_memory is not None:
-        result["memory"] = {row: measure_memory(row) for row in rows}
-    return result
-
-
-def _training_benchmark_apart(rows, measure_memory) -> Dict:
-    """:func:`run_training_benchmark` with every row timed in its own memory process."""
-    loads, memory = [load_average()], {}
-    for index, row in enumerate(rows):
-        print(f"row {index + 1}/{len(rows)} {row}: its own process", flush=True)
-        memory[row] = measure_memory(row)
-        steps = ", ".join(f"{t:.2f} s" for t in memory[row]["times"])
-        print(f"row {index + 1}/{len(rows)} {row}: steps {steps}", flush=True)
-        loads.append(load_average())
-    series = {key: {row: memory[row].pop(key) for row in rows} for key in ("times", "cpu_times")}
-    return {
-        "times": series["times"],
-        "medians": {row: _median_after_first(values) for row, values in series["times"].items()},
-        "cpu_times": series["cpu_times"],
-        "cpu_medians": {
-            row: _median_after_first(values) for row, values in series["cpu_times"].items()
-        },
-        "losses": {row: memory[row].pop("losses") for row in rows},
-        "load_average": loads,
-        "memory": memory,
-    }
-
-
-def format_training_report(result: Dict, header: str) -> str:
-    """The benchmark's table: seconds per step (median without the first step), every step,
-    peak RSS and peak allocated memory and their ratios to transformers', speed-up over
-    transformers, the same in CPU time."""
-    memory = result.get("memory", {})
-    medians = result["medians"]
-    reference = medians.get("transformers")
-    cpu_medians = result["cpu_medians"]
-    cpu_reference = cpu_medians.get("transformers")
-    width = max(len(row) for row in ["row", *medians]) + 2
-    lines = [
-        header,
-        f"{'row':<{width}}{'s/step':>9}{'steps (s)':>28}{'peak RSS MB':>13}"
-        f"{'allocated MB':>14}{'loaded MB':>11}{'speed-up':>10}{'RSS':>7}{'alloc.':>8}"
-        f"{'CPU s/step':>12}{'CPU speed-up':>14}",
-    ]
-    hf_memory = memory.get("transformers", {})
-    for row, median in medians.items():
-        steps = ", ".join(f"{t:.2f}" for t in result["times"][row])
-        peak, allocated, loaded = (
-            memory.get(row, {}).get(key) for key in ("peak_mb", "allocated_mb", "loaded_mb")
-        )
-        speed = f"{reference / median:.2f}x" if reference else "-"
-        cpu = cpu_medians[row]
-        cpu_speed = f"{cpu_reference / cpu:.2f}x" if cpu_reference else "-"
-        lines.append(
-            f"{row:<{width}}{median:>9.2f} {steps:>27}{_mb(peak):>13}{_mb(allocated):>14}"
-            f"{_mb(loaded):>11}{speed:>10}{_ratio(peak, hf_memory.get('peak_mb')):>7}"
-            f"{_ratio(allocated, hf_memory.get('allocated_mb')):>8}{cpu:>12.2f}{cpu_speed:>14}"
-        )
-    lines.append(
-        "s/step (wall) and CPU s/step (the process's CPU time): medians without the first "
-        "step; speed-ups, RSS and alloc.: against transformers; "
-        "peak RSS and peak allocated (malloc's bytes in use, without what it keeps after "
-        "frees): a process running only that row, "
-        f"load average {result['load_average'][0]} -> {result['load_average'][-1]}"
-    )
-    return "\n".join(lines)
-
-
-def _mb(value) -> str:
-    return "-" if value is None else f"{value:.0f}"
-
-
-def _ratio(value, reference) -> str:
-    return f"{value / reference:.2f}x" if value and reference else "-"
 
 
 def use_allocator(glibc_defaults: bool) -> str:

@@ -15,8 +15,9 @@ Forward and backward run in chunks of rows, so that no [tokens, ffn_dim] tensor 
 a chunk's hidden layer is a few MB that the allocator hands out again for the next chunk,
 instead of a fresh [tokens, ffn_dim] block per layer (at the official sizes above glibc's
 largest mmap threshold: fresh pages faulted in at every step). That pays for most of the
-product computed again (docs/benchmarks.md: a step 3% dearer at 480x800). The outputs and the input's gradient are those of the plain modules; the
-weight gradients are sums over the chunks, equal to the plain ones up to float rounding.
+product computed again (docs/benchmarks.md: a step 3% dearer at 480x800). The outputs and the
+input's gradient are those of the plain modules; the weight gradients are sums over the
+chunks, equal to the plain ones up to float rounding.
 """
 
 from typing import NamedTuple, Optional, Sequence
