@@ -59,17 +59,8 @@ def run_training_benchmark(
             )
         loads.append(load_average())
     del step_functions
-    result = {
-        "times": times,
-        "medians": {row: _median_after_first(values) for row, values in times.items()},
-        "cpu_times": cpu_times,
-        "cpu_medians": {row: _median_after_first(values) for row, values in cpu_times.items()},
-        "losses": losses,
-        "load_average": loads,
-    }
-    if measure_memory is not None:
-        result["memory"] = {row: measure_memory(row) for row in rows}
-    return result
+    memory = None if measure_memory is None else {row: measure_memory(row) for row in rows}
+    return _summary(times, cpu_times, losses, loads, memory)
 
 
 def _training_benchmark_apart(rows, measure_memory) -> Dict:
@@ -81,18 +72,25 @@ def _training_benchmark_apart(rows, measure_memory) -> Dict:
         steps = ", ".join(f"{t:.2f} s" for t in memory[row]["times"])
         print(f"row {index + 1}/{len(rows)} {row}: steps {steps}", flush=True)
         loads.append(load_average())
-    series = {key: {row: memory[row].pop(key) for row in rows} for key in ("times", "cpu_times")}
-    return {
-        "times": series["times"],
-        "medians": {row: _median_after_first(values) for row, values in series["times"].items()},
-        "cpu_times": series["cpu_times"],
-        "cpu_medians": {
-            row: _median_after_first(values) for row, values in series["cpu_times"].items()
-        },
-        "losses": {row: memory[row].pop("losses") for row in rows},
+    times, cpu_times, losses = (
+        {row: memory[row].pop(key) for row in rows} for key in ("times", "cpu_times", "losses")
+    )
+    return _summary(times, cpu_times, losses, loads, memory)
+
+
+def _summary(times, cpu_times, losses, loads, memory) -> Dict:
+    """The result dictionary of :func:`run_training_benchmark` (``memory`` may be None)."""
+    result = {
+        "times": times,
+        "medians": {row: _median_after_first(values) for row, values in times.items()},
+        "cpu_times": cpu_times,
+        "cpu_medians": {row: _median_after_first(values) for row, values in cpu_times.items()},
+        "losses": losses,
         "load_average": loads,
-        "memory": memory,
     }
+    if memory is not None:
+        result["memory"] = memory
+    return result
 
 
 def format_training_report(result: Dict, header: str) -> str:

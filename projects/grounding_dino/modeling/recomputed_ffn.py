@@ -62,6 +62,15 @@ def _activation_backward_(grad: torch.Tensor, pre, hidden, activation: str) -> N
         torch.ops.aten.gelu_backward.grad_input(grad, pre, approximate=approximate, grad_input=grad)
 
 
+def _normalised(x, norm_weight, norm_bias, spec: _Spec):
+    """(y, mean, rstd): ``x`` layer-normed as the module does, or ``(x, None, None)`` without a
+    norm; the same kernel in forward and backward, so the recomputed ``y`` is bit for bit the
+    forward's."""
+    if spec.norm_shape is None:
+        return x, None, None
+    return torch.native_layer_norm(x, spec.norm_shape, norm_weight, norm_bias, spec.eps)
+
+
 class _ChunkSums:
     """Weight gradients summed over the chunks of rows."""
 
@@ -85,11 +94,7 @@ class _ChunkSums:
 class _ChunkedFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, weight1, bias1, weight2, bias2, spec: _Spec):
-        normed, mean, rstd = x, None, None
-        if spec.norm_shape is not None:
-            normed, mean, rstd = torch.native_layer_norm(
-                x, spec.norm_shape, norm_weight, norm_bias, spec.eps
-            )
+        normed, mean, rstd = _normalised(x, norm_weight, norm_bias, spec)
         rows = normed.reshape(-1, normed.shape[-1])
         out = rows.new_empty(rows.shape[0], weight2.shape[0])
         for start in range(0, rows.shape[0], spec.chunk):
@@ -107,11 +112,7 @@ class _ChunkedFFN(torch.autograd.Function):
         x, mean, rstd, norm_weight, norm_bias, weight1, bias1, weight2 = ctx.saved_tensors
         spec, needs = ctx.spec, ctx.needs_input_grad
         grad_normed, grad_out = (None, grads[0]) if spec.norm_shape is None else grads
-        normed = x
-        if spec.norm_shape is not None:
-            normed = torch.native_layer_norm(x, spec.norm_shape, norm_weight, norm_bias, spec.eps)
-            normed = normed[0]
-        normed = normed.reshape(-1, x.shape[-1])
+        normed = _normalised(x, norm_weight, norm_bias, spec)[0].reshape(-1, x.shape[-1])
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
         sums = _ChunkSums()
         grad_input = normed.new_empty(normed.shape) if any(needs[:3]) else None
@@ -189,10 +190,10 @@ def chunked_ffn(
         # A caching allocator (CUDA's) hands out blocks again without page faults, and small
         # products would leave a GPU idle: all rows at once, the hidden layer still not kept.
         chunk = max(1, x.numel() // max(1, x.shape[-1]))
-    spec = _Spec(None if norm is None else list(norm.normalized_shape), 0.0, activation, chunk)
-    norm_weight = norm_bias = None
-    if norm is not None:
-        spec = spec._replace(eps=norm.eps)
+    if norm is None:
+        spec, norm_weight, norm_bias = _Spec(None, 0.0, activation, chunk), None, None
+    else:
+        spec = _Spec(list(norm.normalized_shape), norm.eps, activation, chunk)
         norm_weight, norm_bias = norm.weight, norm.bias
     return _ChunkedFFN.apply(
         x.contiguous(),
