@@ -88,8 +88,8 @@ def _timed(function: Callable[[], object]) -> float:
 
 
 def _memory_child(args) -> None:
-    """Child process: loads one implementation, runs two calls (``--train``: ``--steps``
-    training steps of row ``--row``), prints its memory as JSON."""
+    """Child process: loads one implementation, runs two calls (``--train``: ``--steps`` timed
+    training steps of row ``--row`` and one sampled for memory), prints its memory as JSON."""
     torch.set_num_threads(args.threads)
     if args.memory_child == "train":
         training.use_allocator(args.glibc_defaults)
@@ -109,6 +109,13 @@ def _memory_child(args) -> None:
     for _ in range(2):
         pipeline(image, CAPTION)
     print(json.dumps({"loaded_mb": loaded, **peak_memory_mb()}))
+
+
+def _child_timed_steps(args) -> int:
+    """Timed steps of a training memory child: the row's steps with ``--rows-apart`` (at least
+    2: the median leaves out the first), else 1 (the optimizer's state, before the sampled
+    step)."""
+    return max(2, args.steps) if args.rows_apart else 1
 
 
 def _measure_memory(
@@ -132,7 +139,7 @@ def _measure_memory(
         "--batch",
         str(args.batch),
         "--steps",
-        str(max(2, args.steps)),
+        str(_child_timed_steps(args)),
         "--row",
         row,
     ] + (["--glibc-defaults"] if args.glibc_defaults else [])
@@ -374,8 +381,12 @@ def _train_benchmark(args, workdir: str, rows) -> int:
         None if args.no_memory else measure,
         apart=args.rows_apart,
     )
-    steps = max(2, args.steps) if args.rows_apart else args.steps
-    order = "each row alone in its own process" if args.rows_apart else "alternating"
+    steps = _child_timed_steps(args) if args.rows_apart else args.steps
+    order = (
+        "each row alone in its own process, then one step for its memory"
+        if args.rows_apart
+        else "alternating"
+    )
     header = (
         f"Training: {cpu_model_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{args.threads} threads, {'tiny model' if args.tiny else 'Swin-T + BERT-base'}, "

@@ -60,15 +60,13 @@ class PeakAllocated:
             train_step()
         print(allocated.peak_mb)
 
-    ``sampler_cpu_s`` is the CPU time the sampling thread has used so far (``mallinfo2`` walks
-    the heap's free lists: seconds per minute on a large fragmented heap), to be left out of
-    the process's CPU time.
+    ``mallinfo2`` walks the heap's free lists under malloc's lock (seconds per minute of CPU
+    time on a large fragmented heap): time steps outside the block.
     """
 
     def __init__(self, interval_s: float = 0.002):
         self.interval_s = interval_s
         self.peak_mb: Optional[float] = None
-        self.sampler_cpu_s = 0.0
         self._mallinfo2 = _mallinfo2()
         self._stop = threading.Event()
         self._thread = None
@@ -80,7 +78,6 @@ class PeakAllocated:
     def _sample(self) -> None:
         while not self._stop.is_set():
             self.peak_mb = max(self.peak_mb, self._allocated_mb())
-            self.sampler_cpu_s = time.thread_time()
             time.sleep(self.interval_s)
 
     def __enter__(self) -> "PeakAllocated":

@@ -297,22 +297,33 @@ def use_allocator(glibc_defaults: bool) -> str:
     )
 
 
-def training_memory_child(row: str, hf_dir: str, out_dir: str, size, batch: int, steps: int):
-    """In a child process: builds one row, runs ``steps`` steps (the peak comes at the second,
-    with the optimizer's state allocated) and returns its memory (``peak_memory_mb``, and
-    ``allocated_mb``: the peak of malloc's allocated bytes, :class:`.allocated.PeakAllocated`)
-    and its steps' ``times``, ``cpu_times`` (without the sampling thread's) and ``losses``."""
+def training_memory_child(row: str, hf_dir: str, out_dir: str, size, batch: int, timed_steps: int):
+    """
+    In a child process: builds one row, runs ``timed_steps`` timed steps (at least 1), then one
+    more while a thread samples malloc's allocated bytes (:class:`.allocated.PeakAllocated`).
+    The steps before it have allocated the optimizer's state, so the sampled step's peak is
+    every later step's. The sampler stays out of the timed steps: with as many torch threads
+    as cores it takes a core from them, and it holds malloc's lock while it walks the heap.
+
+    Returns:
+        ``loaded_mb`` (RSS after building), ``peak_mb`` and ``rss_mb``
+        (:func:`peak_memory_mb`), ``allocated_mb`` (the sampled peak), the timed steps'
+        ``times``, ``cpu_times`` and ``losses``, and ``memory_step_s`` (the sampled step's
+        time).
+    """
+    if timed_steps < 1:
+        raise ValueError(f"timed_steps must be at least 1, got {timed_steps}")
     step = build_training_steps([row], hf_dir, out_dir, make_training_batch(size, batch))[row]
     loaded = peak_memory_mb()["rss_mb"]
     times, cpu_times, losses = [], [], []
+    for _ in range(timed_steps):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        losses.append(step())
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    start = time.perf_counter()
     with PeakAllocated() as allocated:
-        for _ in range(steps):
-            start, cpu_start = time.perf_counter(), time.process_time()
-            sampler_start = allocated.sampler_cpu_s
-            losses.append(step())
-            times.append(time.perf_counter() - start)
-            sampler = allocated.sampler_cpu_s - sampler_start
-            cpu_times.append(time.process_time() - cpu_start - sampler)
+        step()
     return {
         "loaded_mb": loaded,
         **peak_memory_mb(),
@@ -320,6 +331,7 @@ def training_memory_child(row: str, hf_dir: str, out_dir: str, size, batch: int,
         "times": times,
         "cpu_times": cpu_times,
         "losses": losses,
+        "memory_step_s": time.perf_counter() - start,
     }
 
 

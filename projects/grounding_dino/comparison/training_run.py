@@ -26,7 +26,8 @@ def run_training_benchmark(
     Times ``steps`` training steps of every row, alternating rows step by step in this process,
     then (``measure_memory(row) -> {"loaded_mb", "peak_mb", ...}``) each row's peak memory in
     a process of its own. With ``apart``, the times are those of the memory processes (each
-    row alone, one after the other: for sizes where the rows do not fit one process).
+    row alone, one after the other: for sizes where the rows do not fit one process), from
+    their steps before the one sampled for memory.
 
     Returns:
         ``{"times": {row: [s, ...]}, "medians": {row: s}, "cpu_times": {row: [s, ...]},
@@ -70,7 +71,12 @@ def _training_benchmark_apart(rows, measure_memory) -> Dict:
         print(f"row {index + 1}/{len(rows)} {row}: its own process", flush=True)
         memory[row] = measure_memory(row)
         steps = ", ".join(f"{t:.2f} s" for t in memory[row]["times"])
-        print(f"row {index + 1}/{len(rows)} {row}: steps {steps}", flush=True)
+        sampled = memory[row]["memory_step_s"]
+        print(
+            f"row {index + 1}/{len(rows)} {row}: steps {steps} "
+            f"(then {sampled:.2f} s for the memory step, not timed)",
+            flush=True,
+        )
         loads.append(load_average())
     times, cpu_times, losses = (
         {row: memory[row].pop(key) for row in rows} for key in ("times", "cpu_times", "losses")
