@@ -94,6 +94,43 @@ print(json.dumps({"trimmed": trimmed, "released_mb": before - anonymous_mb()}))
 """
 
 
+KEPT = """
+import ctypes, importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("cpu_allocator", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+module.keep_freed_memory()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def anonymous_mb():
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("RssAnon:"))
+    return int(line.split()[1]) / 1024
+size = 16 << 20  # heap blocks (under the 32 MiB mmap threshold)
+blocks = [libc.malloc(size) for _ in range(72)]  # 1152 MiB
+for block in blocks:
+    ctypes.memset(block, 1, size)
+before = anonymous_mb()
+for block in reversed(blocks):  # all of it becomes the heap's free top
+    libc.free(block)
+print(json.dumps({"released_mb": before - anonymous_mb()}))
+"""
+
+
+def test_a_freed_heap_top_over_1_gib_is_kept():
+    """A backward at the official sizes frees more than 1 GiB at the heap's top at once; given
+    back (any finite trim threshold), the next step would fault it in again."""
+    if not sys.platform.startswith("linux"):
+        return
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    run = subprocess.run(
+        [sys.executable, "-c", KEPT, MODULE], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout)["released_mb"] < 64, run.stdout
+
+
 def test_return_freed_memory_gives_freed_heap_blocks_back():
     """120 MB freed below a live block stay in the process until ``return_freed_memory``."""
     module = os.path.join(REPO, "projects", "grounding_dino", "engine", "cpu_allocator.py")

@@ -11,11 +11,11 @@ memory for the next step instead (``mallopt``, as the ``MALLOC_MMAP_THRESHOLD_``
 ``MALLOC_TRIM_THRESHOLD_`` and ``MALLOC_TOP_PAD_`` environment variables would at start-up).
 
 Blocks above 32 MiB, glibc's largest mmap threshold, stay mmap'ed (fresh pages at every step).
-At the official sizes there are many (the enhancer's [tokens, 2048] FFN hidden layers, BERT's
-embedding gradient), and turning mmap off (``MALLOC_MMAP_MAX_=0``) with no trimming makes such
-a step faster. It is not the default because a heap that serves every block and never shrinks
-grows with fragmentation when image sizes change from step to step (multi-scale training:
-docs/benchmarks.md, "malloc at the official sizes"); set those variables to choose it.
+At the official sizes there are several (BERT's embedding gradient and AdamW's temporaries for
+it among them), and turning mmap off too (``MALLOC_MMAP_MAX_=0``) makes such a step
+faster. It is not the default because a heap that serves every block grows with fragmentation
+when image sizes change from step to step (multi-scale training: docs/benchmarks.md, "malloc
+at the official sizes"); set that variable to choose it.
 """
 
 import ctypes
@@ -35,8 +35,11 @@ MALLOC_SETTINGS: Dict[str, int] = {
     # Blocks up to 32 MiB (glibc's largest allowed threshold on 64-bit) come from the heap and
     # are reused, instead of mmap'ed fresh for every allocation.
     "MALLOC_MMAP_THRESHOLD_": 32 * 1024 * 1024,
-    # Freed memory at the heap top is kept up to 1 GiB instead of 128 KiB.
-    "MALLOC_TRIM_THRESHOLD_": 1024 * 1024 * 1024,
+    # Freed memory at the heap top is kept (-1: never trimmed; mallopt(3)) instead of being given
+    # back above 128 KiB. A finite threshold (it was 1 GiB) is crossed at the official sizes
+    # when the backward frees its activations: the next step faults them in again, seconds of
+    # system time. The peak resident size is unchanged: the memory kept was resident at it.
+    "MALLOC_TRIM_THRESHOLD_": -1,
     # The heap grows by 64 MiB at a time (fewer brk calls).
     "MALLOC_TOP_PAD_": 64 * 1024 * 1024,
 }
