@@ -70,7 +70,8 @@ def test_the_users_malloc_variables_are_left_alone():
     assert applied == sorted(set(MALLOC_SETTINGS) - {"MALLOC_TRIM_THRESHOLD_"})
 
 
-TRIM = """
+# The module loaded alone, malloc and free through ctypes, the process's anonymous memory.
+HEAP = """
 import ctypes, importlib.util, json, sys
 spec = importlib.util.spec_from_file_location("cpu_allocator", sys.argv[1])
 module = importlib.util.module_from_spec(spec)
@@ -82,6 +83,9 @@ def anonymous_mb():
     with open("/proc/self/status") as status:
         line = next(line for line in status if line.startswith("RssAnon:"))
     return int(line.split()[1]) / 1024
+"""
+
+TRIM = HEAP + """
 size = 60 << 10  # heap blocks (under glibc's mmap threshold)
 blocks = [libc.malloc(size) for _ in range(2000)]
 for block in blocks:
@@ -94,19 +98,8 @@ print(json.dumps({"trimmed": trimmed, "released_mb": before - anonymous_mb()}))
 """
 
 
-KEPT = """
-import ctypes, importlib.util, json, sys
-spec = importlib.util.spec_from_file_location("cpu_allocator", sys.argv[1])
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
+KEPT = HEAP + """
 module.keep_freed_memory()
-libc = ctypes.CDLL(None)
-libc.malloc.restype = ctypes.c_void_p
-libc.free.argtypes = [ctypes.c_void_p]
-def anonymous_mb():
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("RssAnon:"))
-    return int(line.split()[1]) / 1024
 size = 16 << 20  # heap blocks (under the 32 MiB mmap threshold)
 blocks = [libc.malloc(size) for _ in range(72)]  # 1152 MiB
 for block in blocks:
