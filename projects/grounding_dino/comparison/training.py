@@ -28,6 +28,7 @@ __all__ = [
     "load_average",
     "make_training_batch",
     "peak_memory_mb",
+    "timed_step",
     "training_memory_child",
     "use_allocator",
 ]
@@ -297,6 +298,14 @@ def use_allocator(glibc_defaults: bool) -> str:
     )
 
 
+def timed_step(step: Callable[[], float]) -> Tuple[float, float, float]:
+    """``(loss, seconds, cpu_seconds)`` of one call of ``step``: wall time and the process's
+    CPU time (all its threads, ``time.process_time``)."""
+    start, cpu_start = time.perf_counter(), time.process_time()
+    loss = step()
+    return loss, time.perf_counter() - start, time.process_time() - cpu_start
+
+
 def training_memory_child(row: str, hf_dir: str, out_dir: str, size, batch: int, timed_steps: int):
     """
     In a child process: builds one row, runs ``timed_steps`` timed steps (at least 1), then one
@@ -317,10 +326,10 @@ def training_memory_child(row: str, hf_dir: str, out_dir: str, size, batch: int,
     loaded = peak_memory_mb()["rss_mb"]
     times, cpu_times, losses = [], [], []
     for _ in range(timed_steps):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        losses.append(step())
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
+        loss, seconds, cpu_seconds = timed_step(step)
+        losses.append(loss)
+        times.append(seconds)
+        cpu_times.append(cpu_seconds)
     start = time.perf_counter()
     with PeakAllocated() as allocated:
         step()

@@ -5,10 +5,9 @@ alternate step by step in one process, or each runs alone in its memory child
 """
 
 import statistics
-import time
 from typing import Dict, List
 
-from .training import build_training_steps, load_average, make_training_batch
+from .training import build_training_steps, load_average, make_training_batch, timed_step
 
 __all__ = ["format_training_report", "run_training_benchmark"]
 
@@ -49,10 +48,10 @@ def run_training_benchmark(
     loads = [load_average()]
     for index in range(steps):
         for row, step in step_functions.items():
-            start, cpu_start = time.perf_counter(), time.process_time()
-            losses[row].append(step())
-            times[row].append(time.perf_counter() - start)
-            cpu_times[row].append(time.process_time() - cpu_start)
+            loss, seconds, cpu_seconds = timed_step(step)
+            losses[row].append(loss)
+            times[row].append(seconds)
+            cpu_times[row].append(cpu_seconds)
             print(
                 f"step {index + 1}/{steps} {row}: {times[row][-1]:.2f} s "
                 f"({cpu_times[row][-1]:.2f} s CPU)",
