@@ -16,7 +16,7 @@ import torch
 from detectron2.structures import Boxes, Instances
 
 from grounding_dino.comparison import checks as check
-from grounding_dino.comparison import reference, training
+from grounding_dino.comparison import reference, training, training_run
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
@@ -130,8 +130,11 @@ def test_bad_options_get_a_clear_error(argv, message):
 
 def test_train_benchmark_prints_steps_speed_up_and_memory_of_each_row(workdir):
     """``--train`` on the tiny model: every row's steps, its median (the steps after the first)
-    and its peak memory from a child process, with the ratios against transformers."""
-    rows = ["transformers", "ours (dn on)", "ours (dn off + checkpointing with Swin)"]
+    and its peak memory from a child process, with the ratios against transformers, and the
+    step's counted matrix work with its rate."""
+    rows = [
+        "transformers", "ours (dn on)", "ours (dn off)", "ours (dn off + checkpointing with Swin)"
+    ]  # fmt: skip
     run = _run_tool(
         "--train", "--tiny", "--size", "64x96", "--steps", "2", "--threads", "1",
         "--rows", ",".join(rows), "--workdir", str(workdir),
@@ -146,20 +149,28 @@ def test_train_benchmark_prints_steps_speed_up_and_memory_of_each_row(workdir):
         pattern = (
             rf"^{re.escape(name)}\s+(\d+\.\d+)\s+(\d+\.\d+), (\d+\.\d+)\s+(\d+)\s+(\d+)"
             rf"\s+(\d+)\s+(\d+\.\d+)x\s+(\d+\.\d+)x\s+(\d+\.\d+)x\s+(\d+\.\d+)"
-            rf"\s+(\d+\.\d+)x$"
+            rf"\s+(\d+\.\d+)x\s+(\d[\d.e+-]*)\s+(\d[\d.e+-]*)$"
         )
         row = re.search(pattern, out, re.MULTILINE)
         assert row, out
-        median, _, second, peak, allocated, loaded, speed_up, memory, allocated_ratio, cpu, _ = map(
-            float, row.groups()
-        )
-        assert cpu > 0
+        values = list(map(float, row.groups()))
+        median, _, second, peak, allocated, loaded, speed_up, memory, allocated_ratio = values[:9]
+        cpu, gflop, rate = values[9], values[11], values[12]
+        assert cpu > 0 and gflop > 0
+        # GFLOP / the unrounded median; both printed to 3 significant digits, the median to 2
+        # decimals.
+        low = gflop * 0.99 / (median + 0.005)
+        assert low <= rate <= gflop * 1.01 / max(median - 0.005, 1e-9), (rate, gflop, median)
         # The median leaves the first step out: with two steps it is the second.
         assert median == pytest.approx(second, abs=0.006)
         assert peak >= loaded > 100, out
         # The weights and the optimizer's state at least; no more than is resident.
         assert 0 < allocated <= peak, out
-        found[name] = (median, peak, speed_up, memory, allocated, allocated_ratio)
+        found[name] = (median, peak, speed_up, memory, allocated, allocated_ratio, gflop)
+    # Checkpointing computes the enhancer's, decoder's and Swin's forward again in the backward:
+    # the counter sees that work.
+    checkpointed = found["ours (dn off + checkpointing with Swin)"][6]
+    assert checkpointed > 1.2 * found["ours (dn off)"][6], out
     hf, ours = found["transformers"], found["ours (dn on)"]
     assert hf[2] == 1.0 and hf[3] == 1.0 and hf[5] == 1.0
     assert ours[5] == pytest.approx(ours[4] / hf[4], abs=0.006)
@@ -198,6 +209,28 @@ def test_train_benchmark_times_rows_apart_in_their_own_processes(workdir):
             sorted(steps[1:])[0] / 2 + sorted(steps[1:])[1] / 2, abs=0.006
         )
         assert 0 < int(row.group(4)) <= int(row.group(3)), out
+
+
+def test_train_report_warns_of_rows_whose_steps_were_still_getting_faster():
+    """A row whose last step is well under its median gets a warning naming it; a steady row
+    (and a row of two steps, whose median is its last) does not."""
+    times = {
+        "transformers": [45.3, 44.5, 35.0],  # still falling: median 39.75, last 12% under
+        "ours (dn off)": [19.3, 17.9, 18.0],
+        "ours (dn on)": [20.0, 17.0],
+    }
+    result = {
+        "times": times,
+        "medians": {row: training_run._median_after_first(values) for row, values in times.items()},
+        "cpu_times": times,
+        "cpu_medians": {row: 1.0 for row in times},
+        "load_average": ["1.00", "2.00"],
+    }
+    report = training_run.format_training_report(result, "header")
+    warnings = [line for line in report.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, report
+    assert "transformers: the last step (35.00 s) is 12% under the median" in warnings[0]
+    assert "more --steps" in warnings[0]
 
 
 def test_glibc_defaults_leave_malloc_alone():

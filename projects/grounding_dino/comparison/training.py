@@ -18,6 +18,7 @@ import time
 from typing import Callable, Dict, List, NamedTuple, Tuple
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from .allocated import PeakAllocated
 
@@ -309,16 +310,19 @@ def timed_step(step: Callable[[], float]) -> Tuple[float, float, float]:
 def training_memory_child(row: str, hf_dir: str, out_dir: str, size, batch: int, timed_steps: int):
     """
     In a child process: builds one row, runs ``timed_steps`` timed steps (at least 1), then one
-    more while a thread samples malloc's allocated bytes (:class:`.allocated.PeakAllocated`).
+    more while a thread samples malloc's allocated bytes (:class:`.allocated.PeakAllocated`)
+    and torch's ``FlopCounterMode`` counts the step's matrix products (forward, backward and
+    what the backward computes again; no module hooks, so it keeps no tensor).
     The steps before it have allocated the optimizer's state, so the sampled step's peak is
-    every later step's. The sampler stays out of the timed steps: with as many torch threads
-    as cores it takes a core from them, and it holds malloc's lock while it walks the heap.
+    every later step's. The sampler and the counter stay out of the timed steps: with as many
+    torch threads as cores the sampler takes a core from them, it holds malloc's lock while it
+    walks the heap, and the counter sees every operator in Python.
 
     Returns:
         ``loaded_mb`` (RSS after building), ``peak_mb`` and ``rss_mb``
-        (:func:`peak_memory_mb`), ``allocated_mb`` (the sampled peak), the timed steps'
-        ``times``, ``cpu_times`` and ``losses``, and ``memory_step_s`` (the sampled step's
-        time).
+        (:func:`peak_memory_mb`), ``allocated_mb`` (the sampled peak), ``gflop`` (the counted
+        step's matrix work, 1e9 floating-point operations), the timed steps' ``times``,
+        ``cpu_times`` and ``losses``, and ``memory_step_s`` (the sampled step's time).
     """
     if timed_steps < 1:
         raise ValueError(f"timed_steps must be at least 1, got {timed_steps}")
@@ -331,12 +335,13 @@ def training_memory_child(row: str, hf_dir: str, out_dir: str, size, batch: int,
         times.append(seconds)
         cpu_times.append(cpu_seconds)
     start = time.perf_counter()
-    with PeakAllocated() as allocated:
+    with PeakAllocated() as allocated, FlopCounterMode(display=False) as flops:
         step()
     return {
         "loaded_mb": loaded,
         **peak_memory_mb(),
         "allocated_mb": allocated.peak_mb,
+        "gflop": flops.get_total_flops() / 1e9,
         "times": times,
         "cpu_times": cpu_times,
         "losses": losses,

@@ -101,7 +101,8 @@ def _summary(times, cpu_times, losses, loads, memory) -> Dict:
 def format_training_report(result: Dict, header: str) -> str:
     """The benchmark's table: seconds per step (median without the first step), every step,
     peak RSS and peak allocated memory and their ratios to transformers', speed-up over
-    transformers, the same in CPU time."""
+    transformers, the same in CPU time, and the step's matrix work (GFLOP, counted in the
+    memory process) with the rate it ran at (GFLOP over the median wall time)."""
     memory = result.get("memory", {})
     medians = result["medians"]
     reference = medians.get("transformers")
@@ -112,14 +113,16 @@ def format_training_report(result: Dict, header: str) -> str:
         header,
         f"{'row':<{width}}{'s/step':>9}{'steps (s)':>28}{'peak RSS MB':>13}"
         f"{'allocated MB':>14}{'loaded MB':>11}{'speed-up':>10}{'RSS':>7}{'alloc.':>8}"
-        f"{'CPU s/step':>12}{'CPU speed-up':>14}",
+        f"{'CPU s/step':>12}{'CPU speed-up':>14}{'GFLOP':>9}{'GFLOP/s':>9}",
     ]
     hf_memory = memory.get("transformers", {})
     for row, median in medians.items():
         steps = ", ".join(f"{t:.2f}" for t in result["times"][row])
-        peak, allocated, loaded = (
-            memory.get(row, {}).get(key) for key in ("peak_mb", "allocated_mb", "loaded_mb")
+        peak, allocated, loaded, gflop = (
+            memory.get(row, {}).get(key)
+            for key in ("peak_mb", "allocated_mb", "loaded_mb", "gflop")
         )
+        rate = None if gflop is None else gflop / median
         speed = f"{reference / median:.2f}x" if reference else "-"
         cpu = cpu_medians[row]
         cpu_speed = f"{cpu_reference / cpu:.2f}x" if cpu_reference else "-"
@@ -127,19 +130,47 @@ def format_training_report(result: Dict, header: str) -> str:
             f"{row:<{width}}{median:>9.2f} {steps:>27}{_mb(peak):>13}{_mb(allocated):>14}"
             f"{_mb(loaded):>11}{speed:>10}{_ratio(peak, hf_memory.get('peak_mb')):>7}"
             f"{_ratio(allocated, hf_memory.get('allocated_mb')):>8}{cpu:>12.2f}{cpu_speed:>14}"
+            f"{_count(gflop):>9}{_count(rate):>9}"
         )
+    lines.extend(_still_settling(result["times"], medians))
     lines.append(
         "s/step (wall) and CPU s/step (the process's CPU time): medians without the first "
         "step; speed-ups, RSS and alloc.: against transformers; "
         "peak RSS and peak allocated (malloc's bytes in use, without what it keeps after "
-        "frees): a process running only that row, "
+        "frees): a process running only that row; GFLOP: the matrix products of one step "
+        "(torch's FlopCounterMode, in that process), GFLOP/s: GFLOP / s/step; "
         f"load average {result['load_average'][0]} -> {result['load_average'][-1]}"
     )
     return "\n".join(lines)
 
 
+# A last step this much faster than the median: the row's steps were still getting faster.
+SETTLING_MARGIN = 0.05
+
+
+def _still_settling(times: Dict[str, List[float]], medians: Dict[str, float]) -> List[str]:
+    """A warning line for each row whose last step is more than :data:`SETTLING_MARGIN`
+    under its median: a heap still growing to its high-water mark (transformers' steps at
+    800x1333 fall for about 6 steps) makes the median overstate the steady step."""
+    lines = []
+    for row, values in times.items():
+        if len(values) >= 3 and values[-1] < (1 - SETTLING_MARGIN) * medians[row]:
+            under = 1 - values[-1] / medians[row]
+            lines.append(
+                f"warning: {row}: the last step ({values[-1]:.2f} s) is {under:.0%} under the "
+                "median: its steps were still getting faster; more --steps give its steady time"
+            )
+    return lines
+
+
 def _mb(value) -> str:
     return "-" if value is None else f"{value:.0f}"
+
+
+def _count(value) -> str:
+    """Three significant digits at least: a full-size step has thousands of GFLOP, the tests'
+    tiny model a few hundredths."""
+    return "-" if value is None else f"{value:.0f}" if value >= 100 else f"{value:.3g}"
 
 
 def _ratio(value, reference) -> str:
