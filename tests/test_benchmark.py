@@ -4,6 +4,7 @@ It is a benchmark, not a test of speed: nothing here asserts which implementatio
 """
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from detectron2.structures import Boxes, Instances
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from grounding_dino.comparison import checks as check
 from grounding_dino.comparison import reference, training, training_run
@@ -231,6 +233,52 @@ def test_train_report_warns_of_rows_whose_steps_were_still_getting_faster():
     assert len(warnings) == 1, report
     assert "transformers: the last step (35.00 s) is 12% under the median" in warnings[0]
     assert "more --steps" in warnings[0]
+
+
+class _ProductDtypes(TorchDispatchMode):
+    """Records the dtypes of the matrix products' outputs run inside it."""
+
+    PRODUCTS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.PRODUCTS:
+            self.dtypes.add(out.dtype)
+        return out
+
+
+def test_train_steps_run_their_forward_under_the_autocast_dtype(workdir):
+    """``autocast_dtype`` (``--train --dtype bf16``) puts both models' products in bfloat16;
+    without it every product is fp32. Either way the step's loss is finite."""
+    hf_dir, out_dir = reference.prepare_models(str(workdir), tiny=True)
+    batch = training.make_training_batch((64, 96), 1)
+    rows = ["transformers", "ours (dn off)"]
+    for dtype in (None, torch.bfloat16):
+        steps = training.build_training_steps(rows, hf_dir, out_dir, batch, autocast_dtype=dtype)
+        for row, step in steps.items():
+            with _ProductDtypes() as seen:
+                loss = step()
+            assert math.isfinite(loss), (row, dtype)
+            if dtype is None:
+                assert seen.dtypes == {torch.float32}, (row, seen.dtypes)
+            else:
+                assert torch.bfloat16 in seen.dtypes, (row, seen.dtypes)
+
+
+def test_train_benchmark_says_when_its_rows_run_in_bf16(workdir):
+    """``--train --dtype bf16``: the rows run (in their own processes too) and the table's
+    header says which precision they ran in."""
+    run = _run_tool(
+        "--train", "--tiny", "--size", "64x96", "--steps", "2", "--threads", "1",
+        "--rows", "ours (dn off)", "--workdir", str(workdir), "--rows-apart", "--dtype", "bf16",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "forward and loss in bf16 autocast (as train.amp on the CPU)" in run.stdout, run.stdout
+    assert re.search(r"^ours \(dn off\)\s+\d+\.\d+", run.stdout, re.MULTILINE), run.stdout
 
 
 def test_glibc_defaults_leave_malloc_alone():

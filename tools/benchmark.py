@@ -5,7 +5,7 @@ Usage::
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 python tools/benchmark.py \\
         [--threads 2] [--runs 5] [--dtype fp32|bf16] [--size 800x1333] [--tiny]
     python tools/benchmark.py --train [--batch 1] [--steps 3] [--size 800x1333] [--rows ...] \\
-        [--glibc-defaults]
+        [--glibc-defaults] [--dtype fp32|bf16]
 
 ``--train`` times training steps instead (forward with the loss, backward, AdamW over every
 parameter) of transformers' model with ``labels`` and ours with its criterion, denoising off
@@ -45,7 +45,9 @@ loop, its session on ``--threads`` intra-op threads; its detections are compared
 
 ``--dtype bf16`` also times our predictor under ``torch.autocast("cpu", torch.bfloat16)``
 and reports its speed-up over our fp32 run and its drift from the fp32 outputs (detections
-matched by IoU; this random model amplifies rounding, so the drift is an upper bound).
+matched by IoU; this random model amplifies rounding, so the drift is an upper bound). With
+``--train`` it runs every row's forward and loss under that autocast instead (the backward
+outside it, the weights and AdamW in fp32), as ``train.amp`` does on the CPU.
 
 On a shared machine, read the load average it prints: with more runnable threads than
 cores, OpenMP threads wait for each other and 2-thread timings can exceed 1-thread ones.
@@ -60,7 +62,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -73,7 +75,7 @@ from grounding_dino.comparison.reference import (
     parse_size,
 )
 from grounding_dino.comparison.training import load_average, peak_memory_mb
-from grounding_dino.precision import cpu_model_name
+from grounding_dino.precision import cpu_has_native_bf16, cpu_model_name
 
 __all__ = ["main", "run_benchmark", "peak_memory_mb"]
 
@@ -94,7 +96,13 @@ def _memory_child(args) -> None:
     if args.memory_child == "train":
         training.use_allocator(args.glibc_defaults)
         memory = training.training_memory_child(
-            args.row, args.hf_dir, args.out_dir, parse_size(args.size), args.batch, args.steps
+            args.row,
+            args.hf_dir,
+            args.out_dir,
+            parse_size(args.size),
+            args.batch,
+            args.steps,
+            _train_autocast(args),
         )
         print(json.dumps(memory))
         return
@@ -109,6 +117,11 @@ def _memory_child(args) -> None:
     for _ in range(2):
         pipeline(image, CAPTION)
     print(json.dumps({"loaded_mb": loaded, **peak_memory_mb()}))
+
+
+def _train_autocast(args) -> Optional[torch.dtype]:
+    """``--train``'s autocast dtype: bfloat16 with ``--dtype bf16``, else None (fp32)."""
+    return torch.bfloat16 if args.dtype == "bf16" else None
 
 
 def _child_timed_steps(args) -> int:
@@ -142,6 +155,8 @@ def _measure_memory(
         str(_child_timed_steps(args)),
         "--row",
         row,
+        "--dtype",
+        args.dtype,
     ] + (["--glibc-defaults"] if args.glibc_defaults else [])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -159,7 +174,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (both models)")
     parser.add_argument("--runs", type=int, default=5, help="timed calls of each pipeline")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16: also time our predictor under bf16 autocast; with --train, every row's "
+        "forward and loss under it",
+    )
     parser.add_argument("--size", default="800x1333", help="image HEIGHTxWIDTH")
     parser.add_argument("--tiny", action="store_true", help="a tiny configuration (tests)")
     parser.add_argument(
@@ -380,8 +401,14 @@ def _train_benchmark(args, workdir: str, rows) -> int:
         args.steps,
         None if args.no_memory else measure,
         apart=args.rows_apart,
+        autocast_dtype=_train_autocast(args),
     )
     steps = _child_timed_steps(args) if args.rows_apart else args.steps
+    precision = "fp32"
+    if args.dtype == "bf16":
+        precision = "forward and loss in bf16 autocast (as train.amp on the CPU), fp32 weights"
+        if not cpu_has_native_bf16():
+            precision += " (emulated: this CPU has no native bfloat16, expect it far slower)"
     order = (
         "each row alone in its own process, then one step for its memory"
         if args.rows_apart
@@ -391,7 +418,7 @@ def _train_benchmark(args, workdir: str, rows) -> int:
         f"Training: {cpu_model_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{args.threads} threads, {'tiny model' if args.tiny else 'Swin-T + BERT-base'}, "
         f"batch {args.batch} of {args.size}, {steps} steps per row ({order}), "
-        f"forward + loss + backward + AdamW; {allocator} (every row)"
+        f"forward + loss + backward + AdamW, {precision}; {allocator} (every row)"
     )
     print(training_run.format_training_report(result, header))
     return 0

@@ -15,7 +15,7 @@ the memory it allocates per step.
 import contextlib
 import os
 import time
-from typing import Callable, Dict, List, NamedTuple, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -181,7 +181,13 @@ def _ours_step(out_dir: str, batch: TrainingBatch, device="cpu"):
 
 
 def build_training_steps(
-    rows, hf_dir: str, out_dir: str, batch: TrainingBatch, lr: float = 1e-4, device="cpu"
+    rows,
+    hf_dir: str,
+    out_dir: str,
+    batch: TrainingBatch,
+    lr: float = 1e-4,
+    device="cpu",
+    autocast_dtype: Optional[torch.dtype] = None,
 ) -> Dict[str, Callable[[], float]]:
     """
     For each benchmark row (keys of :data:`ROWS`, or a mapping like :data:`ROWS` of one's
@@ -189,7 +195,10 @@ def build_training_steps(
     forward with the loss, backward, AdamW step over every parameter, gradients released; it
     returns the loss. Our rows share one model and optimizer (each step sets its denoising and
     checkpointing), so that a process holds at most two models. Models and inputs go to
-    ``device``.
+    ``device``. With ``autocast_dtype`` (e.g. ``torch.bfloat16``) the forward and the loss run
+    in ``torch.autocast`` of that dtype and the backward outside it, as
+    :class:`~grounding_dino.engine.trainer.GroundingAMPTrainer` does; the weights and the
+    optimizer stay fp32.
 
     Raises:
         ValueError: an unknown row; (from a step) a loss that is not finite.
@@ -221,7 +230,8 @@ def build_training_steps(
                 model.dn_number = dn_number
                 _set_checkpointing(model, checkpointing, swin_stages)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn()
+            with _autocast(device, autocast_dtype):
+                loss = loss_fn()
             if not torch.isfinite(loss):
                 raise ValueError(f"{row}: the training loss is {loss.item()}")
             with _native_kernels(native):
@@ -233,6 +243,13 @@ def build_training_steps(
         return step
 
     return {row: make_step(row) for row in rows}
+
+
+def _autocast(device, dtype: Optional[torch.dtype]):
+    """``torch.autocast`` of ``dtype`` on ``device``'s type, or nothing when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 @contextlib.contextmanager
@@ -307,9 +324,18 @@ def timed_step(step: Callable[[], float]) -> Tuple[float, float, float]:
     return loss, time.perf_counter() - start, time.process_time() - cpu_start
 
 
-def training_memory_child(row: str, hf_dir: str, out_dir: str, size, batch: int, timed_steps: int):
+def training_memory_child(
+    row: str,
+    hf_dir: str,
+    out_dir: str,
+    size,
+    batch: int,
+    timed_steps: int,
+    autocast_dtype: Optional[torch.dtype] = None,
+):
     """
-    In a child process: builds one row, runs ``timed_steps`` timed steps (at least 1), then one
+    In a child process: builds one row (its forward under ``autocast_dtype``, as
+    :func:`build_training_steps`), runs ``timed_steps`` timed steps (at least 1), then one
     more while a thread samples malloc's allocated bytes (:class:`.allocated.PeakAllocated`)
     and torch's ``FlopCounterMode`` counts the step's matrix products (forward, backward and
     what the backward computes again; no module hooks, so it keeps no tensor).
@@ -326,7 +352,9 @@ def training_memory_child(row: str, hf_dir: str, out_dir: str, size, batch: int,
     """
     if timed_steps < 1:
         raise ValueError(f"timed_steps must be at least 1, got {timed_steps}")
-    step = build_training_steps([row], hf_dir, out_dir, make_training_batch(size, batch))[row]
+    step = build_training_steps(
+        [row], hf_dir, out_dir, make_training_batch(size, batch), autocast_dtype=autocast_dtype
+    )[row]
     loaded = peak_memory_mb()["rss_mb"]
     times, cpu_times, losses = [], [], []
     for _ in range(timed_steps):

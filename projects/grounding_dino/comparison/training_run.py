@@ -19,10 +19,20 @@ def _median_after_first(times: List[float]) -> float:
 
 
 def run_training_benchmark(
-    rows, hf_dir: str, out_dir: str, size, batch: int, steps: int, measure_memory=None, apart=False
+    rows,
+    hf_dir: str,
+    out_dir: str,
+    size,
+    batch: int,
+    steps: int,
+    measure_memory=None,
+    apart=False,
+    autocast_dtype=None,
 ) -> Dict:
     """
-    Times ``steps`` training steps of every row, alternating rows step by step in this process,
+    Times ``steps`` training steps of every row (the forward under ``autocast_dtype``, see
+    :func:`.training.build_training_steps`; ``measure_memory`` must do the same),
+    alternating rows step by step in this process,
     then (``measure_memory(row) -> {"loaded_mb", "peak_mb", ...}``) each row's peak memory in
     a process of its own. With ``apart``, the times are those of the memory processes (each
     row alone, one after the other: for sizes where the rows do not fit one process), from
@@ -41,7 +51,9 @@ def run_training_benchmark(
             raise ValueError("rows timed apart are timed in their memory processes")
         return _training_benchmark_apart(rows, measure_memory)
     training_batch = make_training_batch(size, batch)
-    step_functions = build_training_steps(rows, hf_dir, out_dir, training_batch)
+    step_functions = build_training_steps(
+        rows, hf_dir, out_dir, training_batch, autocast_dtype=autocast_dtype
+    )
     times = {row: [] for row in rows}
     cpu_times = {row: [] for row in rows}
     losses = {row: [] for row in rows}
