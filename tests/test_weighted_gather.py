@@ -54,3 +54,24 @@ def test_gradients_equal_autograd(monkeypatch, path, which, index_dtype):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
     assert all(g.abs().sum() > 0 for g in got)
     assert rows.equal(make_inputs()[1].to(index_dtype))  # the indices are left as they were
+
+
+@pytest.mark.parametrize("path", ["dense", "image_by_image"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_run_under_the_flop_counter(monkeypatch, path, dtype):
+    """The training benchmark counts a step's GFLOP with torch's ``FlopCounterMode``, which in
+    torch 2.3 fails on products written with ``out=``: both paths run under it, in fp32 and in
+    bfloat16 (the backward of a bf16-autocast step without the compiled kernel), and give the
+    gradients they give without it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    monkeypatch.setattr(module, "DENSE_BACKWARD_LIMIT", 1 << 30 if path == "dense" else 0)
+    table, rows, weights, probe = (
+        t if t.dtype == torch.int32 else t.to(dtype) for t in make_inputs()
+    )
+    plain = weighted_gather_gradients(table, rows, weights, probe, BATCH, HEADS, True, True)
+    with FlopCounterMode(display=False) as counter:
+        counted = weighted_gather_gradients(table, rows, weights, probe, BATCH, HEADS, True, True)
+    for a, b in zip(counted, plain):
+        assert a.dtype == dtype and torch.equal(a, b)
+    assert counter.get_total_flops() > 0  # the weights' gradient is a batched product
