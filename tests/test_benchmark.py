@@ -251,19 +251,19 @@ class _ProductDtypes(TorchDispatchMode):
         return out
 
 
-def test_train_steps_run_their_forward_under_the_autocast_dtype(workdir):
-    """``autocast_dtype`` (``--train --dtype bf16``) puts both models' products in bfloat16;
-    without it every product is fp32. Either way the step's loss is finite."""
+def test_train_steps_run_their_forward_in_the_precision_asked(workdir):
+    """``precision="bf16"`` (``--train --dtype bf16``) puts both models' products in bfloat16;
+    with "fp32" every product is fp32. Either way the step's loss is finite."""
     hf_dir, out_dir = reference.prepare_models(str(workdir), tiny=True)
     batch = training.make_training_batch((64, 96), 1)
     rows = ["transformers", "ours (dn off)"]
-    for dtype in (None, torch.bfloat16):
-        steps = training.build_training_steps(rows, hf_dir, out_dir, batch, autocast_dtype=dtype)
+    for precision in ("fp32", "bf16"):
+        steps = training.build_training_steps(rows, hf_dir, out_dir, batch, precision=precision)
         for row, step in steps.items():
             with _ProductDtypes() as seen:
                 loss = step()
-            assert math.isfinite(loss), (row, dtype)
-            if dtype is None:
+            assert math.isfinite(loss), (row, precision)
+            if precision == "fp32":
                 assert seen.dtypes == {torch.float32}, (row, seen.dtypes)
             else:
                 assert torch.bfloat16 in seen.dtypes, (row, seen.dtypes)

@@ -62,7 +62,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import torch
 
@@ -75,7 +75,7 @@ from grounding_dino.comparison.reference import (
     parse_size,
 )
 from grounding_dino.comparison.training import load_average, peak_memory_mb
-from grounding_dino.precision import cpu_has_native_bf16, cpu_model_name
+from grounding_dino.precision import cpu_has_native_bf16, cpu_model_name, precision_context
 
 __all__ = ["main", "run_benchmark", "peak_memory_mb"]
 
@@ -102,7 +102,7 @@ def _memory_child(args) -> None:
             parse_size(args.size),
             args.batch,
             args.steps,
-            _train_autocast(args),
+            args.dtype,
         )
         print(json.dumps(memory))
         return
@@ -117,11 +117,6 @@ def _memory_child(args) -> None:
     for _ in range(2):
         pipeline(image, CAPTION)
     print(json.dumps({"loaded_mb": loaded, **peak_memory_mb()}))
-
-
-def _train_autocast(args) -> Optional[torch.dtype]:
-    """``--train``'s autocast dtype: bfloat16 with ``--dtype bf16``, else None (fp32)."""
-    return torch.bfloat16 if args.dtype == "bf16" else None
 
 
 def _child_timed_steps(args) -> int:
@@ -260,7 +255,7 @@ def run_benchmark(args, workdir: str) -> Dict:
     if args.dtype == "bf16":
 
         def ours_bf16():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with precision_context("bf16", "cpu"):
                 return ours(image, CAPTION)
 
         pipelines["ours bf16"] = ours_bf16
@@ -401,7 +396,7 @@ def _train_benchmark(args, workdir: str, rows) -> int:
         args.steps,
         None if args.no_memory else measure,
         apart=args.rows_apart,
-        autocast_dtype=_train_autocast(args),
+        precision=args.dtype,
     )
     steps = _child_timed_steps(args) if args.rows_apart else args.steps
     precision = "fp32"

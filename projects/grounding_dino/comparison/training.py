@@ -15,11 +15,12 @@ the memory it allocates per step.
 import contextlib
 import os
 import time
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Tuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..precision import precision_context
 from .allocated import PeakAllocated
 
 __all__ = [
@@ -187,7 +188,7 @@ def build_training_steps(
     batch: TrainingBatch,
     lr: float = 1e-4,
     device="cpu",
-    autocast_dtype: Optional[torch.dtype] = None,
+    precision: str = "fp32",
 ) -> Dict[str, Callable[[], float]]:
     """
     For each benchmark row (keys of :data:`ROWS`, or a mapping like :data:`ROWS` of one's
@@ -195,10 +196,10 @@ def build_training_steps(
     forward with the loss, backward, AdamW step over every parameter, gradients released; it
     returns the loss. Our rows share one model and optimizer (each step sets its denoising and
     checkpointing), so that a process holds at most two models. Models and inputs go to
-    ``device``. With ``autocast_dtype`` (e.g. ``torch.bfloat16``) the forward and the loss run
-    in ``torch.autocast`` of that dtype and the backward outside it, as
-    :class:`~grounding_dino.engine.trainer.GroundingAMPTrainer` does; the weights and the
-    optimizer stay fp32.
+    ``device``. With ``precision`` "bf16" (or "fp16" on CUDA) the forward and the loss run in
+    :func:`~grounding_dino.precision.precision_context` (``torch.autocast``) and the backward
+    outside it, as :class:`~grounding_dino.engine.trainer.GroundingAMPTrainer` does; the
+    weights and the optimizer stay fp32.
 
     Raises:
         ValueError: an unknown row; (from a step) a loss that is not finite.
@@ -230,7 +231,7 @@ def build_training_steps(
                 model.dn_number = dn_number
                 _set_checkpointing(model, checkpointing, swin_stages)
             optimizer.zero_grad(set_to_none=True)
-            with _autocast(device, autocast_dtype):
+            with precision_context(precision, device):
                 loss = loss_fn()
             if not torch.isfinite(loss):
                 raise ValueError(f"{row}: the training loss is {loss.item()}")
@@ -243,13 +244,6 @@ def build_training_steps(
         return step
 
     return {row: make_step(row) for row in rows}
-
-
-def _autocast(device, dtype: Optional[torch.dtype]):
-    """``torch.autocast`` of ``dtype`` on ``device``'s type, or nothing when ``dtype`` is None."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 @contextlib.contextmanager
@@ -331,10 +325,10 @@ def training_memory_child(
     size,
     batch: int,
     timed_steps: int,
-    autocast_dtype: Optional[torch.dtype] = None,
+    precision: str = "fp32",
 ):
     """
-    In a child process: builds one row (its forward under ``autocast_dtype``, as
+    In a child process: builds one row (its forward in ``precision``, as
     :func:`build_training_steps`), runs ``timed_steps`` timed steps (at least 1), then one
     more while a thread samples malloc's allocated bytes (:class:`.allocated.PeakAllocated`)
     and torch's ``FlopCounterMode`` counts the step's matrix products (forward, backward and
@@ -353,7 +347,7 @@ def training_memory_child(
     if timed_steps < 1:
         raise ValueError(f"timed_steps must be at least 1, got {timed_steps}")
     step = build_training_steps(
-        [row], hf_dir, out_dir, make_training_batch(size, batch), autocast_dtype=autocast_dtype
+        [row], hf_dir, out_dir, make_training_batch(size, batch), precision=precision
     )[row]
     loaded = peak_memory_mb()["rss_mb"]
     times, cpu_times, losses = [], [], []

@@ -27,10 +27,10 @@ def run_training_benchmark(
     steps: int,
     measure_memory=None,
     apart=False,
-    autocast_dtype=None,
+    precision="fp32",
 ) -> Dict:
     """
-    Times ``steps`` training steps of every row (the forward under ``autocast_dtype``, see
+    Times ``steps`` training steps of every row (the forward in ``precision``, see
     :func:`.training.build_training_steps`; ``measure_memory`` must do the same),
     alternating rows step by step in this process,
     then (``measure_memory(row) -> {"loaded_mb", "peak_mb", ...}``) each row's peak memory in
@@ -52,7 +52,7 @@ def run_training_benchmark(
         return _training_benchmark_apart(rows, measure_memory)
     training_batch = make_training_batch(size, batch)
     step_functions = build_training_steps(
-        rows, hf_dir, out_dir, training_batch, autocast_dtype=autocast_dtype
+        rows, hf_dir, out_dir, training_batch, precision=precision
     )
     times = {row: [] for row in rows}
     cpu_times = {row: [] for row in rows}
