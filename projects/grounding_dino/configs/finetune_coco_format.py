@@ -22,7 +22,7 @@ Fine-tunes Grounding DINO Swin-T on your own COCO-format dataset, from the comma
 The defaults, and why (override any of them after the flags):
 
 * **One GPU, batch 4** (``dataloader.train.total_batch_size``): a user's dataset usually
-  trains on one card; 4 images of up to 800x1333 with AMP need an estimated 9-13 GB
+  trains on one card; 4 images of up to 800x1333 with AMP need an estimated 18-20 GB
   (docs/benchmarks.md, "Training memory on a GPU"): where that does not fit, use 2 or
   activation checkpointing, ``--num-gpus N`` for a larger batch.
 * **lr 5e-5, backbone 0.1x, BERT frozen**: half the paper's pre-training rate, as
